@@ -1,0 +1,107 @@
+"""Merge schedules: how many tokens each layer removes, and what that buys in FLOPs.
+
+A schedule is one of
+- ``int r``: remove ``r`` tokens in every layer (the paper's constant schedule);
+- a tuple ``(r, inflect)``: linear from ``r * (1 - inflect)`` to ``r * (1 + inflect)``; ``inflect=-1``
+  is the paper's decreasing schedule (``2r`` in the first layer down to ``0`` in the last);
+- a list of per-layer counts (shorter than the depth: the remaining layers merge nothing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+from .merge import max_merges
+
+Schedule = Union[int, Sequence[int], tuple]
+
+
+class ScheduleError(ValueError):
+    """A schedule that no ViT of the given depth can take."""
+
+
+def _check_count(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ScheduleError(f"{what}={value!r} is not allowed: use a non-negative integer")
+    return value
+
+
+def parse_schedule(r: Schedule, depth: int) -> list[int]:
+    """Per-layer merge counts for a model with ``depth`` blocks."""
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ScheduleError(f"r={r!r} is not allowed: a tuple schedule is (r, inflect)")
+        base, inflect = r
+        _check_count(base, "r")
+        if not -1.0 <= float(inflect) <= 1.0:
+            raise ScheduleError(f"inflect={inflect!r} is not allowed: use a number in [-1, 1]")
+        lo = int(base * (1.0 - inflect))
+        hi = 2 * base - lo
+        step = (hi - lo) / max(depth - 1, 1)
+        return [int(lo + step * i) for i in range(depth)]
+    if isinstance(r, (list, tuple)):
+        counts = [_check_count(v, f"r[{i}]") for i, v in enumerate(r)]
+        if len(counts) > depth:
+            raise ScheduleError(
+                f"r schedule of length {len(counts)} is not allowed: the model has {depth} blocks"
+            )
+        return counts + [0] * (depth - len(counts))
+    return [_check_count(r, "r")] * depth
+
+
+def token_counts(schedule: Sequence[int], num_tokens: int, num_protected: int) -> list[int]:
+    """Tokens entering each block, plus the count after the last one (``len = depth + 1``).
+
+    Each block removes ``min(r_l, cap)`` tokens where the cap is half its unprotected tokens.
+    """
+    counts = [num_tokens]
+    for r in schedule:
+        n = counts[-1]
+        counts.append(n - min(r, max_merges(n, num_protected)))
+    return counts
+
+
+@dataclass(frozen=True)
+class ViTDims:
+    """What the FLOP count of a plain ViT depends on."""
+
+    embed_dim: int
+    depth: int
+    num_patches: int
+    num_protected: int
+    patch_size: int
+    in_chans: int = 3
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+
+    @classmethod
+    def from_timm(cls, model) -> "ViTDims":
+        patch = model.patch_embed.patch_size
+        mlp_hidden = model.blocks[0].mlp.fc1.out_features
+        return cls(
+            embed_dim=model.embed_dim,
+            depth=len(model.blocks),
+            num_patches=model.patch_embed.num_patches,
+            num_protected=model.num_prefix_tokens,
+            patch_size=patch[0] * patch[1] if isinstance(patch, tuple) else patch * patch,
+            in_chans=model.patch_embed.proj.in_channels,
+            mlp_ratio=mlp_hidden / model.embed_dim,
+            num_classes=max(getattr(model, "num_classes", 0), 0),
+        )
+
+
+def vit_flops(dims: ViTDims, schedule: Sequence[int] | None = None) -> float:
+    """Forward FLOPs (2 x multiply-adds) of one image through a ViT under a merge schedule.
+
+    Attention runs on the tokens entering a block, the MLP on those left after its merge.
+    Matching costs are not counted: this is the bound a merge schedule can reach.
+    """
+    d, depth = dims.embed_dim, dims.depth
+    schedule = list(schedule) if schedule is not None else [0] * depth
+    counts = token_counts(schedule, dims.num_patches + dims.num_protected, dims.num_protected)
+    macs = dims.num_patches * dims.patch_size * dims.in_chans * d  # patch embedding
+    for n_in, n_out in zip(counts[:-1], counts[1:]):
+        macs += 4 * n_in * d * d + 2 * n_in * n_in * d  # qkv + proj, q @ k and attn @ v
+        macs += 2 * n_out * d * int(d * dims.mlp_ratio)  # fc1 + fc2
+    macs += d * dims.num_classes
+    return 2.0 * macs

@@ -1,0 +1,262 @@
+"""``apply_tome`` / ``remove_tome`` for timm ``VisionTransformer`` models.
+
+The patch swaps classes in place (weights, names and ``state_dict`` are untouched):
+every ``Block`` becomes a :class:`ToMeBlock` that merges tokens between attention and MLP,
+every ``Attention`` a :class:`ToMeAttention`, and the model a subclass that resets the
+per-forward state, weights average pooling by token size and unmerges the outputs of
+``forward_intermediates`` back onto the patch grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from timm.layers.attention import Attention
+from timm.models import VisionTransformer
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Block
+
+from .attention import ToMeAttention, additive_mask, size_bias
+from .merge import Merge, bipartite_soft_matching, merge_wavg, unmerge_tokens
+from .schedule import Schedule, parse_schedule
+
+
+class UnsupportedModelError(TypeError):
+    """A model, block or attention type the ToMe patch does not know how to merge."""
+
+
+@dataclass
+class ToMeState:
+    """Settings of a patched model and what one forward pass carries from block to block.
+
+    ``size`` ``[B, N, 1]`` tokens held by each token (``None``: all ones), ``source``
+    ``[B, N, N0]`` which input tokens each token holds (when traced), ``attn_mask`` the
+    caller's mask as an additive bias merged along with the tokens.
+    """
+
+    schedule: list[int]
+    prop_attn: bool
+    trace_source: bool
+    num_protected: int
+    size: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+    attn_mask: torch.Tensor | None = None
+    layer_sources: list | None = field(default=None, repr=False)
+
+    def begin(self, attn_mask: torch.Tensor | None = None, record_sources: bool = False) -> None:
+        self.size = None
+        self.source = None
+        self.attn_mask = attn_mask
+        self.layer_sources = [] if record_sources else None
+
+    @property
+    def tracing(self) -> bool:
+        return self.trace_source or self.layer_sources is not None
+
+    def attn_bias(self) -> torch.Tensor | None:
+        bias = self.attn_mask
+        if self.prop_attn and self.size is not None:
+            log_size = size_bias(self.size)
+            bias = log_size if bias is None else bias + log_size
+        return bias
+
+    def merge_mask(self, merge: Merge) -> None:
+        m = self.attn_mask
+        m = m.expand(merge.unm_idx.shape[0], *m.shape[1:])
+        m = merge(m.transpose(1, 2), mode="amax").transpose(1, 2)  # queries
+        self.attn_mask = merge(m.permute(0, 3, 1, 2), mode="amax").permute(0, 2, 3, 1)  # keys
+
+
+class ToMeBlock(Block):
+    """timm ``Block`` with a token merge between attention and MLP."""
+
+    _tome_state: ToMeState
+    _tome_layer: int
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """``[B, N, C]`` -> ``[B, N - r, C]``; the mask arrives through the state, merged."""
+        state = self._tome_state
+        x_attn, metric = self.attn(self.norm1(x), state.attn_bias())
+        x = x + self.drop_path1(self.ls1(x_attn))
+
+        merge = bipartite_soft_matching(metric, state.schedule[self._tome_layer], state.num_protected)
+        if merge is not None:
+            if state.tracing and state.source is None:
+                state.source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
+            x, state.size, state.source = merge_wavg(merge, x, state.size, state.source)
+            if state.attn_mask is not None:
+                state.merge_mask(merge)
+        if state.layer_sources is not None:
+            state.layer_sources.append(state.source)
+
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class ToMeVisionTransformerMixin:
+    """Overrides of the timm ``VisionTransformer`` entry points for a ToMe-patched model."""
+
+    _tome_state: ToMeState
+
+    def _tome_begin(self, x_attn_mask, is_causal: bool, record_sources: bool = False) -> None:
+        state = self._tome_state
+        merging = any(state.schedule)
+        if merging and is_causal:
+            raise ValueError("is_causal=True cannot be combined with token merging (r > 0)")
+        if merging and self.grad_checkpointing and torch.is_grad_enabled():
+            raise ValueError("gradient checkpointing re-runs blocks and cannot carry merge state; disable it or use r=0")
+        num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
+        state.begin(additive_mask(x_attn_mask, num_tokens, is_causal), record_sources)
+
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        self._tome_begin(attn_mask, is_causal)
+        return super().forward_features(x)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        size = self._tome_state.size
+        if size is None or pool_type in ("token", "", "max"):
+            return super().pool(x, pool_type)
+        if size.shape[:2] != x.shape[:2]:
+            raise ValueError(
+                f"features of {x.shape[1]} tokens do not come from the last forward_features "
+                f"({size.shape[1]} tokens): call forward_head right after forward_features"
+            )
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        x, size = x[:, start:], size[:, start:].to(x.dtype)
+        avg = (x * size).sum(dim=1) / size.sum(dim=1)
+        if pool_type == "avg":
+            return avg
+        if pool_type == "avgmax":
+            return 0.5 * (x.amax(dim=1) + avg)
+        raise UnsupportedModelError(f"global_pool={pool_type!r} is not supported by ToMe: use token, avg, avgmax or max")
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices=None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask=None,
+        is_causal: bool = False,
+    ):
+        """timm's ``forward_intermediates``; patch tokens are unmerged onto the input grid."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r} is not allowed: use NCHW or NLC")
+        self._tome_begin(attn_mask, is_causal, record_sources=True)
+        result = super().forward_intermediates(
+            x, indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early,
+            output_fmt="NLC", intermediates_only=False, output_dict=True,
+        )
+        take_indices, _ = feature_take_indices(len(self.blocks), indices)
+        p = self.num_prefix_tokens
+        sources = [self._tome_state.layer_sources[i] for i in take_indices]
+        prefixes = result.get("image_intermediates_prefix", [y[:, :0] for y in result["image_intermediates"]])
+        features = []
+        for y, prefix, source in zip(result["image_intermediates"], prefixes, sources):
+            if source is not None:
+                y = unmerge_tokens(y, source[:, p:, p:])
+            features.append(y)
+        if output_fmt == "NCHW":
+            grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+            features = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in features]
+        if output_dict:
+            out = {"image_intermediates": features}
+            if p and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefixes
+            if not intermediates_only:
+                out["image_features"] = result["image_features"]
+            return out
+        if p and return_prefix_tokens:
+            features = list(zip(features, prefixes))
+        return features if intermediates_only else (result["image_features"], features)
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls] = type(f"ToMe{cls.__name__}", (ToMeVisionTransformerMixin, cls), {})
+    return _PATCHED_CLASSES[cls]
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return isinstance(model, ToMeVisionTransformerMixin)
+
+
+def _check_supported(model: torch.nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a timm VisionTransformer: ToMe patches vit_*, deit_*, deit3_* models"
+        )
+    if model.attn_pool is not None:
+        raise UnsupportedModelError("global_pool='map' (attention pooling) is not supported by ToMe")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in (Block, ToMeBlock):
+            raise UnsupportedModelError(f"blocks[{i}] is a {type(blk).__name__}: ToMe supports timm Block only")
+        if type(blk.attn) not in (Attention, ToMeAttention):
+            raise UnsupportedModelError(
+                f"blocks[{i}].attn is a {type(blk.attn).__name__}: ToMe supports timm Attention only"
+            )
+
+
+def apply_tome(
+    model: VisionTransformer, r: Schedule = 0, prop_attn: bool = True, trace_source: bool = False
+) -> VisionTransformer:
+    """Patch a timm ``VisionTransformer`` in place to merge tokens by schedule ``r``.
+
+    Args:
+        model: a timm ViT (plain, DeiT, distilled DeiT, DeiT-III, qk-norm, registers, avg pool).
+        r: constant ``int``, ``(r, inflect)`` tuple or per-layer list (see :mod:`.schedule`).
+        prop_attn: add ``log(size)`` of each key to the attention logits.
+        trace_source: keep the ``[B, N, N0]`` source map of every forward (for visualizations).
+
+    Returns the same model object, now patched. Calling it again updates the settings.
+    """
+    _check_supported(model)
+    state = ToMeState(
+        schedule=parse_schedule(r, len(model.blocks)),
+        prop_attn=prop_attn,
+        trace_source=trace_source,
+        num_protected=model.num_prefix_tokens,
+    )
+    model.__class__ = _patched_class(type(model)) if not is_patched(model) else type(model)
+    model._tome_state = state
+    for i, blk in enumerate(model.blocks):
+        blk.__class__ = ToMeBlock
+        blk.attn.__class__ = ToMeAttention
+        blk._tome_state = state
+        blk._tome_layer = i
+    return model
+
+
+def set_r(model: VisionTransformer, r: Schedule) -> list[int]:
+    """Change the merge schedule of a patched model; returns the per-layer counts."""
+    if not is_patched(model):
+        raise UnsupportedModelError("the model is not patched: call apply_tome first")
+    model._tome_state.schedule = parse_schedule(r, len(model.blocks))
+    return model._tome_state.schedule
+
+
+def tome_state(model: VisionTransformer) -> ToMeState:
+    """Settings and last-forward state (``size``, ``source``) of a patched model."""
+    if not is_patched(model):
+        raise UnsupportedModelError("the model is not patched: call apply_tome first")
+    return model._tome_state
+
+
+def remove_tome(model: VisionTransformer) -> VisionTransformer:
+    """Undo :func:`apply_tome` in place; the model is the plain timm model again."""
+    if not is_patched(model):
+        return model
+    model.__class__ = next(c for c in type(model).__mro__[1:] if c is not ToMeVisionTransformerMixin)
+    del model._tome_state
+    for blk in model.blocks:
+        blk.__class__ = Block
+        blk.attn.__class__ = Attention
+        del blk._tome_state, blk._tome_layer
+    return model
