@@ -1,0 +1,301 @@
+"""Run configuration: a typed schema, recipes composed from fragments, dotted overrides.
+
+A recipe ``recipes/NAME.yaml`` lists fragments under ``defaults`` (``configs/GROUP/NAME.yaml``,
+each a partial config with top-level sections) and then sets its own values; command-line
+``dotted.key=value`` overrides come last. Every merge goes through OmegaConf's structured
+config, so unknown keys and wrong types are refused with the key named. The schema holds
+no hyperparameter values of its own: every one comes from a fragment or a recipe.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RECIPE_DIR = PROJECT_ROOT / "recipes"
+FRAGMENT_DIR = PROJECT_ROOT / "configs"
+DEFAULT_RECIPE = "digits_vit_r2"
+
+
+class ConfigError(ValueError):
+    """Bad user input in a recipe or override; the message is one line for the user."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = MISSING  # timm model name
+    img_size: int = MISSING
+    num_classes: int = MISSING
+    drop_path_rate: float = MISSING
+    global_pool: str = MISSING  # token | avg
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # any other timm.create_model argument
+    checkpoint: Optional[str] = None  # local pretrained weights: MAE .pth, timm state dict or safetensors
+    head_init_std: Optional[float] = None  # re-initialise the classifier (MAE fine-tuning: 2e-5)
+
+
+@dataclass
+class ToMeConfig:
+    r_train: Any = MISSING  # int r, per-layer list, or {r: R, inflect: I}
+    r_eval: Any = None  # None: same as r_train
+    prop_attn: bool = MISSING
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING  # digits | imagefolder | webdataset
+    root: Optional[str] = None  # imagefolder: dir with train/ val/; webdataset: dir or URL prefix of shards
+    train_shards: str = "imagenet1k-train-{0000..1023}.tar"
+    val_shards: str = "imagenet1k-validation-{00..63}.tar"
+    train_samples: int = 1281167  # webdataset has no index: the sample counts come from here
+    val_samples: int = 50000
+    batch_size: int = MISSING  # per device
+    num_workers: int = MISSING
+    val_fraction: float = 0.2  # digits: the fixed held-out share
+    # training augmentation, timm's create_transform names
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    color_jitter: Optional[float] = None
+    auto_augment: Optional[str] = None
+    interpolation: str = "bicubic"
+    re_prob: float = 0.0
+    re_mode: str = "pixel"
+    re_count: int = 1
+    crop_pct: float = 0.875
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    repeated_aug: int = 1  # DeiT: 3
+
+
+@dataclass
+class MixupConfig:
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    mode: str = "batch"
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    blr: float = MISSING  # peak lr = blr * global_batch / lr_base_batch
+    lr_base_batch: int = MISSING  # DeiT 512, MAE 256
+    weight_decay: float = MISSING
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    layer_decay: Optional[float] = None
+    warmup_epochs: float = MISSING
+    warmup_lr: float = MISSING
+    min_lr: float = MISSING
+    clip_grad: Optional[float] = None
+    ema_decay: Optional[float] = None
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    accelerator: str = "auto"
+    devices: Any = 1  # int or "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    compile: bool = False
+    channels_last: bool = False
+    limit_train_batches: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    checkpoint_every_n_steps: Optional[int] = None  # besides every epoch end
+    deterministic: bool = False
+
+
+@dataclass
+class LayoutConfig:
+    """The published cluster layout the recipe's batch and learning rate assume."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+
+
+@dataclass
+class ReferenceConfig:
+    """The paper's numbers for this recipe (ImageNet-1k val top-1, V100 fp32 im/s)."""
+
+    source: str = ""
+    baseline_top1: Optional[float] = None
+    baseline_ims: Optional[float] = None
+    tome_top1: Optional[float] = None
+    tome_ims: Optional[float] = None
+
+
+@dataclass
+class TradeoffConfig:
+    enabled: bool = True
+    r_values: Optional[list[int]] = None  # None: 0 up to the largest r the model takes, num_points apart
+    num_points: int = 5
+    batch_size: int = 64
+    bench_steps: int = 5
+    limit_val_batches: Optional[int] = None
+    num_vis_images: int = 4
+
+
+@dataclass
+class WandbConfig:
+    project: str = "tome-train"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline | disabled; None: offline unless an API key is set
+    id: Optional[str] = None  # fixed id: a restarted job continues the same run
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING
+    description: str = ""
+    output_dir: str = "runs/${name}"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tome: ToMeConfig = field(default_factory=ToMeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    tradeoff: TradeoffConfig = field(default_factory=TradeoffConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _closest(value: str, allowed: list[str]) -> str:
+    match = difflib.get_close_matches(value, allowed, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node:
+        path = f"{prefix}{key}"
+        keys.append(path)
+        child = OmegaConf.select(node, str(key), throw_on_missing=False) if isinstance(node, DictConfig) else None
+        if isinstance(child, DictConfig) and not OmegaConf.is_missing(node, key):
+            keys.extend(_dotted_keys(child, path + "."))
+    return keys
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except OmegaConfBaseException as e:  # yaml errors surface as OmegaConf or yaml exceptions
+        raise ConfigError(f"{path}: not a valid YAML config ({e})") from None
+    except Exception as e:
+        raise ConfigError(f"{path}: not a valid YAML config ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        if "Key" in type(e).__name__ and key:
+            hint = _closest(key, _dotted_keys(OmegaConf.structured(RunConfig)))
+            raise ConfigError(f"{origin}: unknown key {key!r}{hint}") from None
+        value = getattr(e, "value", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{origin}: bad value {value!r} for {key!r}: {msg}") from None
+
+
+def _read_recipe(name_or_path: str) -> tuple[str, DictConfig]:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        allowed = list_recipes()
+        raise ConfigError(
+            f"unknown recipe {name_or_path!r}{_closest(name_or_path, allowed)}; recipes: {', '.join(allowed)}"
+        )
+    return path.stem, _load_yaml(path)
+
+
+def _fragments(recipe: DictConfig, origin: str) -> list[tuple[str, DictConfig]]:
+    defaults = recipe.pop("defaults", [])
+    layers = []
+    for ref in defaults:
+        path = FRAGMENT_DIR / f"{ref}.yaml"
+        if not path.is_file():
+            allowed = sorted(str(p.relative_to(FRAGMENT_DIR).with_suffix("")) for p in FRAGMENT_DIR.rglob("*.yaml"))
+            raise ConfigError(f"{origin}: unknown config fragment {ref!r}{_closest(str(ref), allowed)}")
+        layers.append((f"configs/{ref}.yaml", _load_yaml(path)))
+    return layers
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Resolve a recipe (name or path) with its fragments and ``key=value`` overrides.
+
+    Raises :class:`ConfigError` with a one-line message for any bad input.
+    """
+    name, recipe_cfg = _read_recipe(recipe or DEFAULT_RECIPE)
+    cfg = OmegaConf.structured(RunConfig)
+    for origin, layer in _fragments(recipe_cfg, f"recipe {name}"):
+        cfg = _merge(cfg, layer, origin)
+    cfg = _merge(cfg, OmegaConf.create({"name": name}), f"recipe {name}")
+    cfg = _merge(cfg, recipe_cfg, f"recipes/{name}.yaml")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, layer, f"override {item!r}")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"recipe {name}: no value for {', '.join(missing)}")
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _choice(value, allowed, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed: use one of {', '.join(map(str, allowed))}")
+
+
+def schedule_of(value) -> Any:
+    """A config schedule as the ToMe core takes it: int, list, or (r, inflect) tuple."""
+    if isinstance(value, DictConfig) or isinstance(value, dict):
+        return (value["r"], float(value["inflect"]))
+    if OmegaConf.is_list(value):
+        return list(value)
+    return value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks a schema cannot express; each failure is one ConfigError line."""
+    from .tome.schedule import ScheduleError, parse_schedule
+
+    _choice(cfg.data.source, ["digits", "imagefolder", "webdataset"], "data.source")
+    _choice(cfg.trainer.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"], "trainer.precision")
+    _choice(cfg.model.global_pool, ["token", "avg"], "model.global_pool")
+    for key in ("r_train", "r_eval"):
+        value = cfg.tome[key]
+        if value is None:
+            continue
+        try:
+            parse_schedule(schedule_of(value), 10**6)
+        except (ScheduleError, TypeError, KeyError) as e:
+            raise ConfigError(f"tome.{key}: {e}") from None
+    for key in ("batch_size", "num_workers"):
+        if cfg.data[key] < (1 if key == "batch_size" else 0):
+            raise ConfigError(f"data.{key}={cfg.data[key]} is not allowed: use a positive integer")
+    if cfg.data.source != "digits" and not cfg.data.root:
+        raise ConfigError(f"data.root is required for data.source={cfg.data.source}")
