@@ -1,0 +1,255 @@
+"""What ``train.py`` calls: train (default), ``export``, ``bench``, dry run and SLURM submission.
+
+The flow of a run, one call per arrow:
+recipe -> config -> data module + ToMe model -> LightningModule -> Trainer -> checkpoints
+-> trade-off report.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, list_recipes, load_config
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Every error type that means bad input (one line, exit 2), not a bug."""
+    from .data import DataError
+    from .models import CheckpointError
+    from .tome import ScheduleError, UnsupportedModelError
+
+    return (ConfigError, DataError, CheckpointError, ScheduleError, UnsupportedModelError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a timm ViT with Token Merging. Subcommands: `export ...`, `bench ...`.",
+    )
+    p.add_argument("--recipe", help="recipe name or YAML path (default: the bundled digits recipe)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. trainer.epochs=3")
+    p.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
+    p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (or the sbatch script) and exit")
+    p.add_argument("--resume", metavar="PATH", help="checkpoint to resume from (default: newest in the run dir)")
+    p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<recipe>)")
+    s = p.add_argument_group("SLURM")
+    s.add_argument("--slurm", action="store_true", help="write an sbatch script into the run dir and submit it")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpus-per-node", type=int, default=1)
+    for flag in ("--partition", "--time", "--account", "--qos", "--mem", "--constraint"):
+        s.add_argument(flag)
+    s.add_argument("--cpus-per-task", type=int)
+    return p
+
+
+def resolve(args: argparse.Namespace) -> DictConfig:
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.slurm:
+        overrides += [f"trainer.num_nodes={args.nodes}", f"trainer.devices={args.gpus_per_node}"]
+    return load_config(args.recipe, overrides)
+
+
+def find_resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest of Lightning's SLURM requeue checkpoints and ``checkpoints/last.ckpt``."""
+    candidates = list(run_dir.glob("hpc_ckpt_*.ckpt")) + list((run_dir / "checkpoints").glob("last*.ckpt"))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
+    """The recipe's fixed id, else one made once per run dir so a restarted run continues it."""
+    if cfg.wandb.id:
+        return cfg.wandb.id
+    id_file = run_dir / "wandb_run_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return run_id
+
+
+def _wandb_mode(cfg: DictConfig) -> str:
+    if cfg.wandb.mode:
+        return cfg.wandb.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import WandbLogger
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    t = cfg.trainer
+    logger = WandbLogger(
+        project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name or cfg.name,
+        tags=list(cfg.wandb.tags), id=wandb_run_id(cfg, run_dir), resume="allow",
+        save_dir=str(run_dir), mode=_wandb_mode(cfg), config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/top1", mode="max", save_top_k=1),
+        ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=t.checkpoint_every_n_steps),
+    ]
+    # Lightning saves hpc_ckpt_N.ckpt into default_root_dir on SIGUSR1 and requeues the job.
+    plugins = [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)] if SLURMEnvironment.detect() else []
+    distributed = t.num_nodes > 1 or (isinstance(t.devices, int) and t.devices > 1)
+    return pl.Trainer(
+        default_root_dir=str(run_dir), max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps, limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, callbacks=callbacks,
+        logger=logger, plugins=plugins, strategy="ddp" if distributed else "auto",
+        use_distributed_sampler=False,  # the data module splits by rank and worker itself
+    )
+
+
+def train(cfg: DictConfig, resume: str | None = None) -> dict:
+    """Fit the recipe, then measure and log the accuracy/throughput trade-off."""
+    import pytorch_lightning as pl
+
+    from .data import ImageDataModule
+    from .module import ToMeClassifier
+    from .tradeoff import report_tradeoff
+
+    run_dir = Path(cfg.output_dir).resolve()
+    datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
+    datamodule.check()
+    ckpt = Path(resume) if resume else find_resume_checkpoint(run_dir)
+    if ckpt is not None and not ckpt.is_file():
+        raise FileNotFoundError(f"--resume {ckpt}: no such checkpoint file")
+    if cfg.model.checkpoint and ckpt is None and not Path(cfg.model.checkpoint).is_file():
+        raise FileNotFoundError(f"model.checkpoint={cfg.model.checkpoint}: no such file")
+
+    pl.seed_everything(cfg.seed, workers=True)
+    module = ToMeClassifier(cfg, pretrained=ckpt is None and cfg.model.checkpoint is not None)
+    if cfg.trainer.compile:
+        module.model.compile()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(cfg, run_dir)
+    if ckpt is not None and trainer.is_global_zero:
+        print(f"resuming from {ckpt}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+
+    result = {"run_dir": str(run_dir), "val_top1": float(trainer.callback_metrics.get("val/top1", float("nan")))}
+    if cfg.tradeoff.enabled:
+        result["tradeoff"] = report_tradeoff(trainer, module, datamodule, run_dir)
+    if trainer.is_global_zero:
+        print(f"final validation top-1: {result['val_top1']:.2f}%  (run dir: {run_dir})")
+    return result
+
+
+def dry_run(cfg: DictConfig) -> str:
+    """The plan of a run: batch, lr, steps, schedule and FLOPs, data found, checkpoint loaded."""
+    import torch
+
+    from .data import ImageDataModule
+    from .models import build_model, checkpoint_summary
+    from .tome import ViTDims, apply_tome, token_counts, vit_flops
+    from .config import schedule_of
+
+    t = cfg.trainer
+    devices = t.devices if isinstance(t.devices, int) else 1
+    world = devices * t.num_nodes
+    global_batch = cfg.data.batch_size * world * t.accumulate_grad_batches
+    lr = cfg.optim.blr * global_batch / cfg.optim.lr_base_batch
+    datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
+    datamodule.check()
+    steps = datamodule.steps_per_epoch(world) // t.accumulate_grad_batches
+    with torch.device("meta"):
+        model = build_model(OmegaConf.merge(cfg.model, {"checkpoint": None}))
+    dims = ViTDims.from_timm(model)
+    lines = [
+        f"recipe {cfg.name}: {cfg.model.arch} on {cfg.data.source}, {t.num_nodes} node(s) x {devices} device(s)",
+        f"global batch {global_batch} = {cfg.data.batch_size} per device x {world} x accumulate {t.accumulate_grad_batches}"
+        f" (recipe layout {cfg.layout.nodes}x{cfg.layout.gpus_per_node})",
+        f"peak lr {lr:.4g} = {cfg.optim.blr:g} x {global_batch} / {cfg.optim.lr_base_batch}; "
+        f"warmup {cfg.optim.warmup_epochs:g} epochs from {cfg.optim.warmup_lr:g}, cosine to {cfg.optim.min_lr:g}",
+        f"steps: {steps} per epoch x {t.epochs} epochs = {steps * t.epochs}",
+    ]
+    base = vit_flops(dims)
+    for key in ("r_train", "r_eval"):
+        r = schedule_of(cfg.tome[key] if cfg.tome[key] is not None else cfg.tome.r_train)
+        apply_tome(model, r=r, prop_attn=cfg.tome.prop_attn)
+        schedule = model._tome_state.schedule
+        counts = token_counts(schedule, dims.num_patches + dims.num_protected, dims.num_protected)
+        flops = vit_flops(dims, schedule)
+        lines.append(
+            f"{key} {r}: merges per layer {schedule}; tokens {counts}; "
+            f"{flops / 1e9:.2f} GFLOPs vs {base / 1e9:.2f} baseline ({base / flops:.2f}x bound)"
+        )
+    found = datamodule.describe()
+    lines.append("data: " + ", ".join(f"{k}={v}" for k, v in found.items()))
+    if cfg.model.checkpoint:
+        summary = checkpoint_summary(cfg.model.checkpoint)
+        lines.append(f"checkpoint {cfg.model.checkpoint}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    else:
+        lines.append("checkpoint: none (training from scratch)")
+    return "\n".join(lines)
+
+
+def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
+    from .slurm import SlurmOptions, submit, write_sbatch
+
+    run_dir = Path(cfg.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_argv = [
+        "--recipe", args.recipe or cfg.name, *args.overrides,
+        f"output_dir={run_dir}", f"wandb.id={wandb_run_id(cfg, run_dir)}",
+        f"trainer.num_nodes={args.nodes}", f"trainer.devices={args.gpus_per_node}",
+    ]
+    opts = SlurmOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
+        account=args.account, qos=args.qos, cpus_per_task=args.cpus_per_task, mem=args.mem,
+        constraint=args.constraint,
+    )
+    accelerator = "cpu" if cfg.trainer.accelerator == "cpu" else "gpu"
+    script = write_sbatch(run_dir, f"tome-{cfg.name}", opts, train_argv, accelerator=accelerator)
+    if args.dry_run:
+        return script.read_text()
+    return f"submitted job {submit(script)}; script {script}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("export", "bench"):
+        if argv[0] == "export":
+            from .export import main as sub_main
+        else:
+            from .bench import main as sub_main
+        return sub_main(argv[1:])
+
+    from .module import NonFiniteLossError
+
+    args = build_parser().parse_args(argv)
+    if args.list_recipes:
+        print("\n".join(list_recipes()))
+        return 0
+    try:
+        cfg = resolve(args)
+        if args.print_config:
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        elif args.slurm:
+            print(submit_slurm(cfg, args))
+        elif args.dry_run:
+            print(dry_run(cfg))
+        else:
+            train(cfg, resume=args.resume)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

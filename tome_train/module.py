@@ -1,0 +1,201 @@
+"""The LightningModule: a timm ViT patched with ToMe, its loss, metrics and optimization.
+
+The module holds the science (what is optimized and measured); the Trainer built in
+:mod:`tome_train.cli` holds the engineering (devices, precision, checkpoints, logging).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torchmetrics.classification import MulticlassAccuracy
+
+from .config import schedule_of
+from .models import build_model
+from .tome import ViTDims, apply_tome, set_r, token_counts
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+def _accuracy(num_classes: int, k: int) -> MulticlassAccuracy:
+    return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
+
+
+class ToMeClassifier(pl.LightningModule):
+    """Image classification with a ToMe-patched timm ViT.
+
+    Args:
+        config: the resolved run config (plain dict or DictConfig); saved in every checkpoint.
+        pretrained: load ``model.checkpoint`` (fresh runs only; a resumed run has its weights).
+    """
+
+    def __init__(self, config: dict | DictConfig, pretrained: bool = False):
+        super().__init__()
+        if isinstance(config, DictConfig):
+            config = OmegaConf.to_container(config, resolve=True)
+        self.save_hyperparameters({"config": config}, logger=False)
+        self.cfg = OmegaConf.create(config)
+        cfg = self.cfg
+
+        model_cfg = cfg.model if pretrained else OmegaConf.merge(cfg.model, {"checkpoint": None})
+        self.model = build_model(model_cfg)
+        self.train_r = schedule_of(cfg.tome.r_train)
+        self.eval_r = schedule_of(cfg.tome.r_eval) if cfg.tome.r_eval is not None else self.train_r
+        apply_tome(self.model, r=self.train_r, prop_attn=cfg.tome.prop_attn)
+        self.dims = ViTDims.from_timm(self.model)
+
+        mix = cfg.mixup
+        self.mixup = None
+        if mix.mixup_alpha > 0 or mix.cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, prob=mix.prob,
+                switch_prob=mix.switch_prob, mode=mix.mode, label_smoothing=mix.label_smoothing,
+                num_classes=cfg.model.num_classes,
+            )
+            self.train_loss = SoftTargetCrossEntropy()
+        elif mix.label_smoothing > 0:
+            self.train_loss = LabelSmoothingCrossEntropy(smoothing=mix.label_smoothing)
+        else:
+            self.train_loss = torch.nn.CrossEntropyLoss()
+
+        self.ema = ModelEmaV3(self.model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        n = cfg.model.num_classes
+        self.val_top1, self.val_top5 = _accuracy(n, 1), _accuracy(n, 5)
+        if self.ema is not None:
+            self.ema_top1, self.ema_top5 = _accuracy(n, 1), _accuracy(n, 5)
+        self._step_started: float | None = None
+
+    # ---- ToMe schedule ---------------------------------------------------------------
+    def set_schedule(self, r: Any) -> list[int]:
+        """Per-layer merge counts of the raw (and EMA) model for ``r``."""
+        schedule = set_r(self.model, r)
+        if self.ema is not None:
+            set_r(self.ema.module, r)
+        return schedule
+
+    def tokens_per_layer(self, r: Any | None = None) -> list[int]:
+        schedule = self.model._tome_state.schedule if r is None else set_r(self.model, r)
+        return token_counts(schedule, self.dims.num_patches + self.dims.num_protected, self.dims.num_protected)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def on_train_epoch_start(self) -> None:
+        self.set_schedule(self.train_r)
+
+    def on_validation_epoch_start(self) -> None:
+        self.set_schedule(self.eval_r)
+
+    # ---- steps -----------------------------------------------------------------------
+    def _channels(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.cfg.trainer.channels_last else images
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        loss = self.train_loss(self(self._channels(images)), targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at global step {self.global_step}; "
+                "the last good checkpoint is kept"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        if self._step_started is not None:
+            images_per_s = batch[0].shape[0] * self.trainer.world_size / (time.perf_counter() - self._step_started)
+            self.log("train/images_per_s", images_per_s, prog_bar=True)
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            counts = self.tokens_per_layer()
+            self.log_dict({f"tokens/layer_{i:02d}": float(c) for i, c in enumerate(counts[:-1])})
+            self.log("tokens/final", float(counts[-1]))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        images = self._channels(images)
+        logits = self(images)
+        self.log("val/loss", F.cross_entropy(logits, targets), sync_dist=True)
+        self.val_top1.update(logits, targets)
+        self.val_top5.update(logits, targets)
+        if self.ema is not None:
+            ema_logits = self.ema.module(images)
+            self.ema_top1.update(ema_logits, targets)
+            self.ema_top5.update(ema_logits, targets)
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics syncs its counts across ranks once here, so ranks may see unequal batch counts.
+        self.log("val/top1", self.val_top1.compute() * 100, prog_bar=True)
+        self.log("val/top5", self.val_top5.compute() * 100)
+        self.val_top1.reset()
+        self.val_top5.reset()
+        if self.ema is not None:
+            self.log("val/ema_top1", self.ema_top1.compute() * 100)
+            self.log("val/ema_top5", self.ema_top5.compute() * 100)
+            self.ema_top1.reset()
+            self.ema_top5.reset()
+
+    # ---- optimization ------------------------------------------------------------------
+    def global_batch(self) -> int:
+        """Images per optimizer step across every device of every node, at run time."""
+        return self.cfg.data.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def peak_lr(self) -> float:
+        """The scaling rule of the recipe: ``blr * global_batch / lr_base_batch``."""
+        return self.cfg.optim.blr * self.global_batch() / self.cfg.optim.lr_base_batch
+
+    def configure_optimizers(self):
+        opt = self.cfg.optim
+        optimizer = create_optimizer_v2(
+            self.model, opt="adamw", lr=self.peak_lr(), weight_decay=opt.weight_decay,
+            betas=tuple(opt.betas), eps=opt.eps, layer_decay=opt.layer_decay,
+        )
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        steps_per_epoch = max(total_steps // max(self.trainer.max_epochs, 1), 1)
+        scheduler = CosineLRScheduler(
+            optimizer, t_initial=max(total_steps - int(opt.warmup_epochs * steps_per_epoch), 1),
+            lr_min=opt.min_lr, warmup_t=int(opt.warmup_epochs * steps_per_epoch), warmup_lr_init=opt.warmup_lr,
+            warmup_prefix=True, t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.cfg.optim.clip_grad:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optim.clip_grad, gradient_clip_algorithm="norm")
+
+    def on_fit_start(self) -> None:
+        layout = self.cfg.layout
+        intended = layout.nodes * layout.gpus_per_node
+        if self.trainer.world_size != intended:
+            actual_batch = self.global_batch()
+            intended_batch = self.cfg.data.batch_size * intended * self.trainer.accumulate_grad_batches
+            msg = (
+                f"world size {self.trainer.world_size} differs from the recipe's layout "
+                f"{layout.nodes}x{layout.gpus_per_node}: global batch {actual_batch} instead of {intended_batch}, "
+                f"peak lr {self.peak_lr():.3g} instead of "
+                f"{self.cfg.optim.blr * intended_batch / self.cfg.optim.lr_base_batch:.3g}"
+            )
+            if self.trainer.is_global_zero:
+                print(f"note: {msg}")
+

@@ -1,0 +1,209 @@
+"""After training: what did merging buy? Accuracy and throughput over a sweep of ``r``.
+
+Writes ``tradeoff.csv``, ``tradeoff.png`` (top-1 against speedup, with the paper's points
+of the recipe) and ``merge_vis.png`` (which patches each final token holds) into the run
+directory, and logs the same to wandb as a Table, a line plot and images.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from .tome import max_merges, token_counts, vit_flops
+
+COLUMNS = ["r", "tokens_final", "gflops", "flop_bound", "top1", "top5", "images_per_s", "speedup"]
+
+
+def sweep_values(cfg: DictConfig, num_tokens: int, num_protected: int, train_r) -> list[int]:
+    """``tradeoff.r_values``, or ``num_points`` values from 0 to the largest r the model takes."""
+    if cfg.tradeoff.r_values is not None:
+        return sorted(set(cfg.tradeoff.r_values))
+    r_max = max_merges(num_tokens, num_protected)
+    values = {int(round(v)) for v in np.linspace(0, r_max, cfg.tradeoff.num_points)}
+    if isinstance(train_r, int):
+        values.add(train_r)
+    return sorted(values)
+
+
+@torch.no_grad()
+def images_per_s(model: torch.nn.Module, images: torch.Tensor, steps: int, autocast_dtype=None) -> float:
+    """Inference throughput of ``model`` on one batch, after one warm-up pass."""
+    device_type = images.device.type
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        model(images)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(images)
+        sync()
+    return steps * images.shape[0] / (time.perf_counter() - start)
+
+
+def _autocast_dtype(precision: str):
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+
+
+def _validate_at(trainer, module, datamodule, r) -> dict:
+    module.eval_r = r
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    return {"top1": metrics["val/top1"], "top5": metrics["val/top5"]}
+
+
+def measure_tradeoff(trainer, module, datamodule) -> list[dict]:
+    """Top-1/top-5 on the validation set and images/s at every r of the sweep (every rank
+    validates its share; throughput is measured where it runs)."""
+    cfg = module.cfg
+    dims = module.dims
+    num_tokens = dims.num_patches + dims.num_protected
+    values = sweep_values(cfg, num_tokens, dims.num_protected, module.train_r)
+    saved = trainer.loggers, trainer.limit_val_batches, module.eval_r
+    trainer.loggers = []  # the sweep must not rewrite the run's val/top1 history
+    if cfg.tradeoff.limit_val_batches is not None:
+        trainer.limit_val_batches = cfg.tradeoff.limit_val_batches
+    images = torch.randn(cfg.tradeoff.batch_size, 3, cfg.model.img_size, cfg.model.img_size, device=module.device)
+    baseline_flops = vit_flops(dims)
+    rows = []
+    try:
+        for r in values:
+            row = {"r": r, **_validate_at(trainer, module, datamodule, r)}
+            schedule = module.set_schedule(r)
+            module.model.eval()
+            row["images_per_s"] = images_per_s(
+                module.model, images, cfg.tradeoff.bench_steps, _autocast_dtype(cfg.trainer.precision)
+            )
+            row["tokens_final"] = token_counts(schedule, num_tokens, dims.num_protected)[-1]
+            flops = vit_flops(dims, schedule)
+            row["gflops"] = flops / 1e9
+            row["flop_bound"] = baseline_flops / flops
+            rows.append(row)
+    finally:
+        trainer.loggers, trainer.limit_val_batches, module.eval_r = saved
+        module.set_schedule(module.train_r)
+    base = next((row["images_per_s"] for row in rows if row["r"] == 0), rows[0]["images_per_s"])
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / base
+    return [{k: row[k] for k in COLUMNS} for row in rows]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'r':>4} {'tokens':>6} {'GFLOPs':>8} {'bound':>6} {'top-1':>6} {'top-5':>6} {'im/s':>9} {'speedup':>7}"
+    lines = [head]
+    for row in rows:
+        lines.append(
+            f"{row['r']:>4} {row['tokens_final']:>6} {row['gflops']:>8.3f} {row['flop_bound']:>5.2f}x "
+            f"{row['top1']:>6.2f} {row['top5']:>6.2f} {row['images_per_s']:>9.1f} {row['speedup']:>6.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def plot_tradeoff(rows: list[dict], reference: DictConfig, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot([r["speedup"] for r in rows], [r["top1"] for r in rows], "o-", label="this run")
+    for row in rows:
+        ax.annotate(f"r={row['r']}", (row["speedup"], row["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if reference.baseline_top1 is not None and reference.tome_top1 is not None:
+        ax.plot([1.0, reference.tome_ims / reference.baseline_ims], [reference.baseline_top1, reference.tome_top1],
+                "s--", color="gray", label=f"paper ({reference.source})")
+    ax.set_xlabel("speedup over r=0 (images/s ratio)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def merge_visualization(model, images: torch.Tensor, mean, std) -> np.ndarray:
+    """Pairs of (input, merged) pictures as one ``uint8`` ``[H, W, 3]`` image.
+
+    Every final token paints the input patches it holds with their average colour, with a
+    dark line where neighbouring patches belong to different tokens (the paper's Fig. 4).
+    """
+    state = model._tome_state
+    state.trace_source = True
+    try:
+        with torch.no_grad():
+            model(images)
+        source = state.source
+    finally:
+        state.trace_source = False
+    p = model.num_prefix_tokens
+    grid_h, grid_w = model.patch_embed.grid_size
+    ph, pw = images.shape[-2] // grid_h, images.shape[-1] // grid_w
+    pixels = images.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    pixels = pixels.clamp(0, 1)
+    panels = []
+    for b in range(images.shape[0]):
+        if source is None:
+            owner = torch.arange(grid_h * grid_w)
+        else:
+            owner = source[b, :, p:].float().cpu().argmax(dim=0)
+        owner = owner.reshape(grid_h, grid_w)
+        patch_mean = pixels[b].reshape(3, grid_h, ph, grid_w, pw).mean(dim=(2, 4))  # [3, gh, gw]
+        painted = torch.zeros(3, grid_h, grid_w)
+        for token in owner.unique():
+            members = owner == token
+            painted[:, members] = patch_mean[:, members].mean(dim=1, keepdim=True)
+        painted = painted.repeat_interleave(ph, 1).repeat_interleave(pw, 2)
+        owner_px = owner.repeat_interleave(ph, 0).repeat_interleave(pw, 1)
+        edge = torch.zeros_like(owner_px, dtype=torch.bool)
+        edge[1:, :] |= owner_px[1:, :] != owner_px[:-1, :]
+        edge[:, 1:] |= owner_px[:, 1:] != owner_px[:, :-1]
+        painted[:, edge] *= 0.3
+        panels.append(torch.cat([pixels[b], torch.ones(3, pixels.shape[2], 2), painted], dim=2))
+    sheet = torch.cat([torch.cat([panel, torch.ones(3, 2, panel.shape[2])], dim=1) for panel in panels], dim=1)
+    scale = max(1, 128 // images.shape[-1])  # small inputs (digits) are enlarged to be seen
+    sheet = sheet.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    return (sheet.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def report_tradeoff(trainer, module, datamodule, run_dir: Path) -> list[dict]:
+    """Measure the sweep, then on rank 0 print it, write the files and log them to wandb."""
+    rows = measure_tradeoff(trainer, module, datamodule)
+    if not trainer.is_global_zero:
+        return rows
+    cfg = module.cfg
+    write_csv(rows, run_dir / "tradeoff.csv")
+    plot_tradeoff(rows, cfg.reference, f"{cfg.name}: ToMe trade-off", run_dir / "tradeoff.png")
+    images = next(iter(datamodule.val_dataloader()))[0][: cfg.tradeoff.num_vis_images].to(module.device)
+    module.set_schedule(module.eval_r)
+    module.model.eval()
+    vis = merge_visualization(module.model, images, list(cfg.data.mean), list(cfg.data.std))
+    module.set_schedule(module.train_r)
+    from PIL import Image
+
+    Image.fromarray(vis).save(run_dir / "merge_vis.png")
+    print("accuracy/throughput trade-off (r swept at evaluation):")
+    print(format_table(rows))
+    print(f"files: {run_dir / 'tradeoff.csv'}, {run_dir / 'tradeoff.png'}, {run_dir / 'merge_vis.png'}")
+    logger = trainer.logger
+    if logger is not None and hasattr(logger, "experiment"):
+        import wandb
+
+        table = wandb.Table(columns=COLUMNS, data=[[row[c] for c in COLUMNS] for row in rows])
+        logger.experiment.log({
+            "tradeoff/table": table,
+            "tradeoff/top1_vs_images_per_s": wandb.plot.line(table, "images_per_s", "top1", title="top-1 vs images/s"),
+            "tradeoff/plot": wandb.Image(str(run_dir / "tradeoff.png")),
+            "tradeoff/merge_vis": wandb.Image(vis, caption=f"r={module.eval_r}: input | merged tokens"),
+        })
+    return rows
