@@ -8,6 +8,7 @@ no hyperparameter values of its own: every one comes from a fragment or a recipe
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPE_DIR = PROJECT_ROOT / "recipes"
 FRAGMENT_DIR = PROJECT_ROOT / "configs"
-DEFAULT_RECIPE = "digits_vit_r2"
+DEFAULT_RECIPE = "digits_vit_r6"
 
 
 class ConfigError(ValueError):
@@ -181,14 +182,13 @@ def _closest(value: str, allowed: list[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def _dotted_keys(node, prefix: str = "") -> list[str]:
+def _dotted_keys(schema: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key the schema allows, for 'did you mean' hints."""
     keys = []
-    for key in node:
-        path = f"{prefix}{key}"
-        keys.append(path)
-        child = OmegaConf.select(node, str(key), throw_on_missing=False) if isinstance(node, DictConfig) else None
-        if isinstance(child, DictConfig) and not OmegaConf.is_missing(node, key):
-            keys.extend(_dotted_keys(child, path + "."))
+    for f in dataclasses.fields(schema or RunConfig):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)):
+            keys += _dotted_keys(f.default_factory, f"{prefix}{f.name}.")
     return keys
 
 
@@ -207,7 +207,7 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         if "Key" in type(e).__name__ and key:
-            hint = _closest(key, _dotted_keys(OmegaConf.structured(RunConfig)))
+            hint = _closest(key, _dotted_keys())
             raise ConfigError(f"{origin}: unknown key {key!r}{hint}") from None
         value = getattr(e, "value", None)
         msg = str(e).splitlines()[0]
@@ -226,15 +226,17 @@ def _read_recipe(name_or_path: str) -> tuple[str, DictConfig]:
     return path.stem, _load_yaml(path)
 
 
-def _fragments(recipe: DictConfig, origin: str) -> list[tuple[str, DictConfig]]:
-    defaults = recipe.pop("defaults", [])
+def _fragments(node: DictConfig, origin: str) -> list[tuple[str, DictConfig]]:
+    """The fragments ``node`` lists under ``defaults``, each preceded by its own defaults."""
     layers = []
-    for ref in defaults:
+    for ref in node.pop("defaults", []):
         path = FRAGMENT_DIR / f"{ref}.yaml"
         if not path.is_file():
             allowed = sorted(str(p.relative_to(FRAGMENT_DIR).with_suffix("")) for p in FRAGMENT_DIR.rglob("*.yaml"))
             raise ConfigError(f"{origin}: unknown config fragment {ref!r}{_closest(str(ref), allowed)}")
-        layers.append((f"configs/{ref}.yaml", _load_yaml(path)))
+        fragment = _load_yaml(path)
+        layers += _fragments(fragment, f"configs/{ref}.yaml")
+        layers.append((f"configs/{ref}.yaml", fragment))
     return layers
 
 
@@ -297,5 +299,3 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "num_workers"):
         if cfg.data[key] < (1 if key == "batch_size" else 0):
             raise ConfigError(f"data.{key}={cfg.data[key]} is not allowed: use a positive integer")
-    if cfg.data.source != "digits" and not cfg.data.root:
-        raise ConfigError(f"data.root is required for data.source={cfg.data.source}")
