@@ -1,0 +1,202 @@
+"""Export a trained run so the model runs outside the framework.
+
+``python train.py export --checkpoint PATH --out DIR [--ema] [--r R] [--onnx]`` writes
+- ``model.safetensors`` + ``config.json``: timm's own export format (``timm.models.save_for_hf``),
+  loadable by plain timm: ``timm.create_model("local-dir:DIR")``;
+- ``tome.json``: the ToMe settings it was trained and is meant to run with, and the run's
+  accuracy/throughput trade-off table when it logged one;
+- ``model.onnx`` (``--onnx``): the patched model at the chosen r, checked with onnxruntime.
+
+``tome_train.load_exported(DIR)`` returns the patched model ready for inference.
+Everything is written into a scratch folder first and moved into place at the end, so a
+failed export leaves ``DIR`` as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .config import schedule_of
+from .models import build_model
+from .tome import ScheduleError, UnsupportedModelError, apply_tome, parse_schedule
+
+ONNX_TOLERANCE = 1e-4
+
+
+class ExportError(ValueError):
+    """Bad export input; the message is one line for the user."""
+
+
+def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict]:
+    """The run config and the timm state dict (raw or EMA) of a Lightning checkpoint
+    (``best-*.ckpt``, ``last.ckpt`` or a SLURM ``hpc_ckpt_N.ckpt``)."""
+    if not path.is_file():
+        raise ExportError(f"--checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ExportError(f"--checkpoint {path}: not a checkpoint ({type(e).__name__})") from None
+    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
+    if config is None or "state_dict" not in ckpt:
+        raise ExportError(f"--checkpoint {path}: not a tome-train Lightning checkpoint (no config or state_dict)")
+    prefix = "ema.module." if ema else "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise ExportError(f"--checkpoint {path}: has no {'EMA ' if ema else ''}weights (no '{prefix}*' keys)")
+    return config, state
+
+
+def build_trained_model(config: dict, state: dict, path: Path):
+    cfg = OmegaConf.create(config)
+    model = build_model(OmegaConf.merge(cfg.model, {"checkpoint": None}))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).split("\n\t", 2)[1] if "\n\t" in str(e) else str(e)
+        raise ExportError(f"--checkpoint {path}: weights do not fit {cfg.model.arch}: {first.strip()}") from None
+    return cfg, model.eval()
+
+
+def read_tradeoff(checkpoint: Path) -> list[dict] | None:
+    """The trade-off table the run wrote next to its checkpoints, if any."""
+    for run_dir in (checkpoint.parent, checkpoint.parent.parent):
+        table = run_dir / "tradeoff.csv"
+        if table.is_file():
+            with open(table) as f:
+                return [{k: float(v) if "." in v else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return None
+
+
+def export_onnx(model, img_size: int, path: Path, batch_size: int = 2) -> float:
+    """Write ``model.onnx`` (batch dimension dynamic) and return the max abs difference
+    between onnxruntime and PyTorch on random inputs."""
+    import onnxruntime as ort
+
+    example = torch.randn(batch_size, 3, img_size, img_size)
+    with warnings.catch_warnings():
+        # the tracer notes that token counts become constants: they are, for a fixed input size
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            model, (example,), str(path), input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False,
+        )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # intermediate shapes are symbolic in the graph; not a problem
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    check = torch.randn(batch_size + 1, 3, img_size, img_size)
+    with torch.no_grad():
+        expected = model(check).numpy()
+    got = session.run(None, {"images": check.numpy()})[0]
+    return float(abs(got - expected).max())
+
+
+def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = False) -> dict:
+    """Export ``checkpoint`` into ``out``; returns what was written and checked."""
+    config, state = read_checkpoint(checkpoint, ema)
+    cfg, model = build_trained_model(config, state, checkpoint)
+    trained_r = schedule_of(cfg.tome.r_train)
+    run_r = schedule_of(cfg.tome.r_eval) if r is None and cfg.tome.r_eval is not None else (r if r is not None else trained_r)
+    try:
+        schedule = parse_schedule(run_r, len(model.blocks))
+    except ScheduleError as e:
+        raise ExportError(f"--r: {e}") from None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        from timm.models import save_for_hf
+
+        data = cfg.data
+        save_for_hf(
+            model, str(staging), safe_serialization=True,
+            data_config={"input_size": (3, cfg.model.img_size, cfg.model.img_size), "interpolation": data.interpolation,
+                         "crop_pct": data.crop_pct, "mean": tuple(data.mean), "std": tuple(data.std)},
+        )
+        tome = {
+            "r": run_r if not isinstance(run_r, tuple) else list(run_r),
+            "schedule": schedule,
+            "prop_attn": cfg.tome.prop_attn,
+            "trained_r": OmegaConf.to_container(cfg.tome, resolve=True)["r_train"],
+            "weights": "ema" if ema else "raw",
+            "recipe": cfg.name,
+            "tradeoff": read_tradeoff(checkpoint),
+        }
+        (staging / "tome.json").write_text(json.dumps(tome, indent=2))
+        result = {"out": str(out), "files": ["model.safetensors", "config.json", "tome.json"]}
+        if onnx:
+            patched = apply_tome(model, r=schedule, prop_attn=cfg.tome.prop_attn)
+            diff = export_onnx(patched, cfg.model.img_size, staging / "model.onnx")
+            if diff > ONNX_TOLERANCE:
+                raise ExportError(f"ONNX check failed: max abs diff {diff:.2e} > {ONNX_TOLERANCE:g}")
+            result["files"].append("model.onnx")
+            result["onnx_max_abs_diff"] = diff
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_exported(path: str | Path, r=None):
+    """The exported model, ToMe-patched at its stored r (or ``r``), in eval mode."""
+    import timm
+
+    path = Path(path)
+    tome = json.loads((path / "tome.json").read_text())
+    model = timm.create_model(f"local-dir:{path}", pretrained=True)
+    stored = tome["schedule"] if r is None else r
+    return apply_tome(model, r=stored, prop_attn=tome["prop_attn"]).eval()
+
+
+def _parse_r(text: str):
+    """``--r 8``, ``--r 8,-1`` (r, inflect) or ``--r 8,8,4,...`` via ``[..]``."""
+    text = text.strip()
+    try:
+        if text.startswith("["):
+            return [int(v) for v in text.strip("[]").split(",") if v.strip()]
+        if "," in text:
+            base, inflect = text.split(",")
+            return (int(base), float(inflect))
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--r {text!r} is not allowed: use an integer, 'R,INFLECT' or a list '[r1,r2,...]'"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="train.py export", description="Export a trained checkpoint.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="Lightning checkpoint of a run")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    p.add_argument("--r", type=_parse_r, default=None, help="merge schedule to run at (default: the run's eval r)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
+    args = p.parse_args(argv)
+    try:
+        result = export(args.checkpoint, args.out, ema=args.ema, r=args.r, onnx=args.onnx)
+    except (ExportError, UnsupportedModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {result['out']}: {', '.join(result['files'])}")
+    if "onnx_max_abs_diff" in result:
+        print(f"ONNX check: onnxruntime vs PyTorch max abs diff {result['onnx_max_abs_diff']:.2e} (<= {ONNX_TOLERANCE:g}): ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
