@@ -167,8 +167,7 @@ def dry_run(cfg: DictConfig) -> str:
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
     datamodule.check()
     steps = datamodule.steps_per_epoch(world) // t.accumulate_grad_batches
-    with torch.device("meta"):
-        model = build_model(OmegaConf.merge(cfg.model, {"checkpoint": None}))
+    model = build_model(cfg.model, device="meta")  # checks a checkpoint's keys and shapes, allocates nothing
     dims = ViTDims.from_timm(model)
     lines = [
         f"recipe {cfg.name}: {cfg.model.arch} on {cfg.data.source}, {t.num_nodes} node(s) x {devices} device(s)",

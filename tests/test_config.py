@@ -1,0 +1,99 @@
+"""Recipes: parsing, composition, overrides and the one-line errors of bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tome_train.config import DEFAULT_RECIPE, ConfigError, list_recipes, load_config, schedule_of
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_recipe_resolves_without_missing_values():
+    names = list_recipes()
+    assert DEFAULT_RECIPE in names
+    assert {"deit_tiny_r13", "deit_small_r13", "deit_base_r13", "mae_vitb_r16", "mae_vitl_r8", "mae_vith_r7"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name
+        assert not OmegaConf.missing_keys(cfg)
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_no_recipe_means_the_bundled_default():
+    assert load_config(None).name == DEFAULT_RECIPE
+    assert load_config(None).data.source == "digits"
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config("mae_vitl_r8", ["optim.blr=2e-3", "trainer.epochs=3", "tome.r_train=[4,4,2]", "wandb.tags=[a,b]"])
+    assert cfg.optim.blr == 2e-3 and isinstance(cfg.optim.blr, float)
+    assert cfg.trainer.epochs == 3
+    assert schedule_of(cfg.tome.r_train) == [4, 4, 2]
+    assert list(cfg.wandb.tags) == ["a", "b"]
+    inflect = load_config("mae_vitl_r8", ["tome.r_train={r: 8, inflect: -1}"])
+    assert schedule_of(inflect.tome.r_train) == (8, -1.0)
+
+
+def test_recipe_path_and_fragment_order(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("defaults: [model/mae_vitb, data/imagenet_wds, optim/mae_vitb, trainer/gpu]\n"
+                      "tome: {r_train: 3, prop_attn: false}\noptim: {blr: 1.0e-4}\n")
+    cfg = load_config(str(recipe))
+    assert cfg.name == "mine"
+    assert cfg.optim.blr == 1e-4  # the recipe wins over its fragments
+    assert cfg.optim.layer_decay == 0.65  # from optim/mae_vitb
+    assert cfg.optim.min_lr == 1e-6  # from optim/mae_finetune, which optim/mae_vitb extends
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, needle",
+    [
+        ("mae_vit_r8", [], "unknown recipe 'mae_vit_r8' (did you mean 'mae_vitl_r8'?)"),
+        ("mae_vitl_r8", ["optim.bllr=1"], "unknown key 'optim.bllr' (did you mean 'optim.blr'?)"),
+        ("mae_vitl_r8", ["optim.blr=fast"], "bad value 'fast' for 'optim.blr'"),
+        ("mae_vitl_r8", ["trainer.epochs=1.5"], "bad value 1.5 for 'trainer.epochs'"),
+        ("mae_vitl_r8", ["tome.r_train=-2"], "tome.r_train: r=-2 is not allowed"),
+        ("mae_vitl_r8", ["tome.r_train=2.5"], "r=2.5 is not allowed"),
+        ("mae_vitl_r8", ["data.source=lmdb"], "data.source='lmdb' is not allowed: use one of digits, imagefolder, webdataset"),
+        ("mae_vitl_r8", ["epochs"], "override 'epochs' is not key=value"),
+    ],
+)
+def test_bad_input_is_one_clear_error(recipe, overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe, overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_fragment_is_named(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("defaults: [model/deit_smal]\n")
+    with pytest.raises(ConfigError, match="unknown config fragment 'model/deit_smal' \\(did you mean 'model/deit_small'\\?\\)"):
+        load_config(str(recipe))
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    for args in (["--recipe", "nope"], ["trainer.epoch=3"], ["tome.r_train=-1"],
+                 ["--recipe", "mae_vitl_r8", "--dry-run", "data.root=/does/not/exist"]):
+        result = _cli(*args, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_lists_and_prints_config(tmp_path):
+    listed = _cli("--list-recipes", cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout.split() == list_recipes()
+    printed = _cli("--recipe", "deit_small_r13", "--print-config", "trainer.epochs=7", cwd=tmp_path)
+    assert printed.returncode == 0
+    cfg = OmegaConf.create(printed.stdout)
+    assert cfg.trainer.epochs == 7 and cfg.tome.r_train == 13 and cfg.optim.blr == 5e-4
+    assert list(tmp_path.iterdir()) == []
