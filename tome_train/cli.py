@@ -152,12 +152,10 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
 
 def dry_run(cfg: DictConfig) -> str:
     """The plan of a run: batch, lr, steps, schedule and FLOPs, data found, checkpoint loaded."""
-    import torch
-
+    from .config import schedule_of
     from .data import ImageDataModule
     from .models import build_model, checkpoint_summary
     from .tome import ViTDims, apply_tome, token_counts, vit_flops
-    from .config import schedule_of
 
     t = cfg.trainer
     devices = t.devices if isinstance(t.devices, int) else 1
