@@ -145,6 +145,8 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     result = {"run_dir": str(run_dir), "val_top1": float(trainer.callback_metrics.get("val/top1", float("nan")))}
     if cfg.tradeoff.enabled:
         result["tradeoff"] = report_tradeoff(trainer, module, datamodule, run_dir)
+    if trainer.logger is not None:
+        trainer.logger.experiment.finish()  # writes the run's summary and config files
     if trainer.is_global_zero:
         print(f"final validation top-1: {result['val_top1']:.2f}%  (run dir: {run_dir})")
     return result

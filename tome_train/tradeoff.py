@@ -64,6 +64,9 @@ def measure_tradeoff(trainer, module, datamodule) -> list[dict]:
     values = sweep_values(cfg, num_tokens, dims.num_protected, module.train_r)
     saved = trainer.loggers, trainer.limit_val_batches, module.eval_r
     trainer.loggers = []  # the sweep must not rewrite the run's val/top1 history
+    bar = trainer.progress_bar_callback
+    if bar is not None:
+        bar.disable()
     if cfg.tradeoff.limit_val_batches is not None:
         trainer.limit_val_batches = cfg.tradeoff.limit_val_batches
     images = torch.randn(cfg.tradeoff.batch_size, 3, cfg.model.img_size, cfg.model.img_size, device=module.device)
@@ -85,6 +88,8 @@ def measure_tradeoff(trainer, module, datamodule) -> list[dict]:
     finally:
         trainer.loggers, trainer.limit_val_batches, module.eval_r = saved
         module.set_schedule(module.train_r)
+        if bar is not None:
+            bar.enable()
     base = next((row["images_per_s"] for row in rows if row["r"] == 0), rows[0]["images_per_s"])
     for row in rows:
         row["speedup"] = row["images_per_s"] / base
@@ -178,6 +183,8 @@ def merge_visualization(model, images: torch.Tensor, mean, std) -> np.ndarray:
 
 def report_tradeoff(trainer, module, datamodule, run_dir: Path) -> list[dict]:
     """Measure the sweep, then on rank 0 print it, write the files and log them to wandb."""
+    if trainer.is_global_zero:
+        print("measuring the accuracy/throughput trade-off ...")
     rows = measure_tradeoff(trainer, module, datamodule)
     if not trainer.is_global_zero:
         return rows
