@@ -1,0 +1,27 @@
+"""Shared fixtures: one short real training run on the bundled digits, reused by the tests
+that need a trained checkpoint, a wandb offline run or a trade-off report."""
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.pop("WANDB_MODE", None)  # the framework must pick offline by itself without an API key
+os.environ.pop("WANDB_API_KEY", None)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A short schedule on the default recipe: enough to learn digits well above chance.
+SHORT_FIT = ["trainer.epochs=4", "tradeoff.r_values=[0,4,8]", "tradeoff.bench_steps=2", "tradeoff.num_vis_images=2"]
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    from tome_train.cli import train
+    from tome_train.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("digits_run")
+    cfg = load_config(None, [*SHORT_FIT, f"output_dir={run_dir}"])
+    result = train(cfg)
+    return SimpleNamespace(cfg=cfg, run_dir=run_dir, result=result, last=run_dir / "checkpoints" / "last.ckpt")

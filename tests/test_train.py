@@ -1,0 +1,80 @@
+"""The training framework end to end on the bundled digits: fit, metrics, wandb, trade-off, resume."""
+import csv
+
+import torch
+from PIL import Image
+
+from tome_train.cli import train
+from tome_train.config import load_config
+from tome_train.tome import token_counts
+
+from conftest import SHORT_FIT
+from wandb_records import history
+
+
+def test_short_fit_beats_chance_by_a_wide_margin(digits_run):
+    assert digits_run.result["val_top1"] > 60.0  # chance is 10%
+
+
+def test_checkpoints_keep_best_and_last(digits_run):
+    names = sorted(p.name for p in (digits_run.run_dir / "checkpoints").iterdir())
+    assert "last.ckpt" in names and any(n.startswith("best-") for n in names)
+    ckpt = torch.load(digits_run.last, map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["config"]["name"] == digits_run.cfg.name
+    assert ckpt["global_step"] > 0
+
+
+def test_wandb_offline_run_holds_history_config_and_table(digits_run):
+    runs = list((digits_run.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "no API key: the run must be offline, in one run directory"
+    run = runs[0]
+    rows = history(next(run.glob("run-*.wandb")))
+    keys = set().union(*rows)
+    for key in ("train/loss", "train/lr", "train/images_per_s", "tokens/final", "tokens/layer_00", "val/top1", "val/top5"):
+        assert key in keys, key
+    val = [row["val/top1"] for row in rows if "val/top1" in row]
+    assert len(val) == 4  # once per epoch, untouched by the r sweep after training
+    assert abs(val[-1] - digits_run.result["val_top1"]) < 1e-6
+    tokens = [row["tokens/final"] for row in rows if "tokens/final" in row]
+    assert set(tokens) == {token_counts([6] * 6, 65, 1)[-1]}
+    assert list(run.glob("files/media/table/tradeoff/table_*.table.json"))
+    config = (run / "files" / "config.yaml").read_text()
+    assert "digits_vit_r6" in config and "r_train" in config
+
+
+def test_tradeoff_table_plot_and_merge_pictures(digits_run, capsys):
+    with open(digits_run.run_dir / "tradeoff.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["r"]) for r in rows] == [0, 4, 8]
+    assert [int(r["tokens_final"]) for r in rows] == [65, token_counts([4] * 6, 65, 1)[-1], token_counts([8] * 6, 65, 1)[-1]]
+    assert float(rows[0]["speedup"]) == 1.0 and float(rows[0]["flop_bound"]) == 1.0
+    assert float(rows[2]["flop_bound"]) > float(rows[1]["flop_bound"]) > 1.0
+    assert all(0 <= float(r["top1"]) <= 100 for r in rows)
+    r6 = float(rows[0]["top1"])
+    assert abs(r6 - digits_run.result["tradeoff"][0]["top1"]) < 1e-6
+    for name in ("tradeoff.png", "merge_vis.png"):
+        with Image.open(digits_run.run_dir / name) as image:
+            assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_resume_continues_the_global_step(digits_run, tmp_path):
+    first = torch.load(digits_run.last, map_location="cpu", weights_only=False)
+    steps_per_epoch = first["global_step"] // 4
+    cfg = load_config(None, [*SHORT_FIT, "trainer.epochs=5", "tradeoff.enabled=false", f"output_dir={tmp_path}"])
+    train(cfg, resume=str(digits_run.last))
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 5 * steps_per_epoch
+    assert resumed["epoch"] == first["epoch"] + 1
+
+
+def test_ema_is_evaluated_and_checkpointed(tmp_path):
+    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+                             "optim.ema_decay=0.9", "tradeoff.enabled=false", f"output_dir={tmp_path}"])
+    train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ema = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.module.")}
+    raw = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    assert len(ema) == len(raw) > 0
+    assert any(not torch.equal(ema["ema.module." + k[6:]], v) for k, v in raw.items() if v.is_floating_point())
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    assert any("val/ema_top1" in row for row in history(next(run.glob("run-*.wandb"))))

@@ -1,0 +1,48 @@
+"""Read back a wandb offline run file (``run-ID.wandb``) in tests.
+
+The file is wandb's transaction log: a 7-byte ``:W&B`` header, then LevelDB-log framed
+records (32 KiB blocks, 7-byte record headers, full/first/middle/last fragments), each a
+``wandb_internal_pb2.Record``. wandb no longer ships a Python reader for it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list:
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a wandb run file"
+    pos, pending, records = 7, b"", []
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        kind = data[pos + 6]
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == FULL:
+            records.append(chunk)
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            records.append(pending + chunk)
+    return [wandb_internal_pb2.Record.FromString(r) for r in records]
+
+
+def history(path: Path) -> list[dict]:
+    """Every logged history row as ``{key: value}``."""
+    rows = []
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows
