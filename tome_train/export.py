@@ -85,6 +85,7 @@ def export_onnx(model, img_size: int, path: Path, batch_size: int = 2) -> float:
     with warnings.catch_warnings():
         # the tracer notes that token counts become constants: they are, for a fixed input size
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter handles our gathers exactly
         torch.onnx.export(
             model, (example,), str(path), input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False,

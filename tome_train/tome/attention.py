@@ -12,10 +12,15 @@ import torch.nn.functional as F
 from timm.layers.attention import Attention
 
 
-def additive_mask(attn_mask: torch.Tensor | None, num_tokens: int, is_causal: bool) -> torch.Tensor | None:
-    """A caller's mask as a float bias ``[B|1, H|1, N, N]`` (bool True = may attend)."""
+def additive_mask(
+    attn_mask: torch.Tensor | None, num_tokens: int, is_causal: bool, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """A caller's mask as a float bias ``[B|1, H|1, N, N]`` (bool True = may attend).
+
+    ``is_causal`` builds a lower-triangular mask of ``num_tokens`` on ``device``.
+    """
     if is_causal:
-        attn_mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()
+        attn_mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril()
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:

@@ -113,7 +113,8 @@ def merge_wavg(
     if traced, the source map ``[B, N, N0]`` in one gather/scatter pass.
 
     Source rows are one-hot over disjoint original tokens, so summing them equals the
-    ``amax`` merge of the paper's code.
+    ``amax`` merge of the paper's code. The returned ``size`` and ``source`` are detached:
+    they are functions of the matching indices only, so their gradient is zero anyway.
     """
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
@@ -122,9 +123,11 @@ def merge_wavg(
     if source is not None:
         parts.append(source.to(x.dtype))
     merged = merge(torch.cat(parts, dim=-1), mode="sum")
-    size = merged[..., c:c + 1]
+    # Sizes and sources depend only on the (no-grad) matching, never on a parameter: detached,
+    # they carry no autograd graph (no useless bias gradient in attention, deepcopy-able state).
+    size = merged[..., c:c + 1].detach()
     x = merged[..., :c] / size
-    source = merged[..., c + 1:] if source is not None else None
+    source = merged[..., c + 1:].detach() if source is not None else None
     return x, size, source
 
 

@@ -43,6 +43,16 @@ class ToMeState:
     attn_mask: torch.Tensor | None = None
     layer_sources: list | None = field(default=None, repr=False)
 
+    def __deepcopy__(self, memo: dict) -> "ToMeState":
+        """Copy the settings only: the per-forward tensors belong to the last forward pass
+        (and may hold its autograd graph), so a copy (e.g. an EMA model) starts clean."""
+        return ToMeState(
+            schedule=list(self.schedule),
+            prop_attn=self.prop_attn,
+            trace_source=self.trace_source,
+            num_protected=self.num_protected,
+        )
+
     def begin(self, attn_mask: torch.Tensor | None = None, record_sources: bool = False) -> None:
         self.size = None
         self.source = None
@@ -63,7 +73,7 @@ class ToMeState:
     def merge_mask(self, merge: Merge) -> None:
         m = self.attn_mask
         m = m.expand(merge.unm_idx.shape[0], *m.shape[1:])
-        m = merge(m.transpose(1, 2), mode="amax").transpose(1, 2)  # queries
+        m = merge(m.transpose(1, 2), mode="sum").transpose(1, 2)  # queries
         self.attn_mask = merge(m.permute(0, 3, 1, 2), mode="amax").permute(0, 2, 3, 1)  # keys
 
 
@@ -97,18 +107,21 @@ class ToMeVisionTransformerMixin:
 
     _tome_state: ToMeState
 
-    def _tome_begin(self, x_attn_mask, is_causal: bool, record_sources: bool = False) -> None:
+    def _tome_begin(self, images: torch.Tensor, x_attn_mask, is_causal: bool, record_sources: bool = False) -> None:
         state = self._tome_state
         merging = any(state.schedule)
         if merging and is_causal:
             raise ValueError("is_causal=True cannot be combined with token merging (r > 0)")
         if merging and self.grad_checkpointing and torch.is_grad_enabled():
             raise ValueError("gradient checkpointing re-runs blocks and cannot carry merge state; disable it or use r=0")
-        num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
-        state.begin(additive_mask(x_attn_mask, num_tokens, is_causal), record_sources)
+        num_tokens = self.num_prefix_tokens
+        if is_causal:
+            grid = self.patch_embed.dynamic_feat_size(images.shape[-2:])
+            num_tokens += grid[0] * grid[1]
+        state.begin(additive_mask(x_attn_mask, num_tokens, is_causal, images.device), record_sources)
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        self._tome_begin(attn_mask, is_causal)
+        self._tome_begin(x, attn_mask, is_causal)
         return super().forward_features(x)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
@@ -146,7 +159,7 @@ class ToMeVisionTransformerMixin:
         """timm's ``forward_intermediates``; patch tokens are unmerged onto the input grid."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} is not allowed: use NCHW or NLC")
-        self._tome_begin(attn_mask, is_causal, record_sources=True)
+        self._tome_begin(x, attn_mask, is_causal, record_sources=True)
         result = super().forward_intermediates(
             x, indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early,
             output_fmt="NLC", intermediates_only=False, output_dict=True,
