@@ -1,0 +1,81 @@
+"""Training that loses nothing when killed: kill -9 and rerun, non-finite loss, determinism."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from tome_train.cli import train
+from tome_train.config import load_config
+
+from conftest import ROOT
+
+QUICK = ["trainer.log_every_n_steps=1", "tradeoff.enabled=false", "trainer.limit_val_batches=2"]
+
+
+def _command(run_dir, *overrides):
+    return [sys.executable, str(ROOT / "train.py"), "--output-dir", str(run_dir), *QUICK, *overrides]
+
+
+def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = _command(run_dir, "trainer.epochs=2", "trainer.checkpoint_every_n_steps=4")
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 4:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert killed_at >= 4
+    for ckpt in (run_dir / "checkpoints").glob("*"):
+        assert ckpt.suffix == ".ckpt", f"left behind: {ckpt.name}"  # writes go to a temp name, then rename
+        torch.load(ckpt, map_location="cpu", weights_only=False)  # every checkpoint is whole
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from {last}" in again.stdout
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    steps_per_epoch = 22  # 1,437 training digits // 64
+    assert final["global_step"] == 2 * steps_per_epoch
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, "the restarted run continues the same wandb run id"
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.run(_command(run_dir, "trainer.epochs=1", "trainer.limit_train_batches=3"),
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    good = last.read_bytes()
+    # A learning rate this large sends the weights to inf within a few steps.
+    blown = subprocess.run(_command(run_dir, "trainer.epochs=3", "optim.blr=1e30", "optim.warmup_epochs=0",
+                                    "optim.clip_grad=null", "trainer.checkpoint_every_n_steps=100"),
+                           capture_output=True, text=True)
+    assert blown.returncode == 1
+    error = blown.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: non-finite loss") and "at global step" in error
+    step = int(error.split("at global step ")[1].split(";")[0])
+    assert step >= 3
+    assert last.read_bytes() == good
+
+
+def test_same_seed_same_world_size_same_first_steps(tmp_path):
+    states = []
+    for name in ("a", "b"):
+        cfg = load_config(None, [*QUICK, "trainer.epochs=1", "trainer.limit_train_batches=3",
+                                 f"output_dir={tmp_path / name}"])
+        train(cfg)
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        states.append(ckpt["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
