@@ -43,15 +43,12 @@ class ToMeState:
     attn_mask: torch.Tensor | None = None
     layer_sources: list | None = field(default=None, repr=False)
 
-    def __deepcopy__(self, memo: dict) -> "ToMeState":
-        """Copy the settings only: the per-forward tensors belong to the last forward pass
-        (and may hold its autograd graph), so a copy (e.g. an EMA model) starts clean."""
-        return ToMeState(
-            schedule=list(self.schedule),
-            prop_attn=self.prop_attn,
-            trace_source=self.trace_source,
-            num_protected=self.num_protected,
-        )
+    def __getstate__(self) -> dict:
+        """Copies (``copy.deepcopy``, e.g. an EMA model) and pickles keep the settings only: the
+        per-forward tensors belong to the last forward pass (and may hold its autograd graph)."""
+        state = dict(self.__dict__)
+        state.update(size=None, source=None, attn_mask=None, layer_sources=None)
+        return state
 
     def begin(self, attn_mask: torch.Tensor | None = None, record_sources: bool = False) -> None:
         self.size = None
@@ -73,7 +70,7 @@ class ToMeState:
     def merge_mask(self, merge: Merge) -> None:
         m = self.attn_mask
         m = m.expand(merge.unm_idx.shape[0], *m.shape[1:])
-        m = merge(m.transpose(1, 2), mode="sum").transpose(1, 2)  # queries
+        m = merge(m.transpose(1, 2), mode="amax").transpose(1, 2)  # queries
         self.attn_mask = merge(m.permute(0, 3, 1, 2), mode="amax").permute(0, 2, 3, 1)  # keys
 
 
@@ -106,6 +103,11 @@ class ToMeVisionTransformerMixin:
     """Overrides of the timm ``VisionTransformer`` entry points for a ToMe-patched model."""
 
     _tome_state: ToMeState
+
+    def __reduce_ex__(self, protocol):
+        """Pickle (``torch.save(model)``, spawn-based multiprocessing) and deepcopy through the
+        unpatched timm class: the patched class is made at run time and has no importable name."""
+        return _new_patched, (_unpatched_class(type(self)),), self.__getstate__()
 
     def _tome_begin(self, images: torch.Tensor, x_attn_mask, is_causal: bool, record_sources: bool = False) -> None:
         state = self._tome_state
@@ -156,7 +158,11 @@ class ToMeVisionTransformerMixin:
         attn_mask=None,
         is_causal: bool = False,
     ):
-        """timm's ``forward_intermediates``; patch tokens are unmerged onto the input grid."""
+        """timm's ``forward_intermediates``; patch tokens are unmerged onto the input grid.
+
+        The intermediates (patch tokens, and prefix tokens when asked) have timm's shapes; the
+        final features stay merged, as ``forward_head`` (size-weighted pooling) expects them.
+        """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} is not allowed: use NCHW or NLC")
         self._tome_begin(x, attn_mask, is_causal, record_sources=True)
@@ -195,6 +201,16 @@ def _patched_class(cls: type) -> type:
     if cls not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[cls] = type(f"ToMe{cls.__name__}", (ToMeVisionTransformerMixin, cls), {})
     return _PATCHED_CLASSES[cls]
+
+
+def _unpatched_class(cls: type) -> type:
+    return next(c for c in cls.__mro__[1:] if c is not ToMeVisionTransformerMixin)
+
+
+def _new_patched(base: type) -> torch.nn.Module:
+    """An empty instance of the patched ``base`` class (unpickling fills in its state)."""
+    cls = _patched_class(base)
+    return cls.__new__(cls)
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -266,7 +282,7 @@ def remove_tome(model: VisionTransformer) -> VisionTransformer:
     """Undo :func:`apply_tome` in place; the model is the plain timm model again."""
     if not is_patched(model):
         return model
-    model.__class__ = next(c for c in type(model).__mro__[1:] if c is not ToMeVisionTransformerMixin)
+    model.__class__ = _unpatched_class(type(model))
     del model._tome_state
     for blk in model.blocks:
         blk.__class__ = Block

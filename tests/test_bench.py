@@ -1,0 +1,111 @@
+"""tome_train.bench: structure and consistency of what it writes, and its bad-input exits.
+
+Timings are never asserted: only that the numbers agree with each other and with the FLOP model.
+The tiny model at 64 px (16 patches + class token) keeps every run to a few seconds on a CPU.
+"""
+import csv
+import json
+import math
+
+import pytest
+
+from tome_train import bench
+from tome_train.tome import ViTDims, parse_schedule, vit_flops
+
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--device", "cpu", "--batch-size", "2",
+        "--steps", "1", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def both_modes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    json_path, csv_path = out / "bench.json", out / "bench.csv"
+    rc = bench.main(TINY + ["--r", "0", "2", "--mode", "both", "--output", str(json_path), "--csv", str(csv_path),
+                            "--quiet"])
+    return rc, json.loads(json_path.read_text()), list(csv.DictReader(csv_path.open()))
+
+
+def test_json_has_one_row_per_case_and_mode(both_modes):
+    rc, data, _ = both_modes
+    assert rc == 0
+    assert {"date", "host_cpu", "cpu_count", "torch", "timm", "device"} <= set(data["machine"])
+    rows = data["results"]
+    assert [(row["r"], row["mode"]) for row in rows] == [("0", "infer"), ("0", "train"), ("2", "infer"), ("2", "train")]
+    for row in rows:
+        assert set(row) == set(bench.FIELDS)
+        assert row["model"] == "vit_tiny_patch16_224" and row["img_size"] == 64 and row["batch_size"] == 2
+        assert row["baseline_ims"] > 0 and row["tome_ims"] > 0
+        assert math.isclose(row["ratio"], row["tome_ims"] / row["baseline_ims"], rel_tol=1e-9)
+        assert math.isclose(row["ratio_of_bound"], row["ratio"] / row["flop_bound"], rel_tol=1e-9)
+        assert math.isclose(row["baseline_ims"], 2 / (row["baseline_ms"] / 1e3), rel_tol=1e-9)
+        assert math.isclose(row["flop_bound"], row["baseline_gflops"] / row["tome_gflops"], rel_tol=1e-9)
+
+
+def test_flop_bound_follows_the_schedule(both_modes):
+    rows = both_modes[1]["results"]
+    r0, r2 = rows[0], rows[2]
+    assert r0["flop_bound"] == 1.0 and r0["schedule"] == [0] * 12 and r0["tokens_out"] == r0["tokens_in"] == 17
+    assert r2["flop_bound"] > 1.0 and r2["schedule"] == [2] * 12
+    assert r2["tokens_out"] == 2  # 17 tokens: 2 per layer until the 50% cap leaves the class token and one more
+    import timm
+
+    dims = ViTDims.from_timm(timm.create_model("vit_tiny_patch16_224", img_size=64, pretrained=False))
+    assert math.isclose(r2["flop_bound"], vit_flops(dims) / vit_flops(dims, parse_schedule(2, 12)))
+
+
+def test_csv_matches_json(both_modes):
+    _, data, rows = both_modes
+    assert len(rows) == len(data["results"])
+    for row, ref in zip(rows, data["results"]):
+        assert list(row) == list(bench.FIELDS)
+        assert row["mode"] == ref["mode"] and row["r"] == ref["r"]
+        assert math.isclose(float(row["ratio"]), ref["ratio"])
+        assert row["schedule"] == " ".join(str(v) for v in ref["schedule"])
+
+
+def test_pair_zips_and_table_prints(capsys):
+    rc = bench.main(TINY + ["--r", "1", "3@-1", "--pair", "--mode", "infer", "--no-prop-attn", "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "prop_attn=off" in out and "FLOP bound" in out
+    assert out.count("vit_tiny_patch16_224") == 2 and "3@-1" in out
+
+
+def test_run_benchmark_is_importable_and_takes_tuples():
+    rows = bench.run_benchmark([("vit_tiny_patch16_224", (3, -1.0))], device="cpu", img_size=64, batch_size=1,
+                               warmup=0, steps=1, modes=["infer"])
+    assert len(rows) == 1
+    assert rows[0]["schedule"] == parse_schedule((3, -1.0), 12) and rows[0]["schedule"][0] == 6
+    assert rows[0]["flop_bound"] > 1.0
+
+
+def test_make_cases_cross_product_and_pair():
+    assert len(bench.make_cases(["a", "b"], [1, 2, 3], pair=False)) == 6
+    assert [(c.model, c.r) for c in bench.make_cases(["a", "b"], [1, 2], pair=True)] == [("a", 1), ("b", 2)]
+    assert [c.r for c in bench.make_cases(["a", "b"], [5], pair=True)] == [5, 5]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "vit_tiny_patch16"], ["unknown timm model", "vit_tiny_patch16_224"]),
+    (["--model", "resnet18"], ["ResNet", "not a timm VisionTransformer"]),
+    (["--model", "vit_tiny_patch16_224", "resnet18"], ["resnet18"]),  # found before timing the first model
+    (["--r", "-1"], ["r=-1"]),
+    (["--r", "abc"], ["r='abc'"]),
+    (["--r", "2@-3"], ["inflect"]),
+    (["--r", "1", "2", "3", "--model", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "--pair"], ["--pair"]),
+    (["--img-size", "70"], ["img_size=70"]),
+    (["--mode", "fast"], ["--mode"]),
+    (["--batch-size", "0"], ["batch_size=0"]),
+    (["--dtype", "fp8"], ["--dtype"]),
+    (["--device", "tpu"], ["device"]),
+    (["--output", "/nonexistent-dir/bench.json"], ["/nonexistent-dir"]),
+])
+def test_bad_input_is_one_error_line_and_exit_2(args, words, capsys):
+    defaults = ["--model", "vit_tiny_patch16_224", "--device", "cpu", "--steps", "1", "--warmup", "0", "--quiet"]
+    assert bench.main(defaults + args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    for word in words:
+        assert word in lines[0]

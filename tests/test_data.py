@@ -1,0 +1,284 @@
+"""tome_train.data: the three sources, the shard writer, repeated augmentation and bad input (fast, CPU)."""
+from __future__ import annotations
+
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from tome_train.config import DataConfig
+from tome_train.data import DataError, ImageDataModule, write_digits_shards
+from tome_train.data.digits import digits_labels, digits_split
+from tome_train.data.shards import main as shards_main
+from tome_train.data.stream import assign
+
+REPO = Path(__file__).resolve().parent.parent
+IMG = 32
+
+
+def data_cfg(**overrides):
+    cfg = OmegaConf.structured(DataConfig)
+    cfg.merge_with(OmegaConf.load(REPO / "configs/data/digits.yaml").data)
+    cfg.merge_with(overrides)
+    return cfg
+
+
+def shard_cfg(root, info, **overrides):
+    fields = dict(source="webdataset", root=str(root), train_shards=info["train"]["pattern"],
+                  val_shards=info["val"]["pattern"], train_samples=info["train"]["samples"],
+                  val_samples=info["val"]["samples"])
+    return data_cfg(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    return root, write_digits_shards(str(root), img_size=IMG, train_per_shard=180, val_per_shard=90)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A tiny ImageFolder tree: 3 classes, 6 train and 2 val JPEGs each, of varied sizes."""
+    root = tmp_path_factory.mktemp("tree")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c in ("ant", "bee", "cat"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                w, h = 40 + 4 * i, 36
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{c}{i}.jpg")
+    return root
+
+
+# -- digits ----------------------------------------------------------------------------------------
+
+
+def test_digits_split_fixed_stratified_disjoint():
+    train, val = digits_split(0.2)
+    assert len(train) == 1437 and len(val) == 360
+    assert not set(train) & set(val) and len(set(train) | set(val)) == 1797
+    assert val[:8].tolist() == [21, 24, 28, 34, 35, 37, 39, 42] and int(val.sum()) == 337944  # fixed forever
+    counts = np.bincount(digits_labels(val).numpy(), minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 of each class
+
+
+def test_digits_batches_shapes_and_normalization():
+    dm = ImageDataModule(data_cfg(), img_size=IMG, seed=0)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 3, IMG, IMG) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # gray as 3 channels
+    val = list(dm.val_dataloader())
+    xv = torch.cat([b[0] for b in val])
+    yv = torch.cat([b[1] for b in val])
+    _, val_idx = digits_split(0.2)
+    assert torch.equal(yv, digits_labels(val_idx))  # val: every sample, in order, not shuffled
+    assert xv.min() == -1.0 and xv.max() <= 1.0  # (0..1 - 0.5) / 0.5; background is 0
+    assert dm.num_classes == 10 and dm.class_names[3] == "3"
+    assert dm.num_train_samples == 1437 and dm.num_val_samples == 360
+
+
+def test_digits_train_shuffles_per_epoch_and_steps_match():
+    dm = ImageDataModule(data_cfg(batch_size=100), img_size=IMG, seed=0)
+    loader = dm.train_dataloader()
+    first, second = (torch.cat([y for _, y in loader]) for _ in range(2))
+    assert len(loader) == dm.steps_per_epoch(1) == 14 and len(first) == 1400
+    assert not torch.equal(first, second)
+    assert dm.steps_per_epoch(2) == 7  # ceil(1437 / 2) // 100
+    info = dm.describe()
+    assert info["source"] == "digits" and info["train"]["samples"] == 1437 and info["val"]["samples"] == 360
+
+
+# -- webdataset ------------------------------------------------------------------------------------
+
+
+def test_shards_public_layout(shards):
+    root, info = shards
+    names = sorted(os.listdir(root))
+    assert names[0] == "imagenet1k-train-0000.tar" and names[-1] == "imagenet1k-validation-03.tar"
+    assert info["train"] == {"split": "train", "pattern": "imagenet1k-train-{0000..0007}.tar", "shards": 8,
+                             "samples": 1437}
+    assert info["val"]["pattern"] == "imagenet1k-validation-{00..03}.tar" and info["val"]["samples"] == 360
+    with tarfile.open(root / "imagenet1k-validation-00.tar") as tar:
+        members = tar.getnames()[:3]
+    assert [m.rsplit(".", 1)[1] for m in members] == ["cls", "jpg", "json"]
+
+
+def test_webdataset_val_reads_back_labels_and_images(shards):
+    root, info = shards
+    dm = ImageDataModule(shard_cfg(root, info, num_workers=0), img_size=IMG, seed=0, with_meta=True)
+    info_found = dm.describe()
+    assert info_found["train"]["shards"] == 8 and info_found["val"]["shards"] == 4
+    xs, ys, keys = [], [], []
+    for x, y, meta in dm.val_dataloader():
+        xs.append(x), ys.append(y), keys.extend(meta["key"])
+    _, val_idx = digits_split(0.2)
+    assert keys == [f"digits_{i:04d}" for i in val_idx]  # val keeps order, each sample once
+    assert torch.equal(torch.cat(ys), digits_labels(val_idx))
+    reference = torch.cat([b[0] for b in ImageDataModule(data_cfg(), IMG, 0).val_dataloader()])
+    assert (torch.cat(xs) - reference).abs().mean() < 0.05  # the same pictures, through JPEG
+
+
+def test_webdataset_train_epoch_length_and_shuffle(shards):
+    root, info = shards
+    dm = ImageDataModule(shard_cfg(root, info, num_workers=2, batch_size=50), img_size=IMG, seed=0,
+                         with_meta=True)
+    loader = dm.train_dataloader()
+    assert len(loader) == dm.steps_per_epoch(1) == 1437 // 50
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert len(batches) == len(loader) and all(len(b[1]) == 50 for b in batches)
+        keys = [k for b in batches for k in b[2]["key"]]
+        assert len(set(keys)) == len(keys)  # one pass emits each sample once
+        epochs.append(keys)
+    assert epochs[0] != epochs[1]
+
+
+def test_corrupt_jpeg_skipped_and_counted(tmp_path, caplog):
+    _, val_idx = digits_split(0.2)
+    bad = f"digits_{val_idx[5]:04d}"
+    info = write_digits_shards(str(tmp_path), img_size=IMG, train_per_shard=720, val_per_shard=180, corrupt=[bad])
+    for workers in (0, 2):
+        dm = ImageDataModule(shard_cfg(tmp_path, info, num_workers=workers), IMG, 0, with_meta=True)
+        with caplog.at_level("WARNING", logger="tome_train.data.stream"):
+            keys = [k for _, _, meta in dm.val_dataloader() for k in meta["key"]]
+        assert len(keys) == 359 and bad not in keys
+        assert dm.num_corrupt == 1
+    assert any(bad in r.getMessage() and "1 skipped so far" in r.getMessage() for r in caplog.records)
+
+
+def test_unreadable_training_shards_fail_instead_of_spinning(tmp_path):
+    train_idx, _ = digits_split(0.2)
+    info = write_digits_shards(str(tmp_path), img_size=8, train_per_shard=1437, val_per_shard=360,
+                               corrupt=[f"digits_{i:04d}" for i in train_idx])
+    dm = ImageDataModule(shard_cfg(tmp_path, info, num_workers=0), 8, 0)
+    with pytest.raises(DataError, match="no readable samples"):
+        next(iter(dm.train_dataloader()))
+    assert dm.num_corrupt == 1437
+
+
+def test_repeated_augmentation_in_the_stream(shards):
+    root, info = shards
+    dm = ImageDataModule(shard_cfg(root, info, num_workers=0, batch_size=60, repeated_aug=3), IMG, 0,
+                         with_meta=True)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == dm.steps_per_epoch(1) == 1437 // 60  # epoch length: the dataset size
+    keys = [k for b in batches for k in b[2]["key"]]
+    counts = Counter(keys)
+    assert max(counts.values()) == 3 and sum(c < 3 for c in counts.values()) <= 24  # cut off at the quota: the 24-item buffer
+    assert len(counts) >= len(keys) // 3
+    first = [i for i, k in enumerate(keys) if counts[k] == 3][0]
+    copies = [i for i, k in enumerate(keys) if k == keys[first]]
+    assert max(copies) - min(copies) > 2 or len(set(copies)) == 3  # copies get spread by the buffer
+    x = torch.cat([b[0] for b in batches])
+    assert not torch.equal(x[copies[0]], x[copies[1]])  # independent augmentations of one decode
+
+
+def test_assign_covers_every_sample_once():
+    for n_items in (1, 3, 5, 8, 64):
+        for n_slots in (1, 2, 4, 7, 10, 320):
+            kept = Counter()
+            for slot in range(n_slots):
+                for item, k, j in assign(n_items, slot, n_slots):
+                    kept.update((item, s) for s in range(30) if s % k == j)
+            assert kept == Counter((i, s) for i in range(n_items) for s in range(30))
+
+
+# -- imagefolder and repeated augmentation on the map-style sources --------------------------------
+
+
+def test_imagefolder_source(tree):
+    cfg = data_cfg(source="imagefolder", root=str(tree), batch_size=4, interpolation="bicubic", hflip=0.5,
+                   auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, scale=[0.08, 1.0], crop_pct=0.875)
+    dm = ImageDataModule(cfg, img_size=IMG, seed=0, with_meta=True)
+    info = dm.describe()
+    assert info["num_classes"] == 3 and info["train"]["samples"] == 18 and info["val"]["samples"] == 6
+    assert dm.class_names == ["ant", "bee", "cat"]
+    batches = list(dm.train_dataloader())
+    assert len(batches) == dm.steps_per_epoch(1) == 4
+    x, y, _ = batches[0]
+    assert x.shape == (4, 3, IMG, IMG) and x.dtype == torch.float32 and y.dtype == torch.int64
+    val_keys = [k for _, _, m in dm.val_dataloader() for k in m["key"]]
+    assert sorted(val_keys) == sorted(f"{c}/{c}{i}.jpg" for c in ("ant", "bee", "cat") for i in range(2))
+
+
+def test_repeated_augmentation_sampler(tree):
+    from tome_train.data.common import TrainSampler
+
+    cfg = data_cfg(source="imagefolder", root=str(tree), batch_size=2, repeated_aug=3)
+    dm = ImageDataModule(cfg, img_size=IMG, seed=0)
+    dataset = dm._dataset("train")
+    samplers = [TrainSampler(dataset, 2, rank, seed=0, repeats=3) for rank in range(2)]
+    for s in samplers:
+        s.set_epoch(0)
+    per_rank = [list(s) for s in samplers]
+    assert [len(p) for p in per_rank] == [9, 9]  # the dataset size, split over ranks
+    counts = Counter(per_rank[0] + per_rank[1])
+    assert set(counts.values()) <= {1, 2, 3} and sum(counts.values()) == 18 and len(counts) == 6
+    # consecutive copies go to different ranks, as in DeiT's RASampler
+    assert per_rank[0][0] == per_rank[1][0]
+    samplers[0].set_epoch(1)
+    assert list(samplers[0]) != per_rank[0]
+    assert dm.steps_per_epoch(2) == 9 // 2 and len(dm.train_dataloader()) == 18 // 2
+
+
+def test_randaugment_posterize_zero_bits_survives_pillow():
+    from timm.data.auto_augment import RandAugment
+
+    from tome_train.data.common import train_transform
+
+    tf = train_transform(data_cfg(auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic"), IMG)
+    ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
+    op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # keeps 4 - 4 = 0 bits
+    out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert np.asarray(out).max() == 0  # black, as with Pillow < 13, instead of a ValueError
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+def test_missing_data_raises_one_line_data_error(tmp_path, shards):
+    root, info = shards
+    cases = [
+        (data_cfg(source="imagefolder", root=str(tmp_path / "nope")), str(tmp_path / "nope")),
+        (data_cfg(source="webdataset", root=str(tmp_path / "nope")), str(tmp_path / "nope")),
+        (shard_cfg(root, info, train_shards="imagenet1k-train-{0000..0009}.tar"), "imagenet1k-train-0008.tar"),
+    ]
+    (tmp_path / "half" / "train" / "a").mkdir(parents=True)
+    cases.append((data_cfg(source="imagefolder", root=str(tmp_path / "half")), str(tmp_path / "half" / "val")))
+    for cfg, named in cases:
+        with pytest.raises(DataError) as err:
+            ImageDataModule(cfg, IMG, 0).check()
+        assert named in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(DataError, match="data.root is required"):
+        ImageDataModule(data_cfg(source="webdataset"), IMG, 0).describe()
+    assert issubclass(DataError, ValueError)
+
+
+def test_shard_writer_cli(tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert shards_main(["--imagefolder", str(tree), "--out", str(out), "--train-per-shard", "5",
+                        "--val-per-shard", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "imagenet1k-train-{0000..0003}.tar" in printed and "data.val_samples=6" in printed
+    assert sorted(os.listdir(out))[-1] == "imagenet1k-validation-01.tar"
+    info = {"train": {"pattern": "imagenet1k-train-{0000..0003}.tar", "samples": 18},
+            "val": {"pattern": "imagenet1k-validation-{00..01}.tar", "samples": 6}}
+    dm = ImageDataModule(shard_cfg(out, info, batch_size=3), IMG, 0, with_meta=True)
+    labels = {k: int(y) for _, ys, m in dm.val_dataloader() for k, y in zip(m["key"], ys)}
+    assert labels == {f"{c}{i}": n for n, c in enumerate(("ant", "bee", "cat")) for i in range(2)}
+
+    assert shards_main(["--imagefolder", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "missing") in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_:
+        shards_main(["--out", str(out)])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: ")

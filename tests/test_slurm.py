@@ -1,0 +1,363 @@
+"""SLURM: the sbatch script we write (no SLURM needed), and the same scripts run on a real
+two-node SLURM started by tests/slurm_cluster.py (marked ``slurm``; skipped with the reason
+when SLURM cannot run here: `bash scripts/ci_slurm_setup.sh` installs it as root).
+
+Set ``TOME_TRAIN_REQUIRE_SLURM=1`` to make an unavailable SLURM a failure instead of a skip (CI).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tome_train.slurm import SlurmError, SlurmOptions, job_name_for, render_sbatch, submit, write_sbatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_cluster import SlurmCluster, SlurmUnavailable, unavailable_reason  # noqa: E402
+
+PYTHON = sys.executable
+
+
+def _header(text: str) -> list[str]:
+    return [line[len("#SBATCH "):] for line in text.splitlines() if line.startswith("#SBATCH ")]
+
+
+def _srun_argv(text: str) -> list[str]:
+    (line,) = [line for line in text.splitlines() if line.startswith("srun ")]
+    return shlex.split(line)[1:]
+
+
+def _train_argv(run_dir: Path, nodes: int, devices: int, run_id: str = "abc123") -> list[str]:
+    return ["--recipe", "deit_small_r13", f"output_dir={run_dir}", f"wandb.id={run_id}",
+            f"trainer.num_nodes={nodes}", f"trainer.devices={devices}"]
+
+
+# ---------------------------------------------------------------- the script (no SLURM needed)
+
+def test_write_sbatch_follows_lightnings_rules(tmp_path):
+    run_dir = tmp_path / "run"
+    opts = SlurmOptions(nodes=4, gpus_per_node=8, partition="gpu", time="2-00:00:00", account="proj", qos="high",
+                        cpus_per_task=10, mem="400G", constraint="h100", extra_sbatch=["--exclusive", "#SBATCH --comment=x"])
+    script = write_sbatch(run_dir, "tome-deit_small_r13", opts, _train_argv(run_dir, 4, 8), python="/opt/py/bin/python")
+    assert script == run_dir / "job.sbatch" and script.is_file() and os.access(script, os.X_OK)
+    text = script.read_text()
+    assert text.startswith("#!/bin/bash\n")
+    h = _header(text)
+    assert "--nodes=4" in h
+    assert "--ntasks-per-node=8" in h  # one task per device
+    assert "--gpus-per-node=8" in h
+    assert "--signal=SIGUSR1@90" in h and "--requeue" in h
+    assert f"--output={run_dir.resolve()}/slurm-%j.out" in h and "--open-mode=append" in h
+    for line in ("--partition=gpu", "--time=2-00:00:00", "--account=proj", "--qos=high", "--cpus-per-task=10",
+                 "--mem=400G", "--constraint=h100", "--exclusive", "--comment=x", "--job-name=tome-deit_small_r13"):
+        assert line in h, line
+    argv = _srun_argv(text)
+    assert argv[0] == "/opt/py/bin/python" and argv[1].endswith("train.py") and Path(argv[1]).is_absolute()
+    assert f"output_dir={run_dir}" in argv and "wandb.id=abc123" in argv
+    assert "trainer.num_nodes=4" in argv and "trainer.devices=8" in argv
+    # the header lines come before any command (sbatch stops reading #SBATCH at the first command)
+    first_cmd = next(i for i, line in enumerate(text.splitlines()[1:]) if line and not line.startswith("#"))
+    assert all(not line.startswith("#SBATCH") for line in text.splitlines()[1 + first_cmd:])
+
+
+def test_write_sbatch_is_the_same_on_every_write(tmp_path):
+    """A requeued job reruns the same script: nothing in it may depend on when it was written."""
+    args = (tmp_path, "job", SlurmOptions(nodes=2, gpus_per_node=2), _train_argv(tmp_path, 2, 2))
+    first = write_sbatch(*args).read_text()
+    assert write_sbatch(*args).read_text() == first
+
+
+def test_write_sbatch_cpu_processes_have_no_gpu_line(tmp_path):
+    opts = SlurmOptions(nodes=2, gpus_per_node=3, accelerator="cpu")
+    h = _header(write_sbatch(tmp_path, "x", opts, _train_argv(tmp_path, 2, 3)).read_text())
+    assert "--ntasks-per-node=3" in h and "--nodes=2" in h
+    assert not [line for line in h if "gpu" in line or "gres" in line]
+    # the accelerator argument (what the CLI passes) wins over the options' default
+    h = _header(render_sbatch(tmp_path, "x", SlurmOptions(gpus_per_node=2), _train_argv(tmp_path, 1, 2), accelerator="cpu"))
+    assert not [line for line in h if "gpu" in line]
+    h = _header(render_sbatch(tmp_path, "x", SlurmOptions(gpus_per_node=2), _train_argv(tmp_path, 1, 2)))
+    assert "--gpus-per-node=2" in h
+    # optional values left out stay out of the header
+    assert not [line for line in h if line.startswith(("--partition", "--time", "--account", "--qos", "--mem"))]
+
+
+def test_write_sbatch_refuses_a_layout_lightning_would_reject(tmp_path):
+    with pytest.raises(SlurmError, match="trainer.devices=4.*2"):
+        write_sbatch(tmp_path, "x", SlurmOptions(nodes=1, gpus_per_node=2), _train_argv(tmp_path, 1, 4))
+    with pytest.raises(SlurmError, match="trainer.num_nodes=1"):
+        write_sbatch(tmp_path, "x", SlurmOptions(nodes=2, gpus_per_node=4), _train_argv(tmp_path, 1, 4))
+    with pytest.raises(SlurmError, match="nodes=0"):
+        write_sbatch(tmp_path, "x", SlurmOptions(nodes=0), [])
+    with pytest.raises(SlurmError, match="accelerator"):
+        write_sbatch(tmp_path, "x", SlurmOptions(accelerator="tpu"), [])
+    assert not (tmp_path / "job.sbatch").exists()
+
+
+def test_job_name_is_never_an_interactive_one():
+    """Lightning ignores SLURM for jobs named bash/interactive: it would not manage the processes."""
+    assert job_name_for("bash") not in ("bash", "interactive")
+    assert job_name_for("interactive") not in ("bash", "interactive")
+    assert job_name_for("my run/1") == "my-run-1"
+    assert job_name_for("tome-deit_small_r13") == "tome-deit_small_r13"
+
+
+def test_quoting_survives_spaces(tmp_path):
+    run_dir = tmp_path / "a run"
+    text = render_sbatch(run_dir, "x", SlurmOptions(), ["--recipe", "r", f"output_dir={run_dir}", "wandb.name=a b"],
+                         python="/p/python")
+    argv = _srun_argv(text)
+    assert f"output_dir={run_dir}" in argv and "wandb.name=a b" in argv
+
+
+def test_submit_without_sbatch_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SlurmError) as e:
+        submit(tmp_path / "job.sbatch")
+    assert "sbatch not found" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_submit_reports_refusal_and_parses_the_job_id(tmp_path, monkeypatch):
+    fake = tmp_path / "sbatch"
+    fake.write_text('#!/bin/sh\n[ "$1" = --parsable ] || exit 3\n'
+                    'case "$2" in *bad*) echo "sbatch: error: Invalid partition name specified" >&2; exit 1;; esac\n'
+                    'echo "4242;cluster"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert submit(tmp_path / "job.sbatch") == "4242"
+    with pytest.raises(SlurmError, match="Invalid partition name"):
+        submit(tmp_path / "bad.sbatch")
+
+
+# ---------------------------------------------------------------- a real SLURM
+
+def _skip_or_fail(reason: str):
+    if os.environ.get("TOME_TRAIN_REQUIRE_SLURM") == "1":
+        pytest.fail(f"TOME_TRAIN_REQUIRE_SLURM=1 but: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        _skip_or_fail(reason)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm") / "cluster", nodes=2, cpus=2)
+    try:
+        c.start()
+    except SlurmUnavailable as e:
+        _skip_or_fail(str(e))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def cluster_env(cluster, monkeypatch):
+    """This process talks to the test cluster: plain `sbatch` on PATH, `submit()` included."""
+    for key, value in cluster.env.items():
+        if key in ("PATH", "SLURM_CONF"):
+            monkeypatch.setenv(key, value)
+    return cluster
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+@pytest.mark.slurm
+def test_two_nodes_have_their_own_hostname_and_address(cluster, tmp_path):
+    out = tmp_path / "out.txt"
+    script = _script(tmp_path / "hosts.sbatch", f"""\
+        #!/bin/bash
+        #SBATCH --job-name=hosts
+        #SBATCH --nodes=2
+        #SBATCH --ntasks-per-node=1
+        #SBATCH --output={out}
+        srun bash -c 'echo "$SLURM_PROCID $(hostname) $(hostname -i)"'
+        """)
+    job = cluster.submit(script)
+    cluster.wait_state(job, "COMPLETED", timeout=30)
+    lines = sorted(out.read_text().split("\n"))
+    rows = sorted(line.split() for line in lines if line.strip())
+    assert [r[1] for r in rows] == ["node1", "node2"]
+    assert [r[2] for r in rows] == cluster.node_addrs
+    assert cluster.job_nodes(job) == ["node1", "node2"]
+
+
+DDP_SCRIPT = """\
+import json, os, socket, sys
+import torch
+import torch.distributed as dist
+
+# what Lightning's SLURMEnvironment does: ranks and world size from SLURM, the master is
+# the first host of the node list (MASTER_ADDR exported by the sbatch setup line)
+rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
+t = torch.tensor([float(rank + 1)])
+dist.all_reduce(t)
+names = [None] * world
+dist.all_gather_object(names, socket.gethostname())
+out = {"rank": rank, "world": world, "host": socket.gethostname(), "sum": t.item(), "hosts": names,
+       "master": os.environ["MASTER_ADDR"], "argv": sys.argv[1:]}
+with open(os.path.join(os.environ["OUT_DIR"], f"rank{rank}.json"), "w") as f:
+    json.dump(out, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slurm
+def test_write_sbatch_runs_gloo_all_reduce_across_two_nodes(cluster_env, tmp_path):
+    """The script write_sbatch makes, submitted with submit(): one task per node, gloo between them."""
+    cluster = cluster_env
+    train = tmp_path / "ddp.py"
+    train.write_text(DDP_SCRIPT)
+    opts = SlurmOptions(nodes=2, gpus_per_node=1, accelerator="cpu", cpus_per_task=1, setup=[
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        "export MASTER_PORT=29533",
+        f"export OUT_DIR={tmp_path}",
+    ])
+    script = write_sbatch(tmp_path, "ddp", opts, ["wandb.id=fixed1", "trainer.num_nodes=2", "trainer.devices=1"],
+                          python=PYTHON, train_script=train)
+    job = submit(script)  # plain sbatch from PATH: the cluster's wrapper
+    cluster.wait_state(job, "COMPLETED", timeout=60)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["sum"] for r in results] == [3.0, 3.0]
+    assert sorted(r["host"] for r in results) == ["node1", "node2"]
+    assert all(r["master"] == "node1" and r["world"] == 2 for r in results)
+    assert results[0]["argv"] == ["wandb.id=fixed1", "trainer.num_nodes=2", "trainer.devices=1"]
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert f"job {job} restart 0 on node[1-2]" in log
+
+
+REQUEUE_SCRIPT = """\
+import os, signal, subprocess, sys, time
+from pathlib import Path
+
+out = Path(os.environ["OUT_DIR"])
+job, restart = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+if restart:
+    (out / f"restart{restart}").write_text(os.environ["SLURM_PROCID"])
+    print("restarted", restart, flush=True)
+    sys.exit(0)
+
+def on_usr1(signum, frame):  # what Lightning's SLURMEnvironment handler does: save, then requeue
+    (out / "usr1").write_text(str(signum))
+    print("got SIGUSR1, requeueing", flush=True)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+
+signal.signal(signal.SIGUSR1, on_usr1)
+(out / "ready").write_text("")
+print("ready", flush=True)
+time.sleep(120)
+sys.exit(1)
+"""
+
+
+@pytest.mark.slurm
+def test_usr1_reaches_the_task_which_requeues_and_restarts(cluster_env, tmp_path):
+    cluster = cluster_env
+    train = tmp_path / "requeue.py"
+    train.write_text(REQUEUE_SCRIPT)
+    opts = SlurmOptions(nodes=1, gpus_per_node=1, accelerator="cpu", setup=[f"export OUT_DIR={tmp_path}"])
+    script = write_sbatch(tmp_path, "requeue", opts, [], python=PYTHON, train_script=train)
+    job = submit(script)
+    cluster.wait_for(lambda: (tmp_path / "ready").exists(), 30, "the task to install its SIGUSR1 handler")
+    t0 = time.monotonic()
+    cluster.signal(job, "USR1")  # what --signal=SIGUSR1@90 sends before the time limit
+    cluster.wait_for(lambda: (tmp_path / "restart1").exists(), 45, "the requeued job to restart")
+    cluster.wait_state(job, "COMPLETED", timeout=30)
+    assert (tmp_path / "usr1").read_text() == "10"
+    assert cluster.restart_count(job) == 1
+    log = (tmp_path / f"slurm-{job}.out").read_text()  # --open-mode=append: both runs in one log
+    assert "got SIGUSR1" in log and f"job {job} restart 1 on" in log and "restarted 1" in log
+    print(f"requeue to restart took {time.monotonic() - t0:.1f}s")
+
+
+@pytest.mark.slurm
+def test_one_node_mode(tmp_path):
+    reason = unavailable_reason()
+    if reason:
+        _skip_or_fail(reason)
+    try:
+        with SlurmCluster(tmp_path / "cluster", nodes=1, cpus=2) as c:
+            out = tmp_path / "one.out"
+            script = _script(tmp_path / "one.sbatch", f"""\
+                #!/bin/bash
+                #SBATCH --job-name=one
+                #SBATCH --ntasks-per-node=2
+                #SBATCH --output={out}
+                srun hostname
+                """)
+            job = c.submit(script)
+            c.wait_state(job, "COMPLETED", timeout=30)
+            assert out.read_text().split() == ["node1", "node1"]
+    except SlurmUnavailable as e:
+        _skip_or_fail(str(e))
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ckpt_step(path: Path) -> tuple[int, int]:
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return int(ckpt["global_step"]), int(ckpt["epoch"])
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_lightning_two_node_training_requeues_and_resumes(cluster, tmp_path):
+    """train.py --slurm on 2 nodes x 1 CPU process: SIGUSR1 mid-training -> hpc checkpoint and
+    requeue -> the restarted job resumes from it (same step, same run dir, same wandb id) and finishes."""
+    if not (PROJECT_ROOT / "train.py").is_file():
+        pytest.skip("train.py not there yet")
+    run_dir = tmp_path / "run"
+    epochs, steps_per_epoch = 4, 4
+    env = dict(cluster.env, OMP_NUM_THREADS="1")  # two ranks share this machine's cores
+    proc = subprocess.run(
+        [PYTHON, str(PROJECT_ROOT / "train.py"), "--recipe", "digits_vit_r6", "--slurm", "--nodes", "2",
+         "--gpus-per-node", "1", "--output-dir", str(run_dir), f"trainer.epochs={epochs}",
+         f"trainer.limit_train_batches={steps_per_epoch}", "trainer.limit_val_batches=1",
+         f"trainer.checkpoint_every_n_steps={steps_per_epoch}", "tradeoff.enabled=false", "wandb.mode=offline"],
+        env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    script = (run_dir / "job.sbatch").read_text()
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert f"wandb.id={run_id}" in _srun_argv(script) and f"output_dir={run_dir}" in _srun_argv(script)
+    log = run_dir / f"slurm-{job}.out"
+
+    def text() -> str:
+        return log.read_text(errors="replace").replace("\r", "\n") if log.exists() else ""
+
+    # signal mid-training, once the second epoch is under way (Lightning's handler is installed by then)
+    cluster.wait_for(lambda: "Epoch 1:" in text(), 240, f"epoch 1 in {log}")
+    cluster.signal(job, "USR1")  # what --signal=SIGUSR1@90 sends before the time limit
+    cluster.wait_for(lambda: "restart 1 on" in text(), 90, "the requeued job to restart")
+    cluster.wait_state(job, "COMPLETED", timeout=240)
+    assert cluster.restart_count(job) == 1
+    assert cluster.job_nodes(job) == ["node1", "node2"]
+
+    first, second = text().split(f"job {job} restart 1 on", 1)
+    assert "Handling auto-requeue signal" in first and f"Requeued SLURM job: {job}" in first
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    step, epoch = _ckpt_step(hpc)
+    assert steps_per_epoch <= step < epochs * steps_per_epoch and epoch >= 1  # saved mid-training
+    assert f"Restored all states from the checkpoint at {hpc}" in second
+    assert "Epoch 0:" not in second  # resumed, not started over
+    assert _ckpt_step(run_dir / "checkpoints" / "last.ckpt")[0] == epochs * steps_per_epoch
+    assert (run_dir / "job.sbatch").read_text() == script
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs

@@ -1,0 +1,504 @@
+"""Side-by-side throughput: unpatched timm against the same model patched with ToMe.
+
+``python -m tome_train.bench --model vit_small_patch16_224 --r 13 --device cpu --batch-size 32
+--output bench.json`` builds the model once (random weights, no download), deep-copies it, patches
+the copy with :func:`tome_train.tome.apply_tome` and measures both on the same input:
+
+- inference: ``model(x)`` under ``torch.inference_mode`` (images/s, and the step time, which at
+  ``--batch-size 1`` is the latency);
+- training: forward, cross-entropy, backward and an AdamW step (images/s).
+
+Repetitions alternate between the two sides (ABBA order) and each side reports the median step
+time, so drift of a noisy machine (thermal, other processes) hits both alike. Next to the measured
+ratio stands the FLOP bound of the schedule: ``vit_flops(baseline) / vit_flops(schedule)``, the
+speedup ToMe would give if time were proportional to FLOPs (matching itself is not counted).
+
+:func:`run_benchmark` is the importable core; :func:`main` is the command line that
+``train.py bench ...`` hands its arguments to.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime as _dt
+import difflib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .tome import ScheduleError, UnsupportedModelError, ViTDims, apply_tome, token_counts, vit_flops
+
+MODES = ("infer", "train")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Column order of the CSV file and of every result row.
+FIELDS = (
+    "model", "r", "schedule", "mode", "prop_attn", "batch_size", "img_size", "dtype", "device", "compile",
+    "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
+    "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
+    "warmup", "steps",
+)
+
+
+class BenchError(ValueError):
+    """Bad input to the benchmark: reported as one ``error: ...`` line and exit code 2."""
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One model at one merge schedule (``r``: int, ``(r, inflect)`` or per-layer list)."""
+
+    model: str
+    r: object = 0
+
+    @property
+    def r_label(self) -> str:
+        r = self.r
+        if isinstance(r, tuple):
+            return f"{r[0]}@{r[1]:g}"
+        if isinstance(r, list):
+            return "[" + ",".join(str(v) for v in r) + "]"
+        return str(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+
+
+def parse_r(text: str):
+    """``"13"`` -> 13, ``"16@-1"`` -> ``(16, -1.0)`` (r with inflection), ``"8,8,4"`` -> per-layer list."""
+    t = text.strip()
+    try:
+        if "@" in t:
+            base, inflect = t.split("@", 1)
+            return (int(base), float(inflect))
+        if "," in t:
+            return [int(v) for v in t.split(",") if v.strip()]
+        return int(t)
+    except ValueError:
+        raise BenchError(
+            f"r={text!r} is not allowed: use a non-negative integer (13), r@inflect (16@-1) or a per-layer list (8,8,4)"
+        ) from None
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`BenchError` naming the closest timm models when ``name`` is not a timm model."""
+    import timm
+
+    if timm.is_model(name):
+        return
+    matches: list[str] = []
+    if name:  # names that start with it, then names that hold it, then look-alikes
+        for found in (timm.list_models(f"{name}*"), timm.list_models(f"*{name}*"),
+                      difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)):
+            matches += [m for m in found if m not in matches]
+    hint = f"; matching timm models: {', '.join(matches[:8])}{', ...' if len(matches) > 8 else ''}" if matches else ""
+    raise BenchError(f"unknown timm model {name!r}{hint}")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BenchError(f"device={device!r} is not allowed: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchError("device=cuda is not available on this machine: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BenchError(f"device={device!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise BenchError(f"device={device!r} is not supported: use cpu or cuda")
+    return dev
+
+
+def make_cases(models: Sequence[str], rs: Sequence, pair: bool) -> list[BenchCase]:
+    """``--pair`` zips models with r values (one side may have a single entry); otherwise the cross product."""
+    if not models or not rs:
+        raise BenchError("give at least one --model and one --r")
+    if pair:
+        if len(models) != len(rs) and 1 not in (len(models), len(rs)):
+            raise BenchError(f"--pair needs as many --r values as models: got {len(models)} models and {len(rs)} r values")
+        n = max(len(models), len(rs))
+        models = list(models) * n if len(models) == 1 else list(models)
+        rs = list(rs) * n if len(rs) == 1 else list(rs)
+        return [BenchCase(m, r) for m, r in zip(models, rs)]
+    return [BenchCase(m, r) for m in models for r in rs]
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _create(name: str, img_size: int | None, device: torch.device | str) -> torch.nn.Module:
+    """``timm.create_model`` (random weights), or :class:`BenchError` saying why it cannot be benchmarked."""
+    import timm
+    from timm.models import VisionTransformer
+
+    check_model_name(name)
+    kwargs = {"img_size": img_size} if img_size is not None else {}
+    with torch.device(device):
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except Exception as e:  # timm raises many kinds for bad kwargs (img_size on a fixed-size model, ...)
+            try:  # a CNN does not take img_size: say that it is no ViT rather than what it does not take
+                model = timm.create_model(name, pretrained=False) if kwargs else None
+            except Exception:
+                model = None
+            if model is None or isinstance(model, VisionTransformer):
+                at = f" at img_size={img_size}" if img_size is not None else ""
+                raise BenchError(f"cannot build {name!r}{at}: {e}") from None
+    if not isinstance(model, VisionTransformer):
+        raise BenchError(
+            f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer: ToMe patches vit_*, deit_* and "
+            f"deit3_* models such as vit_base_patch16_224 or deit_small_patch16_224"
+        )
+    if img_size is not None:
+        patch = model.patch_embed.patch_size
+        if img_size % patch[0] or img_size % patch[1]:
+            raise BenchError(f"img_size={img_size} is not a multiple of the patch size {patch[0]} of {name!r}")
+    return model
+
+
+def _patch(model: torch.nn.Module, case: BenchCase, prop_attn: bool) -> list[int]:
+    try:
+        apply_tome(model, r=case.r, prop_attn=prop_attn)
+    except (ScheduleError, UnsupportedModelError) as e:
+        raise BenchError(f"{case.model} r={case.r_label}: {e}") from None
+    return list(model._tome_state.schedule)
+
+
+def check_case(case: BenchCase, img_size: int | None = None, prop_attn: bool = True) -> list[int]:
+    """Build and patch the case on the meta device (no memory, no init cost): every bad input
+    shows up here, before any measurement. Returns the per-layer schedule."""
+    return _patch(_create(case.model, img_size, "meta"), case, prop_attn)
+
+
+def build_pair(
+    case: BenchCase, *, img_size: int | None, prop_attn: bool, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module, list[int]]:
+    """The unpatched timm model and a deep copy patched with ToMe (same weights), on ``device``."""
+    base = _create(case.model, img_size, "cpu")
+    tome = copy.deepcopy(base)
+    schedule = _patch(tome, case, prop_attn)
+    return base.to(device), tome.to(device), schedule
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Runner:
+    """One side of the comparison: a model, its step function and the step times it measured."""
+
+    def __init__(self, model, mode: str, x, target, device, dtype, compile_: bool, lr: float = 1e-4):
+        self.model, self.mode, self.x, self.target = model, mode, x, target
+        self.device, self.dtype = device, dtype
+        self.times: list[float] = []
+        model.train(mode == "train")
+        self.fn = torch.compile(model) if compile_ else model
+        if mode == "train":
+            self.opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda" or None)
+            use_scaler = dtype == torch.float16 and device.type == "cuda"
+            self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+
+    def step(self) -> None:
+        if self.mode == "infer":
+            with torch.inference_mode(), _autocast(self.device, self.dtype):
+                self.fn(self.x)
+            return
+        with _autocast(self.device, self.dtype):
+            loss = F.cross_entropy(self.fn(self.x).float(), self.target)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def timed_step(self) -> None:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.step()
+        _sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+
+
+def time_pair(baseline: _Runner, tome: _Runner, warmup: int, steps: int) -> tuple[float, float]:
+    """Median step seconds of both sides, repetitions interleaved in ABBA order."""
+    for _ in range(warmup):
+        baseline.step()
+        tome.step()
+    _sync(baseline.device)
+    for i in range(steps):
+        first, second = (baseline, tome) if i % 2 == 0 else (tome, baseline)
+        first.timed_step()
+        second.timed_step()
+    return statistics.median(baseline.times), statistics.median(tome.times)
+
+
+def run_benchmark(
+    cases: Iterable[BenchCase | tuple],
+    *,
+    device: str | torch.device | None = None,
+    dtype: str = "fp32",
+    batch_size: int = 32,
+    img_size: int | None = None,
+    warmup: int = 3,
+    steps: int = 10,
+    modes: Sequence[str] = MODES,
+    prop_attn: bool = True,
+    compile: bool = False,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Measure every case in every mode; one result row (see :data:`FIELDS`) per case and mode.
+
+    ``cases`` holds :class:`BenchCase` or ``(model_name, r)`` tuples. Raises :class:`BenchError`
+    for bad input, before any measurement when it can be seen from the arguments alone.
+    """
+    cases = [c if isinstance(c, BenchCase) else BenchCase(*c) for c in cases]
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if dtype not in DTYPES:
+        raise BenchError(f"dtype={dtype!r} is not allowed: use {', '.join(DTYPES)}")
+    bad_modes = [m for m in modes if m not in MODES]
+    if bad_modes or not modes:
+        raise BenchError(f"mode={bad_modes or list(modes)!r} is not allowed: use infer, train or both")
+    modes = [m for m in MODES if m in modes]
+    for what, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise BenchError(f"{what}={value!r} is not allowed: use an integer >= {low}")
+    if img_size is not None and (not isinstance(img_size, int) or img_size <= 0):
+        raise BenchError(f"img_size={img_size!r} is not allowed: use a positive integer")
+    for case in cases:  # every case checked first, so a typo in the last one fails before minutes of timing
+        check_case(case, img_size, prop_attn)
+    log = log or (lambda msg: None)
+    torch_dtype = DTYPES[dtype]
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    rows = []
+    for case in cases:
+        torch.manual_seed(seed)
+        base, tome, schedule = build_pair(case, img_size=img_size, prop_attn=prop_attn, device=dev)
+        dims = ViTDims.from_timm(base)
+        flops_base, flops_tome = vit_flops(dims), vit_flops(dims, schedule)
+        counts = token_counts(schedule, dims.num_patches + dims.num_protected, dims.num_protected)
+        size = img_size or base.patch_embed.img_size[0]
+        x = torch.randn(batch_size, 3, *base.patch_embed.img_size, device=dev)
+        target = torch.randint(0, max(base.num_classes, 1), (batch_size,), device=dev)
+        for mode in modes:
+            log(f"{case.model} r={case.r_label} {mode}: warmup {warmup}, {steps} interleaved steps per side")
+            a = _Runner(base, mode, x, target, dev, torch_dtype, compile)
+            b = _Runner(tome, mode, x, target, dev, torch_dtype, compile)
+            t_base, t_tome = time_pair(a, b, warmup, steps)
+            del a, b
+            ims_base, ims_tome = batch_size / t_base, batch_size / t_tome
+            ratio = ims_tome / ims_base
+            bound = flops_base / flops_tome
+            rows.append({
+                "model": case.model,
+                "r": case.r_label,
+                "schedule": schedule,
+                "mode": mode,
+                "prop_attn": prop_attn,
+                "batch_size": batch_size,
+                "img_size": size,
+                "dtype": dtype,
+                "device": str(dev),
+                "compile": compile,
+                "baseline_ims": ims_base,
+                "tome_ims": ims_tome,
+                "ratio": ratio,
+                "flop_bound": bound,
+                "ratio_of_bound": ratio / bound,
+                "baseline_ms": t_base * 1e3,
+                "tome_ms": t_tome * 1e3,
+                "baseline_gflops": flops_base / 1e9,
+                "tome_gflops": flops_tome / 1e9,
+                "tokens_in": counts[0],
+                "tokens_out": counts[-1],
+                "warmup": warmup,
+                "steps": steps,
+            })
+        del base, tome
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    import timm
+
+    info = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host_cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if hasattr(os, "getloadavg"):  # other work on the machine skews CPU numbers: keep the evidence
+        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("model", "r", "mode", "batch", "timm im/s", "ToMe im/s", "ratio", "FLOP bound", "of bound")
+    lines = [header]
+    for row in rows:
+        lines.append((
+            row["model"], row["r"], row["mode"], str(row["batch_size"]),
+            f"{row['baseline_ims']:.1f}", f"{row['tome_ims']:.1f}", f"{row['ratio']:.2f}x",
+            f"{row['flop_bound']:.2f}x", f"{100 * row['ratio_of_bound']:.0f}%",
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for k, line in enumerate(lines):
+        out.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "schedule": " ".join(str(v) for v in row["schedule"])})
+
+
+def _parent_ok(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise BenchError(f"cannot write {path!r}: directory {parent!r} does not exist")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, without the usage block
+        raise BenchError(message)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = _ArgumentParser(
+        prog=prog or "python -m tome_train.bench",
+        description="Throughput of unpatched timm against the ToMe-patched model (random weights).",
+    )
+    p.add_argument("--model", nargs="+", default=["vit_small_patch16_224"], help="timm model name(s)")
+    p.add_argument("--r", nargs="+", default=["13"], metavar="R",
+                   help="merge schedule(s): 13, 16@-1 (r with inflection: -1 = decreasing) or 8,8,4 (per layer)")
+    p.add_argument("--pair", action="store_true", help="zip --model with --r instead of the cross product")
+    p.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=True,
+                   help="proportional attention on the ToMe side (default: on)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype (fp32: no autocast)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side and mode")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per side and mode (median reported)")
+    p.add_argument("--mode", nargs="+", choices=["infer", "train", "both"], default=["both"])
+    p.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, metavar="JSON", help="write results and machine info as JSON")
+    p.add_argument("--csv", default=None, metavar="PATH", help="also write the result rows as CSV")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Command line; returns 0, 2 for bad input (one ``error:`` line on stderr), 1 if a run fails."""
+    try:
+        args = build_parser(prog).parse_args(argv)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    try:
+        modes = list(MODES) if "both" in args.mode else args.mode
+        rs = [parse_r(t) for t in args.r]
+        cases = make_cases(args.model, rs, args.pair)
+        device = resolve_device(args.device)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise BenchError(f"threads={args.threads} is not allowed: use an integer >= 1")
+            torch.set_num_threads(args.threads)
+        for path in (args.output, args.csv):
+            if path:
+                _parent_ok(path)
+        load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+        log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        rows = run_benchmark(
+            cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
+            warmup=args.warmup, steps=args.steps, modes=modes, prop_attn=args.prop_attn,
+            compile=args.compile, seed=args.seed, log=log,
+        )
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory at batch size {args.batch_size}: use a smaller --batch-size", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+    machine = machine_info(device)
+    machine["loadavg_1m_before"] = load_before
+    print(f"{machine['host_cpu']}" + (f" / {machine['gpu']}" if "gpu" in machine else "")
+          + f", torch {machine['torch']}, {machine['torch_threads']} threads, {args.dtype}, "
+          + f"prop_attn={'on' if args.prop_attn else 'off'}{', compiled' if args.compile else ''}")
+    print(format_table(rows))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"machine": machine, "argv": list(argv) if argv is not None else sys.argv[1:], "results": rows},
+                      f, indent=2)
+            f.write("\n")
+    if args.csv:
+        write_csv(args.csv, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Pieces every source shares: the error type, rank/worker lookup, samplers, seeding, transforms."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+# Data options a config may not carry yet: they are read with these fallbacks.
+OPTIONAL_FIELDS: dict[str, Any] = {
+    "shuffle_buffer": 1000,  # webdataset: samples held by each worker's shuffle buffer (raw bytes)
+}
+
+
+class DataError(ValueError):
+    """Missing or unusable data; the message is one line naming the path or pattern."""
+
+
+def as_config(data_cfg: Any) -> DictConfig:
+    """Accept a DictConfig, a DataConfig dataclass or a plain dict."""
+    if isinstance(data_cfg, DictConfig):
+        return data_cfg
+    if dataclasses.is_dataclass(data_cfg):
+        return OmegaConf.structured(data_cfg)
+    return OmegaConf.create(dict(data_cfg))
+
+
+def option(cfg: DictConfig, name: str) -> Any:
+    """A field of OPTIONAL_FIELDS: the config's value when it has one, else the fallback."""
+    value = OmegaConf.select(cfg, name, default=None)
+    return OPTIONAL_FIELDS[name] if value is None else value
+
+
+def dist_info(trainer: Any = None) -> tuple[int, int]:
+    """(world_size, global_rank): from the Lightning trainer, else torch.distributed, else (1, 0)."""
+    if trainer is not None:
+        return int(trainer.world_size), int(trainer.global_rank)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts; the same parts give the same seed in every process."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """DataLoader worker_init_fn: decorrelate augmentation RNGs across ranks.
+
+    torch seeds worker k with base_seed + k, where base_seed comes from the main process's RNG: with one
+    global seed, every rank would draw the same base seed and so the same random crops. Mixing in the rank
+    gives every rank x worker its own stream (python, numpy and torch, as timm's transforms use all three).
+    """
+    seed = derive_seed(torch.initial_seed(), rank)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class TrainSampler(DistributedSampler):
+    """The training sampler of the map-style sources: shuffled, split over ranks, reseeded per epoch.
+
+    ``repeats > 1`` delegates to timm's RepeatAugSampler (DeiT's RASampler: every index repeated
+    ``repeats`` times, consecutive copies on different ranks, the epoch as long as the dataset split
+    over ranks). It subclasses DistributedSampler so Lightning leaves it in place instead of wrapping
+    it in a second distributed sampler.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, repeats: int = 1):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.repeats = int(repeats)
+        self.inner = None
+        if self.repeats > 1:
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            self.inner = RepeatAugSampler(
+                dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=self.repeats
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.inner is not None:
+            # RepeatAugSampler seeds its permutation with the epoch alone: mix in our seed
+            self.inner.set_epoch(derive_seed(self.seed, epoch))
+
+    def __iter__(self):
+        return iter(self.inner) if self.inner is not None else super().__iter__()
+
+    def __len__(self) -> int:
+        return len(self.inner) if self.inner is not None else super().__len__()
+
+
+class ExactSampler(DistributedSampler):
+    """Validation: rank r takes indices r, r + world, ...; every sample exactly once, no padding.
+
+    Ranks may get one sample (and so one batch) more than others; see docs/data.md for why that is safe.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.indices = range(rank, len(dataset), num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that tells its sampler or streaming dataset the epoch just before each pass.
+
+    ``epoch_fn`` returns the epoch (the trainer's current_epoch) or None, in which case the loader
+    counts its own passes. Lightning calls ``set_epoch`` on samplers too, but after the first ``iter()``
+    on a resumed run and never on iterable datasets; setting it here covers both.
+    """
+
+    def __init__(self, *args, epoch_fn: Optional[Callable[[], Optional[int]]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch_fn = epoch_fn
+        self._passes = 0
+
+    def __iter__(self):
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        if epoch is None:
+            epoch = self._passes
+        self._passes += 1
+        for target in (self.dataset, self.sampler):
+            set_epoch = getattr(target, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+        return super().__iter__()
+
+
+def _pair(value) -> tuple[float, float]:
+    return tuple(float(v) for v in value)
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, with 0 bits kept meaning what it meant before Pillow 13: a black image."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def fix_posterize(transform):
+    """Make timm's RandAugment survive Pillow >= 13, in place; returns the transform.
+
+    ``PosterizeIncreasing`` keeps ``4 - int(4 * m / 10)`` bits: 0 when the sampled magnitude reaches 10
+    (DeiT's m9 with mstd 0.5 does, for ~2% of its draws). Pillow 13 raises ValueError for 0 bits, which
+    would kill a DataLoader worker a few minutes into an ImageNet run. Older Pillow returned black.
+    """
+    from timm.data import auto_augment
+
+    for t in getattr(transform, "transforms", ()):
+        for op in getattr(t, "ops", ()):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
+
+
+def train_transform(cfg: DictConfig, img_size: int):
+    """timm's training transform with the config's augmentation (PIL image -> normalized tensor)."""
+    from timm.data import create_transform
+
+    return fix_posterize(create_transform(
+        img_size,
+        is_training=True,
+        scale=_pair(cfg.scale),
+        ratio=_pair(cfg.ratio),
+        hflip=float(cfg.hflip),
+        color_jitter=cfg.color_jitter,
+        auto_augment=cfg.auto_augment,
+        interpolation=cfg.interpolation,
+        mean=_pair(cfg.mean),
+        std=_pair(cfg.std),
+        re_prob=float(cfg.re_prob),
+        re_mode=cfg.re_mode,
+        re_count=int(cfg.re_count),
+    ))
+
+
+def eval_transform(cfg: DictConfig, img_size: int):
+    """timm's eval transform: resize the short side to img_size / crop_pct, center crop img_size."""
+    from timm.data import create_transform
+
+    return create_transform(
+        img_size,
+        is_training=False,
+        interpolation=cfg.interpolation,
+        mean=_pair(cfg.mean),
+        std=_pair(cfg.std),
+        crop_pct=float(cfg.crop_pct),
+    )

@@ -1,0 +1,225 @@
+"""ImageDataModule: one LightningDataModule over the digits, imagefolder and webdataset sources."""
+from __future__ import annotations
+
+import math
+import warnings
+from functools import partial
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import Dataset
+
+from . import digits, imagefolder, stream
+from .common import (
+    DataError,
+    EpochDataLoader,
+    ExactSampler,
+    TrainSampler,
+    as_config,
+    dist_info,
+    eval_transform,
+    option,
+    seed_worker,
+    train_transform,
+)
+
+SOURCES = ("digits", "imagefolder", "webdataset")
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Batches of (images float32 [B, 3, S, S] normalized with data.mean/std, labels int64 [B]).
+
+    ``data_cfg`` is the ``data`` section of a run config (``cfg.data``), ``img_size`` the model's input
+    size and ``seed`` the run seed (shuffles and shard assignment derive from it). ``with_meta=True``
+    adds a third batch element, ``{"key": [...], "url": [...], "worker": tensor}``, naming each sample
+    (for tests and debugging).
+
+    Per-device batch = ``data.batch_size``; the training loader drops the last partial batch, shuffles
+    and splits over ranks; the validation loader does neither and sees every sample exactly once across
+    ranks (no padding). World size and rank come from the attached trainer, else torch.distributed.
+    """
+
+    def __init__(self, data_cfg: Any, img_size: int, seed: int = 0, *, with_meta: bool = False):
+        super().__init__()
+        self.cfg = as_config(data_cfg)
+        if self.cfg.source not in SOURCES:
+            raise DataError(f"data.source={self.cfg.source!r} is not one of {', '.join(SOURCES)}")
+        self.img_size = int(img_size)
+        self.seed = int(seed)
+        self.with_meta = with_meta
+        self._datasets: dict[str, Dataset] = {}
+        self._urls: dict[str, list[str]] = {}
+        self._skipped: Optional[stream.SkipCounter] = None
+
+    # -- facts ------------------------------------------------------------------------------------
+
+    @property
+    def source(self) -> str:
+        return self.cfg.source
+
+    def check(self) -> None:
+        """Raise DataError (one line naming the missing path or pattern) unless the data is there."""
+        if self.source == "digits":
+            digits.digits_split(float(self.cfg.val_fraction))
+        elif self.source == "imagefolder":
+            imagefolder.check_tree(self.cfg.root)
+            self._dataset("train")  # an empty or unreadable tree fails here, with its path
+            self._dataset("val")
+        else:
+            self._shards("train")
+            self._shards("val")
+
+    def _shards(self, split: str) -> list[str]:
+        if split not in self._urls:
+            if not self.cfg.root:
+                raise DataError("data.root is required for data.source=webdataset")
+            pattern = self.cfg.train_shards if split == "train" else self.cfg.val_shards
+            self._urls[split] = stream.check_shards(self.cfg.root, pattern, split)
+        return self._urls[split]
+
+    @property
+    def num_train_samples(self) -> int:
+        if self.source == "webdataset":
+            return int(self.cfg.train_samples)
+        return len(self._dataset("train"))
+
+    @property
+    def num_val_samples(self) -> int:
+        if self.source == "webdataset":
+            return int(self.cfg.val_samples)
+        return len(self._dataset("val"))
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """Class names where the source knows them (shards carry only integer labels: None)."""
+        if self.source == "webdataset":
+            return None
+        return list(self._dataset("train").classes)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        names = self.class_names
+        return len(names) if names is not None else None
+
+    @property
+    def num_corrupt(self) -> int:
+        """Samples (or tar members) the webdataset source skipped as unreadable, over all workers."""
+        return int(self._skipped) if self._skipped is not None else 0
+
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """Training batches per rank per epoch on ``world_size`` ranks (the last partial batch dropped)."""
+        batch = int(self.cfg.batch_size)
+        if self.source == "webdataset":
+            return int(self.cfg.train_samples) // (world_size * batch)
+        n = self.num_train_samples
+        if int(self.cfg.repeated_aug) > 1:
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            per_rank = len(RepeatAugSampler(range(n), num_replicas=world_size, rank=0,
+                                            num_repeats=int(self.cfg.repeated_aug)))
+        else:
+            per_rank = math.ceil(n / world_size)  # DistributedSampler pads to equal lengths
+        return per_rank // batch
+
+    def describe(self) -> dict[str, Any]:
+        """What the data source found (for the dry run); raises DataError where data is missing."""
+        self.check()
+        info: dict[str, Any] = {
+            "source": self.source,
+            "root": self.cfg.root if self.source != "digits" else "sklearn.datasets.load_digits",
+            "img_size": self.img_size,
+            "batch_size": int(self.cfg.batch_size),
+            "num_workers": int(self.cfg.num_workers),
+            "repeated_aug": int(self.cfg.repeated_aug),
+            "num_classes": self.num_classes,
+            "steps_per_epoch_1_device": self.steps_per_epoch(1),
+        }
+        for split in ("train", "val"):
+            samples = self.num_train_samples if split == "train" else self.num_val_samples
+            if self.source == "webdataset":
+                urls = self._shards(split)
+                info[split] = {"shards": len(urls), "samples": samples, "first_shard": urls[0],
+                               "pattern": self.cfg.train_shards if split == "train" else self.cfg.val_shards}
+            else:
+                info[split] = {"shards": None, "samples": samples}
+        return info
+
+    # -- datasets ---------------------------------------------------------------------------------
+
+    def _dataset(self, split: str) -> Dataset:
+        if split not in self._datasets:
+            train = split == "train"
+            if self.source == "digits":
+                ds = digits.DigitsDataset(self.cfg, self.img_size, train=train, with_meta=self.with_meta)
+            elif self.source == "imagefolder":
+                if not self.cfg.root:
+                    raise DataError("data.root is required for data.source=imagefolder")
+                imagefolder.check_tree(self.cfg.root)
+                tf = train_transform(self.cfg, self.img_size) if train else eval_transform(self.cfg, self.img_size)
+                ds = imagefolder.Folder(self.cfg.root, split, tf, with_meta=self.with_meta)
+            else:
+                raise AssertionError("streams are built per loader")
+            self._datasets[split] = ds
+        return self._datasets[split]
+
+    def _stream(self, split: str, world_size: int, rank: int) -> stream.ShardStream:
+        train = split == "train"
+        if self._skipped is None:
+            self._skipped = stream.SkipCounter()
+        return stream.ShardStream(
+            self._shards(split),
+            train_transform(self.cfg, self.img_size) if train else eval_transform(self.cfg, self.img_size),
+            train=train,
+            batch_size=int(self.cfg.batch_size),
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            samples_per_epoch=int(self.cfg.train_samples) if train else None,
+            repeats=int(self.cfg.repeated_aug) if train else 1,
+            shuffle_buffer=int(option(self.cfg, "shuffle_buffer")),
+            with_meta=self.with_meta,
+            skipped=self._skipped,
+        )
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.check()
+
+    # -- loaders ----------------------------------------------------------------------------------
+
+    def _epoch(self) -> Optional[int]:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else None
+
+    def _loader(self, split: str) -> EpochDataLoader:
+        world_size, rank = dist_info(getattr(self, "trainer", None))
+        train = split == "train"
+        workers = int(self.cfg.num_workers)
+        kwargs: dict[str, Any] = dict(
+            batch_size=int(self.cfg.batch_size),
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=partial(seed_worker, rank=rank) if workers > 0 else None,
+            epoch_fn=self._epoch,
+        )
+        if self.source == "webdataset":
+            # whole batches come out of each worker; quotas make len(loader) exact for training
+            dataset = self._stream(split, world_size, rank)
+            # Lightning warns that an IterableDataset's __len__ may be off with several workers; the
+            # training stream's length is exact by construction (per-worker quotas)
+            warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
+            return EpochDataLoader(dataset, drop_last=False, **kwargs)
+        dataset = self._dataset(split)
+        if train:
+            sampler = TrainSampler(dataset, world_size, rank, self.seed, int(self.cfg.repeated_aug))
+        else:
+            sampler = ExactSampler(dataset, world_size, rank)
+        return EpochDataLoader(
+            dataset, sampler=sampler, drop_last=train, persistent_workers=workers > 0, **kwargs
+        )
+
+    def train_dataloader(self) -> EpochDataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> EpochDataLoader:
+        return self._loader("val")

@@ -1,0 +1,243 @@
+"""Write WebDataset shards in the public ImageNet layout.
+
+``imagenet1k-train-0000.tar ...`` and ``imagenet1k-validation-00.tar ...``; every sample holds ``jpg``
+(the JPEG bytes), ``cls`` (the integer label) and ``json`` (label, class name, source file). The number
+of shards is ``round(samples / per_shard)`` with samples spread evenly, so ImageNet's 1,281,167 / 50,000
+images at 1251 / 781 per shard give exactly the public 1024 / 64 shards. Training samples are written
+in a fixed shuffled order (each shard mixes classes, as streaming shuffles only within a buffer);
+validation keeps the tree's order.
+
+    python -m tome_train.data.shards --imagefolder ROOT --out DIR [--train-per-shard 1251 --val-per-shard 781]
+    python -m tome_train.data.shards --digits --out DIR   # the bundled digits, as JPEGs (smoke tests)
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import sys
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Optional, Sequence
+
+from PIL import Image
+
+from .common import DataError
+
+PREFIX = {"train": "imagenet1k-train", "val": "imagenet1k-validation"}
+INDEX_DIGITS = {"train": 4, "val": 2}  # the public layout's shard numbering
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class SplitInfo:
+    split: str
+    pattern: str  # brace pattern for data.train_shards / data.val_shards
+    shards: int
+    samples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "pattern": self.pattern, "shards": self.shards, "samples": self.samples}
+
+
+def shard_name(split: str, index: int, width: int) -> str:
+    return f"{PREFIX[split]}-{index:0{width}d}.tar"
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _write_one(out_dir: str, split: str, width: int, bounds: tuple[int, int, int], items: Sequence,
+               to_sample: Callable[[Any], dict]) -> None:
+    import webdataset as wds
+
+    index, start, stop = bounds
+    path = os.path.join(out_dir, shard_name(split, index, width))
+    with wds.TarWriter(path, mtime=0) as sink:
+        for item in items[start:stop]:
+            sink.write(to_sample(item))
+
+
+_JOB: Optional[Callable] = None
+
+
+def _run_job(bounds: tuple[int, int, int]) -> None:
+    _JOB(bounds)
+
+
+def write_split(out_dir: str, split: str, items: Sequence, to_sample: Callable[[Any], dict],
+                per_shard: int, workers: int = 1) -> SplitInfo:
+    """Write ``items`` (each turned into a sample dict by ``to_sample``) as one split's shards.
+
+    A sample dict holds ``__key__`` (no dots), ``jpg`` (bytes), ``cls`` (int) and ``json`` (dict).
+    """
+    if split not in PREFIX:
+        raise DataError(f"split must be one of {', '.join(PREFIX)}, not {split!r}")
+    if per_shard < 1:
+        raise DataError(f"samples per shard must be positive, not {per_shard}")
+    n = len(items)
+    if n == 0:
+        raise DataError(f"no {split} samples to write")
+    os.makedirs(out_dir, exist_ok=True)
+    n_shards = max(1, round(n / per_shard))
+    width = max(INDEX_DIGITS[split], len(str(n_shards - 1)))
+    bounds = [(i, i * n // n_shards, (i + 1) * n // n_shards) for i in range(n_shards)]
+    job = partial(_write_one, out_dir, split, width, items=items, to_sample=to_sample)
+    if workers > 1 and n_shards > 1:
+        import multiprocessing as mp
+
+        global _JOB
+        _JOB = job  # forked workers inherit it: the item list is not pickled per shard
+        try:
+            with mp.get_context("fork").Pool(min(workers, n_shards)) as pool:
+                pool.map(_run_job, bounds, chunksize=1)
+        finally:
+            _JOB = None
+    else:
+        for b in bounds:
+            job(b)
+    pattern = f"{PREFIX[split]}-{{{0:0{width}d}..{n_shards - 1:0{width}d}}}.tar"
+    return SplitInfo(split, pattern, n_shards, n)
+
+
+# -- digits -------------------------------------------------------------------------------------------
+
+
+def _digits_sample(item: tuple[int, Any, int]) -> dict:
+    index, image, label = item
+    return {
+        "__key__": f"digits_{index:04d}",
+        "jpg": jpeg_bytes(Image.fromarray(image)),
+        "cls": int(label),
+        "json": {"label": int(label), "class": str(label), "index": int(index)},
+    }
+
+
+def write_digits_shards(out_dir: str, img_size: int = 32, train_per_shard: int = 180, val_per_shard: int = 90,
+                        val_fraction: float = 0.2, corrupt: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """The bundled digits (the same fixed split as the digits source) as JPEG shards in the public layout.
+
+    ``corrupt`` lists sample keys (``digits_0005``) whose image is written as undecodable bytes, for
+    tests of the skip-and-count path. Returns ``{"train": SplitInfo.as_dict(), "val": ...}``; the keys of
+    the samples are ``digits_<index into load_digits()>``.
+    """
+    from .digits import digits_labels, digits_images, digits_split
+
+    bad = set(corrupt or ())
+    result = {}
+    for split, indices, per_shard in zip(("train", "val"), digits_split(float(val_fraction)),
+                                         (train_per_shard, val_per_shard)):
+        images = digits_images(indices, img_size)[:, 0].numpy()
+        labels = digits_labels(indices).tolist()
+        items = [(int(i), img, lab) for i, img, lab in zip(indices, images, labels)]
+        if split == "train":
+            random.Random(0).shuffle(items)
+
+        def to_sample(item, bad=bad):
+            sample = _digits_sample(item)
+            if sample["__key__"] in bad:
+                sample["jpg"] = b"\xff\xd8\xff\xe0 not a jpeg" + bytes(64)
+            return sample
+
+        result[split] = write_split(out_dir, split, items, to_sample, per_shard).as_dict()
+    return result
+
+
+# -- an ImageNet-style tree ---------------------------------------------------------------------------
+
+
+def list_tree(root: str, split_dir: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(sorted (path, label) pairs, class names) of ``root/split_dir/<class>/<image>``."""
+    path = os.path.join(root, split_dir)
+    if not os.path.isdir(path):
+        raise DataError(f"{path} is not a directory")
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    if not classes:
+        raise DataError(f"{path} has no class directories")
+    items = []
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(path, name), followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    items.append((os.path.join(dirpath, f), label))
+    if not items:
+        raise DataError(f"{path} holds no images")
+    return items, classes
+
+
+def _file_sample(item: tuple[str, int], root: str, classes: list[str]) -> dict:
+    path, label = item
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(b"\xff\xd8"):  # not a JPEG: re-encode (the key is jpg)
+        with Image.open(io.BytesIO(data)) as img:
+            data = jpeg_bytes(img)
+    stem = os.path.splitext(os.path.basename(path))[0].replace(".", "_")
+    return {
+        "__key__": stem,
+        "jpg": data,
+        "cls": label,
+        "json": {"label": label, "class": classes[label], "filename": os.path.relpath(path, root)},
+    }
+
+
+def write_imagefolder_shards(root: str, out_dir: str, train_per_shard: int = 1251, val_per_shard: int = 781,
+                             seed: int = 0, workers: int = 1) -> dict[str, Any]:
+    """``root/train`` and ``root/val`` (ImageFolder trees with the same classes) as shards in ``out_dir``."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root} is not a directory")
+    train, classes = list_tree(root, "train")
+    val, val_classes = list_tree(root, "val")
+    if val_classes != classes:
+        raise DataError(f"{root}: train/ has {len(classes)} classes, val/ has {len(val_classes)} different ones")
+    random.Random(seed).shuffle(train)
+    result = {}
+    for split, items, per_shard in (("train", train, train_per_shard), ("val", val, val_per_shard)):
+        to_sample = partial(_file_sample, root=os.path.join(root, split), classes=classes)
+        result[split] = write_split(out_dir, split, items, to_sample, per_shard, workers).as_dict()
+    result["classes"] = len(classes)
+    return result
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _Parser(prog="python -m tome_train.data.shards", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--imagefolder", metavar="ROOT", help="tree with train/<class>/ and val/<class>/")
+    source.add_argument("--digits", action="store_true", help="the bundled scikit-learn digits")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--train-per-shard", type=int, default=1251)
+    parser.add_argument("--val-per-shard", type=int, default=781)
+    parser.add_argument("--seed", type=int, default=0, help="order of the training samples")
+    parser.add_argument("--workers", type=int, default=1, help="processes writing shards")
+    parser.add_argument("--img-size", type=int, default=32, help="--digits: image size")
+    args = parser.parse_args(argv)
+    try:
+        if args.digits:
+            result = write_digits_shards(args.out, args.img_size, args.train_per_shard, args.val_per_shard)
+        else:
+            result = write_imagefolder_shards(args.imagefolder, args.out, args.train_per_shard,
+                                              args.val_per_shard, args.seed, args.workers)
+    except (DataError, OSError) as exn:
+        print(f"error: {str(exn).splitlines()[0]}", file=sys.stderr)
+        return 2
+    train, val = result["train"], result["val"]
+    print(f"wrote {train['shards']} train shards ({train['samples']} samples) and "
+          f"{val['shards']} val shards ({val['samples']} samples) to {args.out}")
+    print("use: data.source=webdataset data.root=" + os.path.abspath(args.out)
+          + f" data.train_shards='{train['pattern']}' data.val_shards='{val['pattern']}'"
+          + f" data.train_samples={train['samples']} data.val_samples={val['samples']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""WebDataset shards (the public ImageNet layout) as a streaming source that is exact under DDP.
+
+Each DataLoader worker of each rank is a *slot*; slot ``g = rank * num_workers + worker`` of
+``S = world_size * num_workers`` slots.
+
+* Shard assignment: with at least as many shards as slots, slot g reads shards g, g + S, ... (training
+  first permutes the shard list with ``seed + epoch``, the same permutation on every rank, so the
+  assignment changes each epoch and stays disjoint). With fewer shards than slots, the slots sharing
+  shard i each keep every k-th sample of it (k = number of sharers), so slots still see disjoint samples.
+* Training: a worker cycles through its shards (reshuffled each cycle) through a shuffle buffer seeded
+  with ``(seed, epoch, rank, worker)``, decodes each image once, emits ``repeated_aug`` independently
+  augmented copies into a small second shuffle buffer, and stops after its quota of whole batches.
+  Quotas add up to ``train_samples // (world_size * batch_size)`` batches on every rank: equal batch
+  counts per rank, no DDP hang, and ``len(loader)`` is exact.
+* Validation: no shuffle, no cycling, no padding; every sample is read by exactly one slot. Ranks may
+  end with different batch counts, which is safe when metrics are reduced only at epoch end
+  (docs/data.md).
+* Corrupt images and unreadable tar members are skipped, counted in a shared counter and logged.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import os
+import random
+from typing import Callable, Iterator, Optional
+from urllib.parse import urlparse
+
+import braceexpand
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .common import DataError, derive_seed
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def is_local(root: str) -> bool:
+    scheme = urlparse(root).scheme
+    return scheme in ("", "file") and not root.startswith("pipe:")
+
+
+def local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file:") else url
+
+
+def shard_urls(root: str, pattern: str) -> list[str]:
+    """Brace-expand ``pattern`` under ``root`` (a directory, file:, http(s):, pipe:... prefix)."""
+    base = root.rstrip("/") + "/" if root else ""
+    return [base + p for p in braceexpand.braceexpand(pattern)]
+
+
+def check_shards(root: str, pattern: str, split: str) -> list[str]:
+    """Expanded shard URLs; local shards must all exist (else one DataError line naming them)."""
+    urls = shard_urls(root, pattern)
+    if not urls:
+        raise DataError(f"webdataset {split} shards: pattern {pattern!r} expands to nothing")
+    if is_local(root):
+        rootdir = local_path(root)
+        if not os.path.isdir(rootdir):
+            raise DataError(f"webdataset root {rootdir} is not a directory")
+        missing = [u for u in urls if not os.path.isfile(local_path(u))]
+        if missing:
+            raise DataError(
+                f"webdataset {split} shards: {len(missing)} of {len(urls)} missing for "
+                f"{os.path.join(rootdir, pattern)} (first: {local_path(missing[0])})"
+            )
+    return urls
+
+
+def assign(n_items: int, slot: int, n_slots: int) -> list[tuple[int, int, int]]:
+    """Items for one slot as (item, k, j): keep the samples of ``item`` whose index % k == j.
+
+    Over all slots every sample of every item is kept exactly once.
+    """
+    if n_items >= n_slots:
+        return [(i, 1, 0) for i in range(slot, n_items, n_slots)]
+    item = slot % n_items
+    sharers = len(range(item, n_slots, n_items))
+    return [(item, sharers, slot // n_items)]
+
+
+class SkipCounter:
+    """Counts skipped samples across DataLoader worker processes (a shared integer)."""
+
+    def __init__(self):
+        self.value = mp.get_context().Value("l", 0)
+
+    def add(self, what: str, where: str, exn: BaseException) -> None:
+        with self.value.get_lock():
+            self.value.value += 1
+            count = self.value.value
+        log.warning("skipped %s %s (%s: %s); %d skipped so far", what, where, type(exn).__name__, exn, count)
+
+    def __int__(self) -> int:
+        return int(self.value.value)
+
+
+class ShardStream(IterableDataset):
+    """Samples of a list of shards for one rank, split over that rank's DataLoader workers."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        transform: Callable,
+        *,
+        train: bool,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        samples_per_epoch: Optional[int] = None,
+        repeats: int = 1,
+        shuffle_buffer: int = 1000,
+        with_meta: bool = False,
+        skipped: Optional[SkipCounter] = None,
+    ):
+        self.urls = list(urls)
+        self.transform = transform
+        self.train = train
+        self.batch_size = int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed = int(seed)
+        self.repeats = max(1, int(repeats))
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.with_meta = with_meta
+        self.skipped = skipped if skipped is not None else SkipCounter()
+        self.epoch = 0
+        self.batches_per_rank = None
+        if train:
+            if samples_per_epoch is None:
+                raise ValueError("a training stream needs samples_per_epoch")
+            self.batches_per_rank = int(samples_per_epoch) // (self.world_size * self.batch_size)
+            if self.batches_per_rank < 1:
+                raise DataError(
+                    f"webdataset: {samples_per_epoch} training samples are fewer than one batch of "
+                    f"{self.batch_size} per rank on {self.world_size} ranks"
+                )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        # only the training stream has a known length: exactly batches_per_rank whole batches
+        if self.batches_per_rank is None:
+            raise TypeError("the validation stream has no length (webdataset shards carry no index)")
+        return self.batches_per_rank * self.batch_size
+
+    # -- the pieces -------------------------------------------------------------------------------
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def _tar_handler(self, exn: BaseException) -> bool:
+        self.skipped.add("unreadable tar data", "", exn)
+        return True
+
+    def _read(self, url: str, k: int, j: int) -> Iterator[dict]:
+        samples = wds.tarfile_samples([dict(url=url)], handler=self._tar_handler)
+        for index, sample in enumerate(samples):
+            if index % k == j:
+                yield sample
+
+    def _decode(self, sample: dict) -> Optional[tuple[Image.Image, int]]:
+        try:
+            data = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
+            if data is None:
+                raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in the sample")
+            label = int(sample["cls"])
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGB"), label  # convert() loads: decoding errors surface here
+        except Exception as exn:  # a bad sample must not end a week-long run
+            self.skipped.add("corrupt sample", f"{sample.get('__key__')} in {sample.get('__url__')}", exn)
+            return None
+
+    def _output(self, x, label: int, sample: dict, worker: int):
+        if not self.with_meta:
+            return x, label
+        return x, label, {"key": sample["__key__"], "url": sample["__url__"], "worker": worker}
+
+    # -- iteration --------------------------------------------------------------------------------
+
+    def __iter__(self):
+        worker, workers = self._worker()
+        slot, n_slots = self.rank * workers + worker, self.world_size * workers
+        if self.train:
+            yield from self._train(worker, workers, slot, n_slots)
+        else:
+            yield from self._val(worker, slot, n_slots)
+
+    def _val(self, worker: int, slot: int, n_slots: int):
+        for item, k, j in assign(len(self.urls), slot, n_slots):
+            for sample in self._read(self.urls[item], k, j):
+                decoded = self._decode(sample)
+                if decoded is not None:
+                    yield self._output(self.transform(decoded[0]), decoded[1], sample, worker)
+
+    def _train(self, worker: int, workers: int, slot: int, n_slots: int):
+        n = self.batches_per_rank
+        quota = (n // workers + (1 if worker < n % workers else 0)) * self.batch_size
+        if quota == 0:
+            return
+        urls = list(self.urls)
+        random.Random(derive_seed(self.seed, self.epoch, "shards")).shuffle(urls)  # same on every rank
+        mine = [(urls[i], k, j) for i, k, j in assign(len(urls), slot, n_slots)]
+        rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker))
+
+        buffer = max(1, self.shuffle_buffer)
+
+        decoded_count = 0
+
+        def passes():
+            # each pass over this worker's shards goes through its own shuffle buffer and drains it, so
+            # a pass emits every sample once; passes repeat only when the quota outlasts the shards
+            while True:
+                rng.shuffle(mine)
+                before = decoded_count
+                one_pass = (s for url, k, j in mine for s in self._read(url, k, j))
+                yield from wds.shuffle(buffer, initial=max(1, buffer // 2), rng=rng)(one_pass)
+                if decoded_count == before:  # generators are lazy: the pass's samples are all decoded now
+                    raise DataError(f"webdataset: no readable samples in {', '.join(u for u, _, _ in mine)}")
+
+        def augmented():
+            nonlocal decoded_count
+            for sample in passes():
+                decoded = self._decode(sample)
+                if decoded is None:
+                    continue
+                decoded_count += 1
+                for _ in range(self.repeats):
+                    yield self._output(self.transform(decoded[0]), decoded[1], sample, worker)
+
+        out = augmented()
+        if self.repeats > 1:
+            # spread the copies of one image instead of emitting them back to back
+            out = wds.shuffle(self.repeats * 8, initial=self.repeats * 4, rng=rng)(out)
+        for count, item in enumerate(out):
+            yield item
+            if count + 1 == quota:
+                return
