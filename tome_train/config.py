@@ -57,6 +57,7 @@ class DataConfig:
     batch_size: int = MISSING  # per device
     num_workers: int = MISSING
     val_fraction: float = 0.2  # digits: the fixed held-out share
+    shuffle_buffer: int = 1000  # webdataset: raw samples in each worker's shuffle buffer
     # training augmentation, timm's create_transform names
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])

@@ -4,6 +4,14 @@ See docs/data.md for the sources, the DDP guarantees and the shard layout.
 """
 from .common import DataError
 from .datamodule import ImageDataModule
-from .shards import write_digits_shards, write_imagefolder_shards, write_split
 
 __all__ = ["ImageDataModule", "DataError", "write_digits_shards", "write_imagefolder_shards", "write_split"]
+
+
+def __getattr__(name):
+    # the shard writer loads lazily, so `python -m tome_train.data.shards` runs it only once
+    if name in ("write_digits_shards", "write_imagefolder_shards", "write_split"):
+        from . import shards
+
+        return getattr(shards, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

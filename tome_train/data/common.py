@@ -12,12 +12,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-# Data options a config may not carry yet: they are read with these fallbacks.
-OPTIONAL_FIELDS: dict[str, Any] = {
-    "shuffle_buffer": 1000,  # webdataset: samples held by each worker's shuffle buffer (raw bytes)
-}
-
-
 class DataError(ValueError):
     """Missing or unusable data; the message is one line naming the path or pattern."""
 
@@ -29,12 +23,6 @@ def as_config(data_cfg: Any) -> DictConfig:
     if dataclasses.is_dataclass(data_cfg):
         return OmegaConf.structured(data_cfg)
     return OmegaConf.create(dict(data_cfg))
-
-
-def option(cfg: DictConfig, name: str) -> Any:
-    """A field of OPTIONAL_FIELDS: the config's value when it has one, else the fallback."""
-    value = OmegaConf.select(cfg, name, default=None)
-    return OPTIONAL_FIELDS[name] if value is None else value
 
 
 def dist_info(trainer: Any = None) -> tuple[int, int]:

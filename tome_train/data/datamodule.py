@@ -19,7 +19,6 @@ from .common import (
     as_config,
     dist_info,
     eval_transform,
-    option,
     seed_worker,
     train_transform,
 )
@@ -177,7 +176,7 @@ class ImageDataModule(pl.LightningDataModule):
             seed=self.seed,
             samples_per_epoch=int(self.cfg.train_samples) if train else None,
             repeats=int(self.cfg.repeated_aug) if train else 1,
-            shuffle_buffer=int(option(self.cfg, "shuffle_buffer")),
+            shuffle_buffer=self.cfg.shuffle_buffer,
             with_meta=self.with_meta,
             skipped=self._skipped,
         )
