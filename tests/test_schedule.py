@@ -13,6 +13,15 @@ from tome_train.tome import (
     ScheduleError, ViTDims, apply_tome, parse_schedule, remove_tome, tome_state, token_counts, vit_flops,
 )
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # The published architectures (224 px, 1000 classes), written out by hand.
 VIT_S = ViTDims(embed_dim=384, depth=12, num_patches=196, num_protected=1, patch_size=256)
 VIT_B = ViTDims(embed_dim=768, depth=12, num_patches=196, num_protected=1, patch_size=256)

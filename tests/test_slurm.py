@@ -323,13 +323,16 @@ def test_lightning_two_node_training_requeues_and_resumes(cluster, tmp_path):
     if not (PROJECT_ROOT / "train.py").is_file():
         pytest.skip("train.py not there yet")
     run_dir = tmp_path / "run"
-    epochs, steps_per_epoch = 4, 4
+    # last.ckpt only at epoch ends, and the signal early in an 8-step epoch: Lightning's handler saves
+    # hpc_ckpt_1 and requeues, but training goes on for a step or two until SLURM's SIGTERM lands; the
+    # CLI resumes from the newest checkpoint, which stays hpc_ckpt_1 only if no epoch end came between
+    epochs, steps_per_epoch = 3, 8
     env = dict(cluster.env, OMP_NUM_THREADS="1")  # two ranks share this machine's cores
     proc = subprocess.run(
         [PYTHON, str(PROJECT_ROOT / "train.py"), "--recipe", "digits_vit_r6", "--slurm", "--nodes", "2",
          "--gpus-per-node", "1", "--output-dir", str(run_dir), f"trainer.epochs={epochs}",
          f"trainer.limit_train_batches={steps_per_epoch}", "trainer.limit_val_batches=1",
-         f"trainer.checkpoint_every_n_steps={steps_per_epoch}", "tradeoff.enabled=false", "wandb.mode=offline"],
+         "tradeoff.enabled=false", "wandb.mode=offline"],
         env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -355,6 +358,8 @@ def test_lightning_two_node_training_requeues_and_resumes(cluster, tmp_path):
     hpc = run_dir / "hpc_ckpt_1.ckpt"
     step, epoch = _ckpt_step(hpc)
     assert steps_per_epoch <= step < epochs * steps_per_epoch and epoch >= 1  # saved mid-training
+    resumed = re.findall(r"^resuming from (\S+)$", second, re.M)  # the CLI's line (rank 0)
+    assert resumed == [str(hpc)], f"restart resumed from {resumed}, not {hpc} (step {step})"
     assert f"Restored all states from the checkpoint at {hpc}" in second
     assert "Epoch 0:" not in second  # resumed, not started over
     assert _ckpt_step(run_dir / "checkpoints" / "last.ckpt")[0] == epochs * steps_per_epoch

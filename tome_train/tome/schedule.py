@@ -94,9 +94,11 @@ class ViTDims:
 
 def vit_flops(dims: ViTDims, schedule: Sequence[int] | None = None, blocks_only: bool = False) -> float:
     """Forward FLOPs of one image through a ViT under a per-layer merge schedule (a list as
-    :func:`parse_schedule` returns; a shorter one merges nothing in the last layers), counted as the paper
-    does (fvcore: one multiply-add is one FLOP), so ViT-B/16 at 224 is 17.6 GFLOPs and DeiT-S
-    4.6 (3.4 at r=8, 2.3 at r=16).
+    :func:`parse_schedule` returns; a shorter one merges nothing in the last layers).
+
+    Counted as the paper does (fvcore: one multiply-add is one FLOP), so ViT-B/16 at 224 is
+    17.6 GFLOPs and DeiT-S 4.6 (3.4 at r=8, 2.3 at r=16); twice this is the count of
+    multiplications plus additions.
 
     Attention (qkv, q @ k, attn @ v, proj) runs on the tokens entering a block, the MLP on
     those left after its merge. Matching costs are not counted: this is the bound a merge
