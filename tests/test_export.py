@@ -53,7 +53,8 @@ def test_plain_timm_without_tome_train_matches_at_r0(exported, trained, tmp_path
         import timm
         cfg = json.load(open({str(exported / 'config.json')!r}))
         model = timm.create_model(cfg['architecture'], pretrained=True, num_classes=cfg['num_classes'],
-                                  pretrained_cfg_overlay=dict(file={str(exported / 'model.safetensors')!r}),
+                                  pretrained_cfg_overlay=dict(file={str(exported / 'model.safetensors')!r},
+                                                              num_classes=cfg['num_classes']),
                                   **{{k: v for k, v in cfg['model_args'].items() if k != 'num_classes'}}).eval()
         local = timm.create_model('local-dir:{exported}', pretrained=True).eval()
         images = torch.load({str(tmp_path / 'images.pt')!r})
