@@ -16,6 +16,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SHORT_FIT = ["trainer.epochs=4", "tradeoff.r_values=[0,4,8]", "tradeoff.bench_steps=2", "tradeoff.num_vis_images=2"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     from tome_train.cli import train

@@ -109,3 +109,17 @@ def test_bad_input_is_one_error_line_and_exit_2(args, words, capsys):
     assert "Traceback" not in captured.err and captured.out == ""
     for word in words:
         assert word in lines[0]
+
+
+def test_cpu_timer_min_stat_and_threads_restored(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "b.json"
+    rc = bench.main(TINY + ["--r", "2", "--mode", "infer", "--timer", "cpu", "--stat", "min", "--threads", "1",
+                            "--output", str(out), "--quiet"])
+    assert rc == 0 and torch.get_num_threads() == threads
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch_threads"] == 1
+    row = data["results"][0]
+    assert row["timer"] == "cpu" and row["stat"] == "min" and row["tome_ims"] > 0

@@ -13,13 +13,7 @@ from tome_train.tome import (
     ScheduleError, ViTDims, apply_tome, parse_schedule, remove_tome, tome_state, token_counts, vit_flops,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # The published architectures (224 px, 1000 classes), written out by hand.

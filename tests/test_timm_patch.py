@@ -26,13 +26,7 @@ from tome_train.tome.timm_patch import ToMeBlock
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_merge import ref_bipartite_soft_matching  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 IMG, PATCH, DEPTH, DIM, HEADS = 32, 8, 3, 64, 4

@@ -46,8 +46,10 @@ FIELDS = (
     "model", "r", "schedule", "mode", "prop_attn", "batch_size", "img_size", "dtype", "device", "compile",
     "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
-    "warmup", "steps",
+    "warmup", "steps", "timer", "stat",
 )
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
+STATS = {"median": statistics.median, "min": min}
 
 
 class BenchError(ValueError):
@@ -209,8 +211,9 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 class _Runner:
     """One side of the comparison: a model, its step function and the step times it measured."""
 
-    def __init__(self, model, mode: str, x, target, device, dtype, compile_: bool, lr: float = 1e-4):
-        self.model, self.mode, self.x, self.target = model, mode, x, target
+    def __init__(self, model, mode: str, x, target, device, dtype, compile_: bool, lr: float = 1e-4,
+                 timer: Callable[[], float] = time.perf_counter):
+        self.model, self.mode, self.x, self.target, self.timer = model, mode, x, target, timer
         self.device, self.dtype = device, dtype
         self.times: list[float] = []
         model.train(mode == "train")
@@ -238,14 +241,16 @@ class _Runner:
 
     def timed_step(self) -> None:
         _sync(self.device)
-        t0 = time.perf_counter()
+        t0 = self.timer()
         self.step()
         _sync(self.device)
-        self.times.append(time.perf_counter() - t0)
+        self.times.append(self.timer() - t0)
 
 
-def time_pair(baseline: _Runner, tome: _Runner, warmup: int, steps: int) -> tuple[float, float]:
-    """Median step seconds of both sides, repetitions interleaved in ABBA order."""
+def time_pair(
+    baseline: _Runner, tome: _Runner, warmup: int, steps: int, stat: Callable = statistics.median
+) -> tuple[float, float]:
+    """Step seconds of both sides (median by default), repetitions interleaved in ABBA order."""
     for _ in range(warmup):
         baseline.step()
         tome.step()
@@ -254,7 +259,7 @@ def time_pair(baseline: _Runner, tome: _Runner, warmup: int, steps: int) -> tupl
         first, second = (baseline, tome) if i % 2 == 0 else (tome, baseline)
         first.timed_step()
         second.timed_step()
-    return statistics.median(baseline.times), statistics.median(tome.times)
+    return stat(baseline.times), stat(tome.times)
 
 
 def run_benchmark(
@@ -269,6 +274,8 @@ def run_benchmark(
     modes: Sequence[str] = MODES,
     prop_attn: bool = True,
     compile: bool = False,
+    timer: str = "wall",
+    stat: str = "median",
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -276,9 +283,21 @@ def run_benchmark(
 
     ``cases`` holds :class:`BenchCase` or ``(model_name, r)`` tuples. Raises :class:`BenchError`
     for bad input, before any measurement when it can be seen from the arguments alone.
+
+    ``timer="cpu"`` times with the process CPU clock instead of the wall clock (CPU device only):
+    on a shared machine another process's load then does not count. With one thread
+    (``torch.set_num_threads(1)``) that is the uncontended single-core time; with more threads it
+    adds up the CPU time of all of them (spin-waiting included), so "images/s" reads
+    images per CPU-second. ``stat`` picks ``median`` (default) or ``min`` of the repetitions.
     """
     cases = [c if isinstance(c, BenchCase) else BenchCase(*c) for c in cases]
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if timer not in TIMERS:
+        raise BenchError(f"timer={timer!r} is not allowed: use {' or '.join(TIMERS)}")
+    if timer == "cpu" and dev.type != "cpu":
+        raise BenchError("timer=cpu measures host CPU time and only suits --device cpu")
+    if stat not in STATS:
+        raise BenchError(f"stat={stat!r} is not allowed: use {' or '.join(STATS)}")
     if dtype not in DTYPES:
         raise BenchError(f"dtype={dtype!r} is not allowed: use {', '.join(DTYPES)}")
     bad_modes = [m for m in modes if m not in MODES]
@@ -309,9 +328,9 @@ def run_benchmark(
         target = torch.randint(0, max(base.num_classes, 1), (batch_size,), device=dev)
         for mode in modes:
             log(f"{case.model} r={case.r_label} {mode}: warmup {warmup}, {steps} interleaved steps per side")
-            a = _Runner(base, mode, x, target, dev, torch_dtype, compile)
-            b = _Runner(tome, mode, x, target, dev, torch_dtype, compile)
-            t_base, t_tome = time_pair(a, b, warmup, steps)
+            a = _Runner(base, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer])
+            b = _Runner(tome, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer])
+            t_base, t_tome = time_pair(a, b, warmup, steps, STATS[stat])
             del a, b
             ims_base, ims_tome = batch_size / t_base, batch_size / t_tome
             ratio = ims_tome / ims_base
@@ -340,6 +359,8 @@ def run_benchmark(
                 "tokens_out": counts[-1],
                 "warmup": warmup,
                 "steps": steps,
+                "timer": timer,
+                "stat": stat,
             })
         del base, tome
         if dev.type == "cuda":
@@ -439,6 +460,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--mode", nargs="+", choices=["infer", "train", "both"], default=["both"])
     p.add_argument("--compile", action="store_true", help="torch.compile both sides")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--timer", choices=list(TIMERS), default="wall",
+                   help="wall clock (default) or process CPU time (CPU only; robust to other load with --threads 1)")
+    p.add_argument("--stat", choices=list(STATS), default="median", help="statistic of the timed steps per side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, metavar="JSON", help="write results and machine info as JSON")
     p.add_argument("--csv", default=None, metavar="PATH", help="also write the result rows as CSV")
@@ -455,25 +479,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    threads = torch.get_num_threads()
     try:
-        modes = list(MODES) if "both" in args.mode else args.mode
-        rs = [parse_r(t) for t in args.r]
-        cases = make_cases(args.model, rs, args.pair)
-        device = resolve_device(args.device)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise BenchError(f"threads={args.threads} is not allowed: use an integer >= 1")
-            torch.set_num_threads(args.threads)
-        for path in (args.output, args.csv):
-            if path:
-                _parent_ok(path)
-        load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-        log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-        rows = run_benchmark(
-            cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
-            warmup=args.warmup, steps=args.steps, modes=modes, prop_attn=args.prop_attn,
-            compile=args.compile, seed=args.seed, log=log,
-        )
+        return _run(args, list(argv) if argv is not None else sys.argv[1:])
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -483,17 +491,46 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process keeps its setting
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    modes = list(MODES) if "both" in args.mode else args.mode
+    cases = make_cases(args.model, [parse_r(t) for t in args.r], args.pair)
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BenchError(f"threads={args.threads} is not allowed: use an integer >= 1")
+        torch.set_num_threads(args.threads)
+    for path in (args.output, args.csv):
+        if path:
+            _parent_ok(path)
+    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    rows = run_benchmark(
+        cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
+        warmup=args.warmup, steps=args.steps, modes=modes, prop_attn=args.prop_attn,
+        compile=args.compile, timer=args.timer, stat=args.stat, seed=args.seed, log=log,
+    )
 
     machine = machine_info(device)
     machine["loadavg_1m_before"] = load_before
     print(f"{machine['host_cpu']}" + (f" / {machine['gpu']}" if "gpu" in machine else "")
-          + f", torch {machine['torch']}, {machine['torch_threads']} threads, {args.dtype}, "
-          + f"prop_attn={'on' if args.prop_attn else 'off'}{', compiled' if args.compile else ''}")
+          + f", torch {machine['torch']}, threads={machine['torch_threads']}, {args.dtype}, "
+          + f"prop_attn={'on' if args.prop_attn else 'off'}{', compiled' if args.compile else ''}, "
+          + f"{args.stat} of {args.steps} steps, {args.timer} clock")
+    if machine.get("loadavg_1m") is not None and device.type == "cpu" and args.timer == "wall":
+        # the 1-minute load average after the run includes this run's own threads
+        others = max(machine["loadavg_1m"] - torch.get_num_threads(), load_before or 0.0)
+        if others > 0.5:
+            print(f"warning: other processes kept about {others:.1f} CPUs busy (load average "
+                  f"{machine['loadavg_1m']:.1f} on {os.cpu_count()} CPUs): wall-clock numbers are unreliable; "
+                  f"--timer cpu --threads 1 is robust to that", file=sys.stderr)
     print(format_table(rows))
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"machine": machine, "argv": list(argv) if argv is not None else sys.argv[1:], "results": rows},
-                      f, indent=2)
+            json.dump({"machine": machine, "argv": argv, "results": rows}, f, indent=2)
             f.write("\n")
     if args.csv:
         write_csv(args.csv, rows)
