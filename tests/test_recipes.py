@@ -1,0 +1,109 @@
+"""The ImageNet recipes hold the published hyperparameters, and every one dry-runs on CPU."""
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from tome_train.cli import dry_run
+from tome_train.config import load_config, schedule_of
+
+from conftest import ROOT
+
+DEIT = dict(epochs=300, peak_lr=1e-3, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05,
+            layer_decay=None, ema=0.99996, repeated_aug=3, lr_base_batch=512)
+MAE = dict(warmup_epochs=5, warmup_lr=0.0, min_lr=1e-6, weight_decay=0.05, ema=None, repeated_aug=1, lr_base_batch=256)
+# recipe: (arch, r, nodes, gpus per node, batch per gpu, drop path, pool, family-specific values)
+PUBLISHED = {
+    "deit_tiny": ("deit_tiny_patch16_224", 13, 1, 4, 256, 0.1, "token", DEIT),
+    "deit_small": ("deit_small_patch16_224", 13, 1, 4, 256, 0.1, "token", DEIT),
+    "deit_base": ("deit_base_patch16_224", 13, 2, 8, 64, 0.1, "token", DEIT),
+    "mae_vitb": ("vit_base_patch16_224", 16, 4, 8, 32, 0.1, "avg", dict(MAE, epochs=100, peak_lr=2e-3, layer_decay=0.65)),
+    "mae_vitl": ("vit_large_patch16_224", 8, 4, 8, 32, 0.2, "avg", dict(MAE, epochs=50, peak_lr=4e-3, layer_decay=0.75)),
+    "mae_vith": ("vit_huge_patch14_224", 7, 8, 8, 16, 0.3, "avg", dict(MAE, epochs=50, peak_lr=4e-3, layer_decay=0.75)),
+}
+RECIPES = [(f"{family}_r{r}", family, r) for family, spec in PUBLISHED.items() for r in (spec[1], 0)]
+
+
+@pytest.mark.parametrize("recipe, family, r", RECIPES)
+def test_recipe_holds_the_published_values(recipe, family, r):
+    arch, _, nodes, gpus, batch, drop_path, pool, v = PUBLISHED[family]
+    cfg = load_config(recipe)
+    assert cfg.model.arch == arch and cfg.model.img_size == 224 and cfg.model.num_classes == 1000
+    assert cfg.model.drop_path_rate == drop_path and cfg.model.global_pool == pool
+    assert cfg.model.head_init_std == (2e-5 if family.startswith("mae") else None)
+    assert schedule_of(cfg.tome.r_train) == r and cfg.tome.prop_attn is True
+    # resolved for the published layout
+    assert (cfg.layout.nodes, cfg.layout.gpus_per_node, cfg.data.batch_size) == (nodes, gpus, batch)
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (nodes, gpus)
+    global_batch = nodes * gpus * batch * cfg.trainer.accumulate_grad_batches
+    assert global_batch == 1024
+    assert cfg.optim.blr * global_batch / cfg.optim.lr_base_batch == pytest.approx(v["peak_lr"])
+    assert cfg.optim.lr_base_batch == v["lr_base_batch"]
+    assert cfg.trainer.epochs == v["epochs"]
+    assert cfg.optim.warmup_epochs == v["warmup_epochs"] and cfg.optim.warmup_lr == v["warmup_lr"]
+    assert cfg.optim.min_lr == v["min_lr"] and cfg.optim.weight_decay == v["weight_decay"]
+    assert cfg.optim.layer_decay == v["layer_decay"] and cfg.optim.ema_decay == v["ema"]
+    assert tuple(cfg.optim.betas) == (0.9, 0.999) and cfg.optim.eps == 1e-8 and cfg.optim.clip_grad is None
+    assert cfg.data.repeated_aug == v["repeated_aug"]
+    # augmentation, identical for both families
+    d, m = cfg.data, cfg.mixup
+    assert d.auto_augment == "rand-m9-mstd0.5-inc1" and d.interpolation == "bicubic"
+    assert (d.re_prob, d.re_mode, d.re_count) == (0.25, "pixel", 1)
+    assert tuple(d.scale) == (0.08, 1.0) and d.hflip == 0.5 and d.crop_pct == 0.875
+    assert tuple(d.mean) == (0.485, 0.456, 0.406) and tuple(d.std) == (0.229, 0.224, 0.225)
+    assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.mode, m.label_smoothing) == (0.8, 1.0, 1.0, 0.5, "batch", 0.1)
+    assert cfg.trainer.precision == "16-mixed"
+    assert cfg.reference.baseline_top1 is not None
+
+
+@pytest.fixture(scope="module")
+def imagenet_layout(tmp_path_factory):
+    """The public shard names, as empty files: enough for a dry run, which reads no sample."""
+    root = tmp_path_factory.mktemp("imagenet-wds")
+    for i in range(1024):
+        (root / f"imagenet1k-train-{i:04d}.tar").touch()
+    for i in range(64):
+        (root / f"imagenet1k-validation-{i:02d}.tar").touch()
+    return root
+
+
+@pytest.mark.parametrize("recipe", [name for name, _, _ in RECIPES])
+def test_every_recipe_dry_runs_on_cpu(recipe, imagenet_layout):
+    cfg = load_config(recipe, [f"data.root={imagenet_layout}"])
+    plan = dry_run(cfg)
+    family = recipe.rsplit("_r", 1)[0]
+    _, r, nodes, gpus, batch, *_ = PUBLISHED[family]
+    assert f"global batch 1024 = {batch} per device x {nodes * gpus}" in plan
+    assert "'shards': 1024" in plan and "'shards': 64" in plan and "'samples': 1281167" in plan
+    steps = 1281167 // 1024
+    assert f"steps: {steps} per epoch" in plan
+    assert "checkpoint: none" in plan
+    if recipe.endswith("_r0"):
+        assert "1.00x bound" in plan
+    else:
+        assert f"merges per layer [{r}, {r}," in plan
+
+
+def test_dry_run_names_the_checkpoint_and_fails_cleanly(imagenet_layout, tmp_path):
+    tiny = ["model.timm_kwargs={embed_dim: 64, depth: 2, num_heads: 2}", f"data.root={imagenet_layout}"]
+    source = timm.create_model("vit_base_patch16_224", embed_dim=64, depth=2, num_heads=2, num_classes=0)
+    mae = {"model": {**source.state_dict(), "decoder_embed.weight": torch.zeros(8, 64), "mask_token": torch.zeros(1, 1, 64)}}
+    torch.save(mae, tmp_path / "mae_pretrain.pth")
+    plan = dry_run(load_config("mae_vitb_r16", [*tiny, f"model.checkpoint={tmp_path / 'mae_pretrain.pth'}"]))
+    assert f"checkpoint {tmp_path / 'mae_pretrain.pth'}" in plan and "decoder" in plan
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), "--recipe", "mae_vitb_r16", "--dry-run", *args],
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    for args, needle in [
+        ([*tiny, f"model.checkpoint={tmp_path / 'missing.pth'}"], "missing.pth"),
+        (["model.timm_kwargs={embed_dim: 96, depth: 2, num_heads: 2}", f"data.root={imagenet_layout}",
+          f"model.checkpoint={tmp_path / 'mae_pretrain.pth'}"], "shape"),
+        ([f"data.root={tmp_path / 'no-shards'}"], "no-shards"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and needle in result.stderr and result.stderr.count("\n") == 1
