@@ -46,7 +46,7 @@ FIELDS = (
     "model", "r", "schedule", "mode", "prop_attn", "batch_size", "img_size", "dtype", "device", "compile",
     "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
-    "warmup", "steps", "timer", "stat",
+    "warmup", "steps", "timer", "stat", "other_cpus",
 )
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
 STATS = {"median": statistics.median, "min": min}
@@ -208,6 +208,37 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class OtherLoad:
+    """How many CPUs other processes kept busy between :meth:`start` and :meth:`stop` (Linux):
+    busy time of the whole machine from ``/proc/stat`` less this process's own CPU time."""
+
+    def __init__(self):
+        self._start = None
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait (guest is in user)
+        own = sum(os.times()[:4])
+        return time.perf_counter(), busy, own
+
+    def start(self) -> "OtherLoad":
+        self._start = self._sample()
+        return self
+
+    def stop(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        wall, busy, own = (e - s for e, s in zip(end, self._start))
+        return round(max(busy - own, 0.0) / wall, 2)
+
+
 class _Runner:
     """One side of the comparison: a model, its step function and the step times it measured."""
 
@@ -330,7 +361,9 @@ def run_benchmark(
             log(f"{case.model} r={case.r_label} {mode}: warmup {warmup}, {steps} interleaved steps per side")
             a = _Runner(base, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer])
             b = _Runner(tome, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer])
+            meter = OtherLoad().start()
             t_base, t_tome = time_pair(a, b, warmup, steps, STATS[stat])
+            other_cpus = meter.stop() if dev.type == "cpu" else None
             del a, b
             ims_base, ims_tome = batch_size / t_base, batch_size / t_tome
             ratio = ims_tome / ims_base
@@ -361,6 +394,7 @@ def run_benchmark(
                 "steps": steps,
                 "timer": timer,
                 "stat": stat,
+                "other_cpus": other_cpus,
             })
         del base, tome
         if dev.type == "cuda":
@@ -396,8 +430,6 @@ def machine_info(device: torch.device) -> dict:
         "python": platform.python_version(),
         "device": str(device),
     }
-    if hasattr(os, "getloadavg"):  # other work on the machine skews CPU numbers: keep the evidence
-        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -506,7 +538,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     for path in (args.output, args.csv):
         if path:
             _parent_ok(path)
-    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     rows = run_benchmark(
         cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
@@ -515,18 +546,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     )
 
     machine = machine_info(device)
-    machine["loadavg_1m_before"] = load_before
     print(f"{machine['host_cpu']}" + (f" / {machine['gpu']}" if "gpu" in machine else "")
           + f", torch {machine['torch']}, threads={machine['torch_threads']}, {args.dtype}, "
           + f"prop_attn={'on' if args.prop_attn else 'off'}{', compiled' if args.compile else ''}, "
           + f"{args.stat} of {args.steps} steps, {args.timer} clock")
-    if machine.get("loadavg_1m") is not None and device.type == "cpu" and args.timer == "wall":
-        # the 1-minute load average after the run includes this run's own threads
-        others = max(machine["loadavg_1m"] - torch.get_num_threads(), load_before or 0.0)
-        if others > 0.5:
-            print(f"warning: other processes kept about {others:.1f} CPUs busy (load average "
-                  f"{machine['loadavg_1m']:.1f} on {os.cpu_count()} CPUs): wall-clock numbers are unreliable; "
-                  f"--timer cpu --threads 1 is robust to that", file=sys.stderr)
+    others = max((row["other_cpus"] for row in rows if row["other_cpus"] is not None), default=None)
+    if others is not None and others > 0.25 and args.timer == "wall":
+        print(f"warning: other processes kept {others:.1f} of {os.cpu_count()} CPUs busy during the run: "
+              f"wall-clock numbers are unreliable; --timer cpu --threads 1 is robust to that", file=sys.stderr)
     print(format_table(rows))
     if args.output:
         with open(args.output, "w") as f:
