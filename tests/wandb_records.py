@@ -46,3 +46,11 @@ def history(path: Path) -> list[dict]:
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return rows
+
+
+def run_config(path: Path) -> dict:
+    """The run's config as wandb.init received it."""
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "run":
+            return {item.key: json.loads(item.value_json) for item in record.run.config.update}
+    raise AssertionError(f"{path} holds no run record")

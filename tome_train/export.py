@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from .config import schedule_of
 from .models import build_model
 from .tome import ScheduleError, UnsupportedModelError, apply_tome, parse_schedule
+from .tome.schedule import schedule_from_text
 
 ONNX_TOLERANCE = 1e-4
 
@@ -104,8 +105,7 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
     """Export ``checkpoint`` into ``out``; returns what was written and checked."""
     config, state = read_checkpoint(checkpoint, ema)
     cfg, model = build_trained_model(config, state, checkpoint)
-    trained_r = schedule_of(cfg.tome.r_train)
-    run_r = schedule_of(cfg.tome.r_eval) if r is None and cfg.tome.r_eval is not None else (r if r is not None else trained_r)
+    run_r = r if r is not None else schedule_of(cfg.tome.r_eval if cfg.tome.r_eval is not None else cfg.tome.r_train)
     try:
         schedule = parse_schedule(run_r, len(model.blocks))
     except ScheduleError as e:
@@ -164,33 +164,18 @@ def load_exported(path: str | Path, r=None):
     return apply_tome(model, r=stored, prop_attn=tome["prop_attn"]).eval()
 
 
-def _parse_r(text: str):
-    """``--r 8``, ``--r 8,-1`` (r, inflect) or ``--r 8,8,4,...`` via ``[..]``."""
-    text = text.strip()
-    try:
-        if text.startswith("["):
-            return [int(v) for v in text.strip("[]").split(",") if v.strip()]
-        if "," in text:
-            base, inflect = text.split(",")
-            return (int(base), float(inflect))
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--r {text!r} is not allowed: use an integer, 'R,INFLECT' or a list '[r1,r2,...]'"
-        ) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="train.py export", description="Export a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, type=Path, help="Lightning checkpoint of a run")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
-    p.add_argument("--r", type=_parse_r, default=None, help="merge schedule to run at (default: the run's eval r)")
+    p.add_argument("--r", default=None, help="schedule to run at: 13, 16@-1 or 8,8,4 (default: the run's eval r)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
     args = p.parse_args(argv)
     try:
-        result = export(args.checkpoint, args.out, ema=args.ema, r=args.r, onnx=args.onnx)
-    except (ExportError, UnsupportedModelError) as e:
+        r = schedule_from_text(args.r) if args.r is not None else None
+        result = export(args.checkpoint, args.out, ema=args.ema, r=r, onnx=args.onnx)
+    except (ExportError, ScheduleError, UnsupportedModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported to {result['out']}: {', '.join(result['files'])}")

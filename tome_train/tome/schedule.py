@@ -117,3 +117,19 @@ def vit_flops(dims: ViTDims, schedule: Sequence[int] | None = None, blocks_only:
         macs += dims.num_patches * dims.patch_size * dims.in_chans * d  # patch embedding
         macs += d * dims.num_classes  # head
     return float(macs)
+
+
+def schedule_from_text(text: str) -> Schedule:
+    """A schedule from the command line: ``"13"``, ``"16@-1"`` (r, inflect) or ``"8,8,4"`` (per layer)."""
+    t = text.strip()
+    try:
+        if "@" in t:
+            base, inflect = t.split("@", 1)
+            return (int(base), float(inflect))
+        if "," in t:
+            return [int(v) for v in t.split(",") if v.strip()]
+        return int(t)
+    except ValueError:
+        raise ScheduleError(
+            f"r={text!r} is not allowed: use a non-negative integer (13), r@inflect (16@-1) or a per-layer list (8,8,4)"
+        ) from None
