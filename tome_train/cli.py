@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -123,6 +124,8 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     from .module import ToMeClassifier
     from .tradeoff import report_tradeoff
 
+    # Lightning's hint that srun exists but is unused: a local run on a SLURM login node is intended.
+    warnings.filterwarnings("ignore", message="The `srun` command is available")
     run_dir = Path(cfg.output_dir).resolve()
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
     datamodule.check()
@@ -184,9 +187,10 @@ def dry_run(cfg: DictConfig) -> str:
         schedule = model._tome_state.schedule
         counts = token_counts(schedule, dims.num_patches + dims.num_protected, dims.num_protected)
         flops = vit_flops(dims, schedule)
+        bound = vit_flops(dims, blocks_only=True) / vit_flops(dims, schedule, blocks_only=True)
         lines.append(
             f"{key} {r}: merges per layer {schedule}; tokens {counts}; "
-            f"{flops / 1e9:.2f} GFLOPs vs {base / 1e9:.2f} baseline ({base / flops:.2f}x bound)"
+            f"{flops / 1e9:.2f} GFLOPs vs {base / 1e9:.2f} baseline ({bound:.2f}x bound)"
         )
     found = datamodule.describe()
     lines.append("data: " + ", ".join(f"{k}={v}" for k, v in found.items()))
