@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SHORT_FIT = ["trainer.epochs=8", "optim.warmup_epochs=1", "tradeoff.r_values=[0,4,8]", "tradeoff.bench_steps=2", "tradeoff.num_vis_images=2"]
 
 
+@pytest.fixture(autouse=True)
+def _no_shared_wandb_service():
+    """An in-process run leaves WANDB_SERVICE set so that child processes share its wandb-core;
+    a training command started by a test (or by SLURM) must start its own, as a user's would."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""

@@ -19,25 +19,6 @@ def _command(run_dir, *overrides):
     return [sys.executable, str(ROOT / "train.py"), "--output-dir", str(run_dir), *QUICK, *overrides]
 
 
-def _wait_for_orphans(pid: int, timeout: float = 60) -> None:
-    """wandb's service process outlives a killed trainer until it notices (it watches ``--pid``);
-    it holds the run id until then, as it would on a real machine after an OOM kill."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        alive = []
-        for entry in os.listdir("/proc"):
-            try:
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if b"--pid" in cmdline and cmdline[cmdline.index(b"--pid") + 1] == str(pid).encode():
-                alive.append(entry)
-        if not alive:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"processes of the killed run still alive: {alive}")
-
-
 def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
     run_dir = tmp_path / "run"
     cmd = _command(run_dir, "trainer.epochs=2", "trainer.checkpoint_every_n_steps=4")
@@ -52,7 +33,6 @@ def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    _wait_for_orphans(proc.pid)
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert killed_at >= 4
     for ckpt in (run_dir / "checkpoints").glob("*"):

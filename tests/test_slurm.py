@@ -366,3 +366,34 @@ def test_lightning_two_node_training_requeues_and_resumes(cluster, tmp_path):
     assert (run_dir / "job.sbatch").read_text() == script
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_lightning_one_node_two_tasks_trains_with_ddp(tmp_path):
+    """train.py --slurm on 1 node x 2 CPU processes: srun starts both ranks, Lightning runs DDP
+    over them (world size 2), and the run finishes with every rank's steps counted once."""
+    reason = unavailable_reason()
+    if reason:
+        _skip_or_fail(reason)
+    try:
+        with SlurmCluster(tmp_path / "cluster", nodes=1, cpus=2) as c:
+            run_dir = tmp_path / "run"
+            epochs, steps_per_epoch = 2, 4
+            env = dict(c.env, OMP_NUM_THREADS="1")
+            proc = subprocess.run(
+                [PYTHON, str(PROJECT_ROOT / "train.py"), "--recipe", "digits_vit_r6", "--slurm", "--nodes", "1",
+                 "--gpus-per-node", "2", "--output-dir", str(run_dir), f"trainer.epochs={epochs}",
+                 f"trainer.limit_train_batches={steps_per_epoch}", "trainer.limit_val_batches=1",
+                 "tradeoff.enabled=false", "wandb.mode=offline"],
+                env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120,
+            )
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+            c.wait_state(job, "COMPLETED", timeout=240)
+            log = (run_dir / f"slurm-{job}.out").read_text(errors="replace")
+            assert ("GLOBAL_RANK: 0" in log and "GLOBAL_RANK: 1" in log) or "world size 2" in log, log[-3000:]
+            assert "--ntasks-per-node=2" in (run_dir / "job.sbatch").read_text()
+            assert _ckpt_step(run_dir / "checkpoints" / "last.ckpt")[0] == epochs * steps_per_epoch
+    except SlurmUnavailable as e:
+        _skip_or_fail(str(e))
