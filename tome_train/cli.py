@@ -92,6 +92,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     from pytorch_lightning.loggers import WandbLogger
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
+    from .checkpoint_io import AtomicCheckpointIO
+
     t = cfg.trainer
     logger = WandbLogger(
         project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name or cfg.name,
@@ -104,7 +106,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=t.checkpoint_every_n_steps),
     ]
     # Lightning saves hpc_ckpt_N.ckpt into default_root_dir on SIGUSR1 and requeues the job.
-    plugins = [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)] if SLURMEnvironment.detect() else []
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
     distributed = t.num_nodes > 1 or (isinstance(t.devices, int) and t.devices > 1)
     return pl.Trainer(
         default_root_dir=str(run_dir), max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices,
