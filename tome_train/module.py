@@ -84,8 +84,9 @@ class ToMeClassifier(pl.LightningModule):
             set_r(self.ema.module, r)
         return schedule
 
-    def tokens_per_layer(self, r: Any | None = None) -> list[int]:
-        schedule = self.model._tome_state.schedule if r is None else set_r(self.model, r)
+    def tokens_per_layer(self) -> list[int]:
+        """Tokens entering each block at the current schedule, and after the last one."""
+        schedule = self.model._tome_state.schedule
         return token_counts(schedule, self.dims.num_patches + self.dims.num_protected, self.dims.num_protected)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
