@@ -315,6 +315,20 @@ def _ckpt_step(path: Path) -> tuple[int, int]:
     return int(ckpt["global_step"]), int(ckpt["epoch"])
 
 
+def _submit_digits(cluster, run_dir: Path, nodes: int, tasks_per_node: int, epochs: int, steps_per_epoch: int) -> str:
+    """``train.py --slurm`` of a short digits run (CPU processes) to ``cluster``; the job id."""
+    env = dict(cluster.env, OMP_NUM_THREADS="1")  # the ranks share this machine's cores
+    proc = subprocess.run(
+        [PYTHON, str(PROJECT_ROOT / "train.py"), "--recipe", "digits_vit_r6", "--slurm", "--nodes", str(nodes),
+         "--gpus-per-node", str(tasks_per_node), "--output-dir", str(run_dir), f"trainer.epochs={epochs}",
+         f"trainer.limit_train_batches={steps_per_epoch}", "trainer.limit_val_batches=1",
+         "tradeoff.enabled=false", "wandb.mode=offline"],
+        env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_lightning_two_node_training_requeues_and_resumes(cluster, tmp_path):
@@ -327,16 +341,7 @@ def test_lightning_two_node_training_requeues_and_resumes(cluster, tmp_path):
     # hpc_ckpt_1 and requeues, but training goes on for a step or two until SLURM's SIGTERM lands; the
     # CLI resumes from the newest checkpoint, which stays hpc_ckpt_1 only if no epoch end came between
     epochs, steps_per_epoch = 3, 8
-    env = dict(cluster.env, OMP_NUM_THREADS="1")  # two ranks share this machine's cores
-    proc = subprocess.run(
-        [PYTHON, str(PROJECT_ROOT / "train.py"), "--recipe", "digits_vit_r6", "--slurm", "--nodes", "2",
-         "--gpus-per-node", "1", "--output-dir", str(run_dir), f"trainer.epochs={epochs}",
-         f"trainer.limit_train_batches={steps_per_epoch}", "trainer.limit_val_batches=1",
-         "tradeoff.enabled=false", "wandb.mode=offline"],
-        env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    job = _submit_digits(cluster, run_dir, nodes=2, tasks_per_node=1, epochs=epochs, steps_per_epoch=steps_per_epoch)
     script = (run_dir / "job.sbatch").read_text()
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     assert f"wandb.id={run_id}" in _srun_argv(script) and f"output_dir={run_dir}" in _srun_argv(script)
@@ -380,16 +385,7 @@ def test_lightning_one_node_two_tasks_trains_with_ddp(tmp_path):
         with SlurmCluster(tmp_path / "cluster", nodes=1, cpus=2) as c:
             run_dir = tmp_path / "run"
             epochs, steps_per_epoch = 2, 4
-            env = dict(c.env, OMP_NUM_THREADS="1")
-            proc = subprocess.run(
-                [PYTHON, str(PROJECT_ROOT / "train.py"), "--recipe", "digits_vit_r6", "--slurm", "--nodes", "1",
-                 "--gpus-per-node", "2", "--output-dir", str(run_dir), f"trainer.epochs={epochs}",
-                 f"trainer.limit_train_batches={steps_per_epoch}", "trainer.limit_val_batches=1",
-                 "tradeoff.enabled=false", "wandb.mode=offline"],
-                env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120,
-            )
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+            job = _submit_digits(c, run_dir, nodes=1, tasks_per_node=2, epochs=epochs, steps_per_epoch=steps_per_epoch)
             c.wait_state(job, "COMPLETED", timeout=240)
             log = (run_dir / f"slurm-{job}.out").read_text(errors="replace")
             assert ("GLOBAL_RANK: 0" in log and "GLOBAL_RANK: 1" in log) or "world size 2" in log, log[-3000:]

@@ -159,17 +159,8 @@ def render_sbatch(
     return "\n".join(lines)
 
 
-def write_sbatch(
-    run_dir: Path,
-    job_name: str,
-    opts: SlurmOptions,
-    train_argv: list[str],
-    python: str = sys.executable,
-    accelerator: Optional[str] = None,
-    train_script: Optional[Path] = None,
-    workdir: Optional[Path] = None,
-) -> Path:
-    """Write ``run_dir/job.sbatch`` and return its path.
+def write_sbatch(run_dir: Path, job_name: str, opts: SlurmOptions, train_argv: list[str], **render_args) -> Path:
+    """Write ``run_dir/job.sbatch`` (the text of :func:`render_sbatch`) and return its path.
 
     ``train_argv`` is the training command line after ``train.py``: the recipe, and the fixed
     ``output_dir=<run_dir>``, ``wandb.id=<id>``, ``trainer.num_nodes=N`` and ``trainer.devices=G``
@@ -177,7 +168,7 @@ def write_sbatch(
     ``gpu`` requests ``gpus_per_node`` GPUs per node, ``cpu`` none (``gpus_per_node`` processes
     per node all the same). ``workdir`` (default: the current directory) is where the job runs.
     """
-    text = render_sbatch(run_dir, job_name, opts, train_argv, python, accelerator, train_script, workdir)
+    text = render_sbatch(run_dir, job_name, opts, train_argv, **render_args)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     script = run_dir / SCRIPT_NAME
