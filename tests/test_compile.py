@@ -1,0 +1,42 @@
+"""torch.compile sees a ToMe model as one graph: no graph break, no recompilation between calls."""
+import timm
+import torch
+import torch._dynamo as dynamo
+
+from tome_train.tome import apply_tome
+
+
+def _model():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=4, num_classes=10)
+    return apply_tome(model, r=8, prop_attn=True)
+
+
+def test_patched_model_traces_as_one_graph_without_breaks():
+    model = _model().eval()
+    dynamo.reset()
+    explained = dynamo.explain(model)(torch.randn(4, 3, 64, 64))
+    assert explained.graph_count == 1
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+
+
+def test_compiled_model_matches_and_never_recompiles(monkeypatch):
+    torch.manual_seed(0)
+    model = _model()
+    dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    images = torch.randn(4, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(compiled(images), model(images), atol=1e-5)
+    monkeypatch.setattr(dynamo.config, "error_on_recompile", True)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(torch.randn(4, 3, 64, 64))
+    model.train()
+    dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(images).sum().backward()  # the training graph (merges with gradients) compiles too
+    monkeypatch.setattr(dynamo.config, "error_on_recompile", True)
+    for _ in range(2):
+        compiled(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
