@@ -59,6 +59,7 @@ def test_recipe_path_and_fragment_order(tmp_path):
         ("mae_vitl_r8", ["tome.r_train=2.5"], "r=2.5 is not allowed"),
         ("mae_vitl_r8", ["data.source=lmdb"], "data.source='lmdb' is not allowed: use one of digits, imagefolder, webdataset"),
         ("mae_vitl_r8", ["epochs"], "override 'epochs' is not key=value"),
+        ("mae_vitl_r8", ["trainer.devices=many"], "trainer.devices='many' is not allowed: use a positive integer or auto"),
     ],
 )
 def test_bad_input_is_one_clear_error(recipe, overrides, needle):

@@ -249,7 +249,8 @@ def test_missing_data_raises_one_line_data_error(tmp_path, shards):
     root, info = shards
     cases = [
         (data_cfg(source="imagefolder", root=str(tmp_path / "nope")), str(tmp_path / "nope")),
-        (data_cfg(source="webdataset", root=str(tmp_path / "nope")), str(tmp_path / "nope")),
+        (shard_cfg(tmp_path / "nope", info), str(tmp_path / "nope")),
+        (data_cfg(source="webdataset", root=str(root)), "data.train_shards is required"),
         (shard_cfg(root, info, train_shards="imagenet1k-train-{0000..0009}.tar"), "imagenet1k-train-0008.tar"),
     ]
     (tmp_path / "half" / "train" / "a").mkdir(parents=True)

@@ -3,8 +3,9 @@
 A recipe ``recipes/NAME.yaml`` lists fragments under ``defaults`` (``configs/GROUP/NAME.yaml``,
 each a partial config with top-level sections) and then sets its own values; command-line
 ``dotted.key=value`` overrides come last. Every merge goes through OmegaConf's structured
-config, so unknown keys and wrong types are refused with the key named. The schema holds
-no hyperparameter values of its own: every one comes from a fragment or a recipe.
+config, so unknown keys and wrong types are refused with the key named. Every value a recipe
+tunes is MISSING here and comes from a fragment or a recipe; the few defaults the schema keeps
+switch a feature off (no mixup, no random erasing, no EMA) or are engineering settings.
 """
 from __future__ import annotations
 
@@ -50,27 +51,27 @@ class ToMeConfig:
 class DataConfig:
     source: str = MISSING  # digits | imagefolder | webdataset
     root: Optional[str] = None  # imagefolder: dir with train/ val/; webdataset: dir or URL prefix of shards
-    train_shards: str = "imagenet1k-train-{0000..1023}.tar"
-    val_shards: str = "imagenet1k-validation-{00..63}.tar"
-    train_samples: int = 1281167  # webdataset has no index: the sample counts come from here
-    val_samples: int = 50000
+    train_shards: Optional[str] = None  # webdataset: brace pattern under root
+    val_shards: Optional[str] = None
+    train_samples: Optional[int] = None  # webdataset has no index: the sample counts come from here
+    val_samples: Optional[int] = None
     batch_size: int = MISSING  # per device
     num_workers: int = MISSING
-    val_fraction: float = 0.2  # digits: the fixed held-out share
+    val_fraction: Optional[float] = None  # digits: the fixed held-out share
     shuffle_buffer: int = 1000  # webdataset: raw samples in each worker's shuffle buffer
     # training augmentation, timm's create_transform names
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    hflip: float = 0.5
+    scale: list[float] = MISSING
+    ratio: list[float] = MISSING
+    hflip: float = MISSING
     color_jitter: Optional[float] = None
     auto_augment: Optional[str] = None
-    interpolation: str = "bicubic"
+    interpolation: str = MISSING
     re_prob: float = 0.0
     re_mode: str = "pixel"
     re_count: int = 1
-    crop_pct: float = 0.875
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    crop_pct: float = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
     repeated_aug: int = 1  # DeiT: 3
 
 
@@ -89,8 +90,8 @@ class OptimConfig:
     blr: float = MISSING  # peak lr = blr * global_batch / lr_base_batch
     lr_base_batch: int = MISSING  # DeiT 512, MAE 256
     weight_decay: float = MISSING
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: list[float] = MISSING
+    eps: float = MISSING
     layer_decay: Optional[float] = None
     warmup_epochs: float = MISSING
     warmup_lr: float = MISSING
@@ -289,6 +290,9 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.data.source, ["digits", "imagefolder", "webdataset"], "data.source")
     _choice(cfg.trainer.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"], "trainer.precision")
     _choice(cfg.model.global_pool, ["token", "avg"], "model.global_pool")
+    devices = cfg.trainer.devices
+    if devices != "auto" and not (isinstance(devices, int) and not isinstance(devices, bool) and devices > 0):
+        raise ConfigError(f"trainer.devices={devices!r} is not allowed: use a positive integer or auto")
     for key in ("r_train", "r_eval"):
         value = cfg.tome[key]
         if value is None:

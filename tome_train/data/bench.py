@@ -24,11 +24,15 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-DEIT_AUG = dict(
-    scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
-    interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, crop_pct=0.875,
-    mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-)
+def deit_augmentation():
+    """The recipes' ImageNet training augmentation, read from its config fragment."""
+    from omegaconf import OmegaConf
+
+    from ..config import FRAGMENT_DIR
+
+    data = OmegaConf.load(FRAGMENT_DIR / "data" / "imagenet_wds.yaml").data
+    return {k: data[k] for k in ("scale", "ratio", "hflip", "color_jitter", "auto_augment", "interpolation",
+                                 "re_prob", "re_mode", "re_count", "crop_pct", "mean", "std")}
 
 
 def make_jpegs(root: Path, images: int, classes: int = 10, size=(400, 350), seed: int = 0) -> None:
@@ -97,13 +101,14 @@ def run(workdir: Path, images: int, measure_images: int, batch_size: int, cores:
     written = write_imagefolder_shards(str(tree), str(shard_dir), train_per_shard=max(1, images // 8),
                                        val_per_shard=images)
     pattern, val_pattern = written["train"]["pattern"], written["val"]["pattern"]
+    aug = deit_augmentation()
 
     def ours(source: str, workers: int, repeated_aug: int = 1):
         cfg = OmegaConf.structured(DataConfig)
-        cfg.merge_with(dict(DEIT_AUG, source=source, root=str(tree if source == "imagefolder" else shard_dir),
+        cfg.merge_with(dict(aug, source=source, root=str(tree if source == "imagefolder" else shard_dir),
                             batch_size=batch_size, num_workers=workers, repeated_aug=repeated_aug,
                             train_shards=pattern, val_shards=val_pattern,
-                            train_samples=10**6))  # one long epoch: the stream never restarts
+                            train_samples=10**6, val_samples=written["val"]["samples"]))  # one long epoch: no restart
         return lambda: ImageDataModule(cfg, img_size, seed=0).train_dataloader()
 
     def timm_loader(workers: int):
@@ -111,7 +116,7 @@ def run(workdir: Path, images: int, measure_images: int, batch_size: int, cores:
 
         def make():
             dataset = create_dataset("", root=str(tree / "train"), is_training=True)
-            a = DEIT_AUG
+            a = aug
             loader = create_loader(
                 dataset, input_size=(3, img_size, img_size), batch_size=batch_size, is_training=True,
                 use_prefetcher=False, scale=tuple(a["scale"]), ratio=tuple(a["ratio"]), hflip=a["hflip"],

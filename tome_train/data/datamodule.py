@@ -73,6 +73,9 @@ class ImageDataModule(pl.LightningDataModule):
         if split not in self._urls:
             if not self.cfg.root:
                 raise DataError("data.root is required for data.source=webdataset")
+            for key in (f"{split}_shards", f"{split}_samples"):
+                if self.cfg[key] is None:
+                    raise DataError(f"data.{key} is required for data.source=webdataset (see configs/data/imagenet_wds.yaml)")
             pattern = self.cfg.train_shards if split == "train" else self.cfg.val_shards
             self._urls[split] = stream.check_shards(self.cfg.root, pattern, split)
         return self._urls[split]
