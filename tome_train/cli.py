@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import uuid
 import warnings
@@ -93,6 +92,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
     from .checkpoint_io import AtomicCheckpointIO
+    from .requeue import SlurmRequeue
 
     t = cfg.trainer
     logger = WandbLogger(
@@ -105,10 +105,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/top1", mode="max", save_top_k=1),
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=t.checkpoint_every_n_steps),
     ]
-    # Lightning saves hpc_ckpt_N.ckpt into default_root_dir on SIGUSR1 and requeues the job.
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+        # the requeue is ours (SlurmRequeue): Lightning's handler saves from inside the signal
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(SlurmRequeue())
     distributed = t.num_nodes > 1 or (isinstance(t.devices, int) and t.devices > 1)
     return pl.Trainer(
         default_root_dir=str(run_dir), max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices,
@@ -149,6 +150,8 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
         print(f"resuming from {ckpt}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
 
+    if any(getattr(cb, "requeued", False) for cb in trainer.callbacks):
+        return {"run_dir": str(run_dir), "requeued": True}  # SLURM restarts the job from its checkpoint
     result = {"run_dir": str(run_dir), "val_top1": float(trainer.callback_metrics.get("val/top1", float("nan")))}
     if cfg.tradeoff.enabled:
         result["tradeoff"] = report_tradeoff(trainer, module, datamodule, run_dir)

@@ -1,0 +1,61 @@
+"""SLURM's warning signal handled at a step boundary, so that every rank saves together.
+
+On ``SIGUSR1`` (``#SBATCH --signal=SIGUSR1@90``) Lightning's own handler saves the requeue
+checkpoint from inside the signal handler. With several ranks the signal lands on each at a
+different point, possibly inside a gradient all-reduce, and the checkpoint's collectives then
+pair with the wrong operations and hang. Here the handler only records the signal; every
+``check_every`` steps the ranks agree on it with one tiny all-reduce, save
+``hpc_ckpt_N.ckpt`` together, rank 0 requeues the job and training stops.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+
+def next_hpc_checkpoint(root: str | Path) -> Path:
+    """``hpc_ckpt_N.ckpt`` with N one above the newest there, the name Lightning resumes from."""
+    root = Path(root)
+    numbers = [int(p.stem.rsplit("_", 1)[1]) for p in root.glob("hpc_ckpt_*.ckpt") if p.stem.rsplit("_", 1)[1].isdigit()]
+    return root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
+class SlurmRequeue(pl.Callback):
+    def __init__(self, check_every: int = 10):
+        self.check_every = check_every
+        self.signalled = False
+        self.requeued = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            signal.signal(signal.SIGUSR1, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.signalled = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.requeued or trainer.global_step % self.check_every:
+            return
+        flag = torch.tensor(float(self.signalled), device=pl_module.device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if not flag.item():
+            return
+        if trainer.is_global_zero:
+            print(f"Handling auto-requeue signal: {signal.SIGUSR1} at global step {trainer.global_step}", flush=True)
+        for logger in trainer.loggers:
+            logger.finalize("finished")
+        trainer.save_checkpoint(next_hpc_checkpoint(trainer.default_root_dir))
+        self.requeued = True
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            job = os.environ["SLURM_JOB_ID"]
+            if os.environ.get("SLURM_ARRAY_JOB_ID"):
+                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            result = subprocess.call(["scontrol", "requeue", job])
+            print(f"Requeued SLURM job: {job}" if result == 0 else f"Requeuing SLURM job {job} failed ({result})", flush=True)
