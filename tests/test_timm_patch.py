@@ -449,14 +449,14 @@ def test_proportional_attention_equals_explicit_formula():
         x = torch.randn(2, 9, DIM, generator=g)
         size = torch.randint(1, 6, (2, 9, 1), generator=g).float()
         with torch.no_grad():
-            out, metric = attn(x, size_bias(size))
+            out, keys = attn(x, size_bias(size))
             B, N, H, hd = 2, 9, HEADS, DIM // HEADS
             q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
             q, k = attn.q_norm(q), attn.k_norm(k)
             weights = torch.softmax(q @ k.transpose(-1, -2) * hd ** -0.5 + size.log().reshape(B, 1, 1, N), dim=-1)
             expected = ((weights @ v).transpose(1, 2).reshape(B, N, DIM)) @ attn.proj.weight.T + attn.proj.bias
         assert max_diff(out, expected) <= 1e-5
-        assert max_diff(metric, k.mean(dim=1)) <= 1e-6  # keys averaged over heads
+        assert max_diff(keys, k) <= 1e-6  # the keys, after k_norm, for the matching metric
         assert max_diff(out, attn(x)[0]) > 1e-4
 
 
@@ -706,3 +706,41 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def _aten_ops(model, images) -> list[str]:
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(images)
+    return [e.name for e in prof.events() if e.name.startswith("aten::")]
+
+
+@pytest.mark.parametrize("key", ["vit", "mae_avg_pool"])
+def test_unmerged_forward_runs_exactly_timms_ops(key):
+    """r = 0, or a batch under ``min_batch``: not one extra kernel (no metric, no bias, no matching)."""
+    base = make(key).eval()
+    images = torch.randn(2, 3, IMG, IMG)
+    expected = _aten_ops(base, images)
+    for r, min_batch in [(0, 1), (3, 3)]:
+        model = apply_tome(copy.deepcopy(base), r=r, min_batch=min_batch)
+        assert _aten_ops(model, images) == expected
+        assert torch.equal(model(images), base(images))
+    assert _aten_ops(apply_tome(copy.deepcopy(base), r=3, min_batch=2), images) != expected
+
+
+def test_min_batch_switches_merging_per_forward():
+    base = make("vit").eval()
+    model = apply_tome(copy.deepcopy(base), r=3, min_batch=4)
+    merged = apply_tome(copy.deepcopy(base), r=3)
+    small, large = torch.randn(3, 3, IMG, IMG), torch.randn(4, 3, IMG, IMG)
+    with torch.no_grad():
+        assert torch.equal(model(small), base(small))
+        assert tome_state(model).size is None and not tome_state(model).merging
+        assert torch.equal(model(large), merged(large))
+        assert tome_state(model).merging and tome_state(model).size.shape[1] == 1 + NUM_PATCHES - 3 * DEPTH
+        assert torch.equal(model(small), base(small))  # decided again on every forward
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_min_batch_is_one_clear_error(bad):
+    with pytest.raises(ValueError, match=r"min_batch=.* is not allowed: use an integer >= 1"):
+        apply_tome(make("vit"), r=2, min_batch=bad)

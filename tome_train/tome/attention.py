@@ -36,12 +36,13 @@ def size_bias(size: torch.Tensor) -> torch.Tensor:
 
 
 class ToMeAttention(Attention):
-    """timm ``Attention`` that also returns the matching metric and takes an additive bias."""
+    """timm ``Attention`` that also returns its keys (for the matching metric) and takes an additive bias."""
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[B, N, C]``, ``attn_bias`` broadcastable to ``[B, H, N, N]``.
 
-        Returns the attention output ``[B, N, C]`` and the keys averaged over heads ``[B, N, Dh]``.
+        Returns the attention output ``[B, N, C]`` and the keys ``[B, H, N, Dh]`` (a view: a layer
+        that merges averages them over heads, one that does not pays nothing for them).
         """
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -56,4 +57,4 @@ class ToMeAttention(Attention):
         if gate is not None:
             x = x * gate
         x = self.proj_drop(self.proj(x))
-        return x, k.mean(1)
+        return x, k

@@ -19,8 +19,12 @@ import torch
 class Merge:
     """The indices of one bipartite merge, shared by every tensor merged in that layer.
 
-    Shapes (``B`` batch, ``Na``/``Nb`` unprotected tokens in set A/B, ``r`` merges):
-    ``unm_idx`` ``[B, Na - r]`` sorted, ``src_idx`` ``[B, r]``, ``dst_idx`` ``[B, r]``.
+    Shapes (``B`` batch, ``N`` tokens, ``Na``/``Nb`` unprotected tokens in set A/B, ``r`` merges):
+    ``unm_idx`` ``[B, Na - r]`` sorted, ``src_idx`` ``[B, r]``, ``dst_idx`` ``[B, r]`` (positions
+    within set A and set B). The same merge as rows of the flattened tensors, for one
+    ``index_select`` and one ``scatter_add`` per merged tensor: ``keep_rows`` ``[B * (N - r)]``
+    and ``src_rows`` ``[B * r]`` index ``x.reshape(B * N, -1)``, ``dst_rows`` ``[B * r]`` the
+    merged ``[B * (N - r), -1]``.
     """
 
     num_protected: int
@@ -28,15 +32,18 @@ class Merge:
     unm_idx: torch.Tensor
     src_idx: torch.Tensor
     dst_idx: torch.Tensor
+    keep_rows: torch.Tensor
+    src_rows: torch.Tensor
+    dst_rows: torch.Tensor
 
     @property
     def r(self) -> int:
         return self.src_idx.shape[1]
 
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        p, a0 = self.num_protected, self.a_offset
-        rest = x[:, p:]
-        return x[:, :p], rest[:, a0::2], rest[:, 1 - a0::2]
+    @property
+    def b_start(self) -> int:
+        """Where set B starts in the merged layout."""
+        return self.num_protected + self.unm_idx.shape[1]
 
     def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         """Merge ``x`` of shape ``[B, N, ...]`` along dim 1 into ``[B, N - r, ...]``.
@@ -44,15 +51,13 @@ class Merge:
         ``mode`` is a ``scatter_reduce`` reduction: ``sum`` (size-weighted merging works on
         ``x * size``), ``amax`` (masks, source maps) or ``mean``.
         """
-        shape = x.shape
-        x = x.reshape(shape[0], shape[1], -1)
-        prefix, a, b = self._split(x)
-        n, _, c = a.shape
-        unm = a.gather(1, self.unm_idx[..., None].expand(n, -1, c))
-        src = a.gather(1, self.src_idx[..., None].expand(n, -1, c))
-        b = b.scatter_reduce(1, self.dst_idx[..., None].expand(n, -1, c), src, reduce=mode)
-        out = torch.cat([prefix, unm, b], dim=1)
-        return out.reshape(shape[0], out.shape[1], *shape[2:])
+        n, t = x.shape[:2]
+        rows = x.reshape(n * t, -1)
+        out = rows.index_select(0, self.keep_rows)
+        src = rows.index_select(0, self.src_rows)
+        # scatter, not index_add_: ONNX exports index_add_ as a ScatterND that drops repeated destinations
+        out.scatter_reduce_(0, self.dst_rows[:, None].expand_as(src), src, reduce=mode)
+        return out.reshape(n, t - self.r, *x.shape[2:])
 
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:
         """Invert the layout change: ``[B, N - r, C]`` -> ``[B, N, C]``.
@@ -95,6 +100,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
         return None
     a_offset = num_protected % 2
     with torch.no_grad():
+        n, t = metric.shape[:2]
         metric = metric[:, num_protected:]
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, a_offset::2], metric[:, 1 - a_offset::2]
@@ -103,32 +109,58 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
         src_idx = edge_idx[:, :r]
         unm_idx = edge_idx[:, r:].sort(dim=-1).values
         dst_idx = node_idx.gather(1, src_idx)
-    return Merge(num_protected, a_offset, unm_idx, src_idx, dst_idx)
+
+        num_a, num_b = a.shape[1], b.shape[1]
+        batch = torch.arange(n, device=metric.device)[:, None]
+        a_pos, b_pos = num_protected + a_offset, num_protected + 1 - a_offset  # sequence positions of A[0], B[0]
+        keep_rows = torch.cat([
+            torch.arange(num_protected, device=metric.device).expand(n, -1),
+            a_pos + 2 * unm_idx,
+            (b_pos + 2 * torch.arange(num_b, device=metric.device)).expand(n, -1),
+        ], dim=1) + batch * t
+        src_rows = a_pos + 2 * src_idx + batch * t
+        dst_rows = num_protected + num_a - r + dst_idx + batch * (t - r)
+    return Merge(
+        num_protected, a_offset, unm_idx, src_idx, dst_idx,
+        keep_rows.flatten(), src_rows.flatten(), dst_rows.flatten(),
+    )
 
 
 def merge_wavg(
     merge: Merge, x: torch.Tensor, size: torch.Tensor | None, source: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Size-weighted average merge of tokens ``x`` ``[B, N, C]``, sizes ``[B, N, 1]`` and,
-    if traced, the source map ``[B, N, N0]`` in one gather/scatter pass.
+    if traced, the source map ``[B, N, N0]``.
+
+    ``x`` is read once (the kept rows, copied in order) plus its ``r`` merged rows; only the
+    rows of set B are rescaled. The public implementation instead makes ``x * size``, splits,
+    gathers, scatters, concatenates and divides, each a pass over every token.
 
     Source rows are one-hot over disjoint original tokens, so summing them equals the
     ``amax`` merge of the paper's code. The returned ``size`` and ``source`` are detached:
     they are functions of the matching indices only, so their gradient is zero anyway.
     """
-    if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
-    c = x.shape[-1]
-    parts = [x * size, size.to(x.dtype)]
-    if source is not None:
-        parts.append(source.to(x.dtype))
-    merged = merge(torch.cat(parts, dim=-1), mode="sum")
+    n, t, c = x.shape
+    r = merge.r
+    sizes = size.reshape(n * t, 1).to(x.dtype) if size is not None else x.new_ones(n * t, 1)
+    src_size = sizes.index_select(0, merge.src_rows)
+    kept_size = sizes.index_select(0, merge.keep_rows)
+    new_size = kept_size.scatter_add(0, merge.dst_rows[:, None], src_size)
+
+    # Every destination becomes the size-weighted mean of its group: its own value scaled to its
+    # share of the new size, plus the shares of its sources. Only set B receives merges, so only its
+    # rows are scaled (by exactly 1 where nothing arrives); the rest is one row copy of x.
+    rows = x.reshape(n * t, c)
+    out = rows.index_select(0, merge.keep_rows).view(n, t - r, c)
+    share = (kept_size / new_size).view(n, t - r, 1)
+    out[:, merge.b_start:] *= share[:, merge.b_start:]
+    src = rows.index_select(0, merge.src_rows) * (src_size / new_size.index_select(0, merge.dst_rows))
+    out = out.view(n * (t - r), c).scatter_add_(0, merge.dst_rows[:, None].expand_as(src), src)
     # Sizes and sources depend only on the (no-grad) matching, never on a parameter: detached,
     # they carry no autograd graph (no useless bias gradient in attention, deepcopy-able state).
-    size = merged[..., c:c + 1].detach()
-    x = merged[..., :c] / size
-    source = merged[..., c + 1:].detach() if source is not None else None
-    return x, size, source
+    if source is not None:
+        source = merge(source.to(x.dtype).detach(), mode="sum")
+    return out.view(n, t - r, c), new_size.view(n, t - r, 1).detach(), source
 
 
 def unmerge_tokens(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

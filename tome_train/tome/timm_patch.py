@@ -31,13 +31,17 @@ class ToMeState:
 
     ``size`` ``[B, N, 1]`` tokens held by each token (``None``: all ones), ``source``
     ``[B, N, N0]`` which input tokens each token holds (when traced), ``attn_mask`` the
-    caller's mask as an additive bias merged along with the tokens.
+    caller's mask as an additive bias merged along with the tokens, ``merging`` whether this
+    forward merges: only batches of at least ``min_batch`` images do (smaller ones run as the
+    unpatched model, where matching would cost more than the tokens it removes save).
     """
 
     schedule: list[int]
     prop_attn: bool
     trace_source: bool
     num_protected: int
+    min_batch: int = 1
+    merging: bool = True
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
     attn_mask: torch.Tensor | None = None
@@ -50,7 +54,8 @@ class ToMeState:
         state.update(size=None, source=None, attn_mask=None, layer_sources=None)
         return state
 
-    def begin(self, attn_mask: torch.Tensor | None = None, record_sources: bool = False) -> None:
+    def begin(self, batch_size: int, attn_mask: torch.Tensor | None = None, record_sources: bool = False) -> None:
+        self.merging = any(self.schedule) and batch_size >= self.min_batch
         self.size = None
         self.source = None
         self.attn_mask = attn_mask
@@ -83,10 +88,11 @@ class ToMeBlock(Block):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """``[B, N, C]`` -> ``[B, N - r, C]``; the mask arrives through the state, merged."""
         state = self._tome_state
-        x_attn, metric = self.attn(self.norm1(x), state.attn_bias())
+        x_attn, keys = self.attn(self.norm1(x), state.attn_bias())
         x = x + self.drop_path1(self.ls1(x_attn))
 
-        merge = bipartite_soft_matching(metric, state.schedule[self._tome_layer], state.num_protected)
+        r = state.schedule[self._tome_layer] if state.merging else 0
+        merge = bipartite_soft_matching(keys.mean(1), r, state.num_protected) if r > 0 else None
         if merge is not None:
             if state.tracing and state.source is None:
                 state.source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
@@ -111,16 +117,16 @@ class ToMeVisionTransformerMixin:
 
     def _tome_begin(self, images: torch.Tensor, x_attn_mask, is_causal: bool, record_sources: bool = False) -> None:
         state = self._tome_state
-        merging = any(state.schedule)
-        if merging and is_causal:
-            raise ValueError("is_causal=True cannot be combined with token merging (r > 0)")
-        if merging and self.grad_checkpointing and torch.is_grad_enabled():
-            raise ValueError("gradient checkpointing re-runs blocks and cannot carry merge state; disable it or use r=0")
         num_tokens = self.num_prefix_tokens
         if is_causal:
             grid = self.patch_embed.dynamic_feat_size(images.shape[-2:])
             num_tokens += grid[0] * grid[1]
-        state.begin(additive_mask(x_attn_mask, num_tokens, is_causal, images.device), record_sources)
+        mask = additive_mask(x_attn_mask, num_tokens, is_causal, images.device)
+        state.begin(images.shape[0], mask, record_sources)
+        if state.merging and is_causal:
+            raise ValueError("is_causal=True cannot be combined with token merging (r > 0)")
+        if state.merging and self.grad_checkpointing and torch.is_grad_enabled():
+            raise ValueError("gradient checkpointing re-runs blocks and cannot carry merge state; disable it or use r=0")
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         self._tome_begin(x, attn_mask, is_causal)
@@ -143,7 +149,9 @@ class ToMeVisionTransformerMixin:
             return avg
         if pool_type == "avgmax":
             return 0.5 * (x.amax(dim=1) + avg)
-        raise UnsupportedModelError(f"global_pool={pool_type!r} is not supported by ToMe: use token, avg, avgmax or max")
+        raise UnsupportedModelError(
+            f"global_pool={pool_type!r} is not supported by ToMe: use token, avg, avgmax or max"
+        )
 
     def forward_intermediates(
         self,
@@ -234,7 +242,7 @@ def _check_supported(model: torch.nn.Module) -> None:
 
 
 def apply_tome(
-    model: VisionTransformer, r: Schedule = 0, prop_attn: bool = True, trace_source: bool = False
+    model: VisionTransformer, r: Schedule = 0, prop_attn: bool = True, trace_source: bool = False, min_batch: int = 1
 ) -> VisionTransformer:
     """Patch a timm ``VisionTransformer`` in place to merge tokens by schedule ``r``.
 
@@ -243,15 +251,21 @@ def apply_tome(
         r: constant ``int``, ``(r, inflect)`` tuple or per-layer list (see :mod:`.schedule`).
         prop_attn: add ``log(size)`` of each key to the attention logits.
         trace_source: keep the ``[B, N, N0]`` source map of every forward (for visualizations).
+        min_batch: merge only batches of at least this many images; smaller batches run unmerged
+            (``r = 0``), for devices where matching costs more than it saves at small batches
+            (:func:`tome_train.bench.calibrate_min_batch` measures it).
 
     Returns the same model object, now patched. Calling it again updates the settings.
     """
     _check_supported(model)
+    if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
+        raise ValueError(f"min_batch={min_batch!r} is not allowed: use an integer >= 1")
     state = ToMeState(
         schedule=parse_schedule(r, len(model.blocks)),
         prop_attn=prop_attn,
         trace_source=trace_source,
         num_protected=model.num_prefix_tokens,
+        min_batch=min_batch,
     )
     model.__class__ = _patched_class(type(model)) if not is_patched(model) else type(model)
     model._tome_state = state
