@@ -10,7 +10,7 @@ import math
 import pytest
 
 from tome_train import bench
-from tome_train.tome import ViTDims, parse_schedule, vit_flops
+from tome_train.tome import ViTDims, apply_tome, parse_schedule, vit_flops
 
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--device", "cpu", "--batch-size", "2",
         "--steps", "1", "--warmup", "0"]
@@ -39,6 +39,13 @@ def test_json_has_one_row_per_case_and_mode(both_modes):
         assert math.isclose(row["ratio_of_bound"], row["ratio"] / row["flop_bound"], rel_tol=1e-9)
         assert math.isclose(row["baseline_ims"], 2 / (row["baseline_ms"] / 1e3), rel_tol=1e-9)
         assert row["baseline_gflops"] >= row["tome_gflops"] > 0
+        assert row["baseline_first_s"] > 0 and row["tome_first_s"] > 0
+        assert math.isclose(row["first_ratio"], row["tome_first_s"] / row["baseline_first_s"], rel_tol=1e-9)
+        assert row["recompiles"] == 0 and row["min_batch"] == 1 and row["merging"] == (row["r"] != "0")
+        if row["mode"] == "infer":  # fp32 eager on both sides of the check: the very same computation
+            assert row["baseline_max_diff"] == row["tome_max_diff"] == 0.0 and row["same_merges"] == 1.0
+        else:
+            assert row["baseline_max_diff"] is row["tome_max_diff"] is row["same_merges"] is None
 
 
 def test_flop_bound_follows_the_schedule(both_modes):
@@ -126,3 +133,54 @@ def test_cpu_timer_min_stat_and_threads_restored(tmp_path):
     assert data["machine"]["torch_threads"] == 1
     row = data["results"][0]
     assert row["timer"] == "cpu" and row["stat"] == "min" and row["tome_ims"] > 0
+
+
+def test_output_check_under_autocast_compares_with_fp32():
+    """bf16 autocast against fp32 eager: the logits differ, and the check says by how much."""
+    import torch
+
+    row, = bench.run_benchmark([("vit_tiny_patch16_224", 4)], device="cpu", img_size=64, batch_size=3, dtype="bf16",
+                               warmup=0, steps=1, modes=["infer"])
+    assert 0 < row["tome_max_diff"] < 1 and 0 < row["baseline_max_diff"] < 1
+    assert row["same_merges"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    model = apply_tome(bench._create("vit_tiny_patch16_224", 64, "cpu"), r=4)
+    x = torch.randn(3, 3, 64, 64)
+    runner = bench._Runner(model, "infer", x, None, torch.device("cpu"), torch.float32, False)
+    checks = bench.check_outputs(runner, runner)
+    assert checks == {"baseline_max_diff": 0.0, "tome_max_diff": 0.0, "same_merges": 1.0}
+
+
+@pytest.mark.parametrize("timings, expected", [
+    ([(1, 2.0, 1.0), (2, 1.5, 1.6), (4, 1.0, 2.0)], 2),  # merging pays off from batch 2 on
+    ([(1, 0.5, 1.0), (2, 2.0, 1.0), (4, 1.0, 2.0)], 4),  # faster at 1 but not at 2: only from 4
+    ([(1, 0.5, 1.0), (2, 0.5, 1.0)], 1),
+    ([(1, 2.0, 1.0), (8, 2.0, 2.0)], 9),  # never faster (a tie is no gain): beyond what was measured
+])
+def test_choose_min_batch(timings, expected):
+    assert bench.choose_min_batch(timings) == expected
+    assert bench.choose_min_batch(list(reversed(timings))) == expected
+
+
+def test_calibrate_min_batch_sets_what_it_measured():
+    from tome_train.tome import tome_state
+
+    model = apply_tome(bench._create("vit_tiny_patch16_224", 64, "cpu"), r=2)
+    messages = []
+    min_batch, rows = bench.calibrate_min_batch(model, device="cpu", max_batch=6, warmup=0, steps=1,
+                                                log=messages.append)
+    assert [row["batch_size"] for row in rows] == [1, 2, 4, 6]
+    assert min_batch == tome_state(model).min_batch
+    assert min_batch == bench.choose_min_batch([(r["batch_size"], r["merged_ms"], r["unmerged_ms"]) for r in rows])
+    assert len(messages) == 1 and f"min_batch={min_batch}" in messages[0]
+    with pytest.raises(bench.BenchError, match="patched"):
+        bench.calibrate_min_batch(bench._create("vit_tiny_patch16_224", 64, "cpu"), device="cpu")
+
+
+def test_auto_min_batch_row_says_whether_it_merged(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench.main(TINY + ["--r", "2", "--mode", "infer", "--auto-min-batch", "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "calibrating min_batch up to batch 2" in err and "min_batch=" in err
+    row, = json.loads(out.read_text())["results"]
+    assert row["min_batch"] in (1, 2, 3) and row["merging"] == (row["min_batch"] <= 2)
+    assert row["same_merges"] == 1.0 and row["tome_max_diff"] == 0.0

@@ -39,7 +39,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .tome import ScheduleError, UnsupportedModelError, ViTDims, apply_tome, token_counts, tome_state, vit_flops
+from .tome import (
+    ScheduleError, UnsupportedModelError, ViTDims, apply_tome, is_patched, token_counts, tome_state, vit_flops,
+)
 from .tome.schedule import schedule_from_text
 
 MODES = ("infer", "train")
@@ -50,6 +52,8 @@ FIELDS = (
     "model", "r", "schedule", "mode", "prop_attn", "batch_size", "img_size", "dtype", "device", "compile",
     "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
+    "baseline_first_s", "tome_first_s", "first_ratio", "recompiles",
+    "min_batch", "merging", "baseline_max_diff", "tome_max_diff", "same_merges",
     "warmup", "steps", "timer", "stat", "other_cpus",
 )
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -235,14 +239,26 @@ class OtherLoad:
         return round(max(busy - own, 0.0) / wall, 2)
 
 
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (a rise between steps is a recompilation)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 class _Runner:
-    """One side of the comparison: a model, its step function and the step times it measured."""
+    """One side of the comparison: a model, its step function and the step times it measured.
+
+    ``min_batch`` (patched models only) is set on the model before every step, so two runners can
+    time the same model with and without merging.
+    """
 
     def __init__(self, model, mode: str, x, target, device, dtype, compile_: bool, lr: float = 1e-4,
-                 timer: Callable[[], float] = time.perf_counter):
+                 timer: Callable[[], float] = time.perf_counter, min_batch: int | None = None):
         self.model, self.mode, self.x, self.target, self.timer = model, mode, x, target, timer
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.min_batch = device, dtype, min_batch
         self.times: list[float] = []
+        self.first_s: float | None = None
         model.train(mode == "train")
         self.fn = torch.compile(model) if compile_ else model
         if mode == "train":
@@ -250,13 +266,18 @@ class _Runner:
             use_scaler = dtype == torch.float16 and device.type == "cuda"
             self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
+    def forward(self):
+        if self.min_batch is not None:
+            tome_state(self.model).min_batch = self.min_batch
+        return self.fn(self.x)
+
     def step(self) -> None:
         if self.mode == "infer":
             with torch.inference_mode(), _autocast(self.device, self.dtype):
-                self.fn(self.x)
+                self.forward()
             return
         with _autocast(self.device, self.dtype):
-            out = self.fn(self.x)
+            out = self.forward()
             if isinstance(out, (tuple, list)):  # distilled models in training return (head, dist head)
                 out = out[0]
             loss = F.cross_entropy(out.float(), self.target)
@@ -269,27 +290,111 @@ class _Runner:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def timed_step(self) -> None:
+    def _timed(self) -> float:
         _sync(self.device)
         t0 = self.timer()
         self.step()
         _sync(self.device)
-        self.times.append(self.timer() - t0)
+        return self.timer() - t0
+
+    def first_step(self) -> None:
+        """The first call on its own: with ``torch.compile`` it holds the compilation."""
+        self.first_s = self._timed()
+
+    def timed_step(self) -> None:
+        self.times.append(self._timed())
 
 
 def time_pair(
     baseline: _Runner, tome: _Runner, warmup: int, steps: int, stat: Callable = statistics.median
-) -> tuple[float, float]:
-    """Step seconds of both sides (median by default), repetitions interleaved in ABBA order."""
+) -> tuple[float, float, int]:
+    """Step seconds of both sides (median by default), repetitions interleaved in ABBA order, and
+    the graphs compiled after the warm-up (0 unless a step recompiled). Each side's first step is
+    timed apart (``first_s``) and counts neither as warm-up nor as a timed step."""
+    baseline.first_step()
+    tome.first_step()
     for _ in range(warmup):
         baseline.step()
         tome.step()
     _sync(baseline.device)
+    graphs = _compiled_graphs()
     for i in range(steps):
         first, second = (baseline, tome) if i % 2 == 0 else (tome, baseline)
         first.timed_step()
         second.timed_step()
-    return stat(baseline.times), stat(tome.times)
+    return stat(baseline.times), stat(tome.times), _compiled_graphs() - graphs
+
+
+def check_outputs(baseline: _Runner, tome: _Runner) -> dict:
+    """The measured forward of each side (its dtype, compiled or not) against the eager fp32 forward
+    of the same model on the same images: the largest logit difference of each side, and for ToMe
+    the fraction of images whose merges came out the same (identical final token sizes). The fp32
+    eager ToMe forward is the one the tests hold to a float64 reference."""
+    result = {}
+    for name, runner in (("baseline", baseline), ("tome", tome)):
+        with torch.inference_mode():
+            with _autocast(runner.device, runner.dtype):
+                fast = runner.forward().float()
+            size = tome_state(runner.model).size if is_patched(runner.model) else None
+            exact = runner.model(runner.x).float()
+            exact_size = tome_state(runner.model).size if is_patched(runner.model) else None
+        result[f"{name}_max_diff"] = (fast - exact).abs().max().item()
+        if name == "tome":
+            same = size is None and exact_size is None
+            if size is not None and exact_size is not None and size.shape == exact_size.shape:
+                same = (size == exact_size).flatten(1).all(dim=1).float().mean().item()
+            result["same_merges"] = float(same)
+    return result
+
+
+def choose_min_batch(timings: Sequence[tuple[int, float, float]]) -> int:
+    """From ``(batch, seconds merged, seconds unmerged)`` rows: the smallest batch from which merging
+    was faster at every larger batch measured (one past the largest when it never was)."""
+    min_batch = max(b for b, _, _ in timings) + 1
+    for batch, merged, unmerged in sorted(timings, reverse=True):
+        if merged >= unmerged:
+            break
+        min_batch = batch
+    return min_batch
+
+
+def calibrate_min_batch(
+    model: torch.nn.Module,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str = "fp32",
+    max_batch: int = 32,
+    warmup: int = 2,
+    steps: int = 5,
+    timer: str = "wall",
+    log: Callable[[str], None] | None = None,
+) -> tuple[int, list[dict]]:
+    """Time a patched model's inference with and without merging at batch 1, 2, 4, ... ``max_batch``
+    (interleaved) and set its ``min_batch`` by :func:`choose_min_batch`: smaller batches then run
+    unmerged, as fast as the unpatched model, where matching costs more than it saves.
+
+    Returns ``min_batch`` and one row per batch (``batch_size``, ``merged_ms``, ``unmerged_ms``).
+    """
+    if not is_patched(model):
+        raise BenchError("calibrate_min_batch needs a model patched with apply_tome")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    sizes = sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
+    rows, timings = [], []
+    for batch in sizes:
+        x = torch.randn(batch, 3, *model.patch_embed.img_size, device=dev)
+        merged = _Runner(model, "infer", x, None, dev, DTYPES[dtype], False, timer=TIMERS[timer], min_batch=1)
+        unmerged = _Runner(model, "infer", x, None, dev, DTYPES[dtype], False, timer=TIMERS[timer],
+                           min_batch=batch + 1)
+        t_unmerged, t_merged, _ = time_pair(unmerged, merged, warmup, steps)
+        timings.append((batch, t_merged, t_unmerged))
+        rows.append({"batch_size": batch, "merged_ms": t_merged * 1e3, "unmerged_ms": t_unmerged * 1e3})
+    min_batch = choose_min_batch(timings)
+    tome_state(model).min_batch = min_batch
+    if log is not None:
+        slower = [f"{b}: {m * 1e3:.2f} vs {u * 1e3:.2f} ms" for b, m, u in timings if b < min_batch]
+        log(f"min_batch={min_batch}: batches under it run unmerged (merged vs unmerged, {'; '.join(slower)})"
+            if slower else "min_batch=1: merging pays off at every batch size measured")
+    return min_batch, rows
 
 
 def run_benchmark(
@@ -307,9 +412,15 @@ def run_benchmark(
     timer: str = "wall",
     stat: str = "median",
     seed: int = 0,
+    auto_min_batch: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure every case in every mode; one result row (see :data:`FIELDS`) per case and mode.
+
+    Every row also holds each side's first step (``*_first_s``: with ``compile`` the compilation),
+    the graphs compiled during the timed steps (``recompiles``), and for inference the check of
+    :func:`check_outputs`. ``auto_min_batch`` first runs :func:`calibrate_min_batch` (eager, up to
+    ``batch_size``) on the ToMe side, which then merges only if that pays off at ``batch_size``.
 
     ``cases`` holds :class:`BenchCase` or ``(model_name, r)`` tuples. Raises :class:`BenchError`
     for bad input, before any measurement when it can be seen from the arguments alone.
@@ -355,6 +466,11 @@ def run_benchmark(
         bound = vit_flops(dims, blocks_only=True) / vit_flops(dims, schedule, blocks_only=True)
         counts = token_counts(schedule, dims.num_patches + dims.num_protected, dims.num_protected)
         size = img_size or base.patch_embed.img_size[0]
+        if auto_min_batch:
+            log(f"{case.model} r={case.r_label}: calibrating min_batch up to batch {batch_size}")
+            calibrate_min_batch(tome, device=dev, dtype=dtype, max_batch=batch_size, warmup=warmup,
+                                steps=steps, timer=timer, log=log)
+        min_batch = tome_state(tome).min_batch
         x = torch.randn(batch_size, 3, *base.patch_embed.img_size, device=dev)
         target = torch.randint(0, max(base.num_classes, 1), (batch_size,), device=dev)
         for mode in modes:
@@ -362,8 +478,10 @@ def run_benchmark(
             a = _Runner(base, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer])
             b = _Runner(tome, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer])
             meter = OtherLoad().start()
-            t_base, t_tome = time_pair(a, b, warmup, steps, STATS[stat])
+            t_base, t_tome, recompiles = time_pair(a, b, warmup, steps, STATS[stat])
             other_cpus = meter.stop() if dev.type == "cpu" else None
+            checks = check_outputs(a, b) if mode == "infer" else {}
+            first_base, first_tome = a.first_s, b.first_s
             del a, b
             ims_base, ims_tome = batch_size / t_base, batch_size / t_tome
             ratio = ims_tome / ims_base
@@ -389,6 +507,15 @@ def run_benchmark(
                 "tome_gflops": flops_tome / 1e9,
                 "tokens_in": counts[0],
                 "tokens_out": counts[-1],
+                "baseline_first_s": first_base,
+                "tome_first_s": first_tome,
+                "first_ratio": first_tome / first_base,
+                "recompiles": recompiles,
+                "min_batch": min_batch,
+                "merging": batch_size >= min_batch and any(schedule),
+                "baseline_max_diff": checks.get("baseline_max_diff"),
+                "tome_max_diff": checks.get("tome_max_diff"),
+                "same_merges": checks.get("same_merges"),
                 "warmup": warmup,
                 "steps": steps,
                 "timer": timer,
@@ -435,13 +562,17 @@ def machine_info(device: torch.device) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("model", "r", "mode", "batch", "timm im/s", "ToMe im/s", "ratio", "FLOP bound", "of bound")
+    header = ("model", "r", "mode", "batch", "timm im/s", "ToMe im/s", "ratio", "FLOP bound", "of bound",
+              "1st step", "same merges", "max diff timm / ToMe")
     lines = [header]
     for row in rows:
+        checked = row["same_merges"] is not None
         lines.append((
-            row["model"], row["r"], row["mode"], str(row["batch_size"]),
-            f"{row['baseline_ims']:.1f}", f"{row['tome_ims']:.1f}", f"{row['ratio']:.2f}x",
-            f"{row['flop_bound']:.2f}x", f"{100 * row['ratio_of_bound']:.0f}%",
+            row["model"], row["r"] + ("" if row["merging"] or row["r"] == "0" else " (off)"), row["mode"],
+            str(row["batch_size"]), f"{row['baseline_ims']:.1f}", f"{row['tome_ims']:.1f}", f"{row['ratio']:.2f}x",
+            f"{row['flop_bound']:.2f}x", f"{100 * row['ratio_of_bound']:.0f}%", f"{row['first_ratio']:.2f}x",
+            f"{100 * row['same_merges']:.0f}%" if checked else "-",
+            f"{row['baseline_max_diff']:.1e} / {row['tome_max_diff']:.1e}" if checked else "-",
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
@@ -490,6 +621,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps per side and mode (median reported)")
     p.add_argument("--mode", nargs="+", choices=["infer", "train", "both"], default=["both"])
     p.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    p.add_argument("--auto-min-batch", action="store_true",
+                   help="first measure from which batch size merging pays off; smaller batches run unmerged")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--timer", choices=list(TIMERS), default="wall",
                    help="wall clock (default) or process CPU time (CPU only; robust to other load with --threads 1)")
@@ -541,7 +674,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     rows = run_benchmark(
         cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
         warmup=args.warmup, steps=args.steps, modes=modes, prop_attn=args.prop_attn,
-        compile=args.compile, timer=args.timer, stat=args.stat, seed=args.seed, log=log,
+        compile=args.compile, timer=args.timer, stat=args.stat, seed=args.seed,
+        auto_min_batch=args.auto_min_batch, log=log,
     )
 
     machine = machine_info(device)

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU table of docs/performance.md in one run, about 10 minutes on one H100: ToMe against
+# unpatched timm (fused attention), side by side, at the paper's settings (proportional attention on).
+#
+#   bash scripts/bench_gpu.sh            # JSON files and a log under $OUT (default: bench-gpu/)
+#
+# Needs a CUDA machine with torch and timm; nothing is built or installed. Every step writes its
+# own JSON and a failing step does not stop the next, so a cut-short run still returns what it had.
+set -uo pipefail
+out=${OUT:-bench-gpu}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+step() {  # step NAME ARGS...: one benchmark run, its table appended to the log
+    local name=$1; shift
+    echo "== $name: $*" | tee -a "$out/log"
+    timeout 300 python3 -m tome_train.bench --device cuda --output "$out/$name.json" "$@" 2>&1 | tee -a "$out/log" \
+        || echo "== $name failed (exit ${PIPESTATUS[0]})" | tee -a "$out/log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/log"
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$out/log"
+
+B=(--model vit_base_patch16_224 --r 16)
+L=(--model vit_large_patch16_224 --r 8)
+# Inference, fp16 autocast, batch 256.
+step infer_b "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
+step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
+# Training steps (forward, backward, fused AdamW), bf16 autocast, batch 128 (B) and 64 (L).
+step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20
+step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20
+# Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
+step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
+# torch.compile on both sides: the same ratios, first step = compile time, recompiles must stay 0.
+step compile_b "${B[@]}" --mode infer train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 --compile
+
+# Where the ToMe forward spends its GPU time (ViT-B r16, batch 256, fp16): top kernels as JSON.
+timeout 120 python3 - "$out/profile.json" <<'EOF' 2>&1 | tee -a "$out/log"
+import json, sys, torch
+from torch.profiler import ProfilerActivity, profile
+from tome_train.bench import build_pair, BenchCase
+
+base, tome, _ = build_pair(BenchCase("vit_base_patch16_224", 16), img_size=None, prop_attn=True,
+                           device=torch.device("cuda"))
+x = torch.randn(256, 3, 224, 224, device="cuda")
+result = {}
+for name, model in (("timm", base.eval()), ("tome", tome.eval())):
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        for _ in range(3):
+            model(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(x)
+            torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    result[name] = {"total_ms": total / 1e3, "kernels": sum(e.count for e in events),
+                    "top": [[e.key[:90], e.count, round(e.self_device_time_total / 1e3, 3)] for e in events[:25]]}
+    print(name, f"{total / 1e3:.2f} ms GPU time, {result[name]['kernels']} kernel launches")
+json.dump(result, open(sys.argv[1], "w"), indent=1)
+EOF
+echo "== done" | tee -a "$out/log"
