@@ -30,6 +30,9 @@ step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --s
 # Training steps (forward, backward, fused AdamW), bf16 autocast, batch 128 (B) and 64 (L).
 step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20
 step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20
+# The same with cuDNN attention first: unlike flash it takes the proportional-attention bias.
+step infer_b_cudnn "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --sdpa cudnn
+step train_b_cudnn "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20 --sdpa cudnn
 # Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
 step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
 # torch.compile on both sides: the same ratios, first step = compile time, recompiles must stay 0.

@@ -184,3 +184,19 @@ def test_auto_min_batch_row_says_whether_it_merged(tmp_path, capsys):
     row, = json.loads(out.read_text())["results"]
     assert row["min_batch"] in (1, 2, 3) and row["merging"] == (row["min_batch"] <= 2)
     assert row["same_merges"] == 1.0 and row["tome_max_diff"] == 0.0
+
+
+def test_sdpa_preference_sets_the_backend_order(tmp_path):
+    """The order is PyTorch's to apply (a CPU keeps its fused kernel whatever the order); here: that
+    the preferred backend comes first inside the context, the default order after, and the rows say it."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    default = torch._C._get_sdp_priority_order()
+    with bench._sdpa_preference("cudnn"):
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == int(SDPBackend.CUDNN_ATTENTION) and sorted(order) == sorted(default)
+    assert torch._C._get_sdp_priority_order() == default
+    out = tmp_path / "b.json"
+    assert bench.main(TINY + ["--r", "2", "--mode", "both", "--sdpa", "math", "--output", str(out), "--quiet"]) == 0
+    assert [row["sdpa"] for row in json.loads(out.read_text())["results"]] == ["math", "math"]

@@ -53,7 +53,7 @@ FIELDS = (
     "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
     "baseline_first_s", "tome_first_s", "first_ratio", "recompiles",
-    "min_batch", "merging", "baseline_max_diff", "tome_max_diff", "same_merges",
+    "sdpa", "min_batch", "merging", "baseline_max_diff", "tome_max_diff", "same_merges",
     "warmup", "steps", "timer", "stat", "other_cpus",
 )
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -208,6 +208,23 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+def _sdpa_preference(prefer: str | None):
+    """``scaled_dot_product_attention`` tries backend ``prefer`` first, then the others in their
+    default order (on CUDA: flash cannot take the proportional-attention bias, cuDNN and the
+    memory-efficient kernel can)."""
+    if prefer is None:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    order = [prefer] + [name for name in SDPA_BACKENDS if name != prefer]
+    return sdpa_kernel([names[name] for name in order], set_priority=True)
+
+
 class OtherLoad:
     """How many CPUs other processes kept busy between :meth:`start` and :meth:`stop` (Linux):
     busy time of the whole machine from ``/proc/stat`` less this process's own CPU time."""
@@ -254,9 +271,10 @@ class _Runner:
     """
 
     def __init__(self, model, mode: str, x, target, device, dtype, compile_: bool, lr: float = 1e-4,
-                 timer: Callable[[], float] = time.perf_counter, min_batch: int | None = None):
+                 timer: Callable[[], float] = time.perf_counter, min_batch: int | None = None,
+                 sdpa: str | None = None):
         self.model, self.mode, self.x, self.target, self.timer = model, mode, x, target, timer
-        self.device, self.dtype, self.min_batch = device, dtype, min_batch
+        self.device, self.dtype, self.min_batch, self.sdpa = device, dtype, min_batch, sdpa
         self.times: list[float] = []
         self.first_s: float | None = None
         model.train(mode == "train")
@@ -269,7 +287,8 @@ class _Runner:
     def forward(self):
         if self.min_batch is not None:
             tome_state(self.model).min_batch = self.min_batch
-        return self.fn(self.x)
+        with _sdpa_preference(self.sdpa):
+            return self.fn(self.x)
 
     def step(self) -> None:
         if self.mode == "infer":
@@ -413,6 +432,7 @@ def run_benchmark(
     stat: str = "median",
     seed: int = 0,
     auto_min_batch: bool = False,
+    sdpa: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure every case in every mode; one result row (see :data:`FIELDS`) per case and mode.
@@ -421,6 +441,7 @@ def run_benchmark(
     the graphs compiled during the timed steps (``recompiles``), and for inference the check of
     :func:`check_outputs`. ``auto_min_batch`` first runs :func:`calibrate_min_batch` (eager, up to
     ``batch_size``) on the ToMe side, which then merges only if that pays off at ``batch_size``.
+    ``sdpa`` names the attention backend both sides try first (see :func:`_sdpa_preference`).
 
     ``cases`` holds :class:`BenchCase` or ``(model_name, r)`` tuples. Raises :class:`BenchError`
     for bad input, before any measurement when it can be seen from the arguments alone.
@@ -441,6 +462,8 @@ def run_benchmark(
         raise BenchError(f"stat={stat!r} is not allowed: use {' or '.join(STATS)}")
     if dtype not in DTYPES:
         raise BenchError(f"dtype={dtype!r} is not allowed: use {', '.join(DTYPES)}")
+    if sdpa is not None and sdpa not in SDPA_BACKENDS:
+        raise BenchError(f"sdpa={sdpa!r} is not allowed: use {', '.join(SDPA_BACKENDS)}")
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes or not modes:
         raise BenchError(f"mode={bad_modes or list(modes)!r} is not allowed: use infer, train or both")
@@ -475,8 +498,8 @@ def run_benchmark(
         target = torch.randint(0, max(base.num_classes, 1), (batch_size,), device=dev)
         for mode in modes:
             log(f"{case.model} r={case.r_label} {mode}: warmup {warmup}, {steps} interleaved steps per side")
-            a = _Runner(base, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer])
-            b = _Runner(tome, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer])
+            a = _Runner(base, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa)
+            b = _Runner(tome, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa)
             meter = OtherLoad().start()
             t_base, t_tome, recompiles = time_pair(a, b, warmup, steps, STATS[stat])
             other_cpus = meter.stop() if dev.type == "cpu" else None
@@ -511,6 +534,7 @@ def run_benchmark(
                 "tome_first_s": first_tome,
                 "first_ratio": first_tome / first_base,
                 "recompiles": recompiles,
+                "sdpa": sdpa or "default",
                 "min_batch": min_batch,
                 "merging": batch_size >= min_batch and any(schedule),
                 "baseline_max_diff": checks.get("baseline_max_diff"),
@@ -621,6 +645,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps per side and mode (median reported)")
     p.add_argument("--mode", nargs="+", choices=["infer", "train", "both"], default=["both"])
     p.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    p.add_argument("--sdpa", choices=list(SDPA_BACKENDS), default=None,
+                   help="attention backend both sides try first (default: PyTorch's order)")
     p.add_argument("--auto-min-batch", action="store_true",
                    help="first measure from which batch size merging pays off; smaller batches run unmerged")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -675,7 +701,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
         warmup=args.warmup, steps=args.steps, modes=modes, prop_attn=args.prop_attn,
         compile=args.compile, timer=args.timer, stat=args.stat, seed=args.seed,
-        auto_min_batch=args.auto_min_batch, log=log,
+        auto_min_batch=args.auto_min_batch, sdpa=args.sdpa, log=log,
     )
 
     machine = machine_info(device)
