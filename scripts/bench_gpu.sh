@@ -4,13 +4,20 @@
 #
 #   bash scripts/bench_gpu.sh            # JSON files and a log under $OUT (default: bench-gpu/)
 #
-# Needs a CUDA machine with torch and timm; nothing is built or installed. Every step writes its
-# own JSON and a failing step does not stop the next, so a cut-short run still returns what it had.
+# Needs a CUDA machine with torch and timm; nothing is built. The ToMe patch follows timm's current
+# Attention (gate, attn_dim): where the machine's timm is older, put the wheel this repository is
+# tested with into .whl/ beforehand (`pip download --no-deps --only-binary=:all: timm==1.0.31 -d .whl`)
+# and it is installed into /tmp/site first. Every step writes its own JSON and a failing step does
+# not stop the next, so a cut-short run still returns what it had.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 out=${OUT:-bench-gpu}
 mkdir -p "$out"
-cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 
 step() {  # step NAME ARGS...: one benchmark run, its table appended to the log
     local name=$1; shift
