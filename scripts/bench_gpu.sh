@@ -2,7 +2,8 @@
 # The GPU table of docs/performance.md in one run, under 10 minutes on one H100 (compilation most of it): ToMe against
 # unpatched timm (fused attention), side by side, at the paper's settings (proportional attention on).
 #
-#   bash scripts/bench_gpu.sh            # JSON files and a log under $OUT (default: bench-gpu/)
+#   bash scripts/bench_gpu.sh            # every step; JSON files and a log under $OUT (default: bench-gpu/)
+#   bash scripts/bench_gpu.sh infer_b latency    # only the steps named (to split the run across calls)
 #
 # Needs a CUDA machine with torch and timm; nothing is built. The ToMe patch follows timm's current
 # Attention (gate, attn_dim): where the machine's timm is older, put the wheel this repository is
@@ -19,14 +20,18 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 
+steps=" $* "
+want() { [ "$steps" = "  " ] || [[ "$steps" == *" $1 "* ]]; }
+
 step() {  # step NAME ARGS...: one benchmark run (at most $limit seconds), its table appended to the log
     local name=$1; shift
+    want "$name" || return 0
     echo "== $name: $*" | tee -a "$out/log"
     timeout "${limit:-240}" python3 -m tome_train.bench --device cuda --output "$out/$name.json" "$@" 2>&1 | tee -a "$out/log" \
         || echo "== $name failed (exit ${PIPESTATUS[0]})" | tee -a "$out/log"
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/log"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$out/log"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$out/log"
 
 B=(--model vit_base_patch16_224 --r 16)
@@ -43,7 +48,7 @@ step train_b_cudnn "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup
 # Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
 step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
 # Where the ToMe forward spends its GPU time (ViT-B r16, batch 256, fp16): top kernels as JSON.
-timeout 120 python3 - "$out/profile.json" <<'EOF' 2>&1 | tee -a "$out/log"
+want profile && timeout 120 python3 - "$out/profile.json" <<'EOF' 2>&1 | tee -a "$out/log"
 import json, sys, torch
 from torch.profiler import ProfilerActivity, profile
 from tome_train.bench import build_pair, BenchCase
@@ -71,4 +76,7 @@ EOF
 # Last, as the slowest: a step cut short by its time limit loses only its own JSON.
 step compile_b_infer "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 --compile
 step compile_b_train "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 --compile
+# Batch 1 under CUDA graphs (compile mode reduce-overhead), where launches no longer cost per kernel.
+step latency_cudagraphs "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 \
+    --compile reduce-overhead
 echo "== done" | tee -a "$out/log"

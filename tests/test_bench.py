@@ -107,6 +107,8 @@ def test_make_cases_cross_product_and_pair():
     (["--mode", "fast"], ["--mode"]),
     (["--batch-size", "0"], ["batch_size=0"]),
     (["--dtype", "fp8"], ["--dtype"]),
+    (["--compile", "fastest"], ["compile='fastest'", "reduce-overhead"]),
+    (["--sdpa", "triton"], ["--sdpa"]),
     (["--device", "tpu"], ["device"]),
     (["--output", "/nonexistent-dir/bench.json"], ["/nonexistent-dir"]),
 ])

@@ -209,6 +209,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _sdpa_preference(prefer: str | None):
@@ -270,7 +271,7 @@ class _Runner:
     time the same model with and without merging.
     """
 
-    def __init__(self, model, mode: str, x, target, device, dtype, compile_: bool, lr: float = 1e-4,
+    def __init__(self, model, mode: str, x, target, device, dtype, compile_: str | None, lr: float = 1e-4,
                  timer: Callable[[], float] = time.perf_counter, min_batch: int | None = None,
                  sdpa: str | None = None):
         self.model, self.mode, self.x, self.target, self.timer = model, mode, x, target, timer
@@ -278,7 +279,7 @@ class _Runner:
         self.times: list[float] = []
         self.first_s: float | None = None
         model.train(mode == "train")
-        self.fn = torch.compile(model) if compile_ else model
+        self.fn = torch.compile(model, mode=compile_) if compile_ else model
         if mode == "train":
             self.opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda" or None)
             use_scaler = dtype == torch.float16 and device.type == "cuda"
@@ -427,7 +428,7 @@ def run_benchmark(
     steps: int = 10,
     modes: Sequence[str] = MODES,
     prop_attn: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
     timer: str = "wall",
     stat: str = "median",
     seed: int = 0,
@@ -442,6 +443,8 @@ def run_benchmark(
     :func:`check_outputs`. ``auto_min_batch`` first runs :func:`calibrate_min_batch` (eager, up to
     ``batch_size``) on the ToMe side, which then merges only if that pays off at ``batch_size``.
     ``sdpa`` names the attention backend both sides try first (see :func:`_sdpa_preference`).
+    ``compile`` is ``True`` or a ``torch.compile`` mode (:data:`COMPILE_MODES`; ``reduce-overhead``
+    adds CUDA graphs on a GPU).
 
     ``cases`` holds :class:`BenchCase` or ``(model_name, r)`` tuples. Raises :class:`BenchError`
     for bad input, before any measurement when it can be seen from the arguments alone.
@@ -462,6 +465,11 @@ def run_benchmark(
         raise BenchError(f"stat={stat!r} is not allowed: use {' or '.join(STATS)}")
     if dtype not in DTYPES:
         raise BenchError(f"dtype={dtype!r} is not allowed: use {', '.join(DTYPES)}")
+    if compile is True:
+        compile = "default"
+    if compile and compile not in COMPILE_MODES:
+        raise BenchError(f"compile={compile!r} is not allowed: use {', '.join(COMPILE_MODES)}")
+    compile = compile or None
     if sdpa is not None and sdpa not in SDPA_BACKENDS:
         raise BenchError(f"sdpa={sdpa!r} is not allowed: use {', '.join(SDPA_BACKENDS)}")
     bad_modes = [m for m in modes if m not in MODES]
@@ -518,7 +526,7 @@ def run_benchmark(
                 "img_size": size,
                 "dtype": dtype,
                 "device": str(dev),
-                "compile": compile,
+                "compile": compile or False,
                 "baseline_ims": ims_base,
                 "tome_ims": ims_tome,
                 "ratio": ratio,
@@ -644,7 +652,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side and mode")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side and mode (median reported)")
     p.add_argument("--mode", nargs="+", choices=["infer", "train", "both"], default=["both"])
-    p.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help=f"torch.compile both sides, in mode MODE ({', '.join(COMPILE_MODES)}; default: default)")
     p.add_argument("--sdpa", choices=list(SDPA_BACKENDS), default=None,
                    help="attention backend both sides try first (default: PyTorch's order)")
     p.add_argument("--auto-min-batch", action="store_true",
@@ -707,7 +716,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     machine = machine_info(device)
     print(f"{machine['host_cpu']}" + (f" / {machine['gpu']}" if "gpu" in machine else "")
           + f", torch {machine['torch']}, threads={machine['torch_threads']}, {args.dtype}, "
-          + f"prop_attn={'on' if args.prop_attn else 'off'}{', compiled' if args.compile else ''}, "
+          + f"prop_attn={'on' if args.prop_attn else 'off'}{f', compiled ({args.compile})' if args.compile else ''}, "
           + f"{args.stat} of {args.steps} steps, {args.timer} clock")
     others = max((row["other_cpus"] for row in rows if row["other_cpus"] is not None), default=None)
     if others is not None and others > 0.25 and args.timer == "wall":
