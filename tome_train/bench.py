@@ -394,6 +394,7 @@ def calibrate_min_batch(
     unmerged, as fast as the unpatched model, where matching costs more than it saves.
 
     Returns ``min_batch`` and one row per batch (``batch_size``, ``merged_ms``, ``unmerged_ms``).
+    The model is left in eval mode.
     """
     if not is_patched(model):
         raise BenchError("calibrate_min_batch needs a model patched with apply_tome")
