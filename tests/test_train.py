@@ -1,6 +1,7 @@
 """The training framework end to end on the bundled digits: fit, metrics, wandb, trade-off, resume."""
 import csv
 
+import pytest
 import torch
 from PIL import Image
 
@@ -66,6 +67,20 @@ def test_resume_continues_the_global_step(digits_run, tmp_path):
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 9 * steps_per_epoch
     assert resumed["epoch"] == first["epoch"] + 1
+
+
+def test_rerunning_a_finished_run_reports_its_accuracy(digits_run, tmp_path, capsys):
+    """The same command again (``make demo`` twice): nothing more to train, the same checkpoint and
+    the same final accuracy, not a missing one."""
+    import shutil
+
+    shutil.copytree(digits_run.run_dir / "checkpoints", tmp_path / "checkpoints")
+    last = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    cfg = load_config(None, [*SHORT_FIT, "tradeoff.enabled=false", f"output_dir={tmp_path}"])
+    result = train(cfg)
+    assert "already finished" in capsys.readouterr().out
+    assert result["val_top1"] == pytest.approx(digits_run.result["val_top1"], abs=1e-4)
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == last
 
 
 def test_ema_is_evaluated_and_checkpointed(tmp_path):

@@ -152,7 +152,14 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
 
     if any(getattr(cb, "requeued", False) for cb in trainer.callbacks):
         return {"run_dir": str(run_dir), "requeued": True}  # SLURM restarts the job from its checkpoint
-    result = {"run_dir": str(run_dir), "val_top1": float(trainer.callback_metrics.get("val/top1", float("nan")))}
+    top1 = trainer.callback_metrics.get("val/top1")
+    if top1 is None:  # the run had already finished, so fit did nothing: validate the checkpoint it resumed
+        if trainer.is_global_zero:
+            print("the run had already finished: validating its last checkpoint")
+        loggers, trainer.loggers = trainer.loggers, []  # the run's val/top1 history stays as it was
+        top1 = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/top1"]
+        trainer.loggers = loggers
+    result = {"run_dir": str(run_dir), "val_top1": float(top1)}
     if cfg.tradeoff.enabled:
         result["tradeoff"] = report_tradeoff(trainer, module, datamodule, run_dir)
     if trainer.logger is not None:
