@@ -110,16 +110,19 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
         unm_idx = edge_idx[:, r:].sort(dim=-1).values
         dst_idx = node_idx.gather(1, src_idx)
 
-        num_a, num_b = a.shape[1], b.shape[1]
-        batch = torch.arange(n, device=metric.device)[:, None]
-        a_pos, b_pos = num_protected + a_offset, num_protected + 1 - a_offset  # sequence positions of A[0], B[0]
+        # Rows in the flattened input: image i's tokens start at row i * t, its set A at
+        # i * t + a_pos and set B at i * t + b_pos, every second token.
+        dev, num_a = metric.device, a.shape[1]
+        first = torch.arange(0, n * t, t, device=dev)[:, None]
+        first_a = first + (num_protected + a_offset)
         keep_rows = torch.cat([
-            torch.arange(num_protected, device=metric.device).expand(n, -1),
-            a_pos + 2 * unm_idx,
-            (b_pos + 2 * torch.arange(num_b, device=metric.device)).expand(n, -1),
-        ], dim=1) + batch * t
-        src_rows = a_pos + 2 * src_idx + batch * t
-        dst_rows = num_protected + num_a - r + dst_idx + batch * (t - r)
+            first + torch.arange(num_protected, device=dev),
+            torch.add(first_a, unm_idx, alpha=2),
+            first + torch.arange(num_protected + 1 - a_offset, t, 2, device=dev),
+        ], dim=1)
+        src_rows = torch.add(first_a, src_idx, alpha=2)
+        # in the merged output, image i's set B starts at row i * (t - r) + num_protected + num_a - r
+        dst_rows = dst_idx + torch.arange(num_protected + num_a - r, n * (t - r), t - r, device=dev)[:, None]
     return Merge(
         num_protected, a_offset, unm_idx, src_idx, dst_idx,
         keep_rows.flatten(), src_rows.flatten(), dst_rows.flatten(),
