@@ -176,6 +176,10 @@ def test_calibrate_min_batch_sets_what_it_measured():
     assert len(messages) == 1 and f"min_batch={min_batch}" in messages[0]
     with pytest.raises(bench.BenchError, match="patched"):
         bench.calibrate_min_batch(bench._create("vit_tiny_patch16_224", 64, "cpu"), device="cpu")
+    with pytest.raises(bench.BenchError, match="max_batch=0 is not allowed"):
+        bench.calibrate_min_batch(model, device="cpu", max_batch=0)
+    with pytest.raises(bench.BenchError, match="dtype='fp8' is not allowed"):
+        bench.calibrate_min_batch(model, device="cpu", dtype="fp8")
 
 
 def test_auto_min_batch_row_says_whether_it_merged(tmp_path, capsys):

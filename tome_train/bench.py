@@ -398,6 +398,12 @@ def calibrate_min_batch(
     """
     if not is_patched(model):
         raise BenchError("calibrate_min_batch needs a model patched with apply_tome")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise BenchError(f"max_batch={max_batch!r} is not allowed: use an integer >= 1")
+    if dtype not in DTYPES:
+        raise BenchError(f"dtype={dtype!r} is not allowed: use {', '.join(DTYPES)}")
+    if timer not in TIMERS:
+        raise BenchError(f"timer={timer!r} is not allowed: use {' or '.join(TIMERS)}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     sizes = sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
     rows, timings = [], []
