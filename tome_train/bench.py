@@ -85,6 +85,16 @@ class BenchCase:
 # input checks
 
 
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise BenchError(f"{name}={value!r} is not allowed: use {', '.join(allowed)}")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise BenchError(f"{name}={value!r} is not allowed: use an integer >= {low}")
+
+
 def parse_r(text: str):
     """``"13"`` -> 13, ``"16@-1"`` -> ``(16, -1.0)`` (r with inflection), ``"8,8,4"`` -> per-layer list."""
     try:
@@ -398,19 +408,17 @@ def calibrate_min_batch(
     """
     if not is_patched(model):
         raise BenchError("calibrate_min_batch needs a model patched with apply_tome")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise BenchError(f"max_batch={max_batch!r} is not allowed: use an integer >= 1")
-    if dtype not in DTYPES:
-        raise BenchError(f"dtype={dtype!r} is not allowed: use {', '.join(DTYPES)}")
-    if timer not in TIMERS:
-        raise BenchError(f"timer={timer!r} is not allowed: use {' or '.join(TIMERS)}")
+    for name, value, low in (("max_batch", max_batch, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
+        _check_int(name, value, low)
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("timer", timer, TIMERS)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     sizes = sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
     rows, timings = [], []
     for batch in sizes:
         x = torch.randn(batch, 3, *model.patch_embed.img_size, device=dev)
-        merged = _Runner(model, "infer", x, None, dev, DTYPES[dtype], False, timer=TIMERS[timer], min_batch=1)
-        unmerged = _Runner(model, "infer", x, None, dev, DTYPES[dtype], False, timer=TIMERS[timer],
+        merged = _Runner(model, "infer", x, None, dev, DTYPES[dtype], None, timer=TIMERS[timer], min_batch=1)
+        unmerged = _Runner(model, "infer", x, None, dev, DTYPES[dtype], None, timer=TIMERS[timer],
                            min_batch=batch + 1)
         t_unmerged, t_merged, _ = time_pair(unmerged, merged, warmup, steps)
         timings.append((batch, t_merged, t_unmerged))
@@ -464,28 +472,22 @@ def run_benchmark(
     """
     cases = [c if isinstance(c, BenchCase) else BenchCase(*c) for c in cases]
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    if timer not in TIMERS:
-        raise BenchError(f"timer={timer!r} is not allowed: use {' or '.join(TIMERS)}")
+    _check_choice("timer", timer, TIMERS)
     if timer == "cpu" and dev.type != "cpu":
         raise BenchError("timer=cpu measures host CPU time and only suits --device cpu")
-    if stat not in STATS:
-        raise BenchError(f"stat={stat!r} is not allowed: use {' or '.join(STATS)}")
-    if dtype not in DTYPES:
-        raise BenchError(f"dtype={dtype!r} is not allowed: use {', '.join(DTYPES)}")
-    if compile is True:
-        compile = "default"
-    if compile and compile not in COMPILE_MODES:
-        raise BenchError(f"compile={compile!r} is not allowed: use {', '.join(COMPILE_MODES)}")
-    compile = compile or None
-    if sdpa is not None and sdpa not in SDPA_BACKENDS:
-        raise BenchError(f"sdpa={sdpa!r} is not allowed: use {', '.join(SDPA_BACKENDS)}")
+    _check_choice("stat", stat, STATS)
+    _check_choice("dtype", dtype, DTYPES)
+    compile = "default" if compile is True else compile or None
+    if compile is not None:
+        _check_choice("compile", compile, COMPILE_MODES)
+    if sdpa is not None:
+        _check_choice("sdpa", sdpa, SDPA_BACKENDS)
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes or not modes:
         raise BenchError(f"mode={bad_modes or list(modes)!r} is not allowed: use infer, train or both")
     modes = [m for m in MODES if m in modes]
-    for what, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise BenchError(f"{what}={value!r} is not allowed: use an integer >= {low}")
+    for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
+        _check_int(name, value, low)
     if img_size is not None and (not isinstance(img_size, int) or img_size <= 0):
         raise BenchError(f"img_size={img_size!r} is not allowed: use a positive integer")
     for case in cases:  # every case checked first, so a typo in the last one fails before minutes of timing
@@ -706,8 +708,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     cases = make_cases(args.model, [parse_r(t) for t in args.r], args.pair)
     device = resolve_device(args.device)
     if args.threads is not None:
-        if args.threads < 1:
-            raise BenchError(f"threads={args.threads} is not allowed: use an integer >= 1")
+        _check_int("threads", args.threads, 1)
         torch.set_num_threads(args.threads)
     for path in (args.output, args.csv):
         if path:
