@@ -99,9 +99,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
     if r <= 0:
         return None
     a_offset = num_protected % 2
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(metric.device.type, enabled=False):
         n, t = metric.shape[:2]
-        metric = metric[:, num_protected:]
+        # Scores in at least fp32: under autocast, fp16/bf16 scores tie and flip matches (ViT-S r13, fp16:
+        # logits 0.085 from fp32's, 0.006 with fp32 scores).
+        metric = metric[:, num_protected:].to(torch.promote_types(metric.dtype, torch.float32))
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, a_offset::2], metric[:, 1 - a_offset::2]
         node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)

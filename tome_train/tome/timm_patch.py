@@ -92,7 +92,7 @@ class ToMeBlock(Block):
         x = x + self.drop_path1(self.ls1(x_attn))
 
         r = state.schedule[self._tome_layer] if state.merging else 0
-        merge = bipartite_soft_matching(keys.mean(1), r, state.num_protected) if r > 0 else None
+        merge = bipartite_soft_matching(keys.mean(1, dtype=torch.float32), r, state.num_protected) if r > 0 else None
         if merge is not None:
             if state.tracing and state.source is None:
                 state.source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
