@@ -93,14 +93,19 @@ for name, model in (("timm", base.eval()), ("tome", tome.eval())):
     print(name, f"{total / 1e3:.2f} ms GPU time, {result[name]['kernels']} kernel launches")
 json.dump(result, open(sys.argv[1], "w"), indent=1)
 EOF
-# The same with cuDNN attention first: unlike flash it takes the proportional-attention bias.
+# Proportional attention as a mask (--prop-attn-method bias), against the default on CUDA (values):
+# the mask keeps the flash kernels out.
+step infer_b_bias "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --prop-attn-method bias
+step train_b_bias "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20 --prop-attn-method bias
+# cuDNN attention first (flash cannot take a mask; cuDNN can).
 step infer_b_cudnn "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --sdpa cudnn
 step train_b_cudnn "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20 --sdpa cudnn
 # torch.compile on both sides: the same ratios, first step = compile time, recompiles must stay 0.
 # Last, as the slowest: a step cut short by the budget loses only its own rows.
 step compile_b_infer "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 --compile
 step compile_b_train "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 --compile
-# Batch 1 under CUDA graphs (compile mode reduce-overhead), where launches no longer cost per kernel.
+# Batch 1 under CUDA graphs (compile mode reduce-overhead), where launches no longer cost per kernel;
+# min_batch calibrated as in the eager latency step.
 step latency_cudagraphs "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 \
-    --compile reduce-overhead
+    --compile reduce-overhead --auto-min-batch
 echo "== done" | tee -a "$out/log"

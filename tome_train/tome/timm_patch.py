@@ -16,7 +16,7 @@ from timm.models import VisionTransformer
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
-from .attention import ToMeAttention, additive_mask, size_bias
+from .attention import PROP_ATTN_METHODS, ToMeAttention, additive_mask
 from .merge import Merge, bipartite_soft_matching, merge_wavg, unmerge_tokens
 from .schedule import Schedule, parse_schedule
 
@@ -41,6 +41,7 @@ class ToMeState:
     trace_source: bool
     num_protected: int
     min_batch: int = 1
+    prop_attn_method: str = "auto"
     merging: bool = True
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
@@ -65,13 +66,6 @@ class ToMeState:
     def tracing(self) -> bool:
         return self.trace_source or self.layer_sources is not None
 
-    def attn_bias(self) -> torch.Tensor | None:
-        bias = self.attn_mask
-        if self.prop_attn and self.size is not None:
-            log_size = size_bias(self.size)
-            bias = log_size if bias is None else bias + log_size
-        return bias
-
     def merge_mask(self, merge: Merge) -> None:
         m = self.attn_mask
         m = m.expand(merge.unm_idx.shape[0], *m.shape[1:])
@@ -88,7 +82,8 @@ class ToMeBlock(Block):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """``[B, N, C]`` -> ``[B, N - r, C]``; the mask arrives through the state, merged."""
         state = self._tome_state
-        x_attn, keys = self.attn(self.norm1(x), state.attn_bias())
+        size = state.size if state.prop_attn else None
+        x_attn, keys = self.attn(self.norm1(x), state.attn_mask, size, state.prop_attn_method)
         x = x + self.drop_path1(self.ls1(x_attn))
 
         r = state.schedule[self._tome_layer] if state.merging else 0
@@ -242,7 +237,12 @@ def _check_supported(model: torch.nn.Module) -> None:
 
 
 def apply_tome(
-    model: VisionTransformer, r: Schedule = 0, prop_attn: bool = True, trace_source: bool = False, min_batch: int = 1
+    model: VisionTransformer,
+    r: Schedule = 0,
+    prop_attn: bool = True,
+    trace_source: bool = False,
+    min_batch: int = 1,
+    prop_attn_method: str = "auto",
 ) -> VisionTransformer:
     """Patch a timm ``VisionTransformer`` in place to merge tokens by schedule ``r``.
 
@@ -254,18 +254,24 @@ def apply_tome(
         min_batch: merge only batches of at least this many images; smaller batches run unmerged
             (``r = 0``), for devices where matching costs more than it saves at small batches
             (:func:`tome_train.bench.calibrate_min_batch` measures it).
+        prop_attn_method: how attention takes the sizes: ``bias`` (``log(size)`` as a mask),
+            ``values`` (size-weighted values, no mask: the flash kernels apply) or ``auto``
+            (``values`` on CUDA, ``bias`` elsewhere); see :mod:`.attention`. Outputs agree to rounding.
 
     Returns the same model object, now patched. Calling it again updates the settings.
     """
     _check_supported(model)
     if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
         raise ValueError(f"min_batch={min_batch!r} is not allowed: use an integer >= 1")
+    if prop_attn_method not in PROP_ATTN_METHODS:
+        raise ValueError(f"prop_attn_method={prop_attn_method!r} is not allowed: use one of {', '.join(PROP_ATTN_METHODS)}")
     state = ToMeState(
         schedule=parse_schedule(r, len(model.blocks)),
         prop_attn=prop_attn,
         trace_source=trace_source,
         num_protected=model.num_prefix_tokens,
         min_batch=min_batch,
+        prop_attn_method=prop_attn_method,
     )
     model.__class__ = _patched_class(type(model)) if not is_patched(model) else type(model)
     model._tome_state = state
