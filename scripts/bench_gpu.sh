@@ -60,25 +60,37 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 
 B=(--model vit_base_patch16_224 --r 16)
 L=(--model vit_large_patch16_224 --r 8)
+BIAS=(--prop-attn-method bias)
 # Inference, fp16 autocast, batch 256; training steps (forward, backward, fused AdamW), bf16 autocast,
-# batch 128 (B) and 64 (L).
+# batch 128 (B) and 64 (L). Each with proportional attention as CUDA's default (values: two unmasked
+# flash calls) and as a mask (bias), side by side.
 step infer_b "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
+step infer_b_bias "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 "${BIAS[@]}"
 step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20
+step train_b_bias "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20 "${BIAS[@]}"
+# One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
+# plain attention, at 197, 117 and 37 tokens.
+want attention && run_step attention 60 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
+    && gather
 step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
 step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20
+step infer_l_bias "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 "${BIAS[@]}"
+step train_l_bias "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20 "${BIAS[@]}"
 # Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
 step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
-# Where each model's forward spends its GPU time (ViT-B r16, batch 256, fp16): top kernels as JSON.
+# Where each model's forward spends its GPU time (ViT-B r16, batch 256, fp16; ToMe with either
+# proportional attention method): top kernels as JSON.
 want profile && run_step profile 120 python3 - "$out/profile.json" <<'EOF'
 import json, sys, torch
 from torch.profiler import ProfilerActivity, profile
 from tome_train.bench import build_pair, BenchCase
 
-base, tome, _ = build_pair(BenchCase("vit_base_patch16_224", 16), img_size=None, prop_attn=True,
-                           device=torch.device("cuda"))
+case, cuda = BenchCase("vit_base_patch16_224", 16), torch.device("cuda")
+base, tome, _ = build_pair(case, img_size=None, prop_attn=True, device=cuda)
+tome_bias = build_pair(case, img_size=None, prop_attn=True, device=cuda, prop_attn_method="bias")[1]
 x = torch.randn(256, 3, 224, 224, device="cuda")
 result = {}
-for name, model in (("timm", base.eval()), ("tome", tome.eval())):
+for name, model in (("timm", base.eval()), ("tome", tome.eval()), ("tome_bias", tome_bias.eval())):
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
         for _ in range(3):
             model(x)
@@ -93,13 +105,6 @@ for name, model in (("timm", base.eval()), ("tome", tome.eval())):
     print(name, f"{total / 1e3:.2f} ms GPU time, {result[name]['kernels']} kernel launches")
 json.dump(result, open(sys.argv[1], "w"), indent=1)
 EOF
-# Proportional attention as a mask (--prop-attn-method bias), against the default on CUDA (values):
-# the mask keeps the flash kernels out.
-step infer_b_bias "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --prop-attn-method bias
-step train_b_bias "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20 --prop-attn-method bias
-# cuDNN attention first (flash cannot take a mask; cuDNN can).
-step infer_b_cudnn "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --sdpa cudnn
-step train_b_cudnn "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20 --sdpa cudnn
 # torch.compile on both sides: the same ratios, first step = compile time, recompiles must stay 0.
 # Last, as the slowest: a step cut short by the budget loses only its own rows.
 step compile_b_infer "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 --compile

@@ -20,7 +20,7 @@ from tome_train.tome import (
     ScheduleError, UnsupportedModelError, apply_tome, is_patched, parse_schedule, remove_tome, set_r,
     token_counts, tome_state, unmerge_tokens,
 )
-from tome_train.tome.attention import ToMeAttention, size_bias
+from tome_train.tome.attention import ToMeAttention
 from tome_train.tome.timm_patch import ToMeBlock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -440,7 +440,8 @@ def test_weighted_average_pool():
             model.forward_head(feats[:1])
 
 
-def test_proportional_attention_equals_explicit_formula():
+@pytest.mark.parametrize("method", ["bias", "values"])
+def test_proportional_attention_equals_explicit_formula(method):
     for key in ["vit", "qk_norm"]:
         model = apply_tome(make(key), r=2)
         attn = model.blocks[1].attn
@@ -449,7 +450,7 @@ def test_proportional_attention_equals_explicit_formula():
         x = torch.randn(2, 9, DIM, generator=g)
         size = torch.randint(1, 6, (2, 9, 1), generator=g).float()
         with torch.no_grad():
-            out, keys = attn(x, size_bias(size))
+            out, keys = attn(x, None, size, method)
             B, N, H, hd = 2, 9, HEADS, DIM // HEADS
             q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
             q, k = attn.q_norm(q), attn.k_norm(k)
@@ -468,7 +469,7 @@ def test_a_token_of_size_s_counts_as_s_copies():
     merged = t  # token 1 stands for 3 copies of itself
     expanded = torch.cat([t[:, :1], t[:, 1:2], t[:, 1:2], t[:, 1:2], t[:, 2:]], dim=1)
     with torch.no_grad():
-        out_m, _ = attn(merged, size_bias(torch.tensor([[[1.0], [3.0], [1.0], [1.0]]])))
+        out_m, _ = attn(merged, None, torch.tensor([[[1.0], [3.0], [1.0], [1.0]]]))
         out_e, _ = attn(expanded, None)
     assert max_diff(out_m[:, [0, 1, 2, 3]], out_e[:, [0, 1, 4, 5]]) <= 1e-5
 

@@ -1,0 +1,129 @@
+"""Time the ways onto scaled_dot_product_attention for proportional attention, one attention layer at ViT-B's
+shape and the token counts of a ToMe schedule, next to plain attention (what the unpatched model runs).
+
+    python scripts/attention_probe.py --device cuda --output probe.json
+
+Rows: ``variant``, ``tokens``, ``mode`` (infer: forward, fp16; train: forward and backward, bf16), ``ms``
+(median), ``vs_plain`` (plain attention's time over this one's), or ``error`` where a kernel refuses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tome_train.tome.attention import proportional_attention, size_bias
+
+
+def aligned_bias(q, k, v, size):
+    """The ``bias`` method with the token count padded to a multiple of 8 (padded keys masked out)."""
+    n = q.shape[2]
+    pad = -n % 8
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    bias = F.pad(size_bias(size).to(q.dtype), (0, pad), value=float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)[:, :, :n]
+
+
+def full_bias(q, k, v, size):
+    """The ``bias`` method with the mask materialized as ``[B, H, N, N]``."""
+    b, h, n, _ = q.shape
+    bias = size_bias(size).to(q.dtype).expand(b, h, n, n).contiguous()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+VARIANTS = {
+    "plain": (lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v), None),
+    "bias": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="bias"), None),
+    "values": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="values"), None),
+    "bias_cudnn": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="bias"), SDPBackend.CUDNN_ATTENTION),
+    "bias_efficient": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="bias"),
+                       SDPBackend.EFFICIENT_ATTENTION),
+    "bias_aligned": (aligned_bias, None),
+    "bias_full": (full_bias, None),
+    "values_flash": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="values"),
+                     SDPBackend.FLASH_ATTENTION),
+    "values_cudnn": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="values"),
+                     SDPBackend.CUDNN_ATTENTION),
+}
+
+
+def time_ms(fn, device, warmup, steps):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--tokens", type=int, nargs="+", default=[197, 117, 37])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--output", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtypes = {"infer": torch.float16, "train": torch.bfloat16} if device.type == "cuda" else \
+        {"infer": torch.float32, "train": torch.float32}
+    rows = []
+    for mode in args.mode:
+        for n in args.tokens:
+            g = torch.Generator(device).manual_seed(n)
+            shape = (args.batch_size, args.heads, n, args.head_dim)
+            q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtypes[mode]) for _ in range(3))
+            size = torch.randint(1, 8, (args.batch_size, n, 1), generator=g, device=device).to(dtypes[mode])
+            if mode == "train":
+                q, k, v = (t.requires_grad_() for t in (q, k, v))
+                grad = torch.randn(shape, generator=g, device=device, dtype=dtypes[mode])
+            plain_ms = None
+            for name in args.variants:
+                attend, backend = VARIANTS[name]
+
+                def step():
+                    with sdpa_kernel([backend]) if backend is not None else nullcontext():
+                        out = attend(q, k, v, size)
+                        if mode == "train":
+                            torch.autograd.backward(out, grad)
+                        return out
+
+                row = {"variant": name, "tokens": n, "mode": mode, "dtype": str(dtypes[mode])}
+                try:
+                    with torch.inference_mode() if mode == "infer" else nullcontext():
+                        row["ms"] = round(time_ms(step, device, args.warmup, args.steps), 4)
+                except RuntimeError as err:
+                    row["error"] = str(err).splitlines()[0][:200]
+                if name == "plain":
+                    plain_ms = row.get("ms")
+                if plain_ms and "ms" in row:
+                    row["vs_plain"] = round(plain_ms / row["ms"], 3)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    if args.output:
+        json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "rows": rows}, open(args.output, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

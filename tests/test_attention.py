@@ -1,0 +1,111 @@
+"""Proportional attention against the explicit formula in float64, for both ways onto the fused kernel,
+and the fp32 floor of the matching scores."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tome_train.tome import apply_tome, bipartite_soft_matching
+from tome_train.tome.attention import (
+    PROP_ATTN_METHODS, additive_mask, proportional_attention, resolve_prop_attn_method,
+)
+
+B, H, N, DH = 2, 3, 11, 8
+
+
+def explicit(q, k, v, size, attn_bias=None):
+    """``softmax(q k^T / sqrt(Dh) + log(size) + attn_bias) v``, written out."""
+    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + size.log()[:, None, None, :, 0]
+    if attn_bias is not None:
+        logits = logits + attn_bias
+    return torch.softmax(logits, dim=-1) @ v
+
+
+def inputs(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, DH, generator=g, dtype=dtype).requires_grad_() for _ in range(3))
+    size = torch.randint(1, 9, (B, N, 1), generator=g).to(dtype)
+    return q, k, v, size
+
+
+def caller_mask():
+    """Each query may attend to a different random subset of keys (always to itself)."""
+    g = torch.Generator().manual_seed(7)
+    allowed = (torch.rand(B, 1, N, N, generator=g) > 0.4) | torch.eye(N, dtype=torch.bool)
+    return additive_mask(allowed, N, is_causal=False).double()
+
+
+@pytest.mark.parametrize("method", ["bias", "values"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_equals_explicit_formula_float64(method, masked):
+    q, k, v, size = inputs()
+    bias = caller_mask() if masked else None
+    out = proportional_attention(q, k, v, size, bias, method=method)
+    expected = explicit(q, k, v, size, bias)
+    assert (out - expected).abs().max() <= 1e-12
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    for got, want in zip(grads, expected_grads):
+        assert (got - want).abs().max() <= 1e-12
+
+
+def test_methods_agree_in_float32_and_sizes_matter():
+    q, k, v, size = (t.detach().float() for t in inputs(seed=1))
+    by_bias = proportional_attention(q, k, v, size, method="bias")
+    by_values = proportional_attention(q, k, v, size, method="values")
+    assert (by_bias - by_values).abs().max() <= 1e-5
+    plain = proportional_attention(q, k, v, None, method="values")
+    assert (by_values - plain).abs().max() > 1e-2
+
+
+def test_a_key_of_size_s_counts_as_s_copies():
+    q, k, v, _ = (t.detach() for t in inputs(seed=2))
+    size = torch.ones(B, N, 1, dtype=torch.float64)
+    size[:, 3] = 4
+    repeat = torch.tensor([0, 1, 2] + [3] * 4 + list(range(4, N)))
+    copies = proportional_attention(q, k[:, :, repeat], v[:, :, repeat], None)
+    for method in ["bias", "values"]:
+        assert (proportional_attention(q, k, v, size, method=method) - copies).abs().max() <= 1e-12
+
+
+def test_method_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_prop_attn_method("auto", cpu, 0.0) == "bias"
+    assert resolve_prop_attn_method("auto", cuda, 0.0) == "values"
+    assert resolve_prop_attn_method("values", cpu, 0.0) == "values"
+    # dropout would drop different terms in the two calls of ``values``
+    assert resolve_prop_attn_method("values", cuda, 0.1) == "bias"
+    assert set(PROP_ATTN_METHODS) == {"auto", "bias", "values"}
+
+
+def test_patched_model_same_logits_either_method():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        by_bias = apply_tome(model, r=4, prop_attn_method="bias")(x)
+        by_values = apply_tome(model, r=4, prop_attn_method="values")(x)
+    assert (by_bias - by_values).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="prop_attn_method='mask'.*auto, bias, values"):
+        apply_tome(model, r=4, prop_attn_method="mask")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matching_scores_in_fp32_for_half_precision_keys(dtype):
+    # Set A is tokens 2 and 4, set B tokens 1 and 3 (token 0, the class token, is protected). Token 2
+    # against tokens 1 and 3: cosine 0.99980 and 0.99995. In half precision both normalize to the same
+    # score and the first would win; in fp32 the second does.
+    metric = torch.zeros(1, 5, 2)
+    metric[0, 0] = torch.tensor([0.3, 0.3])
+    metric[0, 1] = torch.tensor([1.0, 0.02])
+    metric[0, 2] = torch.tensor([1.0, 0.0])
+    metric[0, 3] = torch.tensor([1.0, 0.01])
+    metric[0, 4] = torch.tensor([-1.0, 0.5])
+    half = metric.to(dtype)
+    normed = half / half.norm(dim=-1, keepdim=True)
+    assert normed[0, 2] @ normed[0, 1] == normed[0, 2] @ normed[0, 3]  # the tie half precision makes
+    merge = bipartite_soft_matching(half, r=1, num_protected=1)
+    assert merge.src_idx.tolist() == [[0]] and merge.dst_idx.tolist() == [[1]]
+    assert bipartite_soft_matching(metric.double(), r=1).dst_idx.tolist() == [[1]]
