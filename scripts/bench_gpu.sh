@@ -72,6 +72,12 @@ step train_b_bias "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 
 # plain attention, at 197, 117 and 37 tokens.
 want attention && run_step attention 60 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
     && gather
+# torch.compile, the ToMe side by compile_tome (attention and MLP compiled once for all blocks with a
+# dynamic token count, merging eager), the timm side whole: ratios, compile time (first_ratio), recompiles.
+step compile_b_infer_regions "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 \
+    --compile --compile-scope regions
+step compile_b_train_regions "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 \
+    --compile --compile-scope regions
 step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
 step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20
 step infer_l_bias "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 "${BIAS[@]}"
@@ -105,7 +111,7 @@ for name, model in (("timm", base.eval()), ("tome", tome.eval()), ("tome_bias", 
     print(name, f"{total / 1e3:.2f} ms GPU time, {result[name]['kernels']} kernel launches")
 json.dump(result, open(sys.argv[1], "w"), indent=1)
 EOF
-# torch.compile on both sides: the same ratios, first step = compile time, recompiles must stay 0.
+# torch.compile(model) on both sides: first step = compile time, recompiles must stay 0.
 # Last, as the slowest: a step cut short by the budget loses only its own rows.
 step compile_b_infer "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 --compile
 step compile_b_train "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 --compile

@@ -58,3 +58,51 @@ def test_benchmark_compiles_both_sides_with_inductor(tmp_path):
     assert row["same_merges"] == 1.0 and 0 < row["tome_max_diff"] < 1e-5 and row["baseline_max_diff"] < 1e-5
     # the first call holds the compilation: far longer than a step of this tiny model
     assert row["tome_first_s"] > 10 * row["tome_ms"] / 1e3 and row["baseline_first_s"] > 10 * row["baseline_ms"] / 1e3
+
+
+def test_compile_tome_regions_match_eager_and_never_recompile():
+    """compile_tome: attention and MLP halves compiled once (dynamic token count) for every block, merging
+    eager between them. Three graphs at most (attention with and without sizes, MLP), then none for other
+    batch sizes, later calls or the training step; logits and gradients as eager."""
+    import copy
+    import pickle
+
+    from torch._dynamo.utils import counters
+
+    from tome_train.tome import compile_tome
+
+    torch.manual_seed(0)
+    model = _model().eval()
+    eager = copy.deepcopy(model)
+    dynamo.reset()
+    counters.clear()
+    assert compile_tome(model) is model
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(images) - eager(images)).abs().max() <= 1e-5
+        assert counters["stats"]["unique_graphs"] <= 3
+        with dynamo.config.patch(error_on_recompile=True):
+            for batch in (4, 3, 6):
+                x = torch.randn(batch, 3, 64, 64)
+                assert (model(x) - eager(x)).abs().max() <= 1e-5
+    model.train()
+    eager.train()
+    torch.manual_seed(1)  # same drop-path draws (none: rate 0) and the same data on both sides
+    model(images).square().mean().backward()
+    eager(images).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5, name
+    # copies and pickles keep the setting, not the compiled functions of this process
+    clone = pickle.loads(pickle.dumps(model))
+    assert clone._tome_state.compile_mode == "default" and clone._tome_state._compiled == {}
+    compile_tome(model, None)
+    assert model._tome_state.regions()[0].__name__ == "attention_residual"
+
+
+def test_compile_tome_rejects_unknown_mode():
+    import pytest
+
+    from tome_train.tome import compile_tome
+
+    with pytest.raises(ValueError, match="mode='fast' is not allowed: use one of default, reduce-overhead"):
+        compile_tome(_model(), mode="fast")

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from .tome import (
-    ScheduleError, UnsupportedModelError, ViTDims, apply_tome, is_patched, token_counts, tome_state, vit_flops,
+    COMPILE_MODES, ScheduleError, UnsupportedModelError, ViTDims, apply_tome, compile_tome, is_patched, token_counts,
+    tome_state, vit_flops,
 )
 from .tome.attention import PROP_ATTN_METHODS, resolve_prop_attn_method
 from .tome.schedule import schedule_from_text
@@ -51,7 +52,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Column order of the CSV file and of every result row.
 FIELDS = (
     "model", "r", "schedule", "mode", "prop_attn", "prop_attn_method", "batch_size", "img_size", "dtype", "device", "compile",
-    "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
+    "compile_scope", "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
     "baseline_first_s", "tome_first_s", "first_ratio", "recompiles",
     "sdpa", "min_batch", "merging", "baseline_max_diff", "tome_max_diff", "same_merges",
@@ -220,7 +221,8 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# model: torch.compile(model); regions: the ToMe side by compile_tome (the timm side stays whole)
+COMPILE_SCOPES = ("model", "regions")
 
 
 def _sdpa_preference(prefer: str | None):
@@ -278,27 +280,31 @@ def _compiled_graphs() -> int:
 class _Runner:
     """One side of the comparison: a model, its step function and the step times it measured.
 
-    ``min_batch`` (patched models only) is set on the model before every step, so two runners can
-    time the same model with and without merging.
+    ``min_batch`` and the region compilation (patched models only) are set on the model before
+    every step, so two runners can time the same model with and without merging.
     """
 
     def __init__(self, model, mode: str, x, target, device, dtype, compile_: str | None, lr: float = 1e-4,
                  timer: Callable[[], float] = time.perf_counter, min_batch: int | None = None,
-                 sdpa: str | None = None):
+                 sdpa: str | None = None, compile_scope: str = "model"):
         self.model, self.mode, self.x, self.target, self.timer = model, mode, x, target, timer
         self.device, self.dtype, self.min_batch, self.sdpa = device, dtype, min_batch, sdpa
         self.times: list[float] = []
         self.first_s: float | None = None
         model.train(mode == "train")
-        self.fn = torch.compile(model, mode=compile_) if compile_ else model
+        by_regions = compile_scope == "regions" and is_patched(model)
+        self.regions_mode = compile_ if by_regions else None
+        self.fn = torch.compile(model, mode=compile_) if compile_ and not by_regions else model
         if mode == "train":
             self.opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda" or None)
             use_scaler = dtype == torch.float16 and device.type == "cuda"
             self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
     def forward(self):
-        if self.min_batch is not None:
-            tome_state(self.model).min_batch = self.min_batch
+        if is_patched(self.model):
+            compile_tome(self.model, self.regions_mode)
+            if self.min_batch is not None:
+                tome_state(self.model).min_batch = self.min_batch
         with _sdpa_preference(self.sdpa):
             return self.fn(self.x)
 
@@ -367,6 +373,8 @@ def check_outputs(baseline: _Runner, tome: _Runner) -> dict:
             with _autocast(runner.device, runner.dtype):
                 fast = runner.forward().float()
             size = tome_state(runner.model).size if is_patched(runner.model) else None
+            if is_patched(runner.model):
+                compile_tome(runner.model, None)
             exact = runner.model(runner.x).float()
             exact_size = tome_state(runner.model).size if is_patched(runner.model) else None
         result[f"{name}_max_diff"] = (fast - exact).abs().max().item()
@@ -446,6 +454,7 @@ def run_benchmark(
     prop_attn: bool = True,
     prop_attn_method: str = "auto",
     compile: bool | str = False,
+    compile_scope: str = "model",
     timer: str = "wall",
     stat: str = "median",
     seed: int = 0,
@@ -462,7 +471,8 @@ def run_benchmark(
     ``sdpa`` names the attention backend both sides try first (see :func:`_sdpa_preference`);
     ``prop_attn_method`` how the ToMe side weighs keys by size (:func:`~tome_train.tome.apply_tome`).
     ``compile`` is ``True`` or a ``torch.compile`` mode (:data:`COMPILE_MODES`; ``reduce-overhead``
-    adds CUDA graphs on a GPU).
+    adds CUDA graphs on a GPU); ``compile_scope="regions"`` compiles the ToMe side with
+    :func:`~tome_train.tome.compile_tome` instead of ``torch.compile(model)`` (the timm side always whole).
 
     ``cases`` holds :class:`BenchCase` or ``(model_name, r)`` tuples. Raises :class:`BenchError`
     for bad input, before any measurement when it can be seen from the arguments alone.
@@ -483,6 +493,7 @@ def run_benchmark(
     compile = "default" if compile is True else compile or None
     if compile is not None:
         _check_choice("compile", compile, COMPILE_MODES)
+    _check_choice("compile_scope", compile_scope, COMPILE_SCOPES)
     if sdpa is not None:
         _check_choice("sdpa", sdpa, SDPA_BACKENDS)
     _check_choice("prop_attn_method", prop_attn_method, PROP_ATTN_METHODS)
@@ -521,7 +532,8 @@ def run_benchmark(
         for mode in modes:
             log(f"{case.model} r={case.r_label} {mode}: warmup {warmup}, {steps} interleaved steps per side")
             a = _Runner(base, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa)
-            b = _Runner(tome, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa)
+            b = _Runner(tome, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa,
+                        compile_scope=compile_scope)
             meter = OtherLoad().start()
             t_base, t_tome, recompiles = time_pair(a, b, warmup, steps, STATS[stat])
             other_cpus = meter.stop() if dev.type == "cpu" else None
@@ -542,6 +554,7 @@ def run_benchmark(
                 "dtype": dtype,
                 "device": str(dev),
                 "compile": compile or False,
+                "compile_scope": compile_scope if compile else None,
                 "baseline_ims": ims_base,
                 "tome_ims": ims_tome,
                 "ratio": ratio,
@@ -672,6 +685,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--mode", nargs="+", choices=["infer", "train", "both"], default=["both"])
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help=f"torch.compile both sides, in mode MODE ({', '.join(COMPILE_MODES)}; default: default)")
+    p.add_argument("--compile-scope", choices=list(COMPILE_SCOPES), default="model",
+                   help="how the ToMe side compiles: model (torch.compile(model), default) or regions "
+                        "(compile_tome: attention and MLP compiled once for all blocks, merging eager); "
+                        "the timm side always compiles whole")
     p.add_argument("--sdpa", choices=list(SDPA_BACKENDS), default=None,
                    help="attention backend both sides try first (default: PyTorch's order)")
     p.add_argument("--auto-min-batch", action="store_true",
@@ -727,14 +744,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
         warmup=args.warmup, steps=args.steps, modes=modes, prop_attn=args.prop_attn,
         prop_attn_method=args.prop_attn_method,
-        compile=args.compile, timer=args.timer, stat=args.stat, seed=args.seed,
+        compile=args.compile, compile_scope=args.compile_scope, timer=args.timer, stat=args.stat, seed=args.seed,
         auto_min_batch=args.auto_min_batch, sdpa=args.sdpa, log=log,
     )
 
     machine = machine_info(device)
     print(f"{machine['host_cpu']}" + (f" / {machine['gpu']}" if "gpu" in machine else "")
           + f", torch {machine['torch']}, threads={machine['torch_threads']}, {args.dtype}, "
-          + f"prop_attn={rows[0]['prop_attn_method'] if args.prop_attn else 'off'}{f', compiled ({args.compile})' if args.compile else ''}, "
+          + f"prop_attn={rows[0]['prop_attn_method'] if args.prop_attn else 'off'}{f', compiled ({args.compile}, ToMe by {args.compile_scope})' if args.compile else ''}, "
           + f"{args.stat} of {args.steps} steps, {args.timer} clock")
     others = max((row["other_cpus"] for row in rows if row["other_cpus"] is not None), default=None)
     if others is not None and others > 0.25 and args.timer == "wall":

@@ -9,6 +9,7 @@ per-forward state, weights average pooling by token size and unmerges the output
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from timm.layers.attention import Attention
@@ -23,6 +24,25 @@ from .schedule import Schedule, parse_schedule
 
 class UnsupportedModelError(TypeError):
     """A model, block or attention type the ToMe patch does not know how to merge."""
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def attention_residual(
+    block: Block, x: torch.Tensor, attn_bias: torch.Tensor | None, size: torch.Tensor | None,
+    prop_attn_method: str, with_metric: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first half of a block: ``x + attention(norm1(x))`` ``[B, N, C]``, and with ``with_metric``
+    the matching metric ``[B, N, Dh]``: the keys averaged over heads, in fp32."""
+    x_attn, keys = block.attn(block.norm1(x), attn_bias, size, prop_attn_method)
+    x = x + block.drop_path1(block.ls1(x_attn))
+    return x, keys.mean(1, dtype=torch.float32) if with_metric else None
+
+
+def mlp_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """The second half of a block: ``x + mlp(norm2(x))`` ``[B, N, C]``."""
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 @dataclass
@@ -42,18 +62,32 @@ class ToMeState:
     num_protected: int
     min_batch: int = 1
     prop_attn_method: str = "auto"
+    compile_mode: str | None = None
     merging: bool = True
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
     attn_mask: torch.Tensor | None = None
     layer_sources: list | None = field(default=None, repr=False)
+    _compiled: dict = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict:
         """Copies (``copy.deepcopy``, e.g. an EMA model) and pickles keep the settings only: the
-        per-forward tensors belong to the last forward pass (and may hold its autograd graph)."""
+        per-forward tensors belong to the last forward pass (and may hold its autograd graph), the
+        compiled regions to this process."""
         state = dict(self.__dict__)
-        state.update(size=None, source=None, attn_mask=None, layer_sources=None)
+        state.update(size=None, source=None, attn_mask=None, layer_sources=None, _compiled={})
         return state
+
+    def regions(self) -> tuple[Callable, Callable]:
+        """:func:`attention_residual` and :func:`mlp_residual`, compiled in ``compile_mode`` if set."""
+        if self.compile_mode is None:
+            return attention_residual, mlp_residual
+        if self.compile_mode not in self._compiled:
+            # one graph per region for every block and token count: the token count is a dynamic dim
+            self._compiled[self.compile_mode] = tuple(
+                torch.compile(fn, mode=self.compile_mode, dynamic=True) for fn in (attention_residual, mlp_residual)
+            )
+        return self._compiled[self.compile_mode]
 
     def begin(self, batch_size: int, attn_mask: torch.Tensor | None = None, record_sources: bool = False) -> None:
         self.merging = any(self.schedule) and batch_size >= self.min_batch
@@ -82,12 +116,11 @@ class ToMeBlock(Block):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """``[B, N, C]`` -> ``[B, N - r, C]``; the mask arrives through the state, merged."""
         state = self._tome_state
+        attend, feed_forward = state.regions()
         size = state.size if state.prop_attn else None
-        x_attn, keys = self.attn(self.norm1(x), state.attn_mask, size, state.prop_attn_method)
-        x = x + self.drop_path1(self.ls1(x_attn))
-
         r = state.schedule[self._tome_layer] if state.merging else 0
-        merge = bipartite_soft_matching(keys.mean(1, dtype=torch.float32), r, state.num_protected) if r > 0 else None
+        x, metric = attend(self, x, state.attn_mask, size, state.prop_attn_method, r > 0)
+        merge = bipartite_soft_matching(metric, r, state.num_protected) if r > 0 else None
         if merge is not None:
             if state.tracing and state.source is None:
                 state.source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
@@ -96,8 +129,7 @@ class ToMeBlock(Block):
                 state.merge_mask(merge)
         if state.layer_sources is not None:
             state.layer_sources.append(state.source)
-
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return feed_forward(self, x)
 
 
 class ToMeVisionTransformerMixin:
@@ -280,6 +312,22 @@ def apply_tome(
         blk.attn.__class__ = ToMeAttention
         blk._tome_state = state
         blk._tome_layer = i
+    return model
+
+
+def compile_tome(model: VisionTransformer, mode: str | None = "default") -> VisionTransformer:
+    """Compile a patched model region by region, for a compile time close to the unpatched model's.
+
+    ``torch.compile(model)`` works too (one graph, no recompilation), but every layer has its own
+    token count and so its own kernels. Here the two halves of a block (:func:`attention_residual`,
+    :func:`mlp_residual`) are compiled once each with a dynamic token count and shared by all
+    blocks, while matching and merging run eagerly between them. ``mode`` is a ``torch.compile``
+    mode (:data:`COMPILE_MODES`); ``None`` goes back to eager. Calling :func:`apply_tome` again resets it.
+    """
+    state = tome_state(model)
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"mode={mode!r} is not allowed: use one of {', '.join(COMPILE_MODES)} or None")
+    state.compile_mode = mode
     return model
 
 
