@@ -1,5 +1,7 @@
 """Time the ways onto scaled_dot_product_attention for proportional attention, one attention layer at ViT-B's
-shape and the token counts of a ToMe schedule, next to plain attention (what the unpatched model runs).
+shape and the token counts of a ToMe schedule, next to plain attention (what the unpatched model runs):
+the log-size mask as tome_train uses it (``bias``), under each backend and mask layout, and without a
+mask as two calls (``values``).
 
     python scripts/attention_probe.py --device cuda --output probe.json
 
@@ -23,7 +25,7 @@ from tome_train.tome.attention import proportional_attention, size_bias
 
 
 def aligned_bias(q, k, v, size):
-    """The ``bias`` method with the token count padded to a multiple of 8 (padded keys masked out)."""
+    """The log-size mask with the token count padded to a multiple of 8 (padded keys masked out)."""
     n = q.shape[2]
     pad = -n % 8
     q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
@@ -32,25 +34,28 @@ def aligned_bias(q, k, v, size):
 
 
 def full_bias(q, k, v, size):
-    """The ``bias`` method with the mask materialized as ``[B, H, N, N]``."""
+    """The log-size mask materialized as ``[B, H, N, N]``."""
     b, h, n, _ = q.shape
     bias = size_bias(size).to(q.dtype).expand(b, h, n, n).contiguous()
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
+def size_weighted_values(q, k, v, size):
+    """No mask: ``softmax(q k^T) (s v) / softmax(q k^T) s``, two calls the flash kernels take."""
+    s = size.to(v.dtype)[:, None]
+    return F.scaled_dot_product_attention(q, k, v * s) / F.scaled_dot_product_attention(q, k, s.expand_as(v).contiguous())
+
+
 VARIANTS = {
     "plain": (lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v), None),
-    "bias": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="bias"), None),
-    "values": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="values"), None),
-    "bias_cudnn": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="bias"), SDPBackend.CUDNN_ATTENTION),
-    "bias_efficient": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="bias"),
+    "bias": (lambda q, k, v, s: proportional_attention(q, k, v, s), None),
+    "bias_cudnn": (lambda q, k, v, s: proportional_attention(q, k, v, s), SDPBackend.CUDNN_ATTENTION),
+    "bias_efficient": (lambda q, k, v, s: proportional_attention(q, k, v, s),
                        SDPBackend.EFFICIENT_ATTENTION),
     "bias_aligned": (aligned_bias, None),
     "bias_full": (full_bias, None),
-    "values_flash": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="values"),
-                     SDPBackend.FLASH_ATTENTION),
-    "values_cudnn": (lambda q, k, v, s: proportional_attention(q, k, v, s, method="values"),
-                     SDPBackend.CUDNN_ATTENTION),
+    "values": (size_weighted_values, None),
+    "values_cudnn": (size_weighted_values, SDPBackend.CUDNN_ATTENTION),
 }
 
 

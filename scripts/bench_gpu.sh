@@ -60,14 +60,10 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 
 B=(--model vit_base_patch16_224 --r 16)
 L=(--model vit_large_patch16_224 --r 8)
-BIAS=(--prop-attn-method bias)
 # Inference, fp16 autocast, batch 256; training steps (forward, backward, fused AdamW), bf16 autocast,
-# batch 128 (B) and 64 (L). Each with proportional attention as CUDA's default (values: two unmasked
-# flash calls) and as a mask (bias), side by side.
+# batch 128 (B) and 64 (L).
 step infer_b "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
-step infer_b_bias "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 "${BIAS[@]}"
 step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20
-step train_b_bias "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20 "${BIAS[@]}"
 # One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
 # plain attention, at 197, 117 and 37 tokens.
 want attention && run_step attention 60 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
@@ -80,41 +76,54 @@ step compile_b_train_regions "${B[@]}" --mode train --dtype bf16 --batch-size 12
     --compile --compile-scope regions
 step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
 step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20
-step infer_l_bias "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 "${BIAS[@]}"
-step train_l_bias "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20 "${BIAS[@]}"
 # Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
 step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
-# Where each model's forward spends its GPU time (ViT-B r16, batch 256, fp16; ToMe with either
-# proportional attention method): top kernels as JSON.
-want profile && run_step profile 120 python3 - "$out/profile.json" <<'EOF'
+# Where each model spends its GPU time (ViT-B r16; inference: batch 256, fp16; training: forward and
+# backward, batch 128, bf16): top kernels as JSON.
+want profile && run_step profile 150 python3 - "$out/profile.json" <<'EOF'
 import json, sys, torch
 from torch.profiler import ProfilerActivity, profile
 from tome_train.bench import build_pair, BenchCase
 
 case, cuda = BenchCase("vit_base_patch16_224", 16), torch.device("cuda")
 base, tome, _ = build_pair(case, img_size=None, prop_attn=True, device=cuda)
-tome_bias = build_pair(case, img_size=None, prop_attn=True, device=cuda, prop_attn_method="bias")[1]
-x = torch.randn(256, 3, 224, 224, device="cuda")
-result = {}
-for name, model in (("timm", base.eval()), ("tome", tome.eval()), ("tome_bias", tome_bias.eval())):
+def forward_infer(model):
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        model.eval()(images)
+
+
+def step_train(model):  # forward and backward (no optimizer step), bf16 autocast, batch 128
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.train()(images[:128]).float().logsumexp(-1).mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+images = torch.randn(256, 3, 224, 224, device="cuda")
+result = {}
+for name, model in (("timm", base), ("tome", tome)):
+    for mode, run in (("infer", forward_infer), ("train", step_train)):
         for _ in range(3):
-            model(x)
+            run(model)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(x)
+            run(model)
             torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-    total = sum(e.self_device_time_total for e in events)
-    result[name] = {"total_ms": total / 1e3, "kernels": sum(e.count for e in events),
-                    "top": [[e.key[:90], e.count, round(e.self_device_time_total / 1e3, 3)] for e in events[:25]]}
-    print(name, f"{total / 1e3:.2f} ms GPU time, {result[name]['kernels']} kernel launches")
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in events)
+        result[f"{name}_{mode}"] = {
+            "total_ms": total / 1e3, "kernels": sum(e.count for e in events),
+            "top": [[e.key[:90], e.count, round(e.self_device_time_total / 1e3, 3)] for e in events[:30]]}
+        print(name, mode, f"{total / 1e3:.2f} ms GPU time, {result[f'{name}_{mode}']['kernels']} kernel launches")
 json.dump(result, open(sys.argv[1], "w"), indent=1)
 EOF
 # torch.compile(model) on both sides: first step = compile time, recompiles must stay 0.
 # Last, as the slowest: a step cut short by the budget loses only its own rows.
 step compile_b_infer "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 --compile
 step compile_b_train "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 --compile
+# Training under CUDA graphs (reduce-overhead): eager ToMe training is bound by the host, not the GPU.
+step compile_b_train_cudagraphs "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 \
+    --compile reduce-overhead
 # Batch 1 under CUDA graphs (compile mode reduce-overhead), where launches no longer cost per kernel;
 # min_batch calibrated as in the eager latency step.
 step latency_cudagraphs "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 \

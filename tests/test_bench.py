@@ -109,7 +109,6 @@ def test_make_cases_cross_product_and_pair():
     (["--dtype", "fp8"], ["--dtype"]),
     (["--compile", "fastest"], ["compile='fastest'", "reduce-overhead"]),
     (["--sdpa", "triton"], ["--sdpa"]),
-    (["--prop-attn-method", "mask"], ["--prop-attn-method", "values"]),
     (["--compile", "--compile-scope", "layers"], ["--compile-scope", "regions"]),
     (["--device", "tpu"], ["device"]),
     (["--output", "/nonexistent-dir/bench.json"], ["/nonexistent-dir"]),

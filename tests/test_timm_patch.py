@@ -440,8 +440,7 @@ def test_weighted_average_pool():
             model.forward_head(feats[:1])
 
 
-@pytest.mark.parametrize("method", ["bias", "values"])
-def test_proportional_attention_equals_explicit_formula(method):
+def test_proportional_attention_equals_explicit_formula():
     for key in ["vit", "qk_norm"]:
         model = apply_tome(make(key), r=2)
         attn = model.blocks[1].attn
@@ -450,7 +449,7 @@ def test_proportional_attention_equals_explicit_formula(method):
         x = torch.randn(2, 9, DIM, generator=g)
         size = torch.randint(1, 6, (2, 9, 1), generator=g).float()
         with torch.no_grad():
-            out, keys = attn(x, None, size, method)
+            out, keys = attn(x, None, size)
             B, N, H, hd = 2, 9, HEADS, DIM // HEADS
             q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
             q, k = attn.q_norm(q), attn.k_norm(k)

@@ -43,7 +43,6 @@ from .tome import (
     COMPILE_MODES, ScheduleError, UnsupportedModelError, ViTDims, apply_tome, compile_tome, is_patched, token_counts,
     tome_state, vit_flops,
 )
-from .tome.attention import PROP_ATTN_METHODS, resolve_prop_attn_method
 from .tome.schedule import schedule_from_text
 
 MODES = ("infer", "train")
@@ -51,7 +50,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Column order of the CSV file and of every result row.
 FIELDS = (
-    "model", "r", "schedule", "mode", "prop_attn", "prop_attn_method", "batch_size", "img_size", "dtype", "device", "compile",
+    "model", "r", "schedule", "mode", "prop_attn", "batch_size", "img_size", "dtype", "device", "compile",
     "compile_scope", "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
     "baseline_first_s", "tome_first_s", "first_ratio", "recompiles",
@@ -190,9 +189,9 @@ def _create(name: str, img_size: int | None, device: torch.device | str) -> torc
     return model
 
 
-def _patch(model: torch.nn.Module, case: BenchCase, prop_attn: bool, prop_attn_method: str = "auto") -> list[int]:
+def _patch(model: torch.nn.Module, case: BenchCase, prop_attn: bool) -> list[int]:
     try:
-        apply_tome(model, r=case.r, prop_attn=prop_attn, prop_attn_method=prop_attn_method)
+        apply_tome(model, r=case.r, prop_attn=prop_attn)
     except (ScheduleError, UnsupportedModelError) as e:
         raise BenchError(f"{case.model} r={case.r_label}: {e}") from None
     return list(tome_state(model).schedule)
@@ -205,12 +204,12 @@ def check_case(case: BenchCase, img_size: int | None = None, prop_attn: bool = T
 
 
 def build_pair(
-    case: BenchCase, *, img_size: int | None, prop_attn: bool, device: torch.device, prop_attn_method: str = "auto"
+    case: BenchCase, *, img_size: int | None, prop_attn: bool, device: torch.device
 ) -> tuple[torch.nn.Module, torch.nn.Module, list[int]]:
     """The unpatched timm model and a deep copy patched with ToMe (same weights), on ``device``."""
     base = _create(case.model, img_size, "cpu")
     tome = copy.deepcopy(base)
-    schedule = _patch(tome, case, prop_attn, prop_attn_method)
+    schedule = _patch(tome, case, prop_attn)
     return base.to(device), tome.to(device), schedule
 
 
@@ -452,7 +451,6 @@ def run_benchmark(
     steps: int = 10,
     modes: Sequence[str] = MODES,
     prop_attn: bool = True,
-    prop_attn_method: str = "auto",
     compile: bool | str = False,
     compile_scope: str = "model",
     timer: str = "wall",
@@ -469,7 +467,6 @@ def run_benchmark(
     :func:`check_outputs`. ``auto_min_batch`` first runs :func:`calibrate_min_batch` (eager, up to
     ``batch_size``) on the ToMe side, which then merges only if that pays off at ``batch_size``.
     ``sdpa`` names the attention backend both sides try first (see :func:`_sdpa_preference`);
-    ``prop_attn_method`` how the ToMe side weighs keys by size (:func:`~tome_train.tome.apply_tome`).
     ``compile`` is ``True`` or a ``torch.compile`` mode (:data:`COMPILE_MODES`; ``reduce-overhead``
     adds CUDA graphs on a GPU); ``compile_scope="regions"`` compiles the ToMe side with
     :func:`~tome_train.tome.compile_tome` instead of ``torch.compile(model)`` (the timm side always whole).
@@ -496,7 +493,6 @@ def run_benchmark(
     _check_choice("compile_scope", compile_scope, COMPILE_SCOPES)
     if sdpa is not None:
         _check_choice("sdpa", sdpa, SDPA_BACKENDS)
-    _check_choice("prop_attn_method", prop_attn_method, PROP_ATTN_METHODS)
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes or not modes:
         raise BenchError(f"mode={bad_modes or list(modes)!r} is not allowed: use infer, train or both")
@@ -515,8 +511,7 @@ def run_benchmark(
     rows = []
     for case in cases:
         torch.manual_seed(seed)
-        base, tome, schedule = build_pair(case, img_size=img_size, prop_attn=prop_attn, device=dev,
-                                          prop_attn_method=prop_attn_method)
+        base, tome, schedule = build_pair(case, img_size=img_size, prop_attn=prop_attn, device=dev)
         dims = ViTDims.from_timm(base)
         flops_base, flops_tome = vit_flops(dims), vit_flops(dims, schedule)
         bound = vit_flops(dims, blocks_only=True) / vit_flops(dims, schedule, blocks_only=True)
@@ -548,7 +543,6 @@ def run_benchmark(
                 "schedule": schedule,
                 "mode": mode,
                 "prop_attn": prop_attn,
-                "prop_attn_method": resolve_prop_attn_method(prop_attn_method, dev, 0.0) if prop_attn else None,
                 "batch_size": batch_size,
                 "img_size": size,
                 "dtype": dtype,
@@ -673,9 +667,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pair", action="store_true", help="zip --model with --r instead of the cross product")
     p.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=True,
                    help="proportional attention on the ToMe side (default: on)")
-    p.add_argument("--prop-attn-method", choices=list(PROP_ATTN_METHODS), default="auto",
-                   help="bias (log size as an attention mask), values (size-weighted values, no mask) "
-                        "or auto (default: values on CUDA, bias elsewhere)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype (fp32: no autocast)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -743,7 +734,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     rows = run_benchmark(
         cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
         warmup=args.warmup, steps=args.steps, modes=modes, prop_attn=args.prop_attn,
-        prop_attn_method=args.prop_attn_method,
         compile=args.compile, compile_scope=args.compile_scope, timer=args.timer, stat=args.stat, seed=args.seed,
         auto_min_batch=args.auto_min_batch, sdpa=args.sdpa, log=log,
     )
@@ -751,7 +741,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     machine = machine_info(device)
     print(f"{machine['host_cpu']}" + (f" / {machine['gpu']}" if "gpu" in machine else "")
           + f", torch {machine['torch']}, threads={machine['torch_threads']}, {args.dtype}, "
-          + f"prop_attn={rows[0]['prop_attn_method'] if args.prop_attn else 'off'}{f', compiled ({args.compile}, ToMe by {args.compile_scope})' if args.compile else ''}, "
+          + f"prop_attn={'on' if args.prop_attn else 'off'}{f', compiled ({args.compile}, ToMe by {args.compile_scope})' if args.compile else ''}, "
           + f"{args.stat} of {args.steps} steps, {args.timer} clock")
     others = max((row["other_cpus"] for row in rows if row["other_cpus"] is not None), default=None)
     if others is not None and others > 0.25 and args.timer == "wall":

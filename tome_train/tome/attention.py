@@ -1,15 +1,12 @@
-"""Attention on PyTorch's fused kernels, with proportional attention.
+"""Attention on PyTorch's fused kernel, with proportional attention as an additive key bias.
 
 Proportional attention (paper, eq. 1) adds ``log(size)`` of each key to the attention
 logits, so a key that stands for ``s`` merged tokens weighs as ``s`` copies of itself:
-``softmax(q k^T / sqrt(d) + log(s)) v``. Two exact ways onto ``scaled_dot_product_attention``:
-
-- ``bias``: ``log(s)`` as an additive ``attn_mask``. One call, but a mask rules out the flash
-  kernels, and on an H100 the masked cuDNN kernel took 3.2 ms where the unmasked one took
-  2.0 ms for 2.3x the work (ViT-B/16 r16, batch 256, fp16; docs/performance.md).
-- ``values``: ``sum_j e_j s_j v_j / sum_j e_j s_j`` with ``e_j = exp(q k_j^T / sqrt(d))``, as two
-  unmasked calls on the same ``q, k``: one with values ``s v``, one with values ``s``; the softmax
-  normalizer cancels in their ratio. Both calls run on flash kernels at the model's head dim.
+``softmax(q k^T / sqrt(d) + log(s)) v``. As a per-key bias ``[B, 1, 1, N]`` it goes to
+``scaled_dot_product_attention`` as ``attn_mask`` and attention stays fused (cuDNN on an H100, the
+flash kernel on a CPU). Measured and not taken (docs/performance.md): the same result as two
+unmasked calls, ``softmax(q k^T) (s v) / softmax(q k^T) s``, which keeps the flash kernels but
+costs more than the mask (H100, ViT-B r16: 1.25x vs 1.26x in inference, 0.73x vs 0.82x in training).
 """
 from __future__ import annotations
 
@@ -41,18 +38,6 @@ def size_bias(size: torch.Tensor) -> torch.Tensor:
     return size.log()[:, None, None, :, 0]
 
 
-PROP_ATTN_METHODS = ("auto", "bias", "values")
-
-
-def resolve_prop_attn_method(method: str, device: torch.device, dropout_p: float) -> str:
-    """``auto``: ``values`` on CUDA (flash kernels), ``bias`` elsewhere (the CPU's fused kernel
-    takes a mask, and one call costs half of two). Attention dropout needs ``bias``: the two
-    calls of ``values`` would drop different terms."""
-    if method == "auto":
-        method = "values" if device.type == "cuda" else "bias"
-    return "bias" if dropout_p > 0 else method
-
-
 def proportional_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,7 +45,6 @@ def proportional_attention(
     size: torch.Tensor | None,
     attn_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    method: str = "auto",
 ) -> torch.Tensor:
     """``softmax(q k^T / sqrt(Dh) + log(size) + attn_bias) v``.
 
@@ -68,22 +52,15 @@ def proportional_attention(
         q, k, v: ``[B, H, N, Dh]``.
         size: ``[B, N, 1]`` tokens held by each key; ``None`` is plain attention.
         attn_bias: an additive mask broadcastable to ``[B, H, N, N]``.
-        method: ``bias``, ``values`` or ``auto`` (see the module docstring).
 
     Returns ``[B, H, N, Dh]``.
     """
     if attn_bias is not None:
         attn_bias = attn_bias.to(q.dtype)
-    if size is not None and resolve_prop_attn_method(method, q.device, dropout_p) == "bias":
+    if size is not None:
         log_size = size_bias(size).to(q.dtype)
-        attn_bias, size = (log_size if attn_bias is None else attn_bias + log_size), None
-    if size is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
-    s = size.to(v.dtype)[:, None]  # [B, 1, N, 1]
-    # the normalizer's values are s repeated over the head dim: flash kernels want one head dim for q, k and v
-    weighted = F.scaled_dot_product_attention(q, k, v * s, attn_mask=attn_bias)
-    normalizer = F.scaled_dot_product_attention(q, k, s.expand_as(v).contiguous(), attn_mask=attn_bias)
-    return weighted / normalizer
+        attn_bias = log_size if attn_bias is None else attn_bias + log_size
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
 
 
 class ToMeAttention(Attention):
@@ -94,10 +71,9 @@ class ToMeAttention(Attention):
         x: torch.Tensor,
         attn_bias: torch.Tensor | None = None,
         size: torch.Tensor | None = None,
-        prop_attn_method: str = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[B, N, C]``, ``attn_bias`` broadcastable to ``[B, H, N, N]``, ``size`` ``[B, N, 1]``
-        for proportional attention (by ``prop_attn_method``, see :func:`proportional_attention`).
+        for proportional attention.
 
         Returns the attention output ``[B, N, C]`` and the keys ``[B, H, N, Dh]`` (a view: a layer
         that merges averages them over heads, one that does not pays nothing for them).
@@ -107,7 +83,7 @@ class ToMeAttention(Attention):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        x = proportional_attention(q, k, v, size, attn_bias, dropout_p, prop_attn_method)
+        x = proportional_attention(q, k, v, size, attn_bias, dropout_p)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate

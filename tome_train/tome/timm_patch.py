@@ -17,7 +17,7 @@ from timm.models import VisionTransformer
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
-from .attention import PROP_ATTN_METHODS, ToMeAttention, additive_mask
+from .attention import ToMeAttention, additive_mask
 from .merge import Merge, bipartite_soft_matching, merge_wavg, unmerge_tokens
 from .schedule import Schedule, parse_schedule
 
@@ -30,12 +30,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def attention_residual(
-    block: Block, x: torch.Tensor, attn_bias: torch.Tensor | None, size: torch.Tensor | None,
-    prop_attn_method: str, with_metric: bool,
+    block: Block, x: torch.Tensor, attn_bias: torch.Tensor | None, size: torch.Tensor | None, with_metric: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first half of a block: ``x + attention(norm1(x))`` ``[B, N, C]``, and with ``with_metric``
     the matching metric ``[B, N, Dh]``: the keys averaged over heads, in fp32."""
-    x_attn, keys = block.attn(block.norm1(x), attn_bias, size, prop_attn_method)
+    x_attn, keys = block.attn(block.norm1(x), attn_bias, size)
     x = x + block.drop_path1(block.ls1(x_attn))
     return x, keys.mean(1, dtype=torch.float32) if with_metric else None
 
@@ -61,7 +60,6 @@ class ToMeState:
     trace_source: bool
     num_protected: int
     min_batch: int = 1
-    prop_attn_method: str = "auto"
     compile_mode: str | None = None
     merging: bool = True
     size: torch.Tensor | None = None
@@ -119,7 +117,7 @@ class ToMeBlock(Block):
         attend, feed_forward = state.regions()
         size = state.size if state.prop_attn else None
         r = state.schedule[self._tome_layer] if state.merging else 0
-        x, metric = attend(self, x, state.attn_mask, size, state.prop_attn_method, r > 0)
+        x, metric = attend(self, x, state.attn_mask, size, r > 0)
         merge = bipartite_soft_matching(metric, r, state.num_protected) if r > 0 else None
         if merge is not None:
             if state.tracing and state.source is None:
@@ -274,7 +272,6 @@ def apply_tome(
     prop_attn: bool = True,
     trace_source: bool = False,
     min_batch: int = 1,
-    prop_attn_method: str = "auto",
 ) -> VisionTransformer:
     """Patch a timm ``VisionTransformer`` in place to merge tokens by schedule ``r``.
 
@@ -286,24 +283,18 @@ def apply_tome(
         min_batch: merge only batches of at least this many images; smaller batches run unmerged
             (``r = 0``), for devices where matching costs more than it saves at small batches
             (:func:`tome_train.bench.calibrate_min_batch` measures it).
-        prop_attn_method: how attention takes the sizes: ``bias`` (``log(size)`` as a mask),
-            ``values`` (size-weighted values, no mask: the flash kernels apply) or ``auto``
-            (``values`` on CUDA, ``bias`` elsewhere); see :mod:`.attention`. Outputs agree to rounding.
 
     Returns the same model object, now patched. Calling it again updates the settings.
     """
     _check_supported(model)
     if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
         raise ValueError(f"min_batch={min_batch!r} is not allowed: use an integer >= 1")
-    if prop_attn_method not in PROP_ATTN_METHODS:
-        raise ValueError(f"prop_attn_method={prop_attn_method!r} is not allowed: use one of {', '.join(PROP_ATTN_METHODS)}")
     state = ToMeState(
         schedule=parse_schedule(r, len(model.blocks)),
         prop_attn=prop_attn,
         trace_source=trace_source,
         num_protected=model.num_prefix_tokens,
         min_batch=min_batch,
-        prop_attn_method=prop_attn_method,
     )
     model.__class__ = _patched_class(type(model)) if not is_patched(model) else type(model)
     model._tome_state = state
