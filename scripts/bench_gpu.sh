@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU table of docs/performance.md in one run, under 10 minutes on one H100 (compilation most of it): ToMe against
-# unpatched timm (fused attention), side by side, at the paper's settings (proportional attention on).
+# The GPU table of docs/performance.md in one run (about 12 minutes on one H100, compilation most of it; BUDGET
+# cuts it shorter): ToMe against unpatched timm (fused attention), side by side, at the paper's settings
+# (proportional attention on).
 #
 #   bash scripts/bench_gpu.sh                    # every step; results.json, profile.json and a log under $OUT
 #                                                # (default: bench-gpu/)
