@@ -137,8 +137,8 @@ def merge_wavg(
     """Size-weighted average merge of tokens ``x`` ``[B, N, C]``, sizes ``[B, N, 1]`` and,
     if traced, the source map ``[B, N, N0]``.
 
-    ``x`` is read once (the kept rows, copied in order) plus its ``r`` merged rows; only the
-    rows of set B are rescaled. The public implementation instead makes ``x * size``, splits,
+    ``x`` is read once (the kept rows, copied in order and rescaled in place) plus its ``r`` merged
+    rows. The public implementation instead makes ``x * size``, splits,
     gathers, scatters, concatenates and divides, each a pass over every token.
 
     Source rows are one-hot over disjoint original tokens, so summing them equals the
@@ -153,14 +153,14 @@ def merge_wavg(
     new_size = kept_size.scatter_add(0, merge.dst_rows[:, None], src_size)
 
     # Every destination becomes the size-weighted mean of its group: its own value scaled to its
-    # share of the new size, plus the shares of its sources. Only set B receives merges, so only its
-    # rows are scaled (by exactly 1 where nothing arrives); the rest is one row copy of x.
+    # share of the new size (exactly 1 where nothing arrives, so those rows stay bit for bit), plus the
+    # shares of its sources. In place on the whole row copy, never on a view of it: autograd would
+    # otherwise clone the gradient of every merged tensor for each in-place op (CopySlices), 9 copies
+    # per layer in training.
     rows = x.reshape(n * t, c)
-    out = rows.index_select(0, merge.keep_rows).view(n, t - r, c)
-    share = (kept_size / new_size).view(n, t - r, 1)
-    out[:, merge.b_start:] *= share[:, merge.b_start:]
+    out = rows.index_select(0, merge.keep_rows).mul_(kept_size / new_size)
     src = rows.index_select(0, merge.src_rows) * (src_size / new_size.index_select(0, merge.dst_rows))
-    out = out.view(n * (t - r), c).scatter_add_(0, merge.dst_rows[:, None].expand_as(src), src)
+    out.scatter_add_(0, merge.dst_rows[:, None].expand_as(src), src)
     # Sizes and sources depend only on the (no-grad) matching, never on a parameter: detached,
     # they carry no autograd graph (no useless bias gradient in attention, deepcopy-able state).
     if source is not None:

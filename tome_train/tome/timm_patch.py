@@ -36,7 +36,8 @@ def attention_residual(
     the matching metric ``[B, N, Dh]``: the keys averaged over heads, in fp32."""
     x_attn, keys = block.attn(block.norm1(x), attn_bias, size)
     x = x + block.drop_path1(block.ls1(x_attn))
-    return x, keys.mean(1, dtype=torch.float32) if with_metric else None
+    # the matching takes no gradient: detached, the mean adds no node to the autograd graph
+    return x, keys.detach().mean(1, dtype=torch.float32) if with_metric else None
 
 
 def mlp_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
