@@ -1,7 +1,7 @@
 """Time the ways onto scaled_dot_product_attention for proportional attention, one attention layer at ViT-B's
 shape and the token counts of a ToMe schedule, next to plain attention (what the unpatched model runs):
 the log-size mask as tome_train uses it (``bias``), under each backend and mask layout, and without a
-mask as two calls (``values``).
+mask as a FlexAttention score modification (``flex``) or as two calls (``values``).
 
     python scripts/attention_probe.py --device cuda --output probe.json
 
@@ -11,6 +11,7 @@ Rows: ``variant``, ``tokens``, ``mode`` (infer: forward, fp16; train: forward an
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -46,6 +47,24 @@ def size_weighted_values(q, k, v, size):
     return F.scaled_dot_product_attention(q, k, v * s) / F.scaled_dot_product_attention(q, k, s.expand_as(v).contiguous())
 
 
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def flex_bias(q, k, v, size):
+    """The log-size bias as FlexAttention's score modification: a generated flash kernel that reads one
+    value per key instead of a mask (compiled per token count; the warm-up holds the compilation)."""
+    log_size = size[..., 0].float().log()
+
+    def add_log_size(score, b, h, q_idx, kv_idx):
+        return score + log_size[b, kv_idx]
+
+    return _compiled_flex_attention()(q, k, v, score_mod=add_log_size)
+
+
 VARIANTS = {
     "plain": (lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v), None),
     "bias": (lambda q, k, v, s: proportional_attention(q, k, v, s), None),
@@ -54,6 +73,7 @@ VARIANTS = {
                        SDPBackend.EFFICIENT_ATTENTION),
     "bias_aligned": (aligned_bias, None),
     "bias_full": (full_bias, None),
+    "flex": (flex_bias, None),
     "values": (size_weighted_values, None),
     "values_cudnn": (size_weighted_values, SDPBackend.CUDNN_ATTENTION),
 }

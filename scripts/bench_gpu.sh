@@ -67,7 +67,7 @@ step infer_b "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --s
 step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20
 # One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
 # plain attention, at 197, 117 and 37 tokens.
-want attention && run_step attention 60 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
+want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
     && gather
 # torch.compile, the ToMe side by compile_tome (attention and MLP compiled once for all blocks with a
 # dynamic token count, merging eager), the timm side whole: ratios, compile time (first_ratio), recompiles.
