@@ -40,11 +40,6 @@ class Merge:
     def r(self) -> int:
         return self.src_idx.shape[1]
 
-    @property
-    def b_start(self) -> int:
-        """Where set B starts in the merged layout."""
-        return self.num_protected + self.unm_idx.shape[1]
-
     def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         """Merge ``x`` of shape ``[B, N, ...]`` along dim 1 into ``[B, N - r, ...]``.
 

@@ -53,7 +53,8 @@ class ToMeState:
     ``[B, N, N0]`` which input tokens each token holds (when traced), ``attn_mask`` the
     caller's mask as an additive bias merged along with the tokens, ``merging`` whether this
     forward merges: only batches of at least ``min_batch`` images do (smaller ones run as the
-    unpatched model, where matching would cost more than the tokens it removes save).
+    unpatched model, where matching would cost more than the tokens it removes save);
+    ``compile_mode`` the ``torch.compile`` mode of the block halves (:func:`compile_tome`; ``None``: eager).
     """
 
     schedule: list[int]
