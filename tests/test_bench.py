@@ -110,6 +110,7 @@ def test_make_cases_cross_product_and_pair():
     (["--compile", "fastest"], ["compile='fastest'", "reduce-overhead"]),
     (["--sdpa", "triton"], ["--sdpa"]),
     (["--compile", "--compile-scope", "layers"], ["--compile-scope", "regions"]),
+    (["--compile-scope", "regions"], ["compile_scope='regions'", "--compile"]),
     (["--device", "tpu"], ["device"]),
     (["--output", "/nonexistent-dir/bench.json"], ["/nonexistent-dir"]),
 ])

@@ -491,6 +491,8 @@ def run_benchmark(
     if compile is not None:
         _check_choice("compile", compile, COMPILE_MODES)
     _check_choice("compile_scope", compile_scope, COMPILE_SCOPES)
+    if compile is None and compile_scope != "model":
+        raise BenchError(f"compile_scope={compile_scope!r} needs --compile: without it nothing is compiled")
     if sdpa is not None:
         _check_choice("sdpa", sdpa, SDPA_BACKENDS)
     bad_modes = [m for m in modes if m not in MODES]
