@@ -102,8 +102,9 @@ def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
     import json
 
     out = tmp_path / "probe.json"
-    variants = [name for name in _probe().VARIANTS if name != "flex"]  # flex compiles per shape: checked above
-    _probe().main(["--device", "cpu", "--batch-size", "1", "--heads", "2", "--head-dim", "8", "--tokens", "9", "5",
+    probe = _probe()
+    variants = [name for name in probe.VARIANTS if name != "flex"]  # flex compiles per shape: checked above
+    probe.main(["--device", "cpu", "--batch-size", "1", "--heads", "2", "--head-dim", "8", "--tokens", "9", "5",
                    "--warmup", "0", "--steps", "1", "--variants", *variants, "--output", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == len(variants) * 2 * 2

@@ -87,7 +87,6 @@ def test_compile_tome_regions_match_eager_and_never_recompile():
                 assert (model(x) - eager(x)).abs().max() <= 1e-5
     model.train()
     eager.train()
-    torch.manual_seed(1)  # same drop-path draws (none: rate 0) and the same data on both sides
     model(images).square().mean().backward()
     eager(images).square().mean().backward()
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
