@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tome_train.tome import Merge, bipartite_soft_matching, max_merges, merge_wavg, unmerge_tokens
+from tome_train.tome.merge import _cached_row_layout, row_layout
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -290,6 +291,48 @@ def test_metric_is_not_differentiated_but_tokens_are():
     # d(sum of merged tokens)/dx_i = size_i / size of its group: 1 for tokens kept alone
     expected = size / (source.transpose(1, 2) @ new_size)
     torch.testing.assert_close(x.grad, expected.expand_as(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_merge_gradient_is_the_gradient_of_its_ops(p):
+    """The hand-written backward (one gather and one index_copy) against autograd run on the
+    forward's own ops: the same numbers bit for bit, in fp32, with sizes that make every weight differ."""
+    g = torch.Generator().manual_seed(9 + p)
+    n, t, c = 3, 20, 8
+    merge = bipartite_soft_matching(torch.randn(n, t, 6, generator=g), 7, p)
+    size = torch.randint(1, 6, (n, t, 1), generator=g).float()
+    x = torch.randn(n, t, c, generator=g, requires_grad=True)
+    grad = torch.randn(n, t - 7, c, generator=g)
+    out, new_size, _ = merge_wavg(merge, x, size)
+    (x_grad,) = torch.autograd.grad(out, x, grad)
+
+    sizes = size.reshape(n * t, 1).index_select(0, merge.perm)
+    weight = sizes / new_size.reshape(-1, 1).index_select(0, merge.dest)
+    rows = x.reshape(n * t, c).index_select(0, merge.perm) * weight
+    k = merge.num_kept
+    by_ops = rows[:k].clone().scatter_add(0, merge.dst_rows[:, None].expand(-1, c), rows[k:])
+    (ops_grad,) = torch.autograd.grad(by_ops, x, grad.reshape(-1, c))
+    assert torch.equal(out.reshape(-1, c), by_ops)
+    assert torch.equal(x_grad, ops_grad)
+
+
+def test_cached_row_layout_outlives_inference_mode():
+    """The shape-only rows are built once per shape and reused by later calls: built during an
+    evaluation pass under ``inference_mode``, they must still serve a training step."""
+    g = torch.Generator().manual_seed(10)
+    metric, x = torch.randn(2, 23, 4, generator=g), torch.randn(2, 23, 5, generator=g)
+    _cached_row_layout.cache_clear()
+    with torch.inference_mode():
+        evaluated, _, _ = merge_wavg(bipartite_soft_matching(metric, 6, 1), x, None)
+    layout = row_layout(2, 23, 6, 1, x.device)
+    assert not any(t.is_inference() for t in vars(layout).values())
+    assert _cached_row_layout.cache_info().hits >= 1
+
+    x.requires_grad_()
+    trained, _, _ = merge_wavg(bipartite_soft_matching(metric, 6, 1), x, None)
+    trained.sum().backward()
+    assert torch.equal(trained.detach(), evaluated)
+    assert x.grad is not None and torch.equal(x.grad.sum((0, 2)) > 0, torch.ones(23, dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ checkpoints trained with it see the same tokens in the same places.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,10 @@ class Merge:
     Shapes (``B`` batch, ``N`` tokens, ``Na``/``Nb`` unprotected tokens in set A/B, ``r`` merges):
     ``unm_idx`` ``[B, Na - r]`` sorted, ``src_idx`` ``[B, r]``, ``dst_idx`` ``[B, r]`` (positions
     within set A and set B). The same merge as rows of the flattened tensors, for one
-    ``index_select`` and one ``scatter_add`` per merged tensor: ``keep_rows`` ``[B * (N - r)]``
-    and ``src_rows`` ``[B * r]`` index ``x.reshape(B * N, -1)``, ``dst_rows`` ``[B * r]`` the
-    merged ``[B * (N - r), -1]``.
+    ``index_select`` and one ``scatter_add`` per merged tensor: ``perm`` ``[B * N]`` orders the rows of
+    ``x.reshape(B * N, -1)`` as the ``B * (N - r)`` kept rows (``keep_rows``, in output order) and then
+    the ``B * r`` merged-away rows (``src_rows``); ``dest`` ``[B * N]`` is the row of the merged
+    ``[B * (N - r), -1]`` that each goes to (``0, 1, ...`` for the kept rows, ``dst_rows`` for the others).
     """
 
     num_protected: int
@@ -32,13 +34,28 @@ class Merge:
     unm_idx: torch.Tensor
     src_idx: torch.Tensor
     dst_idx: torch.Tensor
-    keep_rows: torch.Tensor
-    src_rows: torch.Tensor
-    dst_rows: torch.Tensor
+    perm: torch.Tensor
+    dest: torch.Tensor
 
     @property
     def r(self) -> int:
         return self.src_idx.shape[1]
+
+    @property
+    def num_kept(self) -> int:
+        return self.perm.shape[0] - self.src_idx.numel()
+
+    @property
+    def keep_rows(self) -> torch.Tensor:
+        return self.perm[:self.num_kept]
+
+    @property
+    def src_rows(self) -> torch.Tensor:
+        return self.perm[self.num_kept:]
+
+    @property
+    def dst_rows(self) -> torch.Tensor:
+        return self.dest[self.num_kept:]
 
     def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         """Merge ``x`` of shape ``[B, N, ...]`` along dim 1 into ``[B, N - r, ...]``.
@@ -79,6 +96,53 @@ def max_merges(num_tokens: int, num_protected: int) -> int:
     return max((num_tokens - num_protected) // 2, 0)
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """The rows of a merge that depend only on the shapes, not on the matching.
+
+    For ``n`` images of ``t`` tokens merging ``r`` of them: ``prefix_rows`` ``[n, num_protected]`` and
+    ``b_rows`` ``[n, Nb]`` index the flattened input ``[n * t, C]`` (the tokens that always stay),
+    ``first_a`` ``[n, 1]`` each image's first set-A row (its ``i``-th set-A token is at
+    ``first_a + 2 i``), ``first_dst`` ``[n, 1]`` each image's first set-B row in the merged output,
+    ``kept_dest`` ``[n * (t - r)]`` the output rows ``0, 1, ...`` of the kept tokens.
+    """
+
+    prefix_rows: torch.Tensor
+    b_rows: torch.Tensor
+    first_a: torch.Tensor
+    first_dst: torch.Tensor
+    kept_dest: torch.Tensor
+
+
+def _build_row_layout(n: int, t: int, r: int, num_protected: int, device: torch.device) -> RowLayout:
+    a_offset = num_protected % 2
+    num_a = (t - num_protected + 1 - a_offset) // 2
+    # inference_mode(False): the cache outlives an evaluation pass, and inference tensors cannot be
+    # saved for the backward pass of a later training step
+    with torch.inference_mode(False):
+        first = torch.arange(0, n * t, t, device=device)[:, None]
+        return RowLayout(
+            prefix_rows=first + torch.arange(num_protected, device=device),
+            b_rows=first + torch.arange(num_protected + 1 - a_offset, t, 2, device=device),
+            first_a=first + (num_protected + a_offset),
+            first_dst=torch.arange(num_protected + num_a - r, n * (t - r), t - r, device=device)[:, None],
+            kept_dest=torch.arange(n * (t - r), device=device),
+        )
+
+
+# One entry per merging layer and batch size in use; each holds O(n * t) indices.
+_cached_row_layout = functools.lru_cache(maxsize=256)(_build_row_layout)
+
+
+def row_layout(n: int, t: int, r: int, num_protected: int, device: torch.device) -> RowLayout:
+    """The :class:`RowLayout` of this shape, built once per shape in eager mode: each layer would
+    otherwise launch ten small index kernels, and eager training on a GPU is bound by launches.
+    Under ``torch.compile`` it is built in the graph, where the compiler folds it."""
+    if torch.compiler.is_compiling():
+        return _build_row_layout(n, t, r, num_protected, device)
+    return _cached_row_layout(n, t, r, num_protected, device)
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> Merge | None:
     """Match ``r`` tokens of set A to their most similar token of set B.
 
@@ -90,40 +154,65 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
     Returns:
         the :class:`Merge` to apply to every tensor of this layer, or ``None`` when nothing merges.
     """
-    r = min(r, max_merges(metric.shape[1], num_protected))
+    n, t = metric.shape[:2]
+    r = min(r, max_merges(t, num_protected))
     if r <= 0:
         return None
     a_offset = num_protected % 2
     with torch.no_grad(), torch.autocast(metric.device.type, enabled=False):
-        n, t = metric.shape[:2]
         # Scores in at least fp32: under autocast, fp16/bf16 scores tie and flip matches (ViT-S r13, fp16:
         # logits 0.085 from fp32's, 0.006 with fp32 scores).
-        metric = metric[:, num_protected:].to(torch.promote_types(metric.dtype, torch.float32))
+        if metric.dtype != torch.float64:
+            metric = metric.float()
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, a_offset::2], metric[:, 1 - a_offset::2]
-        node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+        a = metric[:, num_protected + a_offset::2]
+        b = metric[:, num_protected + 1 - a_offset::2]
+        node_max, node_idx = torch.bmm(a, b.transpose(1, 2)).max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True)
         src_idx = edge_idx[:, :r]
         unm_idx = edge_idx[:, r:].sort(dim=-1).values
         dst_idx = node_idx.gather(1, src_idx)
 
-        # Rows in the flattened input: image i's tokens start at row i * t, its set A at
-        # i * t + a_pos and set B at i * t + b_pos, every second token.
-        dev, num_a = metric.device, a.shape[1]
-        first = torch.arange(0, n * t, t, device=dev)[:, None]
-        first_a = first + (num_protected + a_offset)
-        keep_rows = torch.cat([
-            first + torch.arange(num_protected, device=dev),
-            torch.add(first_a, unm_idx, alpha=2),
-            first + torch.arange(num_protected + 1 - a_offset, t, 2, device=dev),
-        ], dim=1)
-        src_rows = torch.add(first_a, src_idx, alpha=2)
-        # in the merged output, image i's set B starts at row i * (t - r) + num_protected + num_a - r
-        dst_rows = dst_idx + torch.arange(num_protected + num_a - r, n * (t - r), t - r, device=dev)[:, None]
-    return Merge(
-        num_protected, a_offset, unm_idx, src_idx, dst_idx,
-        keep_rows.flatten(), src_rows.flatten(), dst_rows.flatten(),
-    )
+        layout = row_layout(n, t, r, num_protected, metric.device)
+        keep_rows = torch.cat([layout.prefix_rows, torch.add(layout.first_a, unm_idx, alpha=2), layout.b_rows], dim=1)
+        src_rows = torch.add(layout.first_a, src_idx, alpha=2)
+        perm = torch.cat([keep_rows.view(-1), src_rows.view(-1)])
+        dest = torch.cat([layout.kept_dest, (dst_idx + layout.first_dst).view(-1)])
+    return Merge(num_protected, a_offset, unm_idx, src_idx, dst_idx, perm, dest)
+
+
+def _weighted_merge(
+    rows: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, num_kept: int
+) -> torch.Tensor:
+    """``out[dest[i]] += weight[i] * rows[perm[i]]``: ``rows`` ``[M, C]`` -> ``[K, C]``, with ``perm``,
+    ``dest`` ``[M]`` and ``weight`` ``[M, 1]`` laid out as in :class:`Merge` (``K = num_kept`` rows first).
+
+    One copy of all rows in ``perm`` order, scaled in place, and the merged-away rows added onto
+    their destinations; the result is the kept part of that copy (a view: no pass to cut it off).
+    """
+    merged = rows.index_select(0, perm).mul_(weight)
+    out = merged[:num_kept]
+    # scatter, not index_add_: ONNX exports index_add_ as a ScatterND that drops repeated destinations
+    out.scatter_add_(0, dest[num_kept:, None].expand(-1, rows.shape[1]), merged[num_kept:])
+    return out
+
+
+class _WeightedMerge(torch.autograd.Function):
+    """:func:`_weighted_merge` with its gradient in one gather: every input row's gradient is its
+    destination's, times its weight (``perm`` covers every row once). Autograd on the ops instead
+    records five nodes and launches about ten kernels per layer, which bounds eager training on a GPU."""
+
+    @staticmethod
+    def forward(ctx, rows, perm, dest, weight, num_kept):
+        ctx.save_for_backward(perm, dest, weight)
+        return _weighted_merge(rows, perm, dest, weight, num_kept)
+
+    @staticmethod
+    def backward(ctx, grad):
+        perm, dest, weight = ctx.saved_tensors
+        grad_merged = grad.index_select(0, dest).mul_(weight)
+        grad_rows = grad.new_empty(perm.shape[0], grad.shape[1]).index_copy_(0, perm, grad_merged)
+        return grad_rows, None, None, None, None
 
 
 def merge_wavg(
@@ -132,35 +221,29 @@ def merge_wavg(
     """Size-weighted average merge of tokens ``x`` ``[B, N, C]``, sizes ``[B, N, 1]`` and,
     if traced, the source map ``[B, N, N0]``.
 
-    ``x`` is read once (the kept rows, copied in order and rescaled in place) plus its ``r`` merged
-    rows. The public implementation instead makes ``x * size``, splits,
-    gathers, scatters, concatenates and divides, each a pass over every token.
+    Every destination becomes the size-weighted mean of its group: each row is scaled by its share of
+    the new size (exactly 1 for a token that merges with nothing, so it stays bit for bit) and added
+    onto its destination. ``x`` is read once; the public implementation instead makes ``x * size``,
+    splits, gathers, scatters, concatenates and divides, each a pass over every token.
 
     Source rows are one-hot over disjoint original tokens, so summing them equals the
     ``amax`` merge of the paper's code. The returned ``size`` and ``source`` are detached:
     they are functions of the matching indices only, so their gradient is zero anyway.
     """
     n, t, c = x.shape
-    r = merge.r
-    sizes = size.reshape(n * t, 1).to(x.dtype) if size is not None else x.new_ones(n * t, 1)
-    src_size = sizes.index_select(0, merge.src_rows)
-    kept_size = sizes.index_select(0, merge.keep_rows)
-    new_size = kept_size.scatter_add(0, merge.dst_rows[:, None], src_size)
-
-    # Every destination becomes the size-weighted mean of its group: its own value scaled to its
-    # share of the new size (exactly 1 where nothing arrives, so those rows stay bit for bit), plus the
-    # shares of its sources. In place on the whole row copy, never on a view of it: autograd would
-    # otherwise clone the gradient of every merged tensor for each in-place op (CopySlices), 9 copies
-    # per layer in training.
-    rows = x.reshape(n * t, c)
-    out = rows.index_select(0, merge.keep_rows).mul_(kept_size / new_size)
-    src = rows.index_select(0, merge.src_rows) * (src_size / new_size.index_select(0, merge.dst_rows))
-    out.scatter_add_(0, merge.dst_rows[:, None].expand_as(src), src)
-    # Sizes and sources depend only on the (no-grad) matching, never on a parameter: detached,
-    # they carry no autograd graph (no useless bias gradient in attention, deepcopy-able state).
+    k = merge.num_kept
+    with torch.no_grad():
+        sizes = size.reshape(n * t, 1).to(x.dtype) if size is not None else x.new_ones(n * t, 1)
+        sizes = sizes.index_select(0, merge.perm)
+        new_size = sizes[:k].scatter_add(0, merge.dst_rows[:, None], sizes[k:])
+        weight = sizes.div_(new_size.index_select(0, merge.dest))
+    args = (x.reshape(n * t, c), merge.perm, merge.dest, weight, k)
+    # the tracer (ONNX export) records k as a tensor, to keep the batch size dynamic: the plain ops take it
+    differentiable = torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing()
+    out = _WeightedMerge.apply(*args) if differentiable else _weighted_merge(*args)
     if source is not None:
         source = merge(source.to(x.dtype).detach(), mode="sum")
-    return out.view(n, t - r, c), new_size.view(n, t - r, 1).detach(), source
+    return out.view(n, t - merge.r, c), new_size.view(n, t - merge.r, 1), source
 
 
 def unmerge_tokens(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

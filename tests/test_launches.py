@@ -1,0 +1,72 @@
+"""Operations launched per merging layer, counted at PyTorch's dispatcher.
+
+Eager ToMe training on a GPU is bound by the host: on an H100 a ViT-B step took 64 ms of wall time
+for 38 ms of kernels (docs/performance.md), each operation costing its Python, autograd and launch
+overhead whatever its size. So the operations ToMe adds to a block are a budget, held here as
+numbers: every non-view operation is at least one kernel on a GPU.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tome_train.tome import apply_tome
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DEPTH = 4
+# Per merging layer, on top of the unpatched block (before the row cache and the merge's own backward:
+# 32 and 8). Forward: the key mean and the log-size bias (2); matching: norm, divide, bmm, max, two
+# sorts, gather (7); the merge's rows: three adds, three cats (6); sizes and weights: two index_selects,
+# scatter_add, divide (4); the tokens: index_select, scale, scatter_add (3). Backward: index_select,
+# scale, index_copy and its allocation.
+FORWARD_BUDGET = 22
+BACKWARD_BUDGET = 4
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the operations that reach the kernels; views and other aliases launch nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def count_step(r: int) -> tuple[LaunchCounter, LaunchCounter]:
+    """Operations of one training step's forward and backward (after a first step, so that anything
+    built once per shape is built), ViT-Ti at 64 px: 17 tokens, r=2 in every layer."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=DEPTH, num_classes=10)
+    if r:
+        apply_tome(model, r)
+    images = torch.randn(2, 3, 64, 64)
+    model(images).sum().backward()
+    forward, backward = LaunchCounter(), LaunchCounter()
+    with forward:
+        loss = model(images).sum()
+    with backward:
+        loss.backward()
+    return forward, backward
+
+
+def test_merging_layer_launch_budget():
+    timm_fw, timm_bw = count_step(0)
+    tome_fw, tome_bw = count_step(2)
+    assert tome_fw.ops["sort"] == 2 * DEPTH  # every layer merged
+    extra_fw = (tome_fw.total - timm_fw.total) / DEPTH
+    extra_bw = (tome_bw.total - timm_bw.total) / DEPTH
+    assert extra_fw <= FORWARD_BUDGET, tome_fw.ops - timm_fw.ops
+    assert extra_bw <= BACKWARD_BUDGET, tome_bw.ops - timm_bw.ops
