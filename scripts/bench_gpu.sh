@@ -69,6 +69,8 @@ step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --s
 # plain attention, at 197, 117 and 37 tokens.
 want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
     && gather
+# The merge of one layer at ViT-B's shape, forward and backward: PyTorch's ops against fused Triton kernels.
+want merge && run_step merge 90 python3 scripts/merge_probe.py --device cuda --output "$steps_dir/merge.json" && gather
 # torch.compile, the ToMe side by compile_tome (attention and MLP compiled once for all blocks with a
 # dynamic token count, merging eager), the timm side whole: ratios, compile time (first_ratio), recompiles.
 step compile_b_infer_regions "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 \
@@ -82,7 +84,7 @@ step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --st
 # Where each model spends its GPU time (ViT-B r16; inference: batch 256, fp16; training: forward and
 # backward, batch 128, bf16): top kernels as JSON.
 want profile && run_step profile 150 python3 - "$out/profile.json" <<'EOF'
-import json, sys, torch
+import json, sys, time, torch
 from torch.profiler import ProfilerActivity, profile
 from tome_train.bench import build_pair, BenchCase
 
@@ -107,15 +109,31 @@ for name, model in (("timm", base), ("tome", tome)):
         for _ in range(3):
             run(model)
         torch.cuda.synchronize()
+        start = time.perf_counter()  # wall time of a step outside the profiler: above GPU time = host-bound
+        for _ in range(5):
+            run(model)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) / 5 * 1e3
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             run(model)
             torch.cuda.synchronize()
         events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
         total = sum(e.self_device_time_total for e in events)
         result[f"{name}_{mode}"] = {
-            "total_ms": total / 1e3, "kernels": sum(e.count for e in events),
+            "total_ms": total / 1e3, "wall_ms": wall_ms, "kernels": sum(e.count for e in events),
             "top": [[e.key[:90], e.count, round(e.self_device_time_total / 1e3, 3)] for e in events[:30]]}
-        print(name, mode, f"{total / 1e3:.2f} ms GPU time, {result[f'{name}_{mode}']['kernels']} kernel launches")
+        print(name, mode, f"{total / 1e3:.2f} ms GPU time, {wall_ms:.2f} ms wall, "
+              f"{result[f'{name}_{mode}']['kernels']} kernel launches")
+# A ToMe step must never wait for the GPU (a device-to-host copy stalls the launch queue): name the first op that does.
+torch.cuda.set_sync_debug_mode("error")
+try:
+    forward_infer(tome)
+    step_train(tome)
+    result["tome_host_sync"] = None
+except RuntimeError as err:
+    result["tome_host_sync"] = str(err).splitlines()[0]
+torch.cuda.set_sync_debug_mode(0)
+print("ToMe step waits for the GPU at:", result["tome_host_sync"])
 json.dump(result, open(sys.argv[1], "w"), indent=1)
 EOF
 # torch.compile(model) on both sides: first step = compile time, recompiles must stay 0.

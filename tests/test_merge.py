@@ -379,3 +379,57 @@ def test_unmerge_through_several_layers():
     torch.testing.assert_close(back.mean(dim=1), (y * size).sum(dim=1) / size.sum(dim=1), rtol=0, atol=1e-12)
     # and the mean of the original tokens is conserved by size-weighted merging
     torch.testing.assert_close(back.mean(dim=1), x.mean(dim=1), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# scripts/merge_probe.py: fused Triton kernels for the merge, run by Triton's CPU interpreter
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def merge_probe(monkeypatch):
+    """The probe script with its Triton kernels interpreted on the CPU (``TRITON_INTERPRET=1`` must be
+    set before ``triton.jit`` wraps them, so the script is loaded afresh)."""
+    import importlib.util
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location("merge_probe", scripts / "merge_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_triton_merge_is_the_library_merge(merge_probe):
+    """The fused kernels compute the library's merge and its gradient; here every merged-away token
+    also lands on the same destination (all keys alike: ties go to the first set-B token), the case
+    where the kernel's atomic adds pile up on one row."""
+    from tome_train.tome.merge import _weighted_merge
+
+    for tied in (False, True):
+        rows, perm, dest, weight, k = merge_probe.merge_inputs(3, 23, 40, 6, "cpu", seed=int(tied))
+        if tied:
+            merge = bipartite_soft_matching(torch.ones(3, 23, 8), 6, 1)
+            assert merge.dst_idx.unique().tolist() == [0]
+            perm, dest = merge.perm, merge.dest
+        expected = _weighted_merge(rows, perm, dest, weight, k)
+        fused = merge_probe.triton_merge(rows, perm, dest, weight, k)
+        torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
+        receives = torch.zeros(k, dtype=torch.bool).index_fill_(0, dest[k:], True)
+        assert torch.equal(fused[~receives], expected[~receives])
+
+        grad = torch.randn(k, 40)
+        assert torch.equal(merge_probe.triton_merge_backward(grad, perm, dest, weight),
+                           merge_probe.torch_merge_backward(grad, perm, dest, weight))
+
+
+def test_probe_writes_both_passes_of_each_variant(merge_probe, tmp_path):
+    import json
+
+    out = tmp_path / "merge.json"
+    merge_probe.main(["--device", "cpu", "--batch-size", "2", "--channels", "24", "--tokens", "17", "9",
+                      "--r", "3", "--warmup", "0", "--steps", "1", "--output", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["variant"], row["tokens"], row["pass"]) for row in rows] == [
+        (v, n, p) for n in (17, 9) for v in ("torch", "triton") for p in ("forward", "backward")]
+    assert all(row["ms"] > 0 and row["vs_torch"] > 0 and row["max_diff"] <= 1e-6 for row in rows)
