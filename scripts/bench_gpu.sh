@@ -69,7 +69,8 @@ step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --s
 # plain attention, at 197, 117 and 37 tokens.
 want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
     && gather
-# The merge of one layer at ViT-B's shape, forward and backward: PyTorch's ops against fused Triton kernels.
+# ToMe's own work in one layer at ViT-B's shape (matching, merge, merge backward): PyTorch's ops against fused
+# Triton kernels.
 want merge && run_step merge 90 python3 scripts/merge_probe.py --device cuda --output "$steps_dir/merge.json" && gather
 # torch.compile, the ToMe side by compile_tome (attention and MLP compiled once for all blocks with a
 # dynamic token count, merging eager), the timm side whole: ratios, compile time (first_ratio), recompiles.

@@ -1,17 +1,25 @@
-"""Time the size-weighted merge of one layer, PyTorch's ops against fused Triton kernels, at ViT-B's shape.
+"""Time ToMe's own work in one layer, PyTorch's ops against fused Triton kernels, at ViT-B's shape.
 
     python scripts/merge_probe.py --device cuda --output merge.json
 
-The merge of ``tome_train.tome.merge`` reads every token row in a permuted order, scales it and adds the
-merged-away rows onto their destinations: three kernels and about four passes over the rows forward
-(``index_select``, ``mul_``, ``scatter_add_``), three kernels and six passes backward (``index_select``,
-``mul_``, ``index_copy_``). The ``triton`` variant does the same arithmetic in two kernels and two passes
-forward (the kept rows stored, the merged-away rows added atomically, as ``scatter_add_`` does on a GPU)
-and in one kernel and two passes backward. Measured here first; it enters the library only if it wins.
+Three parts, as ``tome_train.tome.merge`` does them:
 
-Rows: ``variant``, ``tokens``, ``pass`` (forward or backward), ``ms`` (median), ``vs_torch`` (the PyTorch
-ops' time over this one's), ``max_diff`` (from the PyTorch ops' result; kept rows are equal bit for bit,
-rows that receive several tokens may differ in the order of their additions), or ``error``.
+- ``match``: cosine similarity of every set-A key to every set-B key and its row max and argmax (norm,
+  divide, bmm, max: four kernels and a ``[B, Na, Nb]`` score matrix); fused, one kernel that keeps the
+  running max per row (scores in fp32 without TF32, as the library's).
+- ``merge``: every token row read in a permuted order, scaled, and the merged-away rows added onto their
+  destinations (``index_select``, ``mul_``, ``scatter_add_``: three kernels, about four passes over the
+  rows); fused, two kernels and two passes (the kept rows stored, the merged-away rows added atomically,
+  as ``scatter_add_`` does on a GPU).
+- ``merge_backward``: every row's gradient is its destination's times its weight (``index_select``,
+  ``mul_``, ``index_copy_``: three kernels, six passes); fused, one kernel, two passes.
+
+Measured here first; a kernel enters the library only if it wins.
+
+Rows: ``variant``, ``tokens``, ``part``, ``ms`` (median), ``vs_torch`` (the PyTorch ops' time over this
+one's), ``max_diff`` (from the PyTorch ops' result: row maxima, merged rows, gradients; in the merge, rows
+that receive several tokens may differ in the order of their additions), ``same_argmax`` for ``match``,
+or ``error``.
 """
 from __future__ import annotations
 
@@ -25,7 +33,50 @@ import triton.language as tl
 
 from attention_probe import time_ms
 from tome_train.tome import bipartite_soft_matching
-from tome_train.tome.merge import _weighted_merge
+from tome_train.tome.merge import _weighted_merge, _weighted_merge_backward, most_similar
+
+
+@triton.jit
+def _match_rows(metric_ptr, node_max_ptr, node_idx_ptr, num_tokens, a_start, b_start, num_a, num_b,
+                DIM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """For image ``program_id(0)`` and a block of its set-A tokens (every second token from ``a_start``):
+    the max over set B (every second token from ``b_start``) of the cosine similarity, and where it is."""
+    image = tl.program_id(0)
+    ia = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_ok = ia < num_a
+    dim = tl.arange(0, DIM)
+    base = metric_ptr + image * num_tokens * DIM
+    a = tl.load(base + (a_start + 2 * ia)[:, None] * DIM + dim[None, :], mask=a_ok[:, None], other=1.0)
+    a = a / tl.sqrt(tl.sum(a * a, axis=1))[:, None]
+    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_A], tl.int64)
+    for start in range(0, num_b, BLOCK_B):
+        jb = start + tl.arange(0, BLOCK_B)
+        b_ok = jb < num_b
+        b = tl.load(base + (b_start + 2 * jb)[:, None] * DIM + dim[None, :], mask=b_ok[:, None], other=1.0)
+        b = b / tl.sqrt(tl.sum(b * b, axis=1))[:, None]
+        scores = tl.where(b_ok[None, :], tl.dot(a, tl.trans(b), input_precision="ieee"), float("-inf"))
+        block_max = tl.max(scores, axis=1)
+        block_idx = tl.argmax(scores, axis=1).to(tl.int64) + start
+        better = block_max > best  # strict: the first of equal maxima wins, as in torch.max
+        best = tl.where(better, block_max, best)
+        best_idx = tl.where(better, block_idx, best_idx)
+    tl.store(node_max_ptr + image * num_a + ia, best, mask=a_ok)
+    tl.store(node_idx_ptr + image * num_a + ia, best_idx, mask=a_ok)
+
+
+def triton_match(metric, num_protected, block=32):
+    """:func:`tome_train.tome.merge.most_similar` in one kernel; ``metric`` ``[B, N, D]`` fp32 contiguous,
+    ``D`` a power of two."""
+    n, t, dim = metric.shape
+    a_offset = num_protected % 2
+    num_a = (t - num_protected + 1 - a_offset) // 2
+    node_max = metric.new_empty(n, num_a)
+    node_idx = torch.empty(n, num_a, dtype=torch.long, device=metric.device)
+    _match_rows[(n, triton.cdiv(num_a, block))](
+        metric, node_max, node_idx, t, num_protected + a_offset, num_protected + 1 - a_offset, num_a,
+        t - num_protected - num_a, DIM=dim, BLOCK_A=block, BLOCK_B=block)
+    return node_max, node_idx
 
 
 @triton.jit
@@ -62,12 +113,6 @@ def triton_merge(rows, perm, dest, weight, num_kept):
     return out
 
 
-def torch_merge_backward(grad, perm, dest, weight):
-    """The backward of the library's merge (``_WeightedMerge.backward``): ``[K, C]`` -> ``[M, C]``."""
-    grad_merged = grad.index_select(0, dest).mul_(weight)
-    return grad.new_empty(perm.shape[0], grad.shape[1]).index_copy_(0, perm, grad_merged)
-
-
 def triton_merge_backward(grad, perm, dest, weight):
     """The same gradient in one kernel: every row's gradient is its destination's, times its weight."""
     grad_rows = grad.new_empty(perm.shape[0], grad.shape[1])
@@ -75,15 +120,17 @@ def triton_merge_backward(grad, perm, dest, weight):
     return grad_rows
 
 
-VARIANTS = {
-    "torch": (_weighted_merge, torch_merge_backward),
-    "triton": (triton_merge, triton_merge_backward),
+VARIANTS = {  # part: (match, merge, merge backward)
+    "torch": (most_similar, _weighted_merge, _weighted_merge_backward),
+    "triton": (triton_match, triton_merge, triton_merge_backward),
 }
+PARTS = ("match", "merge", "merge_backward")
 
 
 def merge_inputs(batch_size: int, tokens: int, channels: int, r: int, device, seed: int = 0):
-    """A real layer's merge (matching of random keys with a class token, sizes 1-7) and its token rows:
-    ``rows`` ``[B * N, C]``, ``perm``, ``dest``, ``weight`` ``[B * N, 1]``, ``num_kept``."""
+    """A real layer's keys ``metric`` ``[B, N, 64]`` (random, a class token first), their merge (sizes 1-7)
+    and its token rows: ``metric``, ``rows`` ``[B * N, C]``, ``perm``, ``dest``, ``weight`` ``[B * N, 1]``,
+    ``num_kept``."""
     g = torch.Generator(device).manual_seed(seed)
     metric = torch.randn(batch_size, tokens, 64, generator=g, device=device)
     merge = bipartite_soft_matching(metric, r, num_protected=1)
@@ -93,7 +140,7 @@ def merge_inputs(batch_size: int, tokens: int, channels: int, r: int, device, se
     new_size = sizes[:k].scatter_add(0, merge.dst_rows[:, None], sizes[k:])
     weight = sizes / new_size.index_select(0, merge.dest)
     rows = torch.randn(batch_size * tokens, channels, generator=g, device=device)
-    return rows, merge.perm, merge.dest, weight, k
+    return metric, rows, merge.perm, merge.dest, weight, k
 
 
 def main(argv=None):
@@ -111,26 +158,30 @@ def main(argv=None):
     device = torch.device(args.device)
     rows_out = []
     for n in args.tokens:
-        rows, perm, dest, weight, k = merge_inputs(args.batch_size, n, args.channels, args.r, device, seed=n)
+        metric, rows, perm, dest, weight, k = merge_inputs(args.batch_size, n, args.channels, args.r, device, seed=n)
         grad = torch.randn(k, args.channels, device=device)
-        expected = {"forward": _weighted_merge(rows, perm, dest, weight, k),
-                    "backward": torch_merge_backward(grad, perm, dest, weight)}
+        inputs = {"match": (metric, 1), "merge": (rows, perm, dest, weight, k),
+                  "merge_backward": (grad, perm, dest, weight)}
+        expected = {part: fn(*inputs[part]) for part, fn in zip(PARTS, VARIANTS["torch"])}
         torch_ms = {}
         for name in args.variants:
-            forward, backward = VARIANTS[name]
-            calls = {"forward": lambda: forward(rows, perm, dest, weight, k),
-                     "backward": lambda: backward(grad, perm, dest, weight)}
-            for pass_, call in calls.items():
-                row = {"variant": name, "tokens": n, "pass": pass_}
+            for part, fn in zip(PARTS, VARIANTS[name]):
+                row = {"variant": name, "tokens": n, "part": part}
                 try:
-                    row["max_diff"] = float((call() - expected[pass_]).abs().max())
-                    row["ms"] = round(time_ms(call, device, args.warmup, args.steps), 4)
+                    result = fn(*inputs[part])
+                    if part == "match":
+                        row["same_argmax"] = bool(torch.equal(result[1], expected[part][1]))
+                        result, reference = result[0], expected[part][0]
+                    else:
+                        reference = expected[part]
+                    row["max_diff"] = float((result - reference).abs().max())
+                    row["ms"] = round(time_ms(lambda: fn(*inputs[part]), device, args.warmup, args.steps), 4)
                 except RuntimeError as err:
                     row["error"] = str(err).splitlines()[0][:200]
                 if name == "torch":
-                    torch_ms[pass_] = row.get("ms")
-                if torch_ms.get(pass_) and "ms" in row:
-                    row["vs_torch"] = round(torch_ms[pass_] / row["ms"], 3)
+                    torch_ms[part] = row.get("ms")
+                if torch_ms.get(part) and "ms" in row:
+                    row["vs_torch"] = round(torch_ms[part] / row["ms"], 3)
                 rows_out.append(row)
                 print(json.dumps(row), file=sys.stderr)
     if args.output:

@@ -386,13 +386,11 @@ def test_unmerge_through_several_layers():
 # --------------------------------------------------------------------------------------
 @pytest.fixture
 def merge_probe(monkeypatch):
-    """The probe script with its Triton kernels interpreted on the CPU (``TRITON_INTERPRET=1`` must be
-    set before ``triton.jit`` wraps them, so the script is loaded afresh)."""
+    """The probe script, its Triton kernels run by Triton's interpreter (``TRITON_INTERPRET``, conftest.py)."""
     import importlib.util
     from pathlib import Path
 
     scripts = Path(__file__).resolve().parents[1] / "scripts"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.syspath_prepend(str(scripts))
     spec = importlib.util.spec_from_file_location("merge_probe", scripts / "merge_probe.py")
     module = importlib.util.module_from_spec(spec)
@@ -400,14 +398,27 @@ def merge_probe(monkeypatch):
     return module
 
 
+@pytest.mark.parametrize("p", [0, 1, 2])
+def test_probe_triton_matching_is_the_library_matching(merge_probe, p):
+    from tome_train.tome.merge import most_similar
+
+    g = torch.Generator().manual_seed(30 + p)
+    for tokens in (9, 40, 197):  # set B in one block of the kernel, in two, in seven
+        metric = torch.randn(2, tokens, 64, generator=g)
+        node_max, node_idx = merge_probe.triton_match(metric, p)
+        expected_max, expected_idx = most_similar(metric, p)
+        assert torch.equal(node_idx, expected_idx)
+        torch.testing.assert_close(node_max, expected_max, rtol=0, atol=1e-6)
+
+
 def test_probe_triton_merge_is_the_library_merge(merge_probe):
     """The fused kernels compute the library's merge and its gradient; here every merged-away token
     also lands on the same destination (all keys alike: ties go to the first set-B token), the case
     where the kernel's atomic adds pile up on one row."""
-    from tome_train.tome.merge import _weighted_merge
+    from tome_train.tome.merge import _weighted_merge, _weighted_merge_backward
 
     for tied in (False, True):
-        rows, perm, dest, weight, k = merge_probe.merge_inputs(3, 23, 40, 6, "cpu", seed=int(tied))
+        _, rows, perm, dest, weight, k = merge_probe.merge_inputs(3, 23, 40, 6, "cpu", seed=int(tied))
         if tied:
             merge = bipartite_soft_matching(torch.ones(3, 23, 8), 6, 1)
             assert merge.dst_idx.unique().tolist() == [0]
@@ -420,16 +431,17 @@ def test_probe_triton_merge_is_the_library_merge(merge_probe):
 
         grad = torch.randn(k, 40)
         assert torch.equal(merge_probe.triton_merge_backward(grad, perm, dest, weight),
-                           merge_probe.torch_merge_backward(grad, perm, dest, weight))
+                           _weighted_merge_backward(grad, perm, dest, weight))
 
 
-def test_probe_writes_both_passes_of_each_variant(merge_probe, tmp_path):
+def test_probe_writes_each_part_of_each_variant(merge_probe, tmp_path):
     import json
 
     out = tmp_path / "merge.json"
     merge_probe.main(["--device", "cpu", "--batch-size", "2", "--channels", "24", "--tokens", "17", "9",
                       "--r", "3", "--warmup", "0", "--steps", "1", "--output", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["variant"], row["tokens"], row["pass"]) for row in rows] == [
-        (v, n, p) for n in (17, 9) for v in ("torch", "triton") for p in ("forward", "backward")]
+    assert [(row["variant"], row["tokens"], row["part"]) for row in rows] == [
+        (v, n, part) for n in (17, 9) for v in ("torch", "triton") for part in ("match", "merge", "merge_backward")]
     assert all(row["ms"] > 0 and row["vs_torch"] > 0 and row["max_diff"] <= 1e-6 for row in rows)
+    assert all(row["same_argmax"] for row in rows if row["part"] == "match")

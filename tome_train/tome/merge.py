@@ -130,8 +130,9 @@ def _build_row_layout(n: int, t: int, r: int, num_protected: int, device: torch.
         )
 
 
-# One entry per merging layer and batch size in use; each holds O(n * t) indices.
-_cached_row_layout = functools.lru_cache(maxsize=256)(_build_row_layout)
+# One entry per merging layer and batch size in use (ViT-H: 32 layers), each O(n * t) indices (0.6 MB at
+# batch 256, 197 tokens); an evicted one is rebuilt at the cost of the kernels it saves.
+_cached_row_layout = functools.lru_cache(maxsize=128)(_build_row_layout)
 
 
 def row_layout(n: int, t: int, r: int, num_protected: int, device: torch.device) -> RowLayout:
@@ -141,6 +142,19 @@ def row_layout(n: int, t: int, r: int, num_protected: int, device: torch.device)
     if torch.compiler.is_compiling():
         return _build_row_layout(n, t, r, num_protected, device)
     return _cached_row_layout(n, t, r, num_protected, device)
+
+
+def most_similar(metric: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every set-A token's highest cosine similarity to a set-B token, and that token's index in set B.
+
+    ``metric`` ``[B, N, C]`` with ``num_protected`` prefix tokens (in neither set); returns ``[B, Na]``
+    maxima and ``[B, Na]`` indices (the first of equal maxima).
+    """
+    a_offset = num_protected % 2
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a = metric[:, num_protected + a_offset::2]
+    b = metric[:, num_protected + 1 - a_offset::2]
+    return torch.bmm(a, b.transpose(1, 2)).max(dim=-1)
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> Merge | None:
@@ -164,10 +178,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
         # logits 0.085 from fp32's, 0.006 with fp32 scores).
         if metric.dtype != torch.float64:
             metric = metric.float()
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a = metric[:, num_protected + a_offset::2]
-        b = metric[:, num_protected + 1 - a_offset::2]
-        node_max, node_idx = torch.bmm(a, b.transpose(1, 2)).max(dim=-1)
+        node_max, node_idx = most_similar(metric, num_protected)
         edge_idx = node_max.argsort(dim=-1, descending=True)
         src_idx = edge_idx[:, :r]
         unm_idx = edge_idx[:, r:].sort(dim=-1).values
@@ -197,10 +208,19 @@ def _weighted_merge(
     return out
 
 
+def _weighted_merge_backward(
+    grad: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of :func:`_weighted_merge`: ``[K, C]`` -> ``[M, C]``, every row's gradient its
+    destination's times its weight (``perm`` covers every row once, so each is written once)."""
+    grad_merged = grad.index_select(0, dest).mul_(weight)
+    return grad.new_empty(perm.shape[0], grad.shape[1]).index_copy_(0, perm, grad_merged)
+
+
 class _WeightedMerge(torch.autograd.Function):
-    """:func:`_weighted_merge` with its gradient in one gather: every input row's gradient is its
-    destination's, times its weight (``perm`` covers every row once). Autograd on the ops instead
-    records five nodes and launches about ten kernels per layer, which bounds eager training on a GPU."""
+    """:func:`_weighted_merge` with the gradient written out (:func:`_weighted_merge_backward`): autograd
+    on the forward's ops records five nodes and launches about ten kernels per layer instead, and eager
+    training on a GPU is bound by launches."""
 
     @staticmethod
     def forward(ctx, rows, perm, dest, weight, num_kept):
@@ -209,10 +229,7 @@ class _WeightedMerge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        perm, dest, weight = ctx.saved_tensors
-        grad_merged = grad.index_select(0, dest).mul_(weight)
-        grad_rows = grad.new_empty(perm.shape[0], grad.shape[1]).index_copy_(0, perm, grad_merged)
-        return grad_rows, None, None, None, None
+        return _weighted_merge_backward(grad, *ctx.saved_tensors), None, None, None, None
 
 
 def merge_wavg(
