@@ -65,23 +65,6 @@ L=(--model vit_large_patch16_224 --r 8)
 # batch 128 (B) and 64 (L).
 step infer_b "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
 step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20
-# One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
-# plain attention, at 197, 117 and 37 tokens.
-want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
-    && gather
-# ToMe's own work in one layer at ViT-B's shape (matching, merge, merge backward): PyTorch's ops against fused
-# Triton kernels.
-want merge && run_step merge 90 python3 scripts/merge_probe.py --device cuda --output "$steps_dir/merge.json" && gather
-# torch.compile, the ToMe side by compile_tome (attention and MLP compiled once for all blocks with a
-# dynamic token count, merging eager), the timm side whole: ratios, compile time (first_ratio), recompiles.
-step compile_b_infer_regions "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 \
-    --compile --compile-scope regions
-step compile_b_train_regions "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 \
-    --compile --compile-scope regions
-step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
-step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20
-# Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
-step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
 # Where each model spends its GPU time (ViT-B r16; inference: batch 256, fp16; training: forward and
 # backward, batch 128, bf16): top kernels as JSON.
 want profile && run_step profile 150 python3 - "$out/profile.json" <<'EOF'
@@ -137,6 +120,23 @@ torch.cuda.set_sync_debug_mode(0)
 print("ToMe step waits for the GPU at:", result["tome_host_sync"])
 json.dump(result, open(sys.argv[1], "w"), indent=1)
 EOF
+# ToMe's own work in one layer at ViT-B's shape (matching, merge, merge backward): PyTorch's ops against fused
+# Triton kernels.
+want merge && run_step merge 90 python3 scripts/merge_probe.py --device cuda --output "$steps_dir/merge.json" && gather
+# One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
+# plain attention, at 197, 117 and 37 tokens.
+want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
+    && gather
+# torch.compile, the ToMe side by compile_tome (attention and MLP compiled once for all blocks with a
+# dynamic token count, merging eager), the timm side whole: ratios, compile time (first_ratio), recompiles.
+step compile_b_infer_regions "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 \
+    --compile --compile-scope regions
+step compile_b_train_regions "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 \
+    --compile --compile-scope regions
+step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
+step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20
+# Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
+step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
 # torch.compile(model) on both sides: first step = compile time, recompiles must stay 0.
 # Last, as the slowest: a step cut short by the budget loses only its own rows.
 step compile_b_infer "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 --compile
