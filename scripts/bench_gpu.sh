@@ -133,6 +133,9 @@ step compile_b_infer_regions "${B[@]}" --mode infer --dtype fp16 --batch-size 25
     --compile --compile-scope regions
 step compile_b_train_regions "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 \
     --compile --compile-scope regions
+# The same with each region under CUDA graphs (one per token count), the launches of the eager merge left.
+step compile_b_train_regions_cudagraphs "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 \
+    --steps 10 --compile reduce-overhead --compile-scope regions
 step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
 step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20
 # Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
