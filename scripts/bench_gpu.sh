@@ -123,6 +123,9 @@ EOF
 # ToMe's own work in one layer at ViT-B's shape (matching, merge, merge backward): PyTorch's ops against fused
 # Triton kernels.
 want merge && run_step merge 90 python3 scripts/merge_probe.py --device cuda --output "$steps_dir/merge.json" && gather
+# The whole model (ViT-B r16, inference and training) with each candidate of the two probes swapped in.
+want variants && run_step variants 200 python3 scripts/variant_probe.py --device cuda --warmup 3 --steps 10 \
+    --output "$steps_dir/variants.json" && gather
 # One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
 # plain attention, at 197, 117 and 37 tokens.
 want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \

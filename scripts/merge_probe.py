@@ -68,6 +68,7 @@ def _match_rows(metric_ptr, node_max_ptr, node_idx_ptr, num_tokens, a_start, b_s
 def triton_match(metric, num_protected, block=32):
     """:func:`tome_train.tome.merge.most_similar` in one kernel; ``metric`` ``[B, N, D]`` fp32 contiguous,
     ``D`` a power of two."""
+    metric = metric.contiguous()
     n, t, dim = metric.shape
     a_offset = num_protected % 2
     num_a = (t - num_protected + 1 - a_offset) // 2
@@ -107,6 +108,7 @@ def _launch(src, src_index, dst, dst_index, weight, start, count, atomic, block_
 
 def triton_merge(rows, perm, dest, weight, num_kept):
     """:func:`tome_train.tome.merge._weighted_merge` in two kernels: ``rows`` ``[M, C]`` -> ``[K, C]``."""
+    rows = rows.contiguous()
     out = rows.new_empty(num_kept, rows.shape[1])
     _launch(rows, perm, out, dest, weight, 0, num_kept, atomic=False)
     _launch(rows, perm, out, dest, weight, num_kept, perm.shape[0] - num_kept, atomic=True)
@@ -115,6 +117,7 @@ def triton_merge(rows, perm, dest, weight, num_kept):
 
 def triton_merge_backward(grad, perm, dest, weight):
     """The same gradient in one kernel: every row's gradient is its destination's, times its weight."""
+    grad = grad.contiguous()
     grad_rows = grad.new_empty(perm.shape[0], grad.shape[1])
     _launch(grad, dest, grad_rows, perm, weight, 0, perm.shape[0], atomic=False)
     return grad_rows

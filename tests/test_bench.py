@@ -208,3 +208,38 @@ def test_sdpa_preference_sets_the_backend_order(tmp_path):
     out = tmp_path / "b.json"
     assert bench.main(TINY + ["--r", "2", "--mode", "both", "--sdpa", "math", "--output", str(out), "--quiet"]) == 0
     assert [row["sdpa"] for row in json.loads(out.read_text())["results"]] == ["math", "math"]
+
+
+def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path, monkeypatch):
+    """scripts/variant_probe.py: the bench once per candidate (Triton kernels by Triton's interpreter here),
+    each run with the candidate standing in for the library's function and the library restored after."""
+    import importlib.util
+    from pathlib import Path
+
+    from tome_train.tome import attention, merge
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location("variant_probe", scripts / "variant_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+
+    library = merge._weighted_merge, merge.most_similar, attention.proportional_attention
+    with probe.swapped("all_triton_bias_in_qk"):
+        assert merge._weighted_merge is probe.merge_probe.triton_merge
+        assert merge.most_similar is probe.merge_probe.triton_match
+        assert attention.proportional_attention is not library[2]
+    assert (merge._weighted_merge, merge.most_similar, attention.proportional_attention) == library
+
+    out = tmp_path / "variants.json"
+    variants = ["library", "triton_merge", "triton_match", "bias_in_qk"]
+    probe.main(["--device", "cpu", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--r", "2",
+                "--infer-batch-size", "2", "--train-batch-size", "2", "--warmup", "0", "--steps", "1",
+                "--variants", *variants, "--output", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["variant"], row["mode"]) for row in rows] == [(v, m) for v in variants for m in ("infer", "train")]
+    for row in rows:
+        assert row["ratio"] > 0 and row["tome_ims"] > 0, row
+        if row["mode"] == "infer":  # the candidate's forward against its own eager fp32 forward
+            assert row["same_merges"] == 1.0 and row["tome_max_diff"] <= 1e-5
+    assert merge._weighted_merge is library[0]
