@@ -138,8 +138,9 @@ _cached_row_layout = functools.lru_cache(maxsize=128)(_build_row_layout)
 def row_layout(n: int, t: int, r: int, num_protected: int, device: torch.device) -> RowLayout:
     """The :class:`RowLayout` of this shape, built once per shape in eager mode: each layer would
     otherwise launch ten small index kernels, and eager training on a GPU is bound by launches.
-    Under ``torch.compile`` it is built in the graph, where the compiler folds it."""
-    if torch.compiler.is_compiling():
+    Under ``torch.compile`` it is built in the graph, where the compiler folds it, and so it is while a
+    CUDA graph is captured: captured kernels do not run then, and the cache would keep their empty output."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return _build_row_layout(n, t, r, num_protected, device)
     return _cached_row_layout(n, t, r, num_protected, device)
 
