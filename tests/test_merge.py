@@ -247,6 +247,24 @@ def test_protected_tokens_and_partition_invariants(p):
     torch.testing.assert_close(out, (source @ (x * size0)) / size, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("p", [0, 1, 2])
+def test_merge_rows_cover_every_token_once(p):
+    """``perm`` lists every input row once, kept rows first in output order; ``dest`` sends the kept
+    rows to ``0, 1, ...`` and each merged-away set-A row to a set-B row of its own image."""
+    b, t, r = 3, p + 21, 6
+    merge = bipartite_soft_matching(torch.randn(b, t, 5, generator=torch.Generator().manual_seed(p)), r, p)
+    k = merge.num_kept
+    assert k == b * (t - r)
+    assert torch.equal(merge.perm.sort().values, torch.arange(b * t))
+    assert torch.equal(merge.dest[:k], torch.arange(k))
+    image_in, image_out = merge.src_rows // t, merge.dst_rows // (t - r)
+    assert torch.equal(image_in, image_out)
+    a_offset = p % 2
+    assert torch.equal((merge.src_rows % t - p - a_offset) % 2, torch.zeros(b * r, dtype=torch.long))  # set A
+    num_unm = (t - p + 1 - a_offset) // 2 - r
+    assert bool((merge.dst_rows % (t - r) >= p + num_unm).all())  # into set B, which follows the unmerged A
+
+
 def test_no_merge_cases():
     metric = torch.randn(2, 9, 4)
     assert bipartite_soft_matching(metric, 0, 1) is None
