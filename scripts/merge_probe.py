@@ -11,6 +11,9 @@ Three parts, as ``tome_train.tome.merge`` does them:
   destinations (``index_select``, ``mul_``, ``scatter_add_``: three kernels, about four passes over the
   rows); fused, two kernels and two passes (the kept rows stored, the merged-away rows added atomically,
   as ``scatter_add_`` does on a GPU).
+- ``add_merge``: the residual add that ends the attention half of a block (``x + attn``, fp32 stream plus
+  the branch in the attention dtype) and the merge after it; fused, the merge reads both and the summed
+  stream is never written (two passes over the rows fewer).
 - ``merge_backward``: every row's gradient is its destination's times its weight (``index_select``,
   ``mul_``, ``index_copy_``: three kernels, six passes); fused, one kernel, two passes.
 
@@ -81,9 +84,11 @@ def triton_match(metric, num_protected, block=32):
 
 
 @triton.jit
-def _scaled_row_copy(src_ptr, src_index_ptr, dst_ptr, dst_index_ptr, weight_ptr, start, count, num_cols,
-                     ATOMIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """``dst[dst_index[i]] (+)= weight[i] * src[src_index[i]]`` for ``i`` in ``[start, start + count)``."""
+def _scaled_row_copy(src_ptr, branch_ptr, src_index_ptr, dst_ptr, dst_index_ptr, weight_ptr, start, count,
+                     num_cols, ATOMIC: tl.constexpr, HAS_BRANCH: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                     BLOCK_COLS: tl.constexpr):
+    """``dst[dst_index[i]] (+)= weight[i] * (src + branch)[src_index[i]]`` for ``i`` in ``[start, start + count)``
+    (``branch``, same shape as ``src``, only with ``HAS_BRANCH``)."""
     i = start + tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = i < start + count
     src_row = tl.load(src_index_ptr + i, mask=row_ok, other=0)
@@ -91,7 +96,11 @@ def _scaled_row_copy(src_ptr, src_index_ptr, dst_ptr, dst_index_ptr, weight_ptr,
     weight = tl.load(weight_ptr + i, mask=row_ok, other=0.0)
     col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     ok = row_ok[:, None] & (col < num_cols)[None, :]
-    values = tl.load(src_ptr + src_row[:, None] * num_cols + col[None, :], mask=ok, other=0.0) * weight[:, None]
+    offsets = src_row[:, None] * num_cols + col[None, :]
+    values = tl.load(src_ptr + offsets, mask=ok, other=0.0)
+    if HAS_BRANCH:
+        values += tl.load(branch_ptr + offsets, mask=ok, other=0.0).to(values.dtype)
+    values = values * weight[:, None]
     out = dst_ptr + dst_row[:, None] * num_cols + col[None, :]
     if ATOMIC:
         tl.atomic_add(out, values, mask=ok)
@@ -99,20 +108,34 @@ def _scaled_row_copy(src_ptr, src_index_ptr, dst_ptr, dst_index_ptr, weight_ptr,
         tl.store(out, values, mask=ok)
 
 
-def _launch(src, src_index, dst, dst_index, weight, start, count, atomic, block_rows=16, block_cols=128):
+def _launch(src, src_index, dst, dst_index, weight, start, count, atomic, branch=None, block_rows=16,
+            block_cols=128):
     num_cols = src.shape[1]
     grid = (triton.cdiv(count, block_rows), triton.cdiv(num_cols, block_cols))
-    _scaled_row_copy[grid](src, src_index, dst, dst_index, weight, start, count, num_cols,
-                           ATOMIC=atomic, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+    _scaled_row_copy[grid](src, src if branch is None else branch, src_index, dst, dst_index, weight, start, count,
+                           num_cols, ATOMIC=atomic, HAS_BRANCH=branch is not None, BLOCK_ROWS=block_rows,
+                           BLOCK_COLS=block_cols)
 
 
-def triton_merge(rows, perm, dest, weight, num_kept):
-    """:func:`tome_train.tome.merge._weighted_merge` in two kernels: ``rows`` ``[M, C]`` -> ``[K, C]``."""
+def triton_merge(rows, perm, dest, weight, num_kept, branch=None):
+    """:func:`tome_train.tome.merge._weighted_merge` in two kernels: ``rows`` ``[M, C]`` -> ``[K, C]``; with
+    ``branch`` ``[M, C]``, the merge of ``rows + branch``."""
     rows = rows.contiguous()
+    branch = branch.contiguous() if branch is not None else None
     out = rows.new_empty(num_kept, rows.shape[1])
-    _launch(rows, perm, out, dest, weight, 0, num_kept, atomic=False)
-    _launch(rows, perm, out, dest, weight, num_kept, perm.shape[0] - num_kept, atomic=True)
+    _launch(rows, perm, out, dest, weight, 0, num_kept, atomic=False, branch=branch)
+    _launch(rows, perm, out, dest, weight, num_kept, perm.shape[0] - num_kept, atomic=True, branch=branch)
     return out
+
+
+def torch_add_merge(rows, branch, perm, dest, weight, num_kept):
+    """The residual add, then the library's merge."""
+    return _weighted_merge(rows + branch, perm, dest, weight, num_kept)
+
+
+def triton_add_merge(rows, branch, perm, dest, weight, num_kept):
+    """The residual add inside the merge's kernels."""
+    return triton_merge(rows, perm, dest, weight, num_kept, branch=branch)
 
 
 def triton_merge_backward(grad, perm, dest, weight):
@@ -123,11 +146,12 @@ def triton_merge_backward(grad, perm, dest, weight):
     return grad_rows
 
 
-VARIANTS = {  # part: (match, merge, merge backward)
-    "torch": (most_similar, _weighted_merge, _weighted_merge_backward),
-    "triton": (triton_match, triton_merge, triton_merge_backward),
+VARIANTS = {
+    "torch": {"match": most_similar, "merge": _weighted_merge, "add_merge": torch_add_merge,
+              "merge_backward": _weighted_merge_backward},
+    "triton": {"match": triton_match, "merge": triton_merge, "add_merge": triton_add_merge,
+               "merge_backward": triton_merge_backward},
 }
-PARTS = ("match", "merge", "merge_backward")
 
 
 def merge_inputs(batch_size: int, tokens: int, channels: int, r: int, device, seed: int = 0):
@@ -163,12 +187,14 @@ def main(argv=None):
     for n in args.tokens:
         metric, rows, perm, dest, weight, k = merge_inputs(args.batch_size, n, args.channels, args.r, device, seed=n)
         grad = torch.randn(k, args.channels, device=device)
+        # the attention branch in the attention dtype (fp16 under autocast on a GPU), the stream in fp32
+        branch = torch.randn_like(rows, dtype=torch.float16 if device.type == "cuda" else rows.dtype)
         inputs = {"match": (metric, 1), "merge": (rows, perm, dest, weight, k),
-                  "merge_backward": (grad, perm, dest, weight)}
-        expected = {part: fn(*inputs[part]) for part, fn in zip(PARTS, VARIANTS["torch"])}
+                  "add_merge": (rows, branch, perm, dest, weight, k), "merge_backward": (grad, perm, dest, weight)}
+        expected = {part: fn(*inputs[part]) for part, fn in VARIANTS["torch"].items()}
         torch_ms = {}
         for name in args.variants:
-            for part, fn in zip(PARTS, VARIANTS[name]):
+            for part, fn in VARIANTS[name].items():
                 row = {"variant": name, "tokens": n, "part": part}
                 try:
                     result = fn(*inputs[part])

@@ -430,9 +430,9 @@ def test_probe_triton_matching_is_the_library_matching(merge_probe, p):
 
 
 def test_probe_triton_merge_is_the_library_merge(merge_probe):
-    """The fused kernels compute the library's merge and its gradient; here every merged-away token
-    also lands on the same destination (all keys alike: ties go to the first set-B token), the case
-    where the kernel's atomic adds pile up on one row."""
+    """The fused kernels compute the library's merge (alone and after the residual add) and its gradient.
+    The second round sends every merged-away token to the same destination (all keys alike: ties go to
+    the first set-B token), where the kernel's atomic adds pile up on one row."""
     from tome_train.tome.merge import _weighted_merge, _weighted_merge_backward
 
     for tied in (False, True):
@@ -447,6 +447,13 @@ def test_probe_triton_merge_is_the_library_merge(merge_probe):
         receives = torch.zeros(k, dtype=torch.bool).index_fill_(0, dest[k:], True)
         assert torch.equal(fused[~receives], expected[~receives])
 
+        # with the residual add inside: an fp16 attention branch onto the fp32 stream
+        branch = torch.randn(rows.shape, dtype=torch.float16)
+        fused_add = merge_probe.triton_add_merge(rows, branch, perm, dest, weight, k)
+        expected_add = merge_probe.torch_add_merge(rows, branch, perm, dest, weight, k)
+        torch.testing.assert_close(fused_add, expected_add, rtol=1e-6, atol=1e-6)
+        assert torch.equal(fused_add[~receives], expected_add[~receives])
+
         grad = torch.randn(k, 40)
         assert torch.equal(merge_probe.triton_merge_backward(grad, perm, dest, weight),
                            _weighted_merge_backward(grad, perm, dest, weight))
@@ -460,6 +467,7 @@ def test_probe_writes_each_part_of_each_variant(merge_probe, tmp_path):
                       "--r", "3", "--warmup", "0", "--steps", "1", "--output", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [(row["variant"], row["tokens"], row["part"]) for row in rows] == [
-        (v, n, part) for n in (17, 9) for v in ("torch", "triton") for part in ("match", "merge", "merge_backward")]
+        (v, n, part) for n in (17, 9) for v in ("torch", "triton")
+        for part in ("match", "merge", "add_merge", "merge_backward")]
     assert all(row["ms"] > 0 and row["vs_torch"] > 0 and row["max_diff"] <= 1e-6 for row in rows)
     assert all(row["same_argmax"] for row in rows if row["part"] == "match")
