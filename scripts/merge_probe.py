@@ -17,7 +17,9 @@ Three parts, as ``tome_train.tome.merge`` does them:
 - ``merge_backward``: every row's gradient is its destination's times its weight (``index_select``,
   ``mul_``, ``index_copy_``: three kernels, six passes); fused, one kernel, two passes.
 
-Measured here first; a kernel enters the library only if it wins.
+The merge kernels are the library's (``tome_train.tome.triton_kernels``, which uses them on a GPU where they
+measure faster for the shape at hand); the matching kernel and the fused residual add are measured here
+first.
 
 Rows: ``variant``, ``tokens``, ``part``, ``ms`` (median), ``vs_torch`` (the PyTorch ops' time over this
 one's), ``max_diff`` (from the PyTorch ops' result: row maxima, merged rows, gradients; in the merge, rows
@@ -36,6 +38,7 @@ import triton.language as tl
 
 from attention_probe import time_ms
 from tome_train.tome import bipartite_soft_matching
+from tome_train.tome.triton_kernels import fused_merge, fused_merge_backward
 from tome_train.tome.merge import _weighted_merge, _weighted_merge_backward, most_similar
 
 
@@ -83,74 +86,21 @@ def triton_match(metric, num_protected, block=32):
     return node_max, node_idx
 
 
-@triton.jit
-def _scaled_row_copy(src_ptr, branch_ptr, src_index_ptr, dst_ptr, dst_index_ptr, weight_ptr, start, count,
-                     num_cols, ATOMIC: tl.constexpr, HAS_BRANCH: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                     BLOCK_COLS: tl.constexpr):
-    """``dst[dst_index[i]] (+)= weight[i] * (src + branch)[src_index[i]]`` for ``i`` in ``[start, start + count)``
-    (``branch``, same shape as ``src``, only with ``HAS_BRANCH``)."""
-    i = start + tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = i < start + count
-    src_row = tl.load(src_index_ptr + i, mask=row_ok, other=0)
-    dst_row = tl.load(dst_index_ptr + i, mask=row_ok, other=0)
-    weight = tl.load(weight_ptr + i, mask=row_ok, other=0.0)
-    col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    ok = row_ok[:, None] & (col < num_cols)[None, :]
-    offsets = src_row[:, None] * num_cols + col[None, :]
-    values = tl.load(src_ptr + offsets, mask=ok, other=0.0)
-    if HAS_BRANCH:
-        values += tl.load(branch_ptr + offsets, mask=ok, other=0.0).to(values.dtype)
-    values = values * weight[:, None]
-    out = dst_ptr + dst_row[:, None] * num_cols + col[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, values, mask=ok)
-    else:
-        tl.store(out, values, mask=ok)
-
-
-def _launch(src, src_index, dst, dst_index, weight, start, count, atomic, branch=None, block_rows=16,
-            block_cols=128):
-    num_cols = src.shape[1]
-    grid = (triton.cdiv(count, block_rows), triton.cdiv(num_cols, block_cols))
-    _scaled_row_copy[grid](src, src if branch is None else branch, src_index, dst, dst_index, weight, start, count,
-                           num_cols, ATOMIC=atomic, HAS_BRANCH=branch is not None, BLOCK_ROWS=block_rows,
-                           BLOCK_COLS=block_cols)
-
-
-def triton_merge(rows, perm, dest, weight, num_kept, branch=None):
-    """:func:`tome_train.tome.merge._weighted_merge` in two kernels: ``rows`` ``[M, C]`` -> ``[K, C]``; with
-    ``branch`` ``[M, C]``, the merge of ``rows + branch``."""
-    rows = rows.contiguous()
-    branch = branch.contiguous() if branch is not None else None
-    out = rows.new_empty(num_kept, rows.shape[1])
-    _launch(rows, perm, out, dest, weight, 0, num_kept, atomic=False, branch=branch)
-    _launch(rows, perm, out, dest, weight, num_kept, perm.shape[0] - num_kept, atomic=True, branch=branch)
-    return out
-
-
 def torch_add_merge(rows, branch, perm, dest, weight, num_kept):
     """The residual add, then the library's merge."""
     return _weighted_merge(rows + branch, perm, dest, weight, num_kept)
 
 
-def triton_add_merge(rows, branch, perm, dest, weight, num_kept):
+def fused_add_merge(rows, branch, perm, dest, weight, num_kept):
     """The residual add inside the merge's kernels."""
-    return triton_merge(rows, perm, dest, weight, num_kept, branch=branch)
-
-
-def triton_merge_backward(grad, perm, dest, weight):
-    """The same gradient in one kernel: every row's gradient is its destination's, times its weight."""
-    grad = grad.contiguous()
-    grad_rows = grad.new_empty(perm.shape[0], grad.shape[1])
-    _launch(grad, dest, grad_rows, perm, weight, 0, perm.shape[0], atomic=False)
-    return grad_rows
+    return fused_merge(rows, perm, dest, weight, num_kept, branch=branch)
 
 
 VARIANTS = {
     "torch": {"match": most_similar, "merge": _weighted_merge, "add_merge": torch_add_merge,
               "merge_backward": _weighted_merge_backward},
-    "triton": {"match": triton_match, "merge": triton_merge, "add_merge": triton_add_merge,
-               "merge_backward": triton_merge_backward},
+    "triton": {"match": triton_match, "merge": fused_merge, "add_merge": fused_add_merge,
+               "merge_backward": fused_merge_backward},
 }
 
 

@@ -6,11 +6,11 @@
 r16, inference fp16 at batch 256 and training bf16 at batch 128 by default) once per variant, with the
 variant's functions standing in for the library's for the length of that run:
 
-- ``library``: the library as it is;
+- ``library``: the library as it is (on a GPU, its fused merge kernels wherever they measure faster);
+- ``torch_ops_only``: the library with PyTorch's ops only (``FastestPath.enabled = False``);
 - ``bias_in_qk``: proportional attention as one more head dimension, no mask (``attention_probe.py``);
-- ``triton_merge``: the merge and its backward as fused Triton kernels (``merge_probe.py``);
 - ``triton_match``: the matching scores' row max as one Triton kernel (``merge_probe.py``);
-- ``all_triton_bias_in_qk``: the two Triton kernels and ``bias_in_qk`` together;
+- ``triton_match_bias_in_qk``: both;
 - ``flex``: proportional attention as a FlexAttention score modification (``attention_probe.py``).
 
 Rows: the bench's rows (``ratio`` against timm, both sides' images/s, the output check) with ``variant``.
@@ -27,7 +27,7 @@ import torch
 import attention_probe
 import merge_probe
 from tome_train import bench
-from tome_train.tome import attention, merge
+from tome_train.tome import attention, kernels, merge
 
 
 def _attention_without_mask(attend):
@@ -44,12 +44,11 @@ def _attention_without_mask(attend):
 
 SWAPS = {  # in the order they run: the cheap ones first, FlexAttention (compiled per token count) last
     "library": {},
+    "torch_ops_only": {(kernels.FastestPath, "enabled"): False},
     "bias_in_qk": {(attention, "proportional_attention"): _attention_without_mask(attention_probe.bias_in_qk)},
-    "triton_merge": {(merge, "_weighted_merge"): merge_probe.triton_merge,
-                     (merge, "_weighted_merge_backward"): merge_probe.triton_merge_backward},
     "triton_match": {(merge, "most_similar"): merge_probe.triton_match},
 }
-SWAPS["all_triton_bias_in_qk"] = {**SWAPS["triton_merge"], **SWAPS["triton_match"], **SWAPS["bias_in_qk"]}
+SWAPS["triton_match_bias_in_qk"] = {**SWAPS["triton_match"], **SWAPS["bias_in_qk"]}
 SWAPS["flex"] = {(attention, "proportional_attention"): _attention_without_mask(attention_probe.flex_bias)}
 
 

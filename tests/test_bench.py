@@ -216,7 +216,7 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path, monkey
     import importlib.util
     from pathlib import Path
 
-    from tome_train.tome import attention, merge
+    from tome_train.tome import attention, kernels, merge
 
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     monkeypatch.syspath_prepend(str(scripts))
@@ -224,15 +224,16 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path, monkey
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
 
-    library = merge._weighted_merge, merge.most_similar, attention.proportional_attention
-    with probe.swapped("all_triton_bias_in_qk"):
-        assert merge._weighted_merge is probe.merge_probe.triton_merge
+    library = merge.most_similar, attention.proportional_attention
+    with probe.swapped("triton_match_bias_in_qk"):
         assert merge.most_similar is probe.merge_probe.triton_match
-        assert attention.proportional_attention is not library[2]
-    assert (merge._weighted_merge, merge.most_similar, attention.proportional_attention) == library
+        assert attention.proportional_attention is not library[1]
+    with probe.swapped("torch_ops_only"):
+        assert kernels.FastestPath.enabled is False
+    assert (merge.most_similar, attention.proportional_attention) == library and kernels.FastestPath.enabled
 
     out = tmp_path / "variants.json"
-    variants = ["library", "triton_merge", "triton_match", "bias_in_qk"]
+    variants = ["library", "torch_ops_only", "triton_match", "bias_in_qk"]
     probe.main(["--device", "cpu", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--r", "2",
                 "--infer-batch-size", "2", "--train-batch-size", "2", "--warmup", "0", "--steps", "1",
                 "--variants", *variants, "--output", str(out)])
@@ -242,4 +243,4 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path, monkey
         assert row["ratio"] > 0 and row["tome_ims"] > 0, row
         if row["mode"] == "infer":  # the candidate's forward against its own eager fp32 forward
             assert row["same_merges"] == 1.0 and row["tome_max_diff"] <= 1e-5
-    assert merge._weighted_merge is library[0]
+    assert merge.most_similar is library[0]

@@ -429,36 +429,6 @@ def test_probe_triton_matching_is_the_library_matching(merge_probe, p):
         torch.testing.assert_close(node_max, expected_max, rtol=0, atol=1e-6)
 
 
-def test_probe_triton_merge_is_the_library_merge(merge_probe):
-    """The fused kernels compute the library's merge (alone and after the residual add) and its gradient.
-    The second round sends every merged-away token to the same destination (all keys alike: ties go to
-    the first set-B token), where the kernel's atomic adds pile up on one row."""
-    from tome_train.tome.merge import _weighted_merge, _weighted_merge_backward
-
-    for tied in (False, True):
-        _, rows, perm, dest, weight, k = merge_probe.merge_inputs(3, 23, 40, 6, "cpu", seed=int(tied))
-        if tied:
-            merge = bipartite_soft_matching(torch.ones(3, 23, 8), 6, 1)
-            assert merge.dst_idx.unique().tolist() == [0]
-            perm, dest = merge.perm, merge.dest
-        expected = _weighted_merge(rows, perm, dest, weight, k)
-        fused = merge_probe.triton_merge(rows, perm, dest, weight, k)
-        torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
-        receives = torch.zeros(k, dtype=torch.bool).index_fill_(0, dest[k:], True)
-        assert torch.equal(fused[~receives], expected[~receives])
-
-        # with the residual add inside: an fp16 attention branch onto the fp32 stream
-        branch = torch.randn(rows.shape, dtype=torch.float16)
-        fused_add = merge_probe.triton_add_merge(rows, branch, perm, dest, weight, k)
-        expected_add = merge_probe.torch_add_merge(rows, branch, perm, dest, weight, k)
-        torch.testing.assert_close(fused_add, expected_add, rtol=1e-6, atol=1e-6)
-        assert torch.equal(fused_add[~receives], expected_add[~receives])
-
-        grad = torch.randn(k, 40)
-        assert torch.equal(merge_probe.triton_merge_backward(grad, perm, dest, weight),
-                           _weighted_merge_backward(grad, perm, dest, weight))
-
-
 def test_probe_writes_each_part_of_each_variant(merge_probe, tmp_path):
     import json
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 
 @dataclass(frozen=True)
 class Merge:
@@ -218,6 +220,11 @@ def _weighted_merge_backward(
     return grad.new_empty(perm.shape[0], grad.shape[1]).index_copy_(0, perm, grad_merged)
 
 
+# On a GPU, the fused Triton kernels where they measure faster for the shape at hand (see .kernels).
+_merge_rows = kernels.FastestPath(_weighted_merge, "fused_merge")
+_merge_rows_backward = kernels.FastestPath(_weighted_merge_backward, "fused_merge_backward")
+
+
 class _WeightedMerge(torch.autograd.Function):
     """:func:`_weighted_merge` with the gradient written out (:func:`_weighted_merge_backward`): autograd
     on the forward's ops records five nodes and launches about ten kernels per layer instead, and eager
@@ -226,11 +233,11 @@ class _WeightedMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, perm, dest, weight, num_kept):
         ctx.save_for_backward(perm, dest, weight)
-        return _weighted_merge(rows, perm, dest, weight, num_kept)
+        return _merge_rows(rows, perm, dest, weight, num_kept)
 
     @staticmethod
     def backward(ctx, grad):
-        return _weighted_merge_backward(grad, *ctx.saved_tensors), None, None, None, None
+        return _merge_rows_backward(grad, *ctx.saved_tensors), None, None, None, None
 
 
 def merge_wavg(
@@ -258,7 +265,7 @@ def merge_wavg(
     args = (x.reshape(n * t, c), merge.perm, merge.dest, weight, k)
     # the tracer (ONNX export) records k as a tensor, to keep the batch size dynamic: the plain ops take it
     differentiable = torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing()
-    out = _WeightedMerge.apply(*args) if differentiable else _weighted_merge(*args)
+    out = _WeightedMerge.apply(*args) if differentiable else _merge_rows(*args)
     if source is not None:
         source = merge(source.to(x.dtype).detach(), mode="sum")
     return out.view(n, t - merge.r, c), new_size.view(n, t - merge.r, 1), source
