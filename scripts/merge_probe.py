@@ -12,14 +12,14 @@ Three parts, as ``tome_train.tome.merge`` does them:
   rows); fused, two kernels and two passes (the kept rows stored, the merged-away rows added atomically,
   as ``scatter_add_`` does on a GPU).
 - ``add_merge``: the residual add that ends the attention half of a block (``x + attn``, fp32 stream plus
-  the branch in the attention dtype) and the merge after it; fused, the merge reads both and the summed
-  stream is never written (two passes over the rows fewer).
+  the branch in the attention dtype) and the merge after it, as the library does them (the block hands
+  the merge its branch); fused, the merge reads both and the summed stream is never written (two passes
+  over the rows fewer).
 - ``merge_backward``: every row's gradient is its destination's times its weight (``index_select``,
   ``mul_``, ``index_copy_``: three kernels, six passes); fused, one kernel, two passes.
 
-The merge kernels are the library's (``tome_train.tome.triton_kernels``, which uses them on a GPU where they
-measure faster for the shape at hand); the matching kernel and the fused residual add are measured here
-first.
+The merge kernels (with and without the residual add) are the library's (``tome_train.tome.triton_kernels``,
+used on a GPU where they measure faster for the shape at hand); the matching kernel is measured here first.
 
 Rows: ``variant``, ``tokens``, ``part``, ``ms`` (median), ``vs_torch`` (the PyTorch ops' time over this
 one's), ``max_diff`` (from the PyTorch ops' result: row maxima, merged rows, gradients; in the merge, rows
@@ -86,20 +86,10 @@ def triton_match(metric, num_protected, block=32):
     return node_max, node_idx
 
 
-def torch_add_merge(rows, branch, perm, dest, weight, num_kept):
-    """The residual add, then the library's merge."""
-    return _weighted_merge(rows + branch, perm, dest, weight, num_kept)
-
-
-def fused_add_merge(rows, branch, perm, dest, weight, num_kept):
-    """The residual add inside the merge's kernels."""
-    return fused_merge(rows, perm, dest, weight, num_kept, branch=branch)
-
-
 VARIANTS = {
-    "torch": {"match": most_similar, "merge": _weighted_merge, "add_merge": torch_add_merge,
+    "torch": {"match": most_similar, "merge": _weighted_merge, "add_merge": _weighted_merge,
               "merge_backward": _weighted_merge_backward},
-    "triton": {"match": triton_match, "merge": fused_merge, "add_merge": fused_add_merge,
+    "triton": {"match": triton_match, "merge": fused_merge, "add_merge": fused_merge,
                "merge_backward": fused_merge_backward},
 }
 
@@ -140,7 +130,7 @@ def main(argv=None):
         # the attention branch in the attention dtype (fp16 under autocast on a GPU), the stream in fp32
         branch = torch.randn_like(rows, dtype=torch.float16 if device.type == "cuda" else rows.dtype)
         inputs = {"match": (metric, 1), "merge": (rows, perm, dest, weight, k),
-                  "add_merge": (rows, branch, perm, dest, weight, k), "merge_backward": (grad, perm, dest, weight)}
+                  "add_merge": (rows, perm, dest, weight, k, branch), "merge_backward": (grad, perm, dest, weight)}
         expected = {part: fn(*inputs[part]) for part, fn in VARIANTS["torch"].items()}
         torch_ms = {}
         for name in args.variants:

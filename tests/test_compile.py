@@ -95,7 +95,7 @@ def test_compile_tome_regions_match_eager_and_never_recompile():
     clone = pickle.loads(pickle.dumps(model))
     assert clone._tome_state.compile_mode == "default" and clone._tome_state._compiled == {}
     compile_tome(model, None)
-    assert model._tome_state.regions()[0].__name__ == "attention_residual"
+    assert model._tome_state.regions()[0].__name__ == "attention_branch"
 
 
 def test_compile_tome_rejects_unknown_mode():

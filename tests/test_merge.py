@@ -334,6 +334,25 @@ def test_merge_gradient_is_the_gradient_of_its_ops(p):
     assert torch.equal(x_grad, ops_grad)
 
 
+def test_merge_of_a_handed_over_residual_add_is_the_merge_of_the_sum():
+    """A merging block hands the merge its attention branch instead of adding it first: the same
+    merged tokens bit for bit, and the same gradients for the stream and (fp16) the branch."""
+    g = torch.Generator().manual_seed(12)
+    n, t, c = 2, 19, 6
+    merge = bipartite_soft_matching(torch.randn(n, t, 4, generator=g), 5, 1)
+    size = torch.randint(1, 4, (n, t, 1), generator=g).float()
+    x = torch.randn(n, t, c, generator=g, requires_grad=True)
+    branch = torch.randn(n, t, c, generator=g).half().requires_grad_()
+    grad = torch.randn(n, t - 5, c, generator=g)
+    handed, handed_size, _ = merge_wavg(merge, x, size, None, branch)
+    handed_grads = torch.autograd.grad(handed, (x, branch), grad)
+    summed, summed_size, _ = merge_wavg(merge, x + branch, size)
+    summed_grads = torch.autograd.grad(summed, (x, branch), grad)
+    assert torch.equal(handed, summed) and torch.equal(handed_size, summed_size)
+    assert handed_grads[1].dtype == torch.float16
+    assert all(torch.equal(a, b) for a, b in zip(handed_grads, summed_grads))
+
+
 def test_cached_row_layout_outlives_inference_mode():
     """The shape-only rows are built once per shape and reused by later calls: built during an
     evaluation pass under ``inference_mode``, they must still serve a training step."""

@@ -196,14 +196,18 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
 
 
 def _weighted_merge(
-    rows: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, num_kept: int
+    rows: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, num_kept: int,
+    branch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[dest[i]] += weight[i] * rows[perm[i]]``: ``rows`` ``[M, C]`` -> ``[K, C]``, with ``perm``,
-    ``dest`` ``[M]`` and ``weight`` ``[M, 1]`` laid out as in :class:`Merge` (``K = num_kept`` rows first).
+    ``dest`` ``[M]`` and ``weight`` ``[M, 1]`` laid out as in :class:`Merge` (``K = num_kept`` rows first);
+    with ``branch`` ``[M, C]``, the merge of ``rows + branch`` (a block's residual add).
 
     One copy of all rows in ``perm`` order, scaled in place, and the merged-away rows added onto
     their destinations; the result is the kept part of that copy (a view: no pass to cut it off).
     """
+    if branch is not None:
+        rows = rows + branch
     merged = rows.index_select(0, perm).mul_(weight)
     out = merged[:num_kept]
     # scatter, not index_add_: ONNX exports index_add_ as a ScatterND that drops repeated destinations
@@ -231,20 +235,25 @@ class _WeightedMerge(torch.autograd.Function):
     training on a GPU is bound by launches."""
 
     @staticmethod
-    def forward(ctx, rows, perm, dest, weight, num_kept):
+    def forward(ctx, rows, perm, dest, weight, num_kept, branch):
         ctx.save_for_backward(perm, dest, weight)
-        return _merge_rows(rows, perm, dest, weight, num_kept)
+        ctx.branch_dtype = branch.dtype if branch is not None else None
+        return _merge_rows(rows, perm, dest, weight, num_kept, branch)
 
     @staticmethod
     def backward(ctx, grad):
-        return _merge_rows_backward(grad, *ctx.saved_tensors), None, None, None, None
+        grad_rows = _merge_rows_backward(grad, *ctx.saved_tensors)
+        grad_branch = grad_rows.to(ctx.branch_dtype) if ctx.needs_input_grad[5] else None
+        return grad_rows if ctx.needs_input_grad[0] else None, None, None, None, None, grad_branch
 
 
 def merge_wavg(
-    merge: Merge, x: torch.Tensor, size: torch.Tensor | None, source: torch.Tensor | None = None
+    merge: Merge, x: torch.Tensor, size: torch.Tensor | None, source: torch.Tensor | None = None,
+    branch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Size-weighted average merge of tokens ``x`` ``[B, N, C]``, sizes ``[B, N, 1]`` and,
-    if traced, the source map ``[B, N, N0]``.
+    """Size-weighted average merge of tokens ``x`` ``[B, N, C]`` (with ``branch`` ``[B, N, C]``: of
+    ``x + branch``, the residual add a merging block hands over, so that a fused kernel can read both
+    and never write the sum), sizes ``[B, N, 1]`` and, if traced, the source map ``[B, N, N0]``.
 
     Every destination becomes the size-weighted mean of its group: each row is scaled by its share of
     the new size (exactly 1 for a token that merges with nothing, so it stays bit for bit) and added
@@ -262,9 +271,11 @@ def merge_wavg(
         sizes = sizes.index_select(0, merge.perm)
         new_size = sizes[:k].scatter_add(0, merge.dst_rows[:, None], sizes[k:])
         weight = sizes.div_(new_size.index_select(0, merge.dest))
-    args = (x.reshape(n * t, c), merge.perm, merge.dest, weight, k)
+    branch_rows = branch.reshape(n * t, c) if branch is not None else None
+    args = (x.reshape(n * t, c), merge.perm, merge.dest, weight, k, branch_rows)
     # the tracer (ONNX export) records k as a tensor, to keep the batch size dynamic: the plain ops take it
-    differentiable = torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing()
+    needs_grad = x.requires_grad or (branch is not None and branch.requires_grad)
+    differentiable = torch.is_grad_enabled() and needs_grad and not torch.jit.is_tracing()
     out = _WeightedMerge.apply(*args) if differentiable else _merge_rows(*args)
     if source is not None:
         source = merge(source.to(x.dtype).detach(), mode="sum")

@@ -29,15 +29,15 @@ class UnsupportedModelError(TypeError):
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def attention_residual(
+def attention_branch(
     block: Block, x: torch.Tensor, attn_bias: torch.Tensor | None, size: torch.Tensor | None, with_metric: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first half of a block: ``x + attention(norm1(x))`` ``[B, N, C]``, and with ``with_metric``
-    the matching metric ``[B, N, Dh]``: the keys averaged over heads, in fp32."""
+    """The residual branch of a block's first half, ``attention(norm1(x))`` ``[B, N, C]`` (the block adds
+    it to ``x``, or the merge does, reading both), and with ``with_metric`` the matching metric
+    ``[B, N, Dh]``: the keys averaged over heads, in fp32."""
     x_attn, keys = block.attn(block.norm1(x), attn_bias, size)
-    x = x + block.drop_path1(block.ls1(x_attn))
     # the matching takes no gradient: detached, the mean adds no node to the autograd graph
-    return x, keys.detach().mean(1, dtype=torch.float32) if with_metric else None
+    return block.drop_path1(block.ls1(x_attn)), keys.detach().mean(1, dtype=torch.float32) if with_metric else None
 
 
 def mlp_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
@@ -79,13 +79,13 @@ class ToMeState:
         return state
 
     def regions(self) -> tuple[Callable, Callable]:
-        """:func:`attention_residual` and :func:`mlp_residual`, compiled in ``compile_mode`` if set."""
+        """:func:`attention_branch` and :func:`mlp_residual`, compiled in ``compile_mode`` if set."""
         if self.compile_mode is None:
-            return attention_residual, mlp_residual
+            return attention_branch, mlp_residual
         if self.compile_mode not in self._compiled:
             # one graph per region for every block and token count: the token count is a dynamic dim
             self._compiled[self.compile_mode] = tuple(
-                torch.compile(fn, mode=self.compile_mode, dynamic=True) for fn in (attention_residual, mlp_residual)
+                torch.compile(fn, mode=self.compile_mode, dynamic=True) for fn in (attention_branch, mlp_residual)
             )
         return self._compiled[self.compile_mode]
 
@@ -119,12 +119,14 @@ class ToMeBlock(Block):
         attend, feed_forward = state.regions()
         size = state.size if state.prop_attn else None
         r = state.schedule[self._tome_layer] if state.merging else 0
-        x, metric = attend(self, x, state.attn_mask, size, r > 0)
+        branch, metric = attend(self, x, state.attn_mask, size, r > 0)
         merge = bipartite_soft_matching(metric, r, state.num_protected) if r > 0 else None
-        if merge is not None:
+        if merge is None:
+            x = x + branch
+        else:
             if state.tracing and state.source is None:
                 state.source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
-            x, state.size, state.source = merge_wavg(merge, x, state.size, state.source)
+            x, state.size, state.source = merge_wavg(merge, x, state.size, state.source, branch)
             if state.attn_mask is not None:
                 state.merge_mask(merge)
         if state.layer_sources is not None:
@@ -312,7 +314,7 @@ def compile_tome(model: VisionTransformer, mode: str | None = "default") -> Visi
     """Compile a patched model region by region, for a compile time close to the unpatched model's.
 
     ``torch.compile(model)`` works too (one graph, no recompilation), but every layer has its own
-    token count and so its own kernels. Here the two halves of a block (:func:`attention_residual`,
+    token count and so its own kernels. Here the two halves of a block (:func:`attention_branch`,
     :func:`mlp_residual`) are compiled once each with a dynamic token count and shared by all
     blocks, while matching and merging run eagerly between them. ``mode`` is a ``torch.compile``
     mode (:data:`COMPILE_MODES`); ``None`` goes back to eager. Calling :func:`apply_tome` again resets it.
