@@ -101,13 +101,9 @@ def merge_inputs(batch_size: int, tokens: int, channels: int, r: int, device, se
     g = torch.Generator(device).manual_seed(seed)
     metric = torch.randn(batch_size, tokens, 64, generator=g, device=device)
     merge = bipartite_soft_matching(metric, r, num_protected=1)
-    size = torch.randint(1, 8, (batch_size * tokens, 1), generator=g, device=device).float()
-    sizes = size.index_select(0, merge.perm)
-    k = merge.num_kept
-    new_size = sizes[:k].scatter_add(0, merge.dst_rows[:, None], sizes[k:])
-    weight = sizes / new_size.index_select(0, merge.dest)
+    weight, _ = merge.weights(torch.randint(1, 8, (batch_size, tokens, 1), generator=g, device=device), torch.float32)
     rows = torch.randn(batch_size * tokens, channels, generator=g, device=device)
-    return metric, rows, merge.perm, merge.dest, weight, k
+    return metric, rows, merge.perm, merge.dest, weight, merge.num_kept
 
 
 def main(argv=None):

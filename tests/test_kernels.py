@@ -25,11 +25,8 @@ def merge_inputs(tied: bool, seed: int = 0):
     merge = bipartite_soft_matching(metric, 6, 1)
     if tied:
         assert merge.dst_idx.unique().tolist() == [0]
-    size = torch.randint(1, 8, (3 * 23, 1), generator=g).float().index_select(0, merge.perm)
-    k = merge.num_kept
-    new_size = size[:k].scatter_add(0, merge.dst_rows[:, None], size[k:])
-    weight = size / new_size.index_select(0, merge.dest)
-    return torch.randn(3 * 23, 40, generator=g), merge.perm, merge.dest, weight, k
+    weight, _ = merge.weights(torch.randint(1, 8, (3, 23, 1), generator=g), torch.float32)
+    return torch.randn(3 * 23, 40, generator=g), merge.perm, merge.dest, weight, merge.num_kept
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -16,6 +16,12 @@ from typing import Callable
 
 import torch
 
+def recorded_into_graph(device: torch.device) -> bool:
+    """Whether ops on ``device`` are being recorded, not run: traced by ``torch.compile`` or captured
+    into a CUDA graph (whose kernels run only on replay)."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def _agree(reference: torch.Tensor, candidate: torch.Tensor) -> bool:
     return reference.shape == candidate.shape and torch.allclose(reference, candidate, rtol=1e-5, atol=1e-6)
 
@@ -38,13 +44,11 @@ class FastestPath:
         self.broken = False
 
     def _applies(self, device: torch.device) -> bool:
-        if not FastestPath.enabled or self.broken:
+        if not FastestPath.enabled or self.broken or device.type not in self.device_types:
             return False
-        if device.type not in self.device_types or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if torch.jit.is_tracing() or torch.are_deterministic_algorithms_enabled():
             return False
-        if torch.are_deterministic_algorithms_enabled():
-            return False
-        return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        return not recorded_into_graph(device)
 
     def __call__(self, *args):
         device = args[0].device

@@ -59,6 +59,20 @@ class Merge:
     def dst_rows(self) -> torch.Tensor:
         return self.dest[self.num_kept:]
 
+    def weights(self, size: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The size-weighted average's weights: each row's share of its destination's new size,
+        ``[B * N, 1]`` in ``perm`` order (exactly 1 for a token that merges with nothing), and the new
+        sizes ``[B * (N - r), 1]``. ``size`` ``[B, N, 1]`` (``None``: all ones)."""
+        k, num_rows = self.num_kept, self.perm.shape[0]
+        with torch.no_grad():
+            if size is None:
+                sizes = torch.ones(num_rows, 1, dtype=dtype, device=self.perm.device)
+            else:
+                sizes = size.reshape(num_rows, 1).to(dtype)
+            sizes = sizes.index_select(0, self.perm)
+            new_size = sizes[:k].scatter_add(0, self.dst_rows[:, None], sizes[k:])
+            return sizes.div_(new_size.index_select(0, self.dest)), new_size
+
     def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         """Merge ``x`` of shape ``[B, N, ...]`` along dim 1 into ``[B, N - r, ...]``.
 
@@ -142,7 +156,7 @@ def row_layout(n: int, t: int, r: int, num_protected: int, device: torch.device)
     otherwise launch ten small index kernels, and eager training on a GPU is bound by launches.
     Under ``torch.compile`` it is built in the graph, where the compiler folds it, and so it is while a
     CUDA graph is captured: captured kernels do not run then, and the cache would keep their empty output."""
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if kernels.recorded_into_graph(device):
         return _build_row_layout(n, t, r, num_protected, device)
     return _cached_row_layout(n, t, r, num_protected, device)
 
@@ -266,11 +280,7 @@ def merge_wavg(
     """
     n, t, c = x.shape
     k = merge.num_kept
-    with torch.no_grad():
-        sizes = size.reshape(n * t, 1).to(x.dtype) if size is not None else x.new_ones(n * t, 1)
-        sizes = sizes.index_select(0, merge.perm)
-        new_size = sizes[:k].scatter_add(0, merge.dst_rows[:, None], sizes[k:])
-        weight = sizes.div_(new_size.index_select(0, merge.dest))
+    weight, new_size = merge.weights(size, x.dtype)
     branch_rows = branch.reshape(n * t, c) if branch is not None else None
     args = (x.reshape(n * t, c), merge.perm, merge.dest, weight, k, branch_rows)
     # the tracer (ONNX export) records k as a tensor, to keep the batch size dynamic: the plain ops take it
