@@ -1,8 +1,8 @@
 """Time the ways onto scaled_dot_product_attention for proportional attention, one attention layer at ViT-B's
 shape and the token counts of a ToMe schedule, next to plain attention (what the unpatched model runs):
 the log-size mask as tome_train uses it (``bias``), under each backend and mask layout, and without a
-mask: as one more head dimension of queries and keys (``bias_in_qk``), as a FlexAttention score
-modification (``flex``) or as two calls (``values``).
+mask as two calls (``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
+more head dimension of queries and keys, and as a FlexAttention score modification.
 
     python scripts/attention_probe.py --device cuda --output probe.json
 
@@ -12,7 +12,6 @@ Rows: ``variant``, ``tokens``, ``mode`` (infer: forward, fp16; train: forward an
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -48,37 +47,6 @@ def size_weighted_values(q, k, v, size):
     return F.scaled_dot_product_attention(q, k, v * s) / F.scaled_dot_product_attention(q, k, s.expand_as(v).contiguous())
 
 
-def bias_in_qk(q, k, v, size):
-    """No mask: the log-size bias as one more head dimension, ``q' = [q, sqrt(Dh)]``, ``k' = [k, log s]``
-    (zero-padded to a multiple of 8, as the flash kernels want), so that ``q' k'^T = q k^T + sqrt(Dh) log s``
-    and the unmasked kernels compute proportional attention at head dim ``Dh + 8``."""
-    b, h, n, d = q.shape
-    q_extra = q.new_zeros(b, h, n, 8)
-    q_extra[..., 0] = d ** 0.5
-    k_extra = k.new_zeros(b, h, n, 8)
-    k_extra[..., 0] = size_bias(size).to(k.dtype)[:, :, 0, :]
-    q, k, v = torch.cat([q, q_extra], -1), torch.cat([k, k_extra], -1), F.pad(v, (0, 8))
-    return F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)[..., :d]
-
-
-@functools.cache
-def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)
-
-
-def flex_bias(q, k, v, size):
-    """The log-size bias as FlexAttention's score modification: a generated flash kernel that reads one
-    value per key instead of a mask (compiled per token count; the warm-up holds the compilation)."""
-    log_size = size[..., 0].float().log()
-
-    def add_log_size(score, b, h, q_idx, kv_idx):
-        return score + log_size[b, kv_idx]
-
-    return _compiled_flex_attention()(q, k, v, score_mod=add_log_size)
-
-
 VARIANTS = {
     "plain": (lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v), None),
     "bias": (lambda q, k, v, s: proportional_attention(q, k, v, s), None),
@@ -87,9 +55,6 @@ VARIANTS = {
                        SDPBackend.EFFICIENT_ATTENTION),
     "bias_aligned": (aligned_bias, None),
     "bias_full": (full_bias, None),
-    "bias_in_qk": (bias_in_qk, None),
-    "bias_in_qk_cudnn": (bias_in_qk, SDPBackend.CUDNN_ATTENTION),
-    "flex": (flex_bias, None),
     "values": (size_weighted_values, None),
     "values_cudnn": (size_weighted_values, SDPBackend.CUDNN_ATTENTION),
 }

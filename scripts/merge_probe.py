@@ -2,7 +2,7 @@
 
     python scripts/merge_probe.py --device cuda --output merge.json
 
-Three parts, as ``tome_train.tome.merge`` does them:
+Four parts, as ``tome_train.tome.merge`` does them:
 
 - ``match``: cosine similarity of every set-A key to every set-B key and its row max and argmax (norm,
   divide, bmm, max: four kernels and a ``[B, Na, Nb]`` score matrix); fused, one kernel that keeps the
@@ -18,8 +18,8 @@ Three parts, as ``tome_train.tome.merge`` does them:
 - ``merge_backward``: every row's gradient is its destination's times its weight (``index_select``,
   ``mul_``, ``index_copy_``: three kernels, six passes); fused, one kernel, two passes.
 
-The merge kernels (with and without the residual add) are the library's (``tome_train.tome.triton_kernels``,
-used on a GPU where they measure faster for the shape at hand); the matching kernel is measured here first.
+The kernels are the library's (``tome_train.tome.triton_kernels``, used on a GPU where they measure faster
+for the shape at hand).
 
 Rows: ``variant``, ``tokens``, ``part``, ``ms`` (median), ``vs_torch`` (the PyTorch ops' time over this
 one's), ``max_diff`` (from the PyTorch ops' result: row maxima, merged rows, gradients; in the merge, rows
@@ -34,62 +34,17 @@ import sys
 
 import torch
 import triton
-import triton.language as tl
 
 from attention_probe import time_ms
 from tome_train.tome import bipartite_soft_matching
-from tome_train.tome.triton_kernels import fused_merge, fused_merge_backward
+from tome_train.tome.triton_kernels import fused_merge, fused_merge_backward, fused_most_similar
 from tome_train.tome.merge import _weighted_merge, _weighted_merge_backward, most_similar
-
-
-@triton.jit
-def _match_rows(metric_ptr, node_max_ptr, node_idx_ptr, num_tokens, a_start, b_start, num_a, num_b,
-                DIM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    """For image ``program_id(0)`` and a block of its set-A tokens (every second token from ``a_start``):
-    the max over set B (every second token from ``b_start``) of the cosine similarity, and where it is."""
-    image = tl.program_id(0)
-    ia = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
-    a_ok = ia < num_a
-    dim = tl.arange(0, DIM)
-    base = metric_ptr + image * num_tokens * DIM
-    a = tl.load(base + (a_start + 2 * ia)[:, None] * DIM + dim[None, :], mask=a_ok[:, None], other=1.0)
-    a = a / tl.sqrt(tl.sum(a * a, axis=1))[:, None]
-    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_A], tl.int64)
-    for start in range(0, num_b, BLOCK_B):
-        jb = start + tl.arange(0, BLOCK_B)
-        b_ok = jb < num_b
-        b = tl.load(base + (b_start + 2 * jb)[:, None] * DIM + dim[None, :], mask=b_ok[:, None], other=1.0)
-        b = b / tl.sqrt(tl.sum(b * b, axis=1))[:, None]
-        scores = tl.where(b_ok[None, :], tl.dot(a, tl.trans(b), input_precision="ieee"), float("-inf"))
-        block_max = tl.max(scores, axis=1)
-        block_idx = tl.argmax(scores, axis=1).to(tl.int64) + start
-        better = block_max > best  # strict: the first of equal maxima wins, as in torch.max
-        best = tl.where(better, block_max, best)
-        best_idx = tl.where(better, block_idx, best_idx)
-    tl.store(node_max_ptr + image * num_a + ia, best, mask=a_ok)
-    tl.store(node_idx_ptr + image * num_a + ia, best_idx, mask=a_ok)
-
-
-def triton_match(metric, num_protected, block=32):
-    """:func:`tome_train.tome.merge.most_similar` in one kernel; ``metric`` ``[B, N, D]`` fp32 contiguous,
-    ``D`` a power of two."""
-    metric = metric.contiguous()
-    n, t, dim = metric.shape
-    a_offset = num_protected % 2
-    num_a = (t - num_protected + 1 - a_offset) // 2
-    node_max = metric.new_empty(n, num_a)
-    node_idx = torch.empty(n, num_a, dtype=torch.long, device=metric.device)
-    _match_rows[(n, triton.cdiv(num_a, block))](
-        metric, node_max, node_idx, t, num_protected + a_offset, num_protected + 1 - a_offset, num_a,
-        t - num_protected - num_a, DIM=dim, BLOCK_A=block, BLOCK_B=block)
-    return node_max, node_idx
 
 
 VARIANTS = {
     "torch": {"match": most_similar, "merge": _weighted_merge, "add_merge": _weighted_merge,
               "merge_backward": _weighted_merge_backward},
-    "triton": {"match": triton_match, "merge": fused_merge, "add_merge": fused_merge,
+    "triton": {"match": fused_most_similar, "merge": fused_merge, "add_merge": fused_merge,
                "merge_backward": fused_merge_backward},
 }
 

@@ -1,17 +1,16 @@
-"""Time whole models with the probes' candidate kernels swapped into the library, against unpatched timm.
+"""Time whole models with parts of the library swapped out, against unpatched timm.
 
     python scripts/variant_probe.py --device cuda --output variants.json
 
 ``attention_probe.py`` and ``merge_probe.py`` time one layer's op; this runs ``tome_train.bench`` (ViT-B
 r16, inference fp16 at batch 256 and training bf16 at batch 128 by default) once per variant, with the
-variant's functions standing in for the library's for the length of that run:
+variant's functions standing in for the library's for the length of that run, so that each fused kernel's
+worth is measured end to end (on a host-bound step, launches count as much as the kernels' own time):
 
-- ``library``: the library as it is (on a GPU, its fused merge kernels wherever they measure faster);
-- ``torch_ops_only``: the library with PyTorch's ops only (``FastestPath.enabled = False``);
-- ``bias_in_qk``: proportional attention as one more head dimension, no mask (``attention_probe.py``);
-- ``triton_match``: the matching scores' row max as one Triton kernel (``merge_probe.py``);
-- ``triton_match_bias_in_qk``: both;
-- ``flex``: proportional attention as a FlexAttention score modification (``attention_probe.py``).
+- ``library``: the library as it is (on a GPU, each fused kernel wherever it measures faster);
+- ``torch_ops_only``: PyTorch's ops only (``FastestPath.enabled = False``);
+- ``no_fused_match``: PyTorch's ops for the matching, the fused merge kernels where they measure faster;
+- ``no_fused_merge``: PyTorch's ops for the merge and its backward, the fused matching where it measures faster.
 
 Rows: the bench's rows (``ratio`` against timm, both sides' images/s, the output check) with ``variant``.
 """
@@ -24,32 +23,17 @@ import sys
 
 import torch
 
-import attention_probe
-import merge_probe
 from tome_train import bench
-from tome_train.tome import attention, kernels, merge
+from tome_train.tome import kernels, merge
 
 
-def _attention_without_mask(attend):
-    """``proportional_attention`` computed by ``attend(q, k, v, size)`` where there is a size and nothing else."""
-    library = attention.proportional_attention
-
-    def proportional_attention(q, k, v, size, attn_bias=None, dropout_p=0.0):
-        if size is None or attn_bias is not None or dropout_p:
-            return library(q, k, v, size, attn_bias, dropout_p)
-        return attend(q, k, v, size)
-
-    return proportional_attention
-
-
-SWAPS = {  # in the order they run: the cheap ones first, FlexAttention (compiled per token count) last
+SWAPS = {
     "library": {},
     "torch_ops_only": {(kernels.FastestPath, "enabled"): False},
-    "bias_in_qk": {(attention, "proportional_attention"): _attention_without_mask(attention_probe.bias_in_qk)},
-    "triton_match": {(merge, "most_similar"): merge_probe.triton_match},
+    "no_fused_match": {(merge, "_most_similar"): merge.most_similar},
+    "no_fused_merge": {(merge, "_merge_rows"): merge._weighted_merge,
+                       (merge, "_merge_rows_backward"): merge._weighted_merge_backward},
 }
-SWAPS["triton_match_bias_in_qk"] = {**SWAPS["triton_match"], **SWAPS["bias_in_qk"]}
-SWAPS["flex"] = {(attention, "proportional_attention"): _attention_without_mask(attention_probe.flex_bias)}
 
 
 @contextlib.contextmanager

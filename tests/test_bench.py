@@ -210,30 +210,30 @@ def test_sdpa_preference_sets_the_backend_order(tmp_path):
     assert [row["sdpa"] for row in json.loads(out.read_text())["results"]] == ["math", "math"]
 
 
-def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path, monkeypatch):
-    """scripts/variant_probe.py: the bench once per candidate (Triton kernels by Triton's interpreter here),
-    each run with the candidate standing in for the library's function and the library restored after."""
+def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path):
+    """scripts/variant_probe.py: the bench once per variant, each run with the variant's functions standing
+    in for the library's and the library restored after (on the CPU every variant runs PyTorch's ops)."""
     import importlib.util
     from pathlib import Path
 
-    from tome_train.tome import attention, kernels, merge
+    from tome_train.tome import kernels, merge
 
     scripts = Path(__file__).resolve().parents[1] / "scripts"
-    monkeypatch.syspath_prepend(str(scripts))
     spec = importlib.util.spec_from_file_location("variant_probe", scripts / "variant_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
 
-    library = merge.most_similar, attention.proportional_attention
-    with probe.swapped("triton_match_bias_in_qk"):
-        assert merge.most_similar is probe.merge_probe.triton_match
-        assert attention.proportional_attention is not library[1]
+    library = merge._most_similar, merge._merge_rows, merge._merge_rows_backward
+    with probe.swapped("no_fused_merge"):
+        assert (merge._merge_rows, merge._merge_rows_backward) == (merge._weighted_merge, merge._weighted_merge_backward)
+        assert merge._most_similar is library[0]
     with probe.swapped("torch_ops_only"):
         assert kernels.FastestPath.enabled is False
-    assert (merge.most_similar, attention.proportional_attention) == library and kernels.FastestPath.enabled
+    assert (merge._most_similar, merge._merge_rows, merge._merge_rows_backward) == library
+    assert kernels.FastestPath.enabled
 
     out = tmp_path / "variants.json"
-    variants = ["library", "torch_ops_only", "triton_match", "bias_in_qk"]
+    variants = list(probe.SWAPS)
     probe.main(["--device", "cpu", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--r", "2",
                 "--infer-batch-size", "2", "--train-batch-size", "2", "--warmup", "0", "--steps", "1",
                 "--variants", *variants, "--output", str(out)])
@@ -243,4 +243,4 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path, monkey
         assert row["ratio"] > 0 and row["tome_ims"] > 0, row
         if row["mode"] == "infer":  # the candidate's forward against its own eager fp32 forward
             assert row["same_merges"] == 1.0 and row["tome_max_diff"] <= 1e-5
-    assert merge.most_similar is library[0]
+    assert merge._most_similar is library[0]

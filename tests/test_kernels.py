@@ -1,5 +1,6 @@
-"""The fused Triton merge kernels against PyTorch's ops (run here by Triton's interpreter, which
-``tests/conftest.py`` turns on), and the measured choice between the two (:class:`FastestPath`)."""
+"""The fused Triton kernels of the matching and the merge against PyTorch's ops (run here by Triton's
+interpreter, which ``tests/conftest.py`` turns on), and the measured choice between the two
+(:class:`FastestPath`)."""
 from __future__ import annotations
 
 import time
@@ -8,10 +9,11 @@ import pytest
 import torch
 
 from tome_train.tome import bipartite_soft_matching
+from tome_train.tome import kernels
 from tome_train.tome.kernels import FastestPath
-from tome_train.tome.merge import _merge_rows, _merge_rows_backward
-from tome_train.tome.triton_kernels import fused_merge, fused_merge_backward
-from tome_train.tome.merge import _weighted_merge, _weighted_merge_backward
+from tome_train.tome.merge import (_merge_rows, _merge_rows_backward, _most_similar, _weighted_merge,
+                                   _weighted_merge_backward, most_similar, same_matches)
+from tome_train.tome.triton_kernels import fused_merge, fused_merge_backward, fused_most_similar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,10 +61,10 @@ def _slow(fn, seconds):
 def test_fastest_path_keeps_the_faster_per_shape_and_never_a_wrong_one():
     rows, perm, dest, weight, k = merge_inputs(tied=False)
     args = (rows, perm, dest, weight, k)
-    faster = FastestPath(_slow(_weighted_merge, 0.1), fused_merge, device_types=("cpu",))
+    faster = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cpu",))
     assert torch.allclose(faster(*args), _weighted_merge(*args), atol=1e-6)
     assert list(faster.choices.values()) == [fused_merge]
-    slower = FastestPath(_weighted_merge, _slow(fused_merge, 0.1), device_types=("cpu",))
+    slower = FastestPath(_weighted_merge, _slow(fused_merge, 0.02), device_types=("cpu",))
     slower(*args)
     assert list(slower.choices.values()) == [_weighted_merge]
 
@@ -84,10 +86,10 @@ def test_fastest_path_keeps_the_faster_per_shape_and_never_a_wrong_one():
 def test_fastest_path_stays_with_the_reference_where_it_must():
     rows, perm, dest, weight, k = merge_inputs(tied=False)
     args = (rows, perm, dest, weight, k)
-    path = FastestPath(_slow(_weighted_merge, 0.1), fused_merge, device_types=("cuda",))
+    path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cuda",))
     path(*args)  # a CPU tensor: not a device this path chooses on
     assert path.choices == {}
-    path = FastestPath(_slow(_weighted_merge, 0.1), fused_merge, device_types=("cpu",))
+    path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cpu",))
     torch.use_deterministic_algorithms(True)  # the kernel adds merged rows atomically
     try:
         path(*args)
@@ -103,7 +105,51 @@ def test_fastest_path_stays_with_the_reference_where_it_must():
 
 
 def test_the_merge_names_its_kernels():
-    """The library's merge stands the fused kernels against its ops (loaded by name at the first choice)."""
-    for path, kernel in ((_merge_rows, fused_merge), (_merge_rows_backward, fused_merge_backward)):
+    """The library's matching and merge stand the fused kernels against their ops (loaded by name at the first
+    choice); the matching's are checked by :func:`same_matches`."""
+    for path, kernel in ((_merge_rows, fused_merge), (_merge_rows_backward, fused_merge_backward),
+                         (_most_similar, fused_most_similar)):
         assert path.device_types == ("cuda",)
         assert path._load() is kernel
+    assert _most_similar.agree is same_matches and _merge_rows.agree is kernels.same_result
+
+
+@pytest.mark.parametrize("p", [0, 1, 2])
+def test_fused_matching_is_the_matching(p):
+    g = torch.Generator().manual_seed(30 + p)
+    # set B in one block of the kernel, in two, in seven; head dims a power of two and not (padded to 64)
+    for tokens, dim in ((9, 64), (40, 64), (197, 64), (40, 40)):
+        metric = torch.randn(2, tokens, dim, generator=g)
+        node_max, node_idx = fused_most_similar(metric, p)
+        expected_max, expected_idx = most_similar(metric, p)
+        assert torch.equal(node_idx, expected_idx)
+        torch.testing.assert_close(node_max, expected_max, rtol=0, atol=1e-6)
+        assert same_matches((metric, p), (expected_max, expected_idx), (node_max, node_idx))
+
+
+def test_same_matches_accepts_a_tie_broken_the_other_way_and_nothing_else():
+    # class token, then set B = tokens 1, 3, 5 and set A = tokens 2, 4, 6; set-B tokens 1 and 5 are equal,
+    # so set-A token 4 ties between them
+    metric = torch.tensor([[[0.3, 0.3], [1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [1.0, 0.1], [1.0, 0.0], [-1.0, 0.0]]])
+    expected = most_similar(metric, 1)
+    tie = expected[1][0, 1].item()
+    assert expected[1].tolist() == [[1, tie, 1]] and tie in (0, 2)
+    assert same_matches((metric, 1), expected, (expected[0], torch.tensor([[1, 2 - tie, 1]])))
+    assert not same_matches((metric, 1), expected, (expected[0], torch.tensor([[0, tie, 1]])))  # not a maximum
+    assert not same_matches((metric, 1), expected, (expected[0] + 1e-3, expected[1]))
+    assert not same_matches((metric, 1), expected, (expected[0][:, :2], expected[1][:, :2]))
+
+
+def test_fastest_path_keeps_its_choices_in_a_cuda_graph_capture_and_makes_none_there(monkeypatch):
+    rows, perm, dest, weight, k = merge_inputs(tied=False)
+    args = (rows, perm, dest, weight, k)
+    path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cpu",))
+    path(*args)
+    monkeypatch.setattr(kernels, "capturing", lambda device: True)  # a CPU stand-in for a capturing stream
+    calls = []
+    path.candidate = path.choices[next(iter(path.choices))] = lambda *a: calls.append(a) or fused_merge(*a)
+    path(*args)
+    assert len(calls) == 1  # the choice made before the capture
+    other_shape = (rows[:, :20].contiguous(), perm, dest, weight, k)
+    assert torch.equal(path(*other_shape), _weighted_merge(*other_shape))
+    assert len(path.choices) == 1  # none made while capturing: timing would synchronize

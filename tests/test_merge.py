@@ -435,19 +435,6 @@ def merge_probe(monkeypatch):
     return module
 
 
-@pytest.mark.parametrize("p", [0, 1, 2])
-def test_probe_triton_matching_is_the_library_matching(merge_probe, p):
-    from tome_train.tome.merge import most_similar
-
-    g = torch.Generator().manual_seed(30 + p)
-    for tokens in (9, 40, 197):  # set B in one block of the kernel, in two, in seven
-        metric = torch.randn(2, tokens, 64, generator=g)
-        node_max, node_idx = merge_probe.triton_match(metric, p)
-        expected_max, expected_idx = most_similar(metric, p)
-        assert torch.equal(node_idx, expected_idx)
-        torch.testing.assert_close(node_max, expected_max, rtol=0, atol=1e-6)
-
-
 def test_probe_writes_each_part_of_each_variant(merge_probe, tmp_path):
     import json
 

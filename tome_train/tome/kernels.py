@@ -4,8 +4,9 @@ PyTorch's ops (:mod:`.merge`) are the reference and run everywhere. Where Triton
 with the ``triton`` package that CUDA builds of torch ship), a :class:`FastestPath` runs the reference
 and the fused kernel once per input shape on the real inputs, and keeps the kernel for that shape only
 if it computes the reference's result and takes less time; a kernel that fails to build or run is
-dropped for good. The choice is never made under ``torch.compile`` (inductor writes its own kernels),
-a tracer, CUDA-graph capture or deterministic algorithms (the kernel adds merged rows atomically).
+dropped for good. The choice is never made under ``torch.compile`` (inductor writes its own kernels), a
+tracer, CUDA-graph capture (a choice made before it holds there) or deterministic algorithms (the merge
+kernel adds rows atomically).
 """
 from __future__ import annotations
 
@@ -16,14 +17,26 @@ from typing import Callable
 
 import torch
 
+def capturing(device: torch.device) -> bool:
+    """Whether ops on ``device`` are being captured into a CUDA graph (whose kernels run only on replay)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def recorded_into_graph(device: torch.device) -> bool:
     """Whether ops on ``device`` are being recorded, not run: traced by ``torch.compile`` or captured
-    into a CUDA graph (whose kernels run only on replay)."""
-    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    into a CUDA graph."""
+    return torch.compiler.is_compiling() or capturing(device)
 
 
-def _agree(reference: torch.Tensor, candidate: torch.Tensor) -> bool:
-    return reference.shape == candidate.shape and torch.allclose(reference, candidate, rtol=1e-5, atol=1e-6)
+Agreement = Callable[[tuple, object, object], bool]
+
+
+def same_result(args: tuple, expected, candidate) -> bool:
+    """Whether ``candidate`` (a tensor or a tuple of them) is ``expected`` to rtol 1e-5, atol 1e-6."""
+    if isinstance(expected, torch.Tensor):
+        expected, candidate = (expected,), (candidate,)
+    return len(expected) == len(candidate) and all(
+        e.shape == c.shape and torch.allclose(e, c, rtol=1e-5, atol=1e-6) for e, c in zip(expected, candidate))
 
 
 class FastestPath:
@@ -31,15 +44,17 @@ class FastestPath:
 
     ``candidate`` is a function or the name of one in :mod:`.triton_kernels`, imported at the first
     choice (a torch without triton has no candidate). The first call with a new device and input shapes
-    on one of ``device_types`` (while ``enabled``) times both, three runs each after one that builds the
-    kernel, and remembers the faster; later calls with those shapes take it directly. The first
-    argument is a tensor on the device.
+    on one of ``device_types`` (while ``enabled``) checks the candidate with ``agree(args, expected,
+    candidate)`` (default :func:`same_result`), times both and remembers the faster; later calls with those
+    shapes take it directly, also while a CUDA graph is captured (a shape first met during a capture gets
+    the reference: timing there would synchronize). The first argument is a tensor on the device.
     """
 
     enabled = True  # False: always the reference (to measure against it, or to rule the kernels out)
 
-    def __init__(self, reference: Callable, candidate: Callable | str, device_types: tuple[str, ...] = ("cuda",)):
-        self.reference, self.candidate, self.device_types = reference, candidate, device_types
+    def __init__(self, reference: Callable, candidate: Callable | str, device_types: tuple[str, ...] = ("cuda",),
+                 agree: Agreement = same_result):
+        self.reference, self.candidate, self.device_types, self.agree = reference, candidate, device_types, agree
         self.choices: dict[tuple, Callable] = {}
         self.broken = False
 
@@ -48,7 +63,7 @@ class FastestPath:
             return False
         if torch.jit.is_tracing() or torch.are_deterministic_algorithms_enabled():
             return False
-        return not recorded_into_graph(device)
+        return not torch.compiler.is_compiling()  # inductor writes its own kernels
 
     def __call__(self, *args):
         device = args[0].device
@@ -57,19 +72,25 @@ class FastestPath:
         key = (device, *((a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args))
         choice = self.choices.get(key)
         if choice is None:
+            if capturing(device):
+                return self.reference(*args)
             choice = self.choices[key] = self._choose(device, args)
         return choice(*args)
 
-    def _time(self, fn: Callable, device: torch.device, args) -> float:
+    @staticmethod
+    def _time(fn: Callable, device: torch.device, args, calls: int = 3) -> float:
+        """Seconds per call in a run of ``calls`` back-to-back calls (median of three runs): the cost of a
+        call among the others of a step, the larger of the host's launch time and the device's work."""
         times = []
         for _ in range(3):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            fn(*args)
+            for _ in range(calls):
+                fn(*args)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - start) / calls)
         return statistics.median(times)
 
     def _load(self) -> Callable | None:
@@ -87,7 +108,7 @@ class FastestPath:
             self.broken = True
             return self.reference
         try:
-            error = None if _agree(self.reference(*args), candidate(*args)) else "a different result"
+            error = None if self.agree(args, self.reference(*args), candidate(*args)) else "a different result"
         except Exception as err:  # a kernel that does not build or run here
             error = str(err).splitlines()[0][:200]
         if error is not None:  # never again in this process
