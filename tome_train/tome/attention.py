@@ -4,9 +4,9 @@ Proportional attention (paper, eq. 1) adds ``log(size)`` of each key to the atte
 logits, so a key that stands for ``s`` merged tokens weighs as ``s`` copies of itself:
 ``softmax(q k^T / sqrt(d) + log(s)) v``. As a per-key bias ``[B, 1, 1, N]`` it goes to
 ``scaled_dot_product_attention`` as ``attn_mask`` and attention stays fused (cuDNN on an H100, the
-flash kernel on a CPU). Measured and not taken (docs/performance.md): the same result as two
-unmasked calls, ``softmax(q k^T) (s v) / softmax(q k^T) s``, which keeps the flash kernels but
-costs more than the mask (H100, ViT-B r16: 1.25x vs 1.26x in inference, 0.73x vs 0.82x in training).
+flash kernel on a CPU). Measured on an H100 and not taken (docs/performance.md), each slower than the
+mask: the same result as two unmasked calls, ``softmax(q k^T) (s v) / softmax(q k^T) s``; the bias as
+one more head dimension of queries and keys; FlexAttention with the bias as its score modification.
 """
 from __future__ import annotations
 
