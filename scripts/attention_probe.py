@@ -1,7 +1,8 @@
 """Time the ways onto scaled_dot_product_attention for proportional attention, one attention layer at ViT-B's
 shape and the token counts of a ToMe schedule, next to plain attention (what the unpatched model runs):
-the log-size mask as tome_train uses it (``bias``), under each backend and mask layout, and without a
-mask as two calls (``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
+the log-size mask as tome_train uses it (``bias``), under each backend and mask layout, the library's
+Triton flash kernel that adds the bias per key (``triton``, inference only), and without a mask as two
+calls (``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
 more head dimension of queries and keys, and as a FlexAttention score modification.
 
     python scripts/attention_probe.py --device cuda --output probe.json
@@ -47,6 +48,13 @@ def size_weighted_values(q, k, v, size):
     return F.scaled_dot_product_attention(q, k, v * s) / F.scaled_dot_product_attention(q, k, s.expand_as(v).contiguous())
 
 
+def triton_bias(q, k, v, size):
+    """The library's Triton flash kernel with the bias per key (no backward: inference only)."""
+    from tome_train.tome.triton_attention import size_biased_attention
+
+    return size_biased_attention(q, k, v, size_bias(size).to(q.dtype)[:, 0, 0])
+
+
 VARIANTS = {
     "plain": (lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v), None),
     "bias": (lambda q, k, v, s: proportional_attention(q, k, v, s), None),
@@ -55,6 +63,7 @@ VARIANTS = {
                        SDPBackend.EFFICIENT_ATTENTION),
     "bias_aligned": (aligned_bias, None),
     "bias_full": (full_bias, None),
+    "triton": (triton_bias, None),
     "values": (size_weighted_values, None),
     "values_cudnn": (size_weighted_values, SDPBackend.CUDNN_ATTENTION),
 }

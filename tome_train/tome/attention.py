@@ -4,7 +4,8 @@ Proportional attention (paper, eq. 1) adds ``log(size)`` of each key to the atte
 logits, so a key that stands for ``s`` merged tokens weighs as ``s`` copies of itself:
 ``softmax(q k^T / sqrt(d) + log(s)) v``. As a per-key bias ``[B, 1, 1, N]`` it goes to
 ``scaled_dot_product_attention`` as ``attn_mask`` and attention stays fused (cuDNN on an H100, the
-flash kernel on a CPU). Measured on an H100 and not taken (docs/performance.md), each slower than the
+flash kernel on a CPU); where no gradient is needed, a Triton flash kernel that adds the bias per key
+(:mod:`.triton_attention`) stands in on a GPU where it measures faster for the shape. Measured on an H100 and not taken (docs/performance.md), each slower than the
 mask: the same result as two unmasked calls, ``softmax(q k^T) (s v) / softmax(q k^T) s``; the bias as
 one more head dimension of queries and keys; FlexAttention with the bias as its score modification.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers.attention import Attention
+
+from . import kernels
 
 
 def additive_mask(
@@ -55,12 +58,32 @@ def proportional_attention(
 
     Returns ``[B, H, N, Dh]``.
     """
+    if size is not None and attn_bias is None and not dropout_p and not (torch.is_grad_enabled() and q.requires_grad):
+        return _size_biased_attention(q, k, v, size_bias(size).to(q.dtype)[:, 0, 0])
     if attn_bias is not None:
         attn_bias = attn_bias.to(q.dtype)
     if size is not None:
         log_size = size_bias(size).to(q.dtype)
         attn_bias = log_size if attn_bias is None else attn_bias + log_size
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
+    """Proportional attention through SDPA's mask: ``q, k, v`` ``[B, H, N, Dh]``, ``log_size`` ``[B, N]``."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=log_size[:, None, None, :])
+
+
+def same_attention(args: tuple, expected: torch.Tensor, candidate: torch.Tensor) -> bool:
+    """Whether ``candidate`` is ``expected`` up to the rounding of the attention dtype (two kernels that
+    accumulate in fp32 and round once: rtol and atol 1e-5 in fp32, 2e-3 in fp16, 1.6e-2 in bf16)."""
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(expected.dtype, 1e-5)
+    return candidate.shape == expected.shape and torch.allclose(candidate, expected, rtol=tolerance, atol=tolerance)
+
+
+# Without a gradient (inference, evaluation), on a GPU: a flash kernel that adds the bias per key where it
+# measures faster than the mask (see .kernels); training keeps SDPA, whose backward the kernel lacks.
+_size_biased_attention = kernels.FastestPath(_masked_attention, "triton_attention.size_biased_attention",
+                                             agree=same_attention)
 
 
 class ToMeAttention(Attention):

@@ -1,6 +1,7 @@
-"""The choice between PyTorch's ops and fused Triton kernels (:mod:`.triton_kernels`), by measurement.
+"""The choice between PyTorch's ops and fused Triton kernels (:mod:`.triton_kernels`,
+:mod:`.triton_attention`), by measurement.
 
-PyTorch's ops (:mod:`.merge`) are the reference and run everywhere. Where Triton can run (a CUDA device
+PyTorch's ops (:mod:`.merge`, :mod:`.attention`) are the reference and run everywhere. Where Triton can run (a CUDA device
 with the ``triton`` package that CUDA builds of torch ship), a :class:`FastestPath` runs the reference
 and the fused kernel once per input shape on the real inputs, and keeps the kernel for that shape only
 if it computes the reference's result and takes less time; a kernel that fails to build or run is
@@ -10,6 +11,7 @@ kernel adds rows atomically).
 """
 from __future__ import annotations
 
+import importlib
 import statistics
 import time
 import warnings
@@ -42,8 +44,8 @@ def same_result(args: tuple, expected, candidate) -> bool:
 class FastestPath:
     """``reference(*args)``, or ``candidate(*args)`` where that was measured to give the same result faster.
 
-    ``candidate`` is a function or the name of one in :mod:`.triton_kernels`, imported at the first
-    choice (a torch without triton has no candidate). The first call with a new device and input shapes
+    ``candidate`` is a function or its name in a module of this package (``"triton_kernels.fused_merge"``),
+    imported at the first choice (a torch without triton has no candidate). The first call with a new device and input shapes
     on one of ``device_types`` (while ``enabled``) checks the candidate with ``agree(args, expected,
     candidate)`` (default :func:`same_result`), times both and remembers the faster; later calls with those
     shapes take it directly, also while a CUDA graph is captured (a shape first met during a capture gets
@@ -95,11 +97,12 @@ class FastestPath:
 
     def _load(self) -> Callable | None:
         if isinstance(self.candidate, str):
+            module, name = self.candidate.rsplit(".", 1)
             try:
-                from . import triton_kernels
+                module = importlib.import_module(f".{module}", __package__)
             except ImportError:  # no triton: nothing to choose from, and nothing to warn about
                 return None
-            self.candidate = getattr(triton_kernels, self.candidate)
+            self.candidate = getattr(module, name)
         return self.candidate
 
     def _choose(self, device: torch.device, args) -> Callable:

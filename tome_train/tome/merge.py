@@ -193,7 +193,7 @@ def same_matches(args: tuple, expected: tuple, candidate: tuple) -> bool:
 
 
 # On a GPU, a fused Triton kernel where it measures faster for the shape at hand (see .kernels).
-_most_similar = kernels.FastestPath(most_similar, "fused_most_similar", agree=same_matches)
+_most_similar = kernels.FastestPath(most_similar, "triton_kernels.fused_most_similar", agree=same_matches)
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> Merge | None:
@@ -262,8 +262,8 @@ def _weighted_merge_backward(
 
 
 # On a GPU, the fused Triton kernels where they measure faster for the shape at hand (see .kernels).
-_merge_rows = kernels.FastestPath(_weighted_merge, "fused_merge")
-_merge_rows_backward = kernels.FastestPath(_weighted_merge_backward, "fused_merge_backward")
+_merge_rows = kernels.FastestPath(_weighted_merge, "triton_kernels.fused_merge")
+_merge_rows_backward = kernels.FastestPath(_weighted_merge_backward, "triton_kernels.fused_merge_backward")
 
 
 class _WeightedMerge(torch.autograd.Function):
