@@ -65,6 +65,10 @@ L=(--model vit_large_patch16_224 --r 8)
 # batch 128 (B) and 64 (L).
 step infer_b "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
 step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20
+# The same with each side's whole step captured as one CUDA graph, uncompiled: what the kernels give once
+# the host no longer sets the pace.
+step infer_b_graphs "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --cuda-graphs
+step train_b_graphs "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20 --cuda-graphs
 # Where each model spends its GPU time (ViT-B r16; inference: batch 256, fp16; training: forward and
 # backward, batch 128, bf16): top kernels as JSON.
 want profile && run_step profile 150 python3 - "$out/profile.json" <<'EOF'
@@ -141,6 +145,7 @@ step compile_b_train_regions_cudagraphs "${B[@]}" --mode train --dtype bf16 --ba
     --steps 10 --compile reduce-overhead --compile-scope regions
 step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
 step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20
+step train_l_graphs "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20 --cuda-graphs
 # Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
 step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
 # torch.compile(model) on both sides: first step = compile time, recompiles must stay 0.

@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from tome_train import bench
 from tome_train.tome import ViTDims, apply_tome, parse_schedule, vit_flops
@@ -112,6 +113,9 @@ def test_make_cases_cross_product_and_pair():
     (["--compile", "--compile-scope", "layers"], ["--compile-scope", "regions"]),
     (["--compile-scope", "regions"], ["compile_scope='regions'", "--compile"]),
     (["--device", "tpu"], ["device"]),
+    (["--cuda-graphs"], ["cuda_graphs needs a CUDA device, not cpu"]),
+    (["--cuda-graphs", "--compile"], ["cuda_graphs with compile", "reduce-overhead"]),
+    (["--cuda-graphs", "--dtype", "fp16"], ["cuda_graphs training needs bf16 or fp32"]),
     (["--output", "/nonexistent-dir/bench.json"], ["/nonexistent-dir"]),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(args, words, capsys):
@@ -244,3 +248,26 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path):
         if row["mode"] == "infer":  # the candidate's forward against its own eager fp32 forward
             assert row["same_merges"] == 1.0 and row["tome_max_diff"] <= 1e-5
     assert merge._most_similar is library[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_replay_the_whole_step_on_each_side():
+    """--cuda-graphs: each side's step is captured once and replayed; a replayed training step still
+    updates the weights, and the rows say so."""
+    import copy
+
+    base = bench._create("vit_tiny_patch16_224", 64, "cuda")
+    tome = apply_tome(copy.deepcopy(base), 2)
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    target = torch.randint(0, 10, (4,), device="cuda")
+    for model in (base, tome):
+        runner = bench._Runner(model, "train", x, target, torch.device("cuda"), torch.bfloat16, None, cuda_graph=True)
+        runner.first_step()
+        assert runner.graph is not None
+        weight = model.head.weight.detach().clone()
+        runner.step()
+        assert not torch.equal(model.head.weight, weight)
+    rows = bench.run_benchmark([("vit_tiny_patch16_224", 2)], device="cuda", dtype="bf16", batch_size=4, img_size=64,
+                               warmup=1, steps=2, cuda_graphs=True)
+    assert [row["mode"] for row in rows] == ["infer", "train"]
+    assert all(row["cuda_graphs"] and row["ratio"] > 0 for row in rows)

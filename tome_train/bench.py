@@ -51,7 +51,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Column order of the CSV file and of every result row.
 FIELDS = (
     "model", "r", "schedule", "mode", "prop_attn", "batch_size", "img_size", "dtype", "device", "compile",
-    "compile_scope", "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
+    "compile_scope", "cuda_graphs", "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
     "baseline_first_s", "tome_first_s", "first_ratio", "recompiles",
     "sdpa", "min_batch", "merging", "baseline_max_diff", "tome_max_diff", "same_merges",
@@ -213,10 +213,11 @@ def build_pair(
     return base.to(device), tome.to(device), schedule
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
+def _autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
     if dtype == torch.float32:
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    # a CUDA graph replays the casts it captured: autocast's cache of cast weights would outlive them
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
@@ -285,17 +286,20 @@ class _Runner:
 
     def __init__(self, model, mode: str, x, target, device, dtype, compile_: str | None, lr: float = 1e-4,
                  timer: Callable[[], float] = time.perf_counter, min_batch: int | None = None,
-                 sdpa: str | None = None, compile_scope: str = "model"):
+                 sdpa: str | None = None, compile_scope: str = "model", cuda_graph: bool = False):
         self.model, self.mode, self.x, self.target, self.timer = model, mode, x, target, timer
         self.device, self.dtype, self.min_batch, self.sdpa = device, dtype, min_batch, sdpa
         self.times: list[float] = []
         self.first_s: float | None = None
+        self.cuda_graph = cuda_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
         model.train(mode == "train")
         by_regions = compile_scope == "regions" and is_patched(model)
         self.regions_mode = compile_ if by_regions else None
         self.fn = torch.compile(model, mode=compile_) if compile_ and not by_regions else model
         if mode == "train":
-            self.opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda" or None)
+            self.opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda" or None,
+                                         capturable=cuda_graph)
             use_scaler = dtype == torch.float16 and device.type == "cuda"
             self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
@@ -308,11 +312,18 @@ class _Runner:
             return self.fn(self.x)
 
     def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step(zero_grad=True)
+
+    def _step(self, zero_grad: bool) -> None:
+        cache = not self.cuda_graph
         if self.mode == "infer":
-            with torch.inference_mode(), _autocast(self.device, self.dtype):
+            with torch.inference_mode(), _autocast(self.device, self.dtype, cache):
                 self.forward()
             return
-        with _autocast(self.device, self.dtype):
+        with _autocast(self.device, self.dtype, cache):
             out = self.forward()
             if isinstance(out, (tuple, list)):  # distilled models in training return (head, dist head)
                 out = out[0]
@@ -324,18 +335,36 @@ class _Runner:
         else:
             loss.backward()
             self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if zero_grad:
+            self.opt.zero_grad(set_to_none=True)
 
-    def _timed(self) -> float:
+    def _capture(self) -> None:
+        """The whole step as one CUDA graph, so that the host launches one graph instead of every kernel:
+        three eager steps on a side stream first (the allocator, cuDNN's and the kernels' choices), then
+        the capture, whose backward writes the gradients afresh (they are cleared before it), as every
+        replay then does."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step(zero_grad=True)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(zero_grad=False)
+        self.graph = graph
+
+    def _timed(self, fn: Callable[[], None] | None = None) -> float:
         _sync(self.device)
         t0 = self.timer()
-        self.step()
+        (fn or self.step)()
         _sync(self.device)
         return self.timer() - t0
 
     def first_step(self) -> None:
-        """The first call on its own: with ``torch.compile`` it holds the compilation."""
-        self.first_s = self._timed()
+        """The first call on its own: with ``torch.compile`` it holds the compilation, with CUDA graphs
+        the eager warm-up and the capture."""
+        self.first_s = self._timed(self._capture if self.cuda_graph else None)
 
     def timed_step(self) -> None:
         self.times.append(self._timed())
@@ -453,6 +482,7 @@ def run_benchmark(
     prop_attn: bool = True,
     compile: bool | str = False,
     compile_scope: str = "model",
+    cuda_graphs: bool = False,
     timer: str = "wall",
     stat: str = "median",
     seed: int = 0,
@@ -470,6 +500,9 @@ def run_benchmark(
     ``compile`` is ``True`` or a ``torch.compile`` mode (:data:`COMPILE_MODES`; ``reduce-overhead``
     adds CUDA graphs on a GPU); ``compile_scope="regions"`` compiles the ToMe side with
     :func:`~tome_train.tome.compile_tome` instead of ``torch.compile(model)`` (the timm side always whole).
+    ``cuda_graphs`` captures each side's whole step (forward; or forward, backward and optimizer step) as
+    one CUDA graph without compiling it, so that the host no longer sets the pace; the first step then
+    holds three eager steps and the capture.
 
     ``cases`` holds :class:`BenchCase` or ``(model_name, r)`` tuples. Raises :class:`BenchError`
     for bad input, before any measurement when it can be seen from the arguments alone.
@@ -493,6 +526,13 @@ def run_benchmark(
     _check_choice("compile_scope", compile_scope, COMPILE_SCOPES)
     if compile is None and compile_scope != "model":
         raise BenchError(f"compile_scope={compile_scope!r} needs --compile: without it nothing is compiled")
+    if cuda_graphs:
+        if compile is not None:
+            raise BenchError("cuda_graphs with compile: use compile mode reduce-overhead for compiled graphs")
+        if dtype == "fp16" and "train" in modes:
+            raise BenchError("cuda_graphs training needs bf16 or fp32: fp16's loss scaler reads the GPU from the host")
+        if dev.type != "cuda":
+            raise BenchError(f"cuda_graphs needs a CUDA device, not {dev.type}")
     if sdpa is not None:
         _check_choice("sdpa", sdpa, SDPA_BACKENDS)
     bad_modes = [m for m in modes if m not in MODES]
@@ -528,9 +568,10 @@ def run_benchmark(
         target = torch.randint(0, max(base.num_classes, 1), (batch_size,), device=dev)
         for mode in modes:
             log(f"{case.model} r={case.r_label} {mode}: warmup {warmup}, {steps} interleaved steps per side")
-            a = _Runner(base, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa)
+            a = _Runner(base, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa,
+                        cuda_graph=cuda_graphs)
             b = _Runner(tome, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa,
-                        compile_scope=compile_scope)
+                        compile_scope=compile_scope, cuda_graph=cuda_graphs)
             meter = OtherLoad().start()
             t_base, t_tome, recompiles = time_pair(a, b, warmup, steps, STATS[stat])
             other_cpus = meter.stop() if dev.type == "cpu" else None
@@ -551,6 +592,7 @@ def run_benchmark(
                 "device": str(dev),
                 "compile": compile or False,
                 "compile_scope": compile_scope if compile else None,
+                "cuda_graphs": cuda_graphs,
                 "baseline_ims": ims_base,
                 "tome_ims": ims_tome,
                 "ratio": ratio,
@@ -682,6 +724,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="how the ToMe side compiles: model (torch.compile(model), default) or regions "
                         "(compile_tome: attention and MLP compiled once for all blocks, merging eager); "
                         "the timm side always compiles whole")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each side's whole step as one CUDA graph, uncompiled (a GPU; not with --compile)")
     p.add_argument("--sdpa", choices=list(SDPA_BACKENDS), default=None,
                    help="attention backend both sides try first (default: PyTorch's order)")
     p.add_argument("--auto-min-batch", action="store_true",
@@ -736,14 +780,15 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     rows = run_benchmark(
         cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
         warmup=args.warmup, steps=args.steps, modes=modes, prop_attn=args.prop_attn,
-        compile=args.compile, compile_scope=args.compile_scope, timer=args.timer, stat=args.stat, seed=args.seed,
-        auto_min_batch=args.auto_min_batch, sdpa=args.sdpa, log=log,
+        compile=args.compile, compile_scope=args.compile_scope, cuda_graphs=args.cuda_graphs, timer=args.timer,
+        stat=args.stat, seed=args.seed, auto_min_batch=args.auto_min_batch, sdpa=args.sdpa, log=log,
     )
 
     machine = machine_info(device)
     print(f"{machine['host_cpu']}" + (f" / {machine['gpu']}" if "gpu" in machine else "")
           + f", torch {machine['torch']}, threads={machine['torch_threads']}, {args.dtype}, "
-          + f"prop_attn={'on' if args.prop_attn else 'off'}{f', compiled ({args.compile}, ToMe by {args.compile_scope})' if args.compile else ''}, "
+          + f"prop_attn={'on' if args.prop_attn else 'off'}{f', compiled ({args.compile}, ToMe by {args.compile_scope})' if args.compile else ''}"
+          + f"{', CUDA graphs' if args.cuda_graphs else ''}, "
           + f"{args.stat} of {args.steps} steps, {args.timer} clock")
     others = max((row["other_cpus"] for row in rows if row["other_cpus"] is not None), default=None)
     if others is not None and others > 0.25 and args.timer == "wall":
