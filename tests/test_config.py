@@ -33,6 +33,8 @@ def test_overrides_are_typed_and_applied():
     assert cfg.trainer.epochs == 3
     assert schedule_of(cfg.tome.r_train) == [4, 4, 2]
     assert list(cfg.wandb.tags) == ["a", "b"]
+    assert load_config("mae_vitl_r8", ["trainer.compile=reduce-overhead"]).trainer.compile == "reduce-overhead"
+    assert load_config("mae_vitl_r8", ["trainer.compile=true"]).trainer.compile is True
     inflect = load_config("mae_vitl_r8", ["tome.r_train={r: 8, inflect: -1}"])
     assert schedule_of(inflect.tome.r_train) == (8, -1.0)
 
@@ -60,6 +62,8 @@ def test_recipe_path_and_fragment_order(tmp_path):
         ("mae_vitl_r8", ["data.source=lmdb"], "data.source='lmdb' is not allowed: use one of digits, imagefolder, webdataset"),
         ("mae_vitl_r8", ["epochs"], "override 'epochs' is not key=value"),
         ("mae_vitl_r8", ["trainer.devices=many"], "trainer.devices='many' is not allowed: use a positive integer or auto"),
+        ("mae_vitl_r8", ["trainer.compile=fast"], "trainer.compile='fast' is not allowed: use one of False, True, default, "
+                                                  "reduce-overhead"),
     ],
 )
 def test_bad_input_is_one_clear_error(recipe, overrides, needle):

@@ -143,7 +143,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     module = ToMeClassifier(cfg, pretrained=ckpt is None and cfg.model.checkpoint is not None)
     if cfg.trainer.compile:
-        module.model.compile()
+        module.model.compile(mode=None if cfg.trainer.compile is True else cfg.trainer.compile)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, run_dir)
     if ckpt is not None and trainer.is_global_zero:

@@ -109,7 +109,7 @@ class TrainerConfig:
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
-    compile: bool = False
+    compile: Any = False  # false, true, or a torch.compile mode (reduce-overhead: CUDA graphs on a GPU)
     channels_last: bool = False
     limit_train_batches: Optional[float] = None
     limit_val_batches: Optional[float] = None
@@ -285,11 +285,14 @@ def schedule_of(value) -> Any:
 
 def validate(cfg: DictConfig) -> None:
     """Checks a schema cannot express; each failure is one ConfigError line."""
+    from .tome import COMPILE_MODES
     from .tome.schedule import ScheduleError, parse_schedule
 
     _choice(cfg.data.source, ["digits", "imagefolder", "webdataset"], "data.source")
     _choice(cfg.trainer.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"], "trainer.precision")
     _choice(cfg.model.global_pool, ["token", "avg"], "model.global_pool")
+    if not isinstance(cfg.trainer.compile, bool):
+        _choice(cfg.trainer.compile, [False, True, *COMPILE_MODES], "trainer.compile")
     devices = cfg.trainer.devices
     if devices != "auto" and not (isinstance(devices, int) and not isinstance(devices, bool) and devices > 0):
         raise ConfigError(f"trainer.devices={devices!r} is not allowed: use a positive integer or auto")
