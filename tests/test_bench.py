@@ -220,21 +220,24 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from tome_train.tome import kernels, merge
+    from tome_train.tome import attention, kernels, merge
 
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     spec = importlib.util.spec_from_file_location("variant_probe", scripts / "variant_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
 
-    library = merge._most_similar, merge._merge_rows, merge._merge_rows_backward
+    def library_paths():
+        return merge._most_similar, merge._merge_rows, merge._merge_rows_backward, attention._size_biased_attention
+
+    library = library_paths()
     with probe.swapped("no_fused_merge"):
-        assert (merge._merge_rows, merge._merge_rows_backward) == (merge._weighted_merge, merge._weighted_merge_backward)
-        assert merge._most_similar is library[0]
+        assert library_paths() == (library[0], merge._weighted_merge, merge._weighted_merge_backward, library[3])
+    with probe.swapped("no_triton_attention"):
+        assert library_paths() == (*library[:3], attention._masked_attention)
     with probe.swapped("torch_ops_only"):
         assert kernels.FastestPath.enabled is False
-    assert (merge._most_similar, merge._merge_rows, merge._merge_rows_backward) == library
-    assert kernels.FastestPath.enabled
+    assert library_paths() == library and kernels.FastestPath.enabled
 
     out = tmp_path / "variants.json"
     variants = list(probe.SWAPS)
@@ -247,7 +250,7 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path):
         assert row["ratio"] > 0 and row["tome_ims"] > 0, row
         if row["mode"] == "infer":  # the candidate's forward against its own eager fp32 forward
             assert row["same_merges"] == 1.0 and row["tome_max_diff"] <= 1e-5
-    assert merge._most_similar is library[0]
+    assert library_paths() == library
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

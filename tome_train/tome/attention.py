@@ -5,9 +5,10 @@ logits, so a key that stands for ``s`` merged tokens weighs as ``s`` copies of i
 ``softmax(q k^T / sqrt(d) + log(s)) v``. As a per-key bias ``[B, 1, 1, N]`` it goes to
 ``scaled_dot_product_attention`` as ``attn_mask`` and attention stays fused (cuDNN on an H100, the
 flash kernel on a CPU); where no gradient is needed, a Triton flash kernel that adds the bias per key
-(:mod:`.triton_attention`) stands in on a GPU where it measures faster for the shape. Measured on an H100 and not taken (docs/performance.md), each slower than the
-mask: the same result as two unmasked calls, ``softmax(q k^T) (s v) / softmax(q k^T) s``; the bias as
-one more head dimension of queries and keys; FlexAttention with the bias as its score modification.
+(:mod:`.triton_attention`) stands in on a GPU where it measures faster for the shape. Measured on an
+H100 and not taken (docs/performance.md), each slower than the mask: the same result as two unmasked
+calls, ``softmax(q k^T) (s v) / softmax(q k^T) s``; the bias as one more head dimension of queries and
+keys; FlexAttention with the bias as its score modification.
 """
 from __future__ import annotations
 

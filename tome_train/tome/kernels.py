@@ -1,11 +1,11 @@
 """The choice between PyTorch's ops and fused Triton kernels (:mod:`.triton_kernels`,
 :mod:`.triton_attention`), by measurement.
 
-PyTorch's ops (:mod:`.merge`, :mod:`.attention`) are the reference and run everywhere. Where Triton can run (a CUDA device
-with the ``triton`` package that CUDA builds of torch ship), a :class:`FastestPath` runs the reference
-and the fused kernel once per input shape on the real inputs, and keeps the kernel for that shape only
-if it computes the reference's result and takes less time; a kernel that fails to build or run is
-dropped for good. The choice is never made under ``torch.compile`` (inductor writes its own kernels), a
+PyTorch's ops (:mod:`.merge`, :mod:`.attention`) are the reference and run everywhere. Where Triton can
+run (a CUDA device with the ``triton`` package that CUDA builds of torch ship), a :class:`FastestPath`
+runs the reference and the fused kernel once per input shape on the real inputs, and keeps the kernel
+for that shape only if it computes the reference's result and takes less time; a kernel that fails to
+build or run is dropped for good. The choice is never made under ``torch.compile`` (inductor writes its own kernels), a
 tracer, CUDA-graph capture (a choice made before it holds there) or deterministic algorithms (the merge
 kernel adds rows atomically).
 """
@@ -18,6 +18,7 @@ import warnings
 from typing import Callable
 
 import torch
+
 
 def capturing(device: torch.device) -> bool:
     """Whether ops on ``device`` are being captured into a CUDA graph (whose kernels run only on replay)."""
@@ -45,11 +46,12 @@ class FastestPath:
     """``reference(*args)``, or ``candidate(*args)`` where that was measured to give the same result faster.
 
     ``candidate`` is a function or its name in a module of this package (``"triton_kernels.fused_merge"``),
-    imported at the first choice (a torch without triton has no candidate). The first call with a new device and input shapes
-    on one of ``device_types`` (while ``enabled``) checks the candidate with ``agree(args, expected,
-    candidate)`` (default :func:`same_result`), times both and remembers the faster; later calls with those
-    shapes take it directly, also while a CUDA graph is captured (a shape first met during a capture gets
-    the reference: timing there would synchronize). The first argument is a tensor on the device.
+    imported at the first choice (a torch without triton has no candidate). The first call with a new
+    device and input shapes on one of ``device_types`` (while ``enabled``) checks the candidate with
+    ``agree(args, expected, candidate)`` (default :func:`same_result`), times both and remembers the
+    faster; later calls with those shapes take it directly, also while a CUDA graph is captured (a shape
+    first met during a capture gets the reference: timing there would synchronize). The first argument
+    is a tensor on the device.
     """
 
     enabled = True  # False: always the reference (to measure against it, or to rule the kernels out)

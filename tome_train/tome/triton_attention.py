@@ -89,7 +89,8 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     grid = (triton.cdiv(N, block_m), B * H)
     _proportional_attention_fwd[grid](q, k, v, log_size, out, H, N, D, scale * LOG2E.value,
                                       *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *out.stride(),
-                                      HEAD_DIM=max(triton.next_power_of_2(D), 16), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
+                                      HEAD_DIM=max(triton.next_power_of_2(D), 16), BLOCK_M=block_m, BLOCK_N=block_n,
+                                      num_warps=4, num_stages=3)
     return out
 
 
