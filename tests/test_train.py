@@ -94,3 +94,17 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path):
     assert any(not torch.equal(ema["ema.module." + k[6:]], v) for k, v in raw.items() if v.is_floating_point())
     run = next((tmp_path / "wandb").glob("offline-run-*"))
     assert any("val/ema_top1" in row for row in history(next(run.glob("run-*.wandb"))))
+
+
+def test_compiled_training_in_a_compile_mode(tmp_path):
+    """trainer.compile=reduce-overhead (CUDA graphs on a GPU; on this CPU the compiler alone): the patched
+    model is compiled in place, trains and validates, and its checkpoint keeps the plain parameter names."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                             "trainer.compile=reduce-overhead", "tradeoff.enabled=false", f"output_dir={tmp_path}"])
+    assert train(cfg)["val_top1"] >= 0
+    assert counters["stats"]["unique_graphs"] > graphs
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"] and not any("_orig_mod" in key for key in ckpt["state_dict"])
