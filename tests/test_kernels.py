@@ -153,3 +153,61 @@ def test_fastest_path_keeps_its_choices_in_a_cuda_graph_capture_and_makes_none_t
     other_shape = (rows[:, :20].contiguous(), perm, dest, weight, k)
     assert torch.equal(path(*other_shape), _weighted_merge(*other_shape))
     assert len(path.choices) == 1  # none made while capturing: timing would synchronize
+
+
+class _Sine(torch.autograd.Function):
+    """``sin`` with its own backward, ``sign * cos``: right with sign 1, wrong with -1."""
+
+    @staticmethod
+    def forward(ctx, x, sign):
+        ctx.save_for_backward(x)
+        ctx.sign = sign
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * x.cos() * ctx.sign, None
+
+
+def sine(x):
+    return _Sine.apply(x, 1.0)
+
+
+def wrong_sine(x):
+    return _Sine.apply(x, -1.0)
+
+
+def test_a_differentiable_path_checks_and_times_the_backward_and_leaves_the_callers_graph_alone():
+    weight = torch.randn(64, requires_grad=True)
+    x = weight * 2  # the caller's graph: the choice must not backpropagate into it
+    path = FastestPath(_slow(torch.sin, 0.02), sine, device_types=("cpu",), differentiable=True)
+    out = path(x)
+    assert list(path.choices.values()) == [sine] and weight.grad is None
+    out.sum().backward()
+    torch.testing.assert_close(weight.grad, 2 * x.detach().cos(), rtol=0, atol=1e-6)
+
+    # the same output, the wrong gradient: only the backward shows it
+    wrong = FastestPath(torch.sin, wrong_sine, device_types=("cpu",), differentiable=True)
+    with pytest.warns(RuntimeWarning, match="wrong_sine cannot stand in for sin here .a different result"):
+        wrong(x)
+    assert wrong.broken
+    forward_only = FastestPath(_slow(torch.sin, 0.02), wrong_sine, device_types=("cpu",))
+    forward_only(x)
+    assert list(forward_only.choices.values()) == [wrong_sine]  # why training needs differentiable=True
+
+
+def test_through_backward_returns_the_output_and_the_input_gradients_with_a_fixed_output_gradient():
+    def scaled_sine(x, scale):
+        return x.sin() * scale
+
+    x = torch.randn(5, requires_grad=True) * 1  # not a leaf
+    state = torch.get_rng_state()
+    args, functions = kernels.through_backward({scaled_sine: scaled_sine}, (x, 3))
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream did not move
+    assert args[1] == 3 and args[0].requires_grad and args[0].grad_fn is None and torch.equal(args[0], x)
+    out, grad = functions[scaled_sine](*args)
+    _, again = functions[scaled_sine](*args)
+    assert torch.equal(out, 3 * x.detach().sin()) and torch.equal(grad, again)
+    grad_out = grad / (3 * x.detach().cos())
+    assert grad_out.std() > 0.1  # one random output gradient, not ones

@@ -34,12 +34,12 @@ def recorded_into_graph(device: torch.device) -> bool:
 Agreement = Callable[[tuple, object, object], bool]
 
 
-def same_result(args: tuple, expected, candidate) -> bool:
-    """Whether ``candidate`` (a tensor or a tuple of them) is ``expected`` to rtol 1e-5, atol 1e-6."""
+def same_result(args: tuple, expected, candidate, rtol: float = 1e-5, atol: float = 1e-6) -> bool:
+    """Whether ``candidate`` (a tensor or a tuple of them) is ``expected`` to ``rtol`` and ``atol``."""
     if isinstance(expected, torch.Tensor):
         expected, candidate = (expected,), (candidate,)
     return len(expected) == len(candidate) and all(
-        e.shape == c.shape and torch.allclose(e, c, rtol=1e-5, atol=1e-6) for e, c in zip(expected, candidate))
+        e.shape == c.shape and torch.allclose(e, c, rtol=rtol, atol=atol) for e, c in zip(expected, candidate))
 
 
 class FastestPath:
@@ -51,14 +51,16 @@ class FastestPath:
     ``agree(args, expected, candidate)`` (default :func:`same_result`), times both and remembers the
     faster; later calls with those shapes take it directly, also while a CUDA graph is captured (a shape
     first met during a capture gets the reference: timing there would synchronize). The first argument
-    is a tensor on the device.
+    is a tensor on the device. With ``differentiable``, both are checked and timed through their
+    backward too (:func:`through_backward`): the result is then the output and the input gradients.
     """
 
     enabled = True  # False: always the reference (to measure against it, or to rule the kernels out)
 
     def __init__(self, reference: Callable, candidate: Callable | str, device_types: tuple[str, ...] = ("cuda",),
-                 agree: Agreement = same_result):
+                 agree: Agreement = same_result, differentiable: bool = False):
         self.reference, self.candidate, self.device_types, self.agree = reference, candidate, device_types, agree
+        self.differentiable = differentiable
         self.choices: dict[tuple, Callable] = {}
         self.broken = False
 
@@ -112,8 +114,12 @@ class FastestPath:
         if candidate is None:
             self.broken = True
             return self.reference
+        measured = {self.reference: self.reference, candidate: candidate}
         try:
-            error = None if self.agree(args, self.reference(*args), candidate(*args)) else "a different result"
+            if self.differentiable:
+                args, measured = through_backward(measured, args)
+            expected, result = (measured[fn](*args) for fn in (self.reference, candidate))
+            error = None if self.agree(args, expected, result) else "a different result"
         except Exception as err:  # a kernel that does not build or run here
             error = str(err).splitlines()[0][:200]
         if error is not None:  # never again in this process
@@ -121,4 +127,25 @@ class FastestPath:
             warnings.warn(f"{candidate.__name__} cannot stand in for {self.reference.__name__} here ({error}); "
                           "using PyTorch's ops", RuntimeWarning, stacklevel=3)
             return self.reference
-        return min((self.reference, candidate), key=lambda fn: self._time(fn, device, args))
+        return min((self.reference, candidate), key=lambda fn: self._time(measured[fn], device, args))
+
+
+def through_backward(functions: dict[Callable, Callable], args: tuple) -> tuple[tuple, dict[Callable, Callable]]:
+    """Each function as one that also runs its backward: on ``args``' tensors that require a gradient,
+    detached (the caller's autograd graph is left alone), with one fixed random output gradient; each
+    returns its output and the input gradients. Returns the detached arguments and the new functions."""
+    args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    out = next(iter(functions))(*args)
+    # a generator of its own: the choice must not move the caller's random stream
+    generator = torch.Generator(out.device).manual_seed(0)
+    grad = torch.randn(out.shape, generator=generator, device=out.device, dtype=torch.float32).to(out.dtype)
+
+    def with_backward(fn: Callable) -> Callable:
+        def run(*args):
+            out = fn(*args)
+            return (out, *torch.autograd.grad(out, inputs, grad))
+
+        return run
+
+    return args, {key: with_backward(fn) for key, fn in functions.items()}
