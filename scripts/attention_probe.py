@@ -1,8 +1,8 @@
 """Time the ways onto scaled_dot_product_attention for proportional attention, one attention layer at ViT-B's
 shape and the token counts of a ToMe schedule, next to plain attention (what the unpatched model runs):
 the log-size mask as tome_train uses it (``bias``), under each backend and mask layout, the library's
-Triton flash kernel that adds the bias per key (``triton``, inference only), and without a mask as two
-calls (``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
+Triton flash kernels that add the bias per key (``triton``), and without a mask as two calls
+(``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
 more head dimension of queries and keys, and as a FlexAttention score modification.
 
     python scripts/attention_probe.py --device cuda --output probe.json
@@ -49,10 +49,10 @@ def size_weighted_values(q, k, v, size):
 
 
 def triton_bias(q, k, v, size):
-    """The library's Triton flash kernel with the bias per key (no backward: inference only)."""
-    from tome_train.tome.triton_attention import size_biased_attention
+    """The library's Triton flash kernels with the bias per key (forward, and backward in training)."""
+    from tome_train.tome.triton_attention import size_biased_attention_trainable
 
-    return size_biased_attention(q, k, v, size_bias(size).to(q.dtype)[:, 0, 0])
+    return size_biased_attention_trainable(q, k, v, size_bias(size).to(q.dtype)[:, 0, 0])
 
 
 VARIANTS = {

@@ -11,8 +11,8 @@ worth is measured end to end (on a host-bound step, launches count as much as th
 - ``torch_ops_only``: PyTorch's ops only (``FastestPath.enabled = False``);
 - ``no_fused_match``: PyTorch's ops for the matching, the other kernels where they measure faster;
 - ``no_fused_merge``: PyTorch's ops for the merge and its backward, the other kernels where they measure faster;
-- ``no_triton_attention``: SDPA's mask for proportional attention in inference too, the other kernels where
-  they measure faster.
+- ``no_triton_attention``: SDPA's mask for proportional attention, the other kernels where they measure
+  faster.
 
 Rows: the bench's rows (``ratio`` against timm, both sides' images/s, the output check) with ``variant``.
 """
@@ -35,7 +35,8 @@ SWAPS = {
     "no_fused_match": {(merge, "_most_similar"): merge.most_similar},
     "no_fused_merge": {(merge, "_merge_rows"): merge._weighted_merge,
                        (merge, "_merge_rows_backward"): merge._weighted_merge_backward},
-    "no_triton_attention": {(attention, "_size_biased_attention"): attention._masked_attention},
+    "no_triton_attention": {(attention, "_size_biased_attention"): attention._masked_attention,
+                            (attention, "_trained_size_biased_attention"): attention._masked_attention},
 }
 
 

@@ -228,13 +228,14 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path):
     spec.loader.exec_module(probe)
 
     def library_paths():
-        return merge._most_similar, merge._merge_rows, merge._merge_rows_backward, attention._size_biased_attention
+        return (merge._most_similar, merge._merge_rows, merge._merge_rows_backward, attention._size_biased_attention,
+                attention._trained_size_biased_attention)
 
     library = library_paths()
     with probe.swapped("no_fused_merge"):
-        assert library_paths() == (library[0], merge._weighted_merge, merge._weighted_merge_backward, library[3])
+        assert library_paths() == (library[0], merge._weighted_merge, merge._weighted_merge_backward, *library[3:])
     with probe.swapped("no_triton_attention"):
-        assert library_paths() == (*library[:3], attention._masked_attention)
+        assert library_paths() == (*library[:3], attention._masked_attention, attention._masked_attention)
     with probe.swapped("torch_ops_only"):
         assert kernels.FastestPath.enabled is False
     assert library_paths() == library and kernels.FastestPath.enabled

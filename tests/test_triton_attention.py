@@ -1,5 +1,6 @@
-"""The Triton proportional-attention kernel (run here by Triton's interpreter, which ``tests/conftest.py``
-turns on) against the explicit formula in float64, SDPA, and the meaning of a key's size."""
+"""The Triton proportional-attention kernels (run here by Triton's interpreter, which ``tests/conftest.py``
+turns on) against the explicit formula in float64, SDPA, and the meaning of a key's size; the backward against
+float64 autograd of the formula."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from tome_train.tome.triton_attention import proportional_attention  # noqa: E402
+from tome_train.tome.triton_attention import (  # noqa: E402
+    proportional_attention, proportional_attention_trainable, size_biased_attention, size_biased_attention_trainable)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,13 +101,14 @@ def test_a_key_of_size_s_counts_as_s_identical_keys():
     torch.testing.assert_close(out, out_rep[:, :, :num_tokens], rtol=0, atol=1e-5)
 
 
-def test_the_library_stands_the_kernel_against_the_mask_without_a_gradient(monkeypatch):
-    """``proportional_attention`` without a gradient goes through the kernel's FastestPath (PyTorch's mask on
-    the CPU, bit for bit the mask it always used); the kernel agrees with the mask by the path's own check,
-    and a choice on a CPU stand-in path runs it; with a gradient the mask is used and the path is not asked."""
+def test_the_library_stands_the_kernels_against_the_mask_with_and_without_a_gradient(monkeypatch):
+    """``proportional_attention`` goes through the kernels' FastestPaths (PyTorch's mask on the CPU, bit for
+    bit the mask it always used): the forward kernel without a gradient, the trainable one with it. Each
+    agrees with the mask by its path's own check (the trainable one through its backward), and a choice on
+    a CPU stand-in path runs it."""
     from tome_train.tome import attention
     from tome_train.tome.kernels import FastestPath
-    from tome_train.tome.triton_attention import size_biased_attention
+    from tome_train.tome.triton_attention import size_biased_attention, size_biased_attention_trainable
 
     q, k, v, log_size = packed_qkv(37, 16, seed=3)
     size = log_size.exp()[..., None]
@@ -113,8 +116,10 @@ def test_the_library_stands_the_kernel_against_the_mask_without_a_gradient(monke
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with torch.no_grad():
         assert torch.equal(attention.proportional_attention(q, k, v, size), expected)
-    assert attention._size_biased_attention.candidate == "triton_attention.size_biased_attention"
-    assert attention._size_biased_attention._load() is size_biased_attention
+    for path, kernel in ((attention._size_biased_attention, size_biased_attention),
+                         (attention._trained_size_biased_attention, size_biased_attention_trainable)):
+        assert path._load() is kernel and path.agree is attention.same_attention
+    assert attention._trained_size_biased_attention.differentiable
 
     args = (q, k, v, log_size)
     assert attention.same_attention(args, attention._masked_attention(*args), size_biased_attention(*args))
@@ -123,15 +128,120 @@ def test_the_library_stands_the_kernel_against_the_mask_without_a_gradient(monke
     dropped = torch.nn.functional.scaled_dot_product_attention(*half[:3])
     assert attention.same_attention(half, attention._masked_attention(*half), size_biased_attention(*half))
     assert not attention.same_attention(half, attention._masked_attention(*half), dropped)
+
     on_cpu = FastestPath(attention._masked_attention, size_biased_attention, device_types=("cpu",),
                          agree=attention.same_attention)
+    trained_on_cpu = FastestPath(attention._masked_attention, size_biased_attention_trainable, device_types=("cpu",),
+                                 agree=attention.same_attention, differentiable=True)
     monkeypatch.setattr(attention, "_size_biased_attention", on_cpu)
+    monkeypatch.setattr(attention, "_trained_size_biased_attention", trained_on_cpu)
     with torch.no_grad():
         torch.testing.assert_close(attention.proportional_attention(q, k, v, size), expected, rtol=0, atol=1e-5)
-    assert len(on_cpu.choices) == 1
-    on_cpu.choices.clear()
+    assert len(on_cpu.choices) == 1 and trained_on_cpu.choices == {}
     q.requires_grad_()
-    out = attention.proportional_attention(q, k, v, size)  # training: SDPA, whose backward the kernel lacks
-    assert out.requires_grad and on_cpu.choices == {}
+    out = attention.proportional_attention(q, k, v, size)
+    assert len(trained_on_cpu.choices) == 1 and not trained_on_cpu.broken  # agreed, output and gradients
+    assert len(on_cpu.choices) == 1
     out.sum().backward()
-    assert q.grad is not None
+    reference = q.detach().clone().requires_grad_()
+    attention._masked_attention(reference, k, v, log_size).sum().backward()
+    torch.testing.assert_close(q.grad, reference.grad, rtol=0, atol=1e-5)
+
+
+def gradients(attend, q, k, v, log_size, grad_out, **kwargs):
+    """``dq, dk, dv`` of ``attend(q, k, v, log_size, **kwargs)`` against ``grad_out``, for leaves made of (detached,
+    so with their strides) ``q, k, v``."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    attend(q, k, v, log_size, **kwargs).backward(grad_out)
+    return q.grad, k.grad, v.grad
+
+
+def expected_gradients(q, k, v, log_size, grad_out, scale):
+    """The gradients of :func:`explicit` in float64 on the same (rounded) inputs."""
+    return gradients(explicit, *(t.double() for t in (q, k, v, log_size, grad_out)), scale=scale)
+
+
+def random_grad(q, seed=5):
+    return torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
+
+
+@pytest.mark.parametrize("num_tokens,head_dim,blocks", [
+    *((n, d, {}) for n in (1, 7, 37, 70) for d in (16, 64)),  # 70: two blocks of 64 keys, 3 steps of 32 rows
+    # several blocks in every kernel, with outer and inner sizes unlike (a swap of the two is caught)
+    (37, 16, {"block_m": 16, "block_n": 32, "block_outer": 32, "block_inner": 16}),
+    (37, 24, {}), (9, 80, {}),  # head dims padded in the kernels to 32 and 128
+    # padded head dims across blocks: a store that writes the padding spills into a row written before it
+    (37, 24, {"block_m": 16, "block_n": 16, "block_outer": 16, "block_inner": 16}),
+])
+def test_fp32_gradients_equal_the_formula(num_tokens, head_dim, blocks):
+    """dq, dk and dv within 1e-5 of float64 autograd (measured <= 1.4e-6 on gradients up to 3.4)."""
+    q, k, v, log_size = packed_qkv(num_tokens, head_dim)
+    grad_out, scale = random_grad(q), head_dim ** -0.5
+    grads = gradients(proportional_attention_trainable, q, k, v, log_size, grad_out, scale=scale, **blocks)
+    for grad, expected, t in zip(grads, expected_gradients(q, k, v, log_size, grad_out, scale), (q, k, v)):
+        assert grad.shape == t.shape and grad.dtype == torch.float32
+        torch.testing.assert_close(grad.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,head_dim", [(7, 64), (70, 64)])
+def test_fp16_gradients_within_rounding_of_the_formula(num_tokens, head_dim):
+    """Against float64 autograd on the same fp16 inputs: the kernels round the weights and ``dS`` to fp16 before
+    their dots and the gradients (up to 2.5 here, ulp 2**-9) to fp16 at the end, 4e-3 (measured <= 9e-4).
+    Not bf16: the interpreter multiplies bf16's bit patterns in ``tl.dot`` (triton-lang/triton#11584)."""
+    q, k, v, log_size = packed_qkv(num_tokens, head_dim, torch.float16)
+    grad_out = random_grad(q)
+    grads = gradients(size_biased_attention_trainable, q, k, v, log_size, grad_out)
+    for grad, expected in zip(grads, expected_gradients(q, k, v, log_size, grad_out, head_dim ** -0.5)):
+        assert grad.dtype == torch.float16
+        torch.testing.assert_close(grad.double(), expected, rtol=0, atol=4e-3)
+
+
+def test_strided_views_differentiate_as_their_contiguous_copies():
+    """Bit for bit: q, k, v as views of timm's packed qkv, and the incoming gradient in the output's own layout
+    (tokens then heads) or expanded from a sum (stride 0), are read by their strides."""
+    q, k, v, log_size = packed_qkv(70, 16, torch.float16)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    grad_out = random_grad(q)
+    expected = gradients(size_biased_attention_trainable, q.contiguous(), k.contiguous(), v.contiguous(), log_size,
+                         grad_out)
+    tokens_first = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
+    for got in (gradients(size_biased_attention_trainable, q, k, v, log_size, grad_out),
+                gradients(size_biased_attention_trainable, q, k, v, log_size, tokens_first)):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    size_biased_attention_trainable(q, k, v, log_size).sum().backward()
+    ones = gradients(size_biased_attention_trainable, q, k, v, log_size, torch.ones_like(grad_out))
+    assert all(torch.equal(t.grad, b) for t, b in zip((q, k, v), ones))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_trainable_forward_is_the_inference_kernel(dtype):
+    """Bit for bit: the same kernel, only keeping its log-sum-exp, which is the base-2 log of the softmax's
+    denominator (within 1e-5 of float64, measured <= 7.6e-7)."""
+    from tome_train.tome.triton_attention import _forward
+
+    q, k, v, log_size = packed_qkv(70, 16, dtype)
+    q.requires_grad_()
+    out = size_biased_attention_trainable(q, k, v, log_size)
+    assert out.requires_grad and out.stride() == size_biased_attention(q, k, v, log_size).stride()
+    assert torch.equal(out, size_biased_attention(q, k, v, log_size))
+    _, lse = _forward(q.detach(), k, v, log_size, 0.25, 128, 64, store_lse=True)
+    logits = (q.double() @ k.double().transpose(-1, -2)) * 0.25 + log_size.double()[:, None, None, :]
+    torch.testing.assert_close(lse.double(), logits.logsumexp(-1) / torch.log(torch.tensor(2.0)), rtol=0,
+                               atol=1e-5)
+
+
+def test_log_size_gets_no_gradient_and_no_second_derivative():
+    """Sizes are detached in ToMe: the backward returns None for them even when they ask for a gradient.
+    A second derivative raises instead of being silently wrong."""
+    q, k, v, log_size = packed_qkv(7, 16)
+    q, k, v, log_size = (t.detach().requires_grad_() for t in (q, k, v, log_size))
+    out = size_biased_attention_trainable(q, k, v, log_size)
+    out.backward(random_grad(out))
+    assert log_size.grad is None and all(t.grad is not None for t in (q, k, v))
+
+    grad_out = random_grad(out).requires_grad_()  # a double-backward pass differentiates in the gradient too
+    (dq,) = torch.autograd.grad(size_biased_attention_trainable(q, k, v, log_size), q, grad_out, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.sum().backward()

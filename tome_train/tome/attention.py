@@ -4,8 +4,8 @@ Proportional attention (paper, eq. 1) adds ``log(size)`` of each key to the atte
 logits, so a key that stands for ``s`` merged tokens weighs as ``s`` copies of itself:
 ``softmax(q k^T / sqrt(d) + log(s)) v``. As a per-key bias ``[B, 1, 1, N]`` it goes to
 ``scaled_dot_product_attention`` as ``attn_mask`` and attention stays fused (cuDNN on an H100, the
-flash kernel on a CPU); where no gradient is needed, a Triton flash kernel that adds the bias per key
-(:mod:`.triton_attention`) stands in on a GPU where it measures faster for the shape. Measured on an
+flash kernel on a CPU); on a GPU, a Triton flash kernel that adds the bias per key
+(:mod:`.triton_attention`) stands in where it measures faster for the shape. Measured on an
 H100 and not taken (docs/performance.md), each slower than the mask: the same result as two unmasked
 calls, ``softmax(q k^T) (s v) / softmax(q k^T) s``; the bias as one more head dimension of queries and
 keys; FlexAttention with the bias as its score modification.
@@ -59,8 +59,11 @@ def proportional_attention(
 
     Returns ``[B, H, N, Dh]``.
     """
-    if size is not None and attn_bias is None and not dropout_p and not (torch.is_grad_enabled() and q.requires_grad):
-        return _size_biased_attention(q, k, v, size_bias(size).to(q.dtype)[:, 0, 0])
+    if size is not None and attn_bias is None and not dropout_p:
+        log_size = size_bias(size).to(q.dtype)[:, 0, 0]
+        if torch.is_grad_enabled() and q.requires_grad:
+            return _trained_size_biased_attention(q, k, v, log_size)
+        return _size_biased_attention(q, k, v, log_size)
     if attn_bias is not None:
         attn_bias = attn_bias.to(q.dtype)
     if size is not None:
@@ -74,19 +77,22 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_siz
     return F.scaled_dot_product_attention(q, k, v, attn_mask=log_size[:, None, None, :])
 
 
-def same_attention(args: tuple, expected: torch.Tensor, candidate: torch.Tensor) -> bool:
-    """Whether ``candidate`` is ``expected`` up to a few units in the last place of the attention dtype
-    (rtol and atol 1e-5 in fp32, 5e-3 in fp16, 4e-2 in bf16): flash kernels accumulate in fp32 but round
-    the softmax weights to the input dtype before multiplying the values, each at its own point. A wrong
-    kernel (a bias dropped, a key masked) is off by 0.1 and more."""
-    tolerance = {torch.float16: 5e-3, torch.bfloat16: 4e-2}.get(expected.dtype, 1e-5)
-    return candidate.shape == expected.shape and torch.allclose(candidate, expected, rtol=tolerance, atol=tolerance)
+def same_attention(args: tuple, expected, candidate) -> bool:
+    """Whether ``candidate`` is ``expected`` (the output, and with a gradient each input's gradient) up to a
+    few units in the last place of the attention dtype (rtol and atol 1e-5 in fp32, 5e-3 in fp16, 4e-2 in
+    bf16): flash kernels accumulate in fp32 but round the softmax weights to the input dtype before
+    multiplying the values, each at its own point. A wrong kernel (a bias dropped, a key masked) is off by
+    0.1 and more."""
+    tolerance = {torch.float16: 5e-3, torch.bfloat16: 4e-2}.get(args[0].dtype, 1e-5)
+    return kernels.same_result(args, expected, candidate, rtol=tolerance, atol=tolerance)
 
 
-# Without a gradient (inference, evaluation), on a GPU: a flash kernel that adds the bias per key where it
-# measures faster than the mask (see .kernels); training keeps SDPA, whose backward the kernel lacks.
+# On a GPU, a flash kernel that adds the bias per key where it measures faster than the mask (see .kernels),
+# without a gradient, and with one (checked and timed through the backward).
 _size_biased_attention = kernels.FastestPath(_masked_attention, "triton_attention.size_biased_attention",
                                              agree=same_attention)
+_trained_size_biased_attention = kernels.FastestPath(
+    _masked_attention, "triton_attention.size_biased_attention_trainable", agree=same_attention, differentiable=True)
 
 
 class ToMeAttention(Attention):

@@ -1,10 +1,12 @@
-"""Proportional attention in one flash-attention kernel (imported only on first use on a GPU: importing
-triton costs time, and CPU builds of torch come without it).
+"""Proportional attention in flash-attention kernels, forward and backward (imported only on first use on a GPU:
+importing triton costs time, and CPU builds of torch come without it).
 
 ``softmax(q k^T * scale + log(size)) v`` with the per-key bias added inside the kernel's key loop:
 PyTorch's SDPA takes the bias only as an attention mask ``[B, 1, 1, N]``, which on an H100 costs
 2.3-3x plain attention (:mod:`.attention`); here the bias is one vector load per key block.
-Inference only: there is no backward.
+:func:`size_biased_attention_trainable` adds a flash-attention-2 backward for q, k and v (the sizes are
+detached in ToMe, so ``log_size`` gets no gradient): the forward keeps each row's log-sum-exp and the
+backward recomputes the softmax weights from it, one kernel for dq and one for dk and dv, without atomics.
 """
 from __future__ import annotations
 
@@ -13,20 +15,25 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native exponential
 
 
 @triton.jit
-def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, num_heads, num_tokens, head_dim, qk_scale,
+def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, num_heads, num_tokens, head_dim,
+                                qk_scale,
                                 stride_qb, stride_qh, stride_qn, stride_qd,
                                 stride_kb, stride_kh, stride_kn, stride_kd,
                                 stride_vb, stride_vh, stride_vn, stride_vd,
                                 stride_bias_b, stride_bias_n,
                                 stride_ob, stride_oh, stride_on, stride_od,
-                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                STORE_LSE: tl.constexpr):
     """One block of ``BLOCK_M`` queries of one (batch, head) against all keys, with an online softmax in
-    base 2: ``qk_scale`` is ``scale * log2(e)`` and the bias is multiplied by ``log2(e)`` as it is loaded."""
+    base 2: ``qk_scale`` is ``scale * log2(e)`` and the bias is multiplied by ``log2(e)`` as it is loaded.
+    ``STORE_LSE`` also writes each row's ``max + log2(sum)`` to ``lse_ptr`` (fp32 ``[B * H, N]``) for the
+    backward; without it the store is compiled out and ``lse_ptr`` is never touched."""
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)  # int64: a large batch of packed qkv passes 2**31 elements
     h = (bh % num_heads).to(tl.int64)
@@ -63,6 +70,136 @@ def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, num_head
     out = acc / row_sum[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    if STORE_LSE:
+        tl.store(lse_ptr + bh.to(tl.int64) * num_tokens + rows, row_max + tl.log2(row_sum), mask=row_ok)
+
+
+@triton.jit
+def _proportional_attention_bwd_dq(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+                                   num_heads, num_tokens, head_dim, scale, qk_scale,
+                                   stride_qb, stride_qh, stride_qn, stride_qd,
+                                   stride_kb, stride_kh, stride_kn, stride_kd,
+                                   stride_vb, stride_vh, stride_vn, stride_vd,
+                                   stride_bias_b, stride_bias_n,
+                                   stride_ob, stride_oh, stride_on, stride_od,
+                                   stride_dob, stride_doh, stride_don, stride_dod,
+                                   stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+                                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``dq`` of one block of ``BLOCK_M`` queries of one (batch, head), stepping through the keys by ``BLOCK_N``.
+
+    It first writes ``delta = rowsum(dO * O)`` (fp32 ``[B * H, N]``) of its rows, which the dk/dv kernel,
+    launched after it, reads: this program loads its rows of ``dO`` anyway, so a separate preprocess kernel
+    would cost one more launch and one more read of all of ``dO``."""
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    dim_ok = dims < head_dim
+    row_ok = rows < num_tokens
+    block_ok = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :] * stride_qd,
+                mask=block_ok, other=0.0)
+    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + dims[None, :] * stride_dod,
+                 mask=block_ok, other=0.0)
+    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :] * stride_od,
+                mask=block_ok, other=0.0)
+    row_offset = bh.to(tl.int64) * num_tokens + rows
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(delta_ptr + row_offset, delta, mask=row_ok)
+    # rows beyond N read q and dO as 0; an lse of +inf also makes their weights exp2(-inf) = 0 outright
+    lse = tl.load(lse_ptr + row_offset, mask=row_ok, other=float("inf"))
+    k_base = k_ptr + b * stride_kb + h * stride_kh + dims[None, :] * stride_kd
+    v_base = v_ptr + b * stride_vb + h * stride_vh + dims[None, :] * stride_vd
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(0, num_tokens, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_tokens
+        kv_ok = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_ok, other=0.0)
+        bias = tl.load(bias_ptr + b * stride_bias_b + cols * stride_bias_n, mask=col_ok,
+                       other=float("-inf")).to(tl.float32)
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale + bias[None, :] * LOG2E
+        p = tl.exp2(logits - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + dims[None, :] * stride_dqd,
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=block_ok)
+
+
+@triton.jit
+def _proportional_attention_bwd_dkdv(q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                                     num_heads, num_tokens, head_dim, scale, qk_scale,
+                                     stride_qb, stride_qh, stride_qn, stride_qd,
+                                     stride_kb, stride_kh, stride_kn, stride_kd,
+                                     stride_vb, stride_vh, stride_vn, stride_vd,
+                                     stride_bias_b, stride_bias_n,
+                                     stride_dob, stride_doh, stride_don, stride_dod,
+                                     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                                     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``dk`` and ``dv`` of one block of ``BLOCK_N`` keys of one (batch, head), stepping through the queries by
+    ``BLOCK_M``; the weights are computed transposed (keys by queries) so that both sums are plain dots."""
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    dim_ok = dims < head_dim
+    col_ok = cols < num_tokens
+    kv_ok = col_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + dims[None, :] * stride_kd,
+                mask=kv_ok, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + dims[None, :] * stride_vd,
+                mask=kv_ok, other=0.0)
+    bias = tl.load(bias_ptr + b * stride_bias_b + cols * stride_bias_n, mask=col_ok,
+                   other=float("-inf")).to(tl.float32) * LOG2E
+    q_base = q_ptr + b * stride_qb + h * stride_qh + dims[None, :] * stride_qd
+    do_base = dout_ptr + b * stride_dob + h * stride_doh + dims[None, :] * stride_dod
+    row_base = bh.to(tl.int64) * num_tokens
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for start in range(0, num_tokens, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < num_tokens
+        block_ok = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qn, mask=block_ok, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don, mask=block_ok, other=0.0)
+        lse = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + row_base + rows, mask=row_ok, other=0.0)
+        logits_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale + bias[:, None]
+        p_t = tl.exp2(logits_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
+
+    tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + dims[None, :] * stride_dkd,
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
+    tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + dims[None, :] * stride_dvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
+
+
+def _head_dim_block(head_dim: int) -> int:
+    return max(triton.next_power_of_2(head_dim), 16)
+
+
+def _forward(q, k, v, log_size, scale, block_m, block_n, store_lse):
+    B, H, N, D = q.shape
+    out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if store_lse else None
+    grid = (triton.cdiv(N, block_m), B * H)
+    _proportional_attention_fwd[grid](q, k, v, log_size, out, out if lse is None else lse, H, N, D,
+                                      scale * LOG2E.value,
+                                      *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *out.stride(),
+                                      HEAD_DIM=_head_dim_block(D), BLOCK_M=block_m, BLOCK_N=block_n,
+                                      STORE_LSE=store_lse, num_warps=4, num_stages=3)
+    return out, lse
 
 
 def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor, scale: float,
@@ -82,19 +219,89 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
             4 warps, and 3 stages double-buffer K and V (2 stages keep one buffer) over a 4-step loop.
 
     Returns ``[B, H, N, D]`` in ``q``'s dtype, laid out in memory as ``[B, N, H, D]`` so that the caller's
-    ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view.
+    ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view. No gradient: see
+    :func:`proportional_attention_trainable`.
     """
-    B, H, N, D = q.shape
-    out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    grid = (triton.cdiv(N, block_m), B * H)
-    _proportional_attention_fwd[grid](q, k, v, log_size, out, H, N, D, scale * LOG2E.value,
-                                      *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *out.stride(),
-                                      HEAD_DIM=max(triton.next_power_of_2(D), 16), BLOCK_M=block_m, BLOCK_N=block_n,
-                                      num_warps=4, num_stages=3)
-    return out
+    return _forward(q, k, v, log_size, scale, block_m, block_n, store_lse=False)[0]
 
 
 def size_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
     """:func:`proportional_attention` at SDPA's default scale ``D ** -0.5``: the candidate for
     :func:`.attention._masked_attention`, with its arguments."""
     return proportional_attention(q, k, v, log_size, q.shape[-1] ** -0.5)
+
+
+def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor,
+                                    out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
+                                    *, block_outer: int = 128, block_inner: int = 32
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` of :func:`proportional_attention`, flash-attention-2 style: the softmax weights are
+    recomputed from the forward's log-sum-exp, never stored, and each gradient has one writer (deterministic).
+
+    Args:
+        q, k, v, log_size, scale: the forward's arguments (any strides).
+        out: the forward's result ``[B, H, N, D]``; ``lse``: its ``max + log2(sum)`` per row, fp32 ``[B, H, N]``.
+        grad_out: ``[B, H, N, D]`` in ``q``'s dtype, any strides (an expanded gradient of stride 0 too).
+        block_outer, block_inner: rows a program owns (queries for dq, keys for dk/dv) and rows of the other side
+            per loop step, Triton's fused-attention tutorial's Hopper sizes (not timed here). For an H100 at
+            N ~ 200 and D 64: 128 owned rows read the stepped-through operands half as often as 64 and still give
+            B*H*2 programs per kernel (197 pads to 256 with 64 or 128 alike); 32-row steps pad 197 only to 224
+            and keep the fp32 128 x 32 tiles (logits, weights, dp, ds) beside the fp32 128 x 64 accumulators
+            (dq; dk and dv) in 4 warps' registers.
+
+    Returns ``dq, dk, dv``, contiguous ``[B, H, N, D]`` in ``q``'s dtype (accumulated in fp32).
+    """
+    B, H, N, D = q.shape
+    dq, dk, dv = (torch.empty(B, H, N, D, dtype=q.dtype, device=q.device) for _ in range(3))
+    delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    common = dict(HEAD_DIM=_head_dim_block(D), num_warps=4, num_stages=3)
+    scales = (scale, scale * LOG2E.value)
+    # dq first: it writes delta, which every dk/dv program reads for all queries
+    _proportional_attention_bwd_dq[(triton.cdiv(N, block_outer), B * H)](
+        q, k, v, log_size, out, grad_out, lse, delta, dq, H, N, D, *scales,
+        *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+        BLOCK_M=block_outer, BLOCK_N=block_inner, **common)
+    _proportional_attention_bwd_dkdv[(triton.cdiv(N, block_outer), B * H)](
+        q, k, v, log_size, grad_out, lse, delta, dk, dv, H, N, D, *scales,
+        *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        BLOCK_M=block_inner, BLOCK_N=block_outer, **common)
+    return dq, dk, dv
+
+
+class ProportionalAttention(torch.autograd.Function):
+    """:func:`proportional_attention` differentiable in ``q, k, v``; ``log_size`` gets no gradient (ToMe detaches
+    the sizes). ``apply(q, k, v, log_size, scale, blocks)`` with ``blocks`` a dict of
+    :func:`proportional_attention_trainable`'s block sizes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_size, scale, blocks):
+        out, lse = _forward(q, k, v, log_size, scale, blocks["block_m"], blocks["block_n"], store_lse=True)
+        ctx.save_for_backward(q, k, v, log_size, out, lse)
+        ctx.scale, ctx.blocks = scale, blocks
+        return out
+
+    @staticmethod
+    @once_differentiable  # the backward is a kernel: a second derivative would be silently wrong, so it raises
+    def backward(ctx, grad_out):
+        q, k, v, log_size, out, lse = ctx.saved_tensors
+        dq, dk, dv = proportional_attention_backward(q, k, v, log_size, out, lse, grad_out, ctx.scale,
+                                                     block_outer=ctx.blocks["block_outer"],
+                                                     block_inner=ctx.blocks["block_inner"])
+        return dq, dk, dv, None, None, None
+
+
+def proportional_attention_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor,
+                                     scale: float, *, block_m: int = 128, block_n: int = 64, block_outer: int = 128,
+                                     block_inner: int = 32) -> torch.Tensor:
+    """:func:`proportional_attention` with a gradient for ``q, k, v`` (:func:`proportional_attention_backward`;
+    the block sizes are theirs). The forward is the same kernel, which also keeps each row's log-sum-exp
+    (fp32 ``[B, H, N]``, 1/32 of ``q`` at D 64 in fp16) for the backward."""
+    blocks = dict(block_m=block_m, block_n=block_n, block_outer=block_outer, block_inner=block_inner)
+    return ProportionalAttention.apply(q, k, v, log_size, scale, blocks)
+
+
+def size_biased_attention_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    log_size: torch.Tensor) -> torch.Tensor:
+    """:func:`size_biased_attention` differentiable in ``q, k, v`` (``[B, H, N, D]``, any strides; ``log_size``
+    ``[B, N]`` gets no gradient): the training counterpart of :func:`.attention._masked_attention`."""
+    return proportional_attention_trainable(q, k, v, log_size, q.shape[-1] ** -0.5)
