@@ -211,3 +211,20 @@ def test_through_backward_returns_the_output_and_the_input_gradients_with_a_fixe
     assert torch.equal(out, 3 * x.detach().sin()) and torch.equal(grad, again)
     grad_out = grad / (3 * x.detach().cos())
     assert grad_out.std() > 0.1  # one random output gradient, not ones
+
+
+def test_the_report_says_per_kernel_on_how_many_shapes_it_was_kept():
+    rows, perm, dest, weight, k = merge_inputs(tied=False)
+    path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cpu",))
+    path(rows, perm, dest, weight, k)
+    path(rows[:, :20].contiguous(), perm, dest, weight, k)
+    assert kernels.report()["fused_merge"] == "2/2"
+
+    def failing_kernel(*args):
+        raise RuntimeError("no kernel image")
+
+    broken = FastestPath(_weighted_merge, failing_kernel, device_types=("cpu",))
+    with pytest.warns(RuntimeWarning):
+        broken(rows, perm, dest, weight, k)
+    assert kernels.report()["failing_kernel"] == "0/1 dropped"
+    assert "fused_most_similar" not in kernels.report()  # the library's paths are not asked on a CPU

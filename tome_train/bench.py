@@ -43,6 +43,7 @@ from .tome import (
     COMPILE_MODES, ScheduleError, UnsupportedModelError, ViTDims, apply_tome, compile_tome, is_patched, token_counts,
     tome_state, vit_flops,
 )
+from .tome import kernels
 from .tome.schedule import schedule_from_text
 
 MODES = ("infer", "train")
@@ -54,7 +55,7 @@ FIELDS = (
     "compile_scope", "cuda_graphs", "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
     "baseline_first_s", "tome_first_s", "first_ratio", "recompiles",
-    "sdpa", "min_batch", "merging", "baseline_max_diff", "tome_max_diff", "same_merges",
+    "sdpa", "fused_kernels", "min_batch", "merging", "baseline_max_diff", "tome_max_diff", "same_merges",
     "warmup", "steps", "timer", "stat", "other_cpus",
 )
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -609,6 +610,7 @@ def run_benchmark(
                 "first_ratio": first_tome / first_base,
                 "recompiles": recompiles,
                 "sdpa": sdpa or "default",
+                "fused_kernels": kernels.report(),
                 "min_batch": min_batch,
                 "merging": batch_size >= min_batch and any(schedule),
                 "baseline_max_diff": checks.get("baseline_max_diff"),
@@ -686,7 +688,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "schedule": " ".join(str(v) for v in row["schedule"])})
+            writer.writerow({**row, "schedule": " ".join(str(v) for v in row["schedule"]),
+                             "fused_kernels": " ".join(f"{k}={v}" for k, v in row["fused_kernels"].items())})
 
 
 def _parent_ok(path: str) -> None:
