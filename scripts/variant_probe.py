@@ -85,7 +85,8 @@ def main(argv=None):
                 row["variant"] = variant
                 rows.append(row)
                 print(json.dumps({k: row.get(k) for k in ("variant", "mode", "ratio", "baseline_ims", "tome_ims",
-                                                           "tome_max_diff", "same_merges", "error")}), file=sys.stderr)
+                                                           "tome_max_diff", "same_merges", "fused_kernels", "error")}),
+                      file=sys.stderr)
             if args.output:  # after every run: a run cut short keeps the variants it finished
                 json.dump({"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                            "rows": rows}, open(args.output, "w"), indent=1)
