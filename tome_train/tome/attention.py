@@ -59,7 +59,7 @@ def proportional_attention(
 
     Returns ``[B, H, N, Dh]``.
     """
-    if size is not None and attn_bias is None and not dropout_p:
+    if size is not None and attn_bias is None and not dropout_p and q.dtype in (torch.float16, torch.bfloat16):
         log_size = size_bias(size).to(q.dtype)[:, 0, 0]
         if torch.is_grad_enabled() and q.requires_grad:
             return _trained_size_biased_attention(q, k, v, log_size)
@@ -87,8 +87,9 @@ def same_attention(args: tuple, expected, candidate) -> bool:
     return kernels.same_result(args, expected, candidate, rtol=tolerance, atol=tolerance)
 
 
-# On a GPU, a flash kernel that adds the bias per key where it measures faster than the mask (see .kernels),
-# without a gradient, and with one (checked and timed through the backward).
+# On a GPU, in half precision, a flash kernel that adds the bias per key where it measures faster than the
+# mask (see .kernels), without a gradient, and with one (checked and timed through the backward). In fp32
+# its dots run without tensor cores and spill registers (ptxas for sm_90): SDPA's mask keeps that case.
 _size_biased_attention = kernels.FastestPath(_masked_attention, "triton_attention.size_biased_attention",
                                              agree=same_attention)
 _trained_size_biased_attention = kernels.FastestPath(

@@ -198,7 +198,7 @@ def _forward(q, k, v, log_size, scale, block_m, block_n, store_lse):
                                       scale * LOG2E.value,
                                       *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *out.stride(),
                                       HEAD_DIM=_head_dim_block(D), BLOCK_M=block_m, BLOCK_N=block_n,
-                                      STORE_LSE=store_lse, num_warps=4, num_stages=3)
+                                      STORE_LSE=store_lse, num_warps=8 if D > 64 else 4, num_stages=3)
     return out, lse
 
 
@@ -216,7 +216,8 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
             N ~ 200: 197 tokens pad to 256 with 64 or 128 either way, so 128 queries per program read every
             K/V block half as often as 64 and still give B*H*2 programs (6144 at B 256, H 12, 46 per SM);
             64 keys per step keep the fp32 logits and accumulator (128 x 64 each) in the registers of
-            4 warps, and 3 stages double-buffer K and V (2 stages keep one buffer) over a 4-step loop.
+            4 warps (8 past head dim 64), and 3 stages double-buffer K and V (2 stages keep one buffer)
+            over a 4-step loop.
 
     Returns ``[B, H, N, D]`` in ``q``'s dtype, laid out in memory as ``[B, N, H, D]`` so that the caller's
     ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view. No gradient: see
@@ -247,24 +248,26 @@ def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
             N ~ 200 and D 64: 128 owned rows read the stepped-through operands half as often as 64 and still give
             B*H*2 programs per kernel (197 pads to 256 with 64 or 128 alike); 32-row steps pad 197 only to 224
             and keep the fp32 128 x 32 tiles (logits, weights, dp, ds) beside the fp32 128 x 64 accumulators
-            (dq; dk and dv) in 4 warps' registers.
+            (dq in 4 warps' registers; dk and dv, two accumulators, in 8).
 
     Returns ``dq, dk, dv``, contiguous ``[B, H, N, D]`` in ``q``'s dtype (accumulated in fp32).
     """
     B, H, N, D = q.shape
     dq, dk, dv = (torch.empty(B, H, N, D, dtype=q.dtype, device=q.device) for _ in range(3))
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    common = dict(HEAD_DIM=_head_dim_block(D), num_warps=4, num_stages=3)
+    # ptxas for sm_90 (Triton 3.6 and 3.8): at 4 warps the dk/dv kernel spills (20 bytes per thread at head
+    # dim 64, 1.4 KB at 128) and so does the forward past head dim 64; 8 warps hold them in registers
+    common = dict(HEAD_DIM=_head_dim_block(D), num_stages=3)
     scales = (scale, scale * LOG2E.value)
     # dq first: it writes delta, which every dk/dv program reads for all queries
     _proportional_attention_bwd_dq[(triton.cdiv(N, block_outer), B * H)](
         q, k, v, log_size, out, grad_out, lse, delta, dq, H, N, D, *scales,
         *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
-        BLOCK_M=block_outer, BLOCK_N=block_inner, **common)
+        BLOCK_M=block_outer, BLOCK_N=block_inner, num_warps=4, **common)
     _proportional_attention_bwd_dkdv[(triton.cdiv(N, block_outer), B * H)](
         q, k, v, log_size, grad_out, lse, delta, dk, dv, H, N, D, *scales,
         *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        BLOCK_M=block_inner, BLOCK_N=block_outer, **common)
+        BLOCK_M=block_inner, BLOCK_N=block_outer, num_warps=8, **common)
     return dq, dk, dv
 
 

@@ -109,5 +109,6 @@ def fused_most_similar(metric: torch.Tensor, num_protected: int, block: int = 32
     node_idx = torch.empty(n, num_a, dtype=torch.long, device=metric.device)
     _match_rows[(n, triton.cdiv(num_a, block))](
         metric, node_max, node_idx, t, dim, num_protected + a_offset, num_protected + 1 - a_offset, num_a,
-        t - num_protected - num_a, BLOCK_DIM=max(triton.next_power_of_2(dim), 16), BLOCK_A=block, BLOCK_B=block)
+        t - num_protected - num_a, BLOCK_DIM=max(triton.next_power_of_2(dim), 16), BLOCK_A=block, BLOCK_B=block,
+        num_stages=1)  # ptxas for sm_90: pipelined (3 stages) it spills at 255 registers; unpipelined, 72
     return node_max, node_idx
