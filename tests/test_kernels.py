@@ -228,3 +228,17 @@ def test_the_report_says_per_kernel_on_how_many_shapes_it_was_kept():
         broken(rows, perm, dest, weight, k)
     assert kernels.report()["failing_kernel"] == "0/1 dropped"
     assert "fused_most_similar" not in kernels.report()  # the library's paths are not asked on a CPU
+
+
+def test_fastest_path_is_never_asked_under_the_compiler_or_a_tracer():
+    """inductor writes its own kernels and a tracer records ops: both get the reference, no choice is made."""
+    x = torch.randn(8, 16)
+    path = FastestPath(_slow(torch.sin, 0.02), sine, device_types=("cpu",))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: path(t) * 2, backend="eager")
+    torch.testing.assert_close(compiled(x), 2 * x.sin())
+    traced = torch.jit.trace(lambda t: path(t) * 2, (x,), check_trace=False)  # the check reruns it eagerly
+    torch.testing.assert_close(traced(x), 2 * x.sin())
+    assert path.choices == {}
+    path(x)  # eagerly it chooses
+    assert len(path.choices) == 1
