@@ -226,10 +226,18 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     return _forward(q, k, v, log_size, scale, block_m, block_n, store_lse=False)[0]
 
 
+def _fitted(block: int, num_tokens: int) -> int:
+    """``block`` rows, or fewer where the whole sequence is shorter: a late layer's 37 tokens would pad to
+    128 (``tl.dot`` takes at least 16)."""
+    return min(block, max(16, triton.next_power_of_2(num_tokens)))
+
+
 def size_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
-    """:func:`proportional_attention` at SDPA's default scale ``D ** -0.5``: the candidate for
-    :func:`.attention._masked_attention`, with its arguments."""
-    return proportional_attention(q, k, v, log_size, q.shape[-1] ** -0.5)
+    """:func:`proportional_attention` at SDPA's default scale ``D ** -0.5``, blocks fitted to the token count:
+    the candidate for :func:`.attention._masked_attention`, with its arguments."""
+    n = q.shape[2]
+    return proportional_attention(q, k, v, log_size, q.shape[-1] ** -0.5, block_m=_fitted(128, n),
+                                  block_n=_fitted(64, n))
 
 
 def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor,
@@ -307,4 +315,7 @@ def size_biased_attention_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.T
                                     log_size: torch.Tensor) -> torch.Tensor:
     """:func:`size_biased_attention` differentiable in ``q, k, v`` (``[B, H, N, D]``, any strides; ``log_size``
     ``[B, N]`` gets no gradient): the training counterpart of :func:`.attention._masked_attention`."""
-    return proportional_attention_trainable(q, k, v, log_size, q.shape[-1] ** -0.5)
+    n = q.shape[2]
+    return proportional_attention_trainable(q, k, v, log_size, q.shape[-1] ** -0.5, block_m=_fitted(128, n),
+                                            block_n=_fitted(64, n), block_outer=_fitted(128, n),
+                                            block_inner=_fitted(32, n))
