@@ -256,7 +256,7 @@ def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
             N ~ 200 and D 64: 128 owned rows read the stepped-through operands half as often as 64 and still give
             B*H*2 programs per kernel (197 pads to 256 with 64 or 128 alike); 32-row steps pad 197 only to 224
             and keep the fp32 128 x 32 tiles (logits, weights, dp, ds) beside the fp32 128 x 64 accumulators
-            (dq in 4 warps' registers; dk and dv, two accumulators, in 8).
+            (dq in 4 warps' registers, 8 past head dim 64; dk and dv, two accumulators, in 8).
 
     Returns ``dq, dk, dv``, contiguous ``[B, H, N, D]`` in ``q``'s dtype (accumulated in fp32).
     """
@@ -264,14 +264,15 @@ def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq, dk, dv = (torch.empty(B, H, N, D, dtype=q.dtype, device=q.device) for _ in range(3))
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     # ptxas for sm_90 (Triton 3.6 and 3.8): at 4 warps the dk/dv kernel spills (20 bytes per thread at head
-    # dim 64, 1.4 KB at 128) and so does the forward past head dim 64; 8 warps hold them in registers
+    # dim 64, 1.4 KB at 128), and so do the forward and dq kernels past head dim 64; 8 warps hold them in
+    # registers (every variant a ViT-B/H schedule meets compiles without spills)
     common = dict(HEAD_DIM=_head_dim_block(D), num_stages=3)
     scales = (scale, scale * LOG2E.value)
     # dq first: it writes delta, which every dk/dv program reads for all queries
     _proportional_attention_bwd_dq[(triton.cdiv(N, block_outer), B * H)](
         q, k, v, log_size, out, grad_out, lse, delta, dq, H, N, D, *scales,
         *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
-        BLOCK_M=block_outer, BLOCK_N=block_inner, num_warps=4, **common)
+        BLOCK_M=block_outer, BLOCK_N=block_inner, num_warps=8 if D > 64 else 4, **common)
     _proportional_attention_bwd_dkdv[(triton.cdiv(N, block_outer), B * H)](
         q, k, v, log_size, grad_out, lse, delta, dk, dv, H, N, D, *scales,
         *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
