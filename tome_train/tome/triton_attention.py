@@ -21,6 +21,23 @@ LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * log2(e)): exp2 is t
 
 
 @triton.jit
+def _key_block(q, k_base, v_base, bias_row, stride_kn, stride_vn, stride_bias_n, start, num_tokens, dim_ok, qk_scale,
+               BLOCK_N: tl.constexpr):
+    """The ``BLOCK_N`` keys and values from ``start`` and the base-2 logits of ``q`` against them (``q k^T``
+    times ``qk_scale`` plus the keys' bias times log2(e)). Keys past the sequence load as 0 with a bias of
+    -inf: the mask costs nothing more than the bias."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < num_tokens
+    kv_ok = col_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_ok, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_ok, other=0.0)
+    bias = tl.load(bias_row + cols * stride_bias_n, mask=col_ok, other=float("-inf")).to(tl.float32)
+    # "ieee" changes fp32 operands only (no TF32); fp16 and bf16 go to the tensor cores as they are
+    logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale + bias[None, :] * LOG2E
+    return k, v, logits
+
+
+@triton.jit
 def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, num_heads, num_tokens, head_dim,
                                 qk_scale,
                                 stride_qb, stride_qh, stride_qn, stride_qd,
@@ -50,16 +67,8 @@ def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(0, num_tokens, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < num_tokens
-        kv_ok = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_ok, other=0.0)
-        # keys beyond N get a bias of -inf: the mask costs nothing more than the bias
-        bias = tl.load(bias_ptr + b * stride_bias_b + cols * stride_bias_n, mask=col_ok,
-                       other=float("-inf")).to(tl.float32)
-        # "ieee" changes fp32 operands only (no TF32); fp16 and bf16 go to the tensor cores as they are
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale + bias[None, :] * LOG2E
+        k, v, logits = _key_block(q, k_base, v_base, bias_ptr + b * stride_bias_b, stride_kn, stride_vn,
+                                  stride_bias_n, start, num_tokens, dim_ok, qk_scale, BLOCK_N)
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         p = tl.exp2(logits - new_max[:, None])
         correction = tl.exp2(row_max - new_max)
@@ -114,14 +123,8 @@ def _proportional_attention_bwd_dq(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(0, num_tokens, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < num_tokens
-        kv_ok = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_ok, other=0.0)
-        bias = tl.load(bias_ptr + b * stride_bias_b + cols * stride_bias_n, mask=col_ok,
-                       other=float("-inf")).to(tl.float32)
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale + bias[None, :] * LOG2E
+        k, v, logits = _key_block(q, k_base, v_base, bias_ptr + b * stride_bias_b, stride_kn, stride_vn,
+                                  stride_bias_n, start, num_tokens, dim_ok, qk_scale, BLOCK_N)
         p = tl.exp2(logits - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
