@@ -21,6 +21,20 @@ LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * log2(e)): exp2 is t
 
 
 @triton.jit
+def _image_head(num_heads):
+    """This program's (batch, head) pair from grid axis 1: the flat index and the two, as int64 (a large
+    batch of packed qkv passes 2**31 elements)."""
+    bh = tl.program_id(1)
+    return bh, (bh // num_heads).to(tl.int64), (bh % num_heads).to(tl.int64)
+
+
+@triton.jit
+def _tile(ptr, b, h, rows, dims, stride_b, stride_h, stride_n, stride_d):
+    """Pointers to the ``rows`` x ``dims`` tile of image ``b``, head ``h`` of a ``[B, H, N, D]`` tensor."""
+    return ptr + b * stride_b + h * stride_h + rows[:, None] * stride_n + dims[None, :] * stride_d
+
+
+@triton.jit
 def _key_block(q, k_base, v_base, bias_row, stride_kn, stride_vn, stride_bias_n, start, num_tokens, dim_ok, qk_scale,
                BLOCK_N: tl.constexpr):
     """The ``BLOCK_N`` keys and values from ``start`` and the base-2 logits of ``q`` against them (``q k^T``
@@ -51,14 +65,12 @@ def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
     base 2: ``qk_scale`` is ``scale * log2(e)`` and the bias is multiplied by ``log2(e)`` as it is loaded.
     ``STORE_LSE`` also writes each row's ``max + log2(sum)`` to ``lse_ptr`` (fp32 ``[B * H, N]``) for the
     backward; without it the store is compiled out and ``lse_ptr`` is never touched."""
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)  # int64: a large batch of packed qkv passes 2**31 elements
-    h = (bh % num_heads).to(tl.int64)
+    bh, b, h = _image_head(num_heads)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)  # the head dim padded to a power of two: the columns past it read as 0
     dim_ok = dims < head_dim
     row_ok = rows < num_tokens
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :] * stride_qd,
+    q = tl.load(_tile(q_ptr, b, h, rows, dims, stride_qb, stride_qh, stride_qn, stride_qd),
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh + dims[None, :] * stride_kd
     v_base = v_ptr + b * stride_vb + h * stride_vh + dims[None, :] * stride_vd
@@ -77,7 +89,7 @@ def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
         row_max = new_max
 
     out = acc / row_sum[:, None]
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :] * stride_od,
+    tl.store(_tile(out_ptr, b, h, rows, dims, stride_ob, stride_oh, stride_on, stride_od),
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     if STORE_LSE:
         tl.store(lse_ptr + bh.to(tl.int64) * num_tokens + rows, row_max + tl.log2(row_sum), mask=row_ok)
@@ -99,19 +111,17 @@ def _proportional_attention_bwd_dq(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_
     It first writes ``delta = rowsum(dO * O)`` (fp32 ``[B * H, N]``) of its rows, which the dk/dv kernel,
     launched after it, reads: this program loads its rows of ``dO`` anyway, so a separate preprocess kernel
     would cost one more launch and one more read of all of ``dO``."""
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
+    bh, b, h = _image_head(num_heads)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     dim_ok = dims < head_dim
     row_ok = rows < num_tokens
     block_ok = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :] * stride_qd,
+    q = tl.load(_tile(q_ptr, b, h, rows, dims, stride_qb, stride_qh, stride_qn, stride_qd),
                 mask=block_ok, other=0.0)
-    do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + dims[None, :] * stride_dod,
+    do = tl.load(_tile(dout_ptr, b, h, rows, dims, stride_dob, stride_doh, stride_don, stride_dod),
                  mask=block_ok, other=0.0)
-    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :] * stride_od,
+    o = tl.load(_tile(out_ptr, b, h, rows, dims, stride_ob, stride_oh, stride_on, stride_od),
                 mask=block_ok, other=0.0)
     row_offset = bh.to(tl.int64) * num_tokens + rows
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -130,7 +140,7 @@ def _proportional_attention_bwd_dq(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
 
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + dims[None, :] * stride_dqd,
+    tl.store(_tile(dq_ptr, b, h, rows, dims, stride_dqb, stride_dqh, stride_dqn, stride_dqd),
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=block_ok)
 
 
@@ -147,17 +157,15 @@ def _proportional_attention_bwd_dkdv(q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, ls
                                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``dk`` and ``dv`` of one block of ``BLOCK_N`` keys of one (batch, head), stepping through the queries by
     ``BLOCK_M``; the weights are computed transposed (keys by queries) so that both sums are plain dots."""
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
+    bh, b, h = _image_head(num_heads)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     dim_ok = dims < head_dim
     col_ok = cols < num_tokens
     kv_ok = col_ok[:, None] & dim_ok[None, :]
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + dims[None, :] * stride_kd,
+    k = tl.load(_tile(k_ptr, b, h, cols, dims, stride_kb, stride_kh, stride_kn, stride_kd),
                 mask=kv_ok, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + dims[None, :] * stride_vd,
+    v = tl.load(_tile(v_ptr, b, h, cols, dims, stride_vb, stride_vh, stride_vn, stride_vd),
                 mask=kv_ok, other=0.0)
     bias = tl.load(bias_ptr + b * stride_bias_b + cols * stride_bias_n, mask=col_ok,
                    other=float("-inf")).to(tl.float32) * LOG2E
@@ -182,9 +190,9 @@ def _proportional_attention_bwd_dkdv(q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, ls
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
 
-    tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + dims[None, :] * stride_dkd,
+    tl.store(_tile(dk_ptr, b, h, cols, dims, stride_dkb, stride_dkh, stride_dkn, stride_dkd),
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
-    tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + dims[None, :] * stride_dvd,
+    tl.store(_tile(dv_ptr, b, h, cols, dims, stride_dvb, stride_dvh, stride_dvn, stride_dvd),
              dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
 
 
