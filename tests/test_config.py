@@ -64,6 +64,7 @@ def test_recipe_path_and_fragment_order(tmp_path):
         ("mae_vitl_r8", ["trainer.devices=many"], "trainer.devices='many' is not allowed: use a positive integer or auto"),
         ("mae_vitl_r8", ["trainer.compile=fast"], "trainer.compile='fast' is not allowed: use one of False, True, default, "
                                                   "reduce-overhead"),
+        ("mae_vitl_r8", ["trainer.compile=1"], "trainer.compile=1 is not allowed: use one of False, True, default"),
     ],
 )
 def test_bad_input_is_one_clear_error(recipe, overrides, needle):

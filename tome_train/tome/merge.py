@@ -161,16 +161,20 @@ def row_layout(n: int, t: int, r: int, num_protected: int, device: torch.device)
     return _cached_row_layout(n, t, r, num_protected, device)
 
 
+def _unit_sets(metric: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unit-length features of set A ``[B, Na, C]`` and set B ``[B, Nb, C]`` (views of one normalized copy)."""
+    a_offset = num_protected % 2
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    return metric[:, num_protected + a_offset::2], metric[:, num_protected + 1 - a_offset::2]
+
+
 def most_similar(metric: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every set-A token's highest cosine similarity to a set-B token, and that token's index in set B.
 
     ``metric`` ``[B, N, C]`` with ``num_protected`` prefix tokens (in neither set); returns ``[B, Na]``
     maxima and ``[B, Na]`` indices (the first of equal maxima).
     """
-    a_offset = num_protected % 2
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a = metric[:, num_protected + a_offset::2]
-    b = metric[:, num_protected + 1 - a_offset::2]
+    a, b = _unit_sets(metric, num_protected)
     return torch.bmm(a, b.transpose(1, 2)).max(dim=-1)
 
 
@@ -180,16 +184,11 @@ def same_matches(args: tuple, expected: tuple, candidate: tuple) -> bool:
     which another order of the same additions may break either way)."""
     metric, num_protected = args
     (expected_max, expected_idx), (candidate_max, candidate_idx) = expected, candidate
-    if not (candidate_max.shape == expected_max.shape and candidate_idx.shape == expected_idx.shape):
+    if candidate_idx.shape != expected_idx.shape or not kernels.same_result(args, expected_max, candidate_max):
         return False
-    if not torch.allclose(candidate_max, expected_max, rtol=1e-5, atol=1e-6):
-        return False
-    a_offset = num_protected % 2
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a = metric[:, num_protected + a_offset::2]
-    b = metric[:, num_protected + 1 - a_offset::2]
+    a, b = _unit_sets(metric, num_protected)
     named = b.gather(1, candidate_idx[..., None].expand(-1, -1, b.shape[-1]))
-    return torch.allclose((a * named).sum(-1), expected_max, rtol=1e-5, atol=1e-6)
+    return kernels.same_result(args, expected_max, (a * named).sum(-1))
 
 
 # On a GPU, a fused Triton kernel where it measures faster for the shape at hand (see .kernels).
