@@ -2,11 +2,15 @@
 
     python scripts/merge_probe.py --device cuda --output merge.json
 
-Four parts, as ``tome_train.tome.merge`` does them:
+Six parts, as ``tome_train.tome.merge`` does them:
 
 - ``match``: cosine similarity of every set-A key to every set-B key and its row max and argmax (norm,
   divide, bmm, max: four kernels and a ``[B, Na, Nb]`` score matrix); fused, one kernel that keeps the
   running max per row (scores in fp32 without TF32, as the library's).
+- ``plan``: from the row maxima to the merge's rows (a stable argsort, a sort of the unmerged, a gather, three
+  adds and three concatenations); fused, one kernel per image that ranks the maxima by comparing every pair.
+- ``weights``: each row's share of its destination's new size (two ``index_select``, ``scatter_add``,
+  divide); fused, one kernel per image.
 - ``merge``: every token row read in a permuted order, scaled, and the merged-away rows added onto their
   destinations (``index_select``, ``mul_``, ``scatter_add_``: three kernels, about four passes over the
   rows); fused, two kernels and two passes (the kept rows stored, the merged-away rows added atomically,
@@ -22,8 +26,9 @@ The kernels are the library's (``tome_train.tome.triton_kernels``, used on a GPU
 for the shape at hand).
 
 Rows: ``variant``, ``tokens``, ``part``, ``ms`` (median), ``vs_torch`` (the PyTorch ops' time over this
-one's), ``max_diff`` (from the PyTorch ops' result: row maxima, merged rows, gradients; in the merge, rows
-that receive several tokens may differ in the order of their additions), ``same_argmax`` for ``match``,
+one's), ``max_diff`` (from the PyTorch ops' result: row maxima, rows of the plan, weights, merged rows,
+gradients; in the merge, rows that receive several tokens may differ in the order of their additions),
+``same_argmax`` for ``match``,
 or ``error``.
 """
 from __future__ import annotations
@@ -37,28 +42,30 @@ import triton
 
 from attention_probe import time_ms
 from tome_train.tome import bipartite_soft_matching
-from tome_train.tome.triton_kernels import fused_merge, fused_merge_backward, fused_most_similar
-from tome_train.tome.merge import _weighted_merge, _weighted_merge_backward, most_similar
+from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_most_similar, fused_plan_merge,
+                                            fused_size_weights)
+from tome_train.tome.merge import _weighted_merge, _weighted_merge_backward, most_similar, plan_merge, size_weights
 
 
 VARIANTS = {
-    "torch": {"match": most_similar, "merge": _weighted_merge, "add_merge": _weighted_merge,
-              "merge_backward": _weighted_merge_backward},
-    "triton": {"match": fused_most_similar, "merge": fused_merge, "add_merge": fused_merge,
-               "merge_backward": fused_merge_backward},
+    "torch": {"match": most_similar, "plan": plan_merge, "weights": size_weights, "merge": _weighted_merge,
+              "add_merge": _weighted_merge, "merge_backward": _weighted_merge_backward},
+    "triton": {"match": fused_most_similar, "plan": fused_plan_merge, "weights": fused_size_weights,
+               "merge": fused_merge, "add_merge": fused_merge, "merge_backward": fused_merge_backward},
 }
 
 
-def merge_inputs(batch_size: int, tokens: int, channels: int, r: int, device, seed: int = 0):
-    """A real layer's keys ``metric`` ``[B, N, 64]`` (random, a class token first), their merge (sizes 1-7)
-    and its token rows: ``metric``, ``rows`` ``[B * N, C]``, ``perm``, ``dest``, ``weight`` ``[B * N, 1]``,
-    ``num_kept``."""
+def merge_inputs(batch_size: int, tokens: int, channels: int, r: int, device, seed: int = 0) -> dict:
+    """A real layer's keys ``metric`` ``[B, N, 64]`` (random, a class token first), their maxima, their merge,
+    sizes 1-7 ``[B * N]`` and the merge's weights, and token rows ``[B * N, C]``."""
     g = torch.Generator(device).manual_seed(seed)
     metric = torch.randn(batch_size, tokens, 64, generator=g, device=device)
     merge = bipartite_soft_matching(metric, r, num_protected=1)
-    weight, _ = merge.weights(torch.randint(1, 8, (batch_size, tokens, 1), generator=g, device=device), torch.float32)
+    sizes = torch.randint(1, 8, (batch_size * tokens,), generator=g, device=device).float()
+    weight, _ = merge.weights(sizes, torch.float32)
     rows = torch.randn(batch_size * tokens, channels, generator=g, device=device)
-    return metric, rows, merge.perm, merge.dest, weight, merge.num_kept
+    return dict(metric=metric, maxima=most_similar(metric, 1), sizes=sizes, rows=rows, perm=merge.perm,
+                dest=merge.dest, weight=weight, num_kept=merge.num_kept)
 
 
 def main(argv=None):
@@ -76,11 +83,14 @@ def main(argv=None):
     device = torch.device(args.device)
     rows_out = []
     for n in args.tokens:
-        metric, rows, perm, dest, weight, k = merge_inputs(args.batch_size, n, args.channels, args.r, device, seed=n)
+        layer = merge_inputs(args.batch_size, n, args.channels, args.r, device, seed=n)
+        rows, perm, dest, weight, k = (layer[key] for key in ("rows", "perm", "dest", "weight", "num_kept"))
         grad = torch.randn(k, args.channels, device=device)
         # the attention branch in the attention dtype (fp16 under autocast on a GPU), the stream in fp32
         branch = torch.randn_like(rows, dtype=torch.float16 if device.type == "cuda" else rows.dtype)
-        inputs = {"match": (metric, 1), "merge": (rows, perm, dest, weight, k),
+        inputs = {"match": (layer["metric"], 1), "plan": (*layer["maxima"], args.r, 1, n),
+                  "weights": (perm, dest, layer["sizes"], n, args.r, torch.float32),
+                  "merge": (rows, perm, dest, weight, k),
                   "add_merge": (rows, perm, dest, weight, k, branch), "merge_backward": (grad, perm, dest, weight)}
         expected = {part: fn(*inputs[part]) for part, fn in VARIANTS["torch"].items()}
         torch_ms = {}
@@ -94,7 +104,8 @@ def main(argv=None):
                         result, reference = result[0], expected[part][0]
                     else:
                         reference = expected[part]
-                    row["max_diff"] = float((result - reference).abs().max())
+                    pairs = zip(result, reference) if isinstance(result, tuple) else [(result, reference)]
+                    row["max_diff"] = max(float((a.double() - b.double()).abs().max()) for a, b in pairs)
                     row["ms"] = round(time_ms(lambda: fn(*inputs[part]), device, args.warmup, args.steps), 4)
                 except RuntimeError as err:
                     row["error"] = str(err).splitlines()[0][:200]

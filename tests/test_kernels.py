@@ -11,9 +11,11 @@ import torch
 from tome_train.tome import bipartite_soft_matching
 from tome_train.tome import kernels
 from tome_train.tome.kernels import FastestPath
-from tome_train.tome.merge import (_merge_rows, _merge_rows_backward, _most_similar, _weighted_merge,
-                                   _weighted_merge_backward, most_similar, same_matches)
-from tome_train.tome.triton_kernels import fused_merge, fused_merge_backward, fused_most_similar
+from tome_train.tome.merge import (Merge, _merge_rows, _merge_rows_backward, _most_similar, _plan_merge, _size_weights,
+                                   _weighted_merge, _weighted_merge_backward, most_similar, plan_merge, same_matches,
+                                   size_weights)
+from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_most_similar, fused_plan_merge,
+                                            fused_size_weights)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,6 +49,58 @@ def test_fused_merge_is_the_merge(tied):
 
     grad = torch.randn(k, 40)
     assert torch.equal(fused_merge_backward(grad, perm, dest, weight), _weighted_merge_backward(grad, perm, dest, weight))
+
+
+def maxima(n: int, t: int, p: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matching's maxima and set-B indices ``[n, Na]`` for random features, image 0's first three maxima
+    made equal to its fourth and, past 20 tokens, image 1's sixth a NaN (a zero feature)."""
+    node_max, node_idx = most_similar(torch.randn(n, t, 8, generator=torch.Generator().manual_seed(seed)), p)
+    node_max[0, :3] = node_max[0, 3]
+    if t > 20:
+        node_max[1, 5] = float("nan")
+    return node_max, node_idx
+
+
+# (images, tokens, protected, r): a class token; 197 tokens (ViT-B) in several comparison blocks; two and
+# three protected tokens (set A first, then second) at the 50% cap; none; one merge
+PLANS = [(3, 23, 1, 6), (2, 197, 1, 16), (2, 40, 2, 19), (2, 41, 3, 19), (4, 17, 0, 8), (2, 9, 1, 1)]
+
+
+@pytest.mark.parametrize("n,t,p,r", PLANS)
+def test_fused_plan_is_the_plan_exactly(n, t, p, r):
+    node_max, node_idx = maxima(n, t, p, seed=t + p)
+    expected = plan_merge(node_max, node_idx, r, p, t)
+    fused = fused_plan_merge(node_max, node_idx, r, p, t)
+    assert kernels.identical((), expected, fused)
+    assert not kernels.identical((), expected, (fused[0], fused[1] + (fused[1] == 0)))  # one row off: another merge
+
+
+def test_the_plan_takes_equal_maxima_in_token_order_and_nan_first():
+    node_max, node_idx = torch.tensor([[0.5, 0.9, 0.5, float("nan"), 0.5]]), torch.zeros(1, 5, dtype=torch.long)
+    perm, dest = plan_merge(node_max, node_idx, 3, 1, 11)
+    merge = Merge(1, 11, 3, perm, dest)
+    assert merge.src_idx.tolist() == [[3, 1, 0]] and merge.unm_idx.tolist() == [[2, 4]]
+    assert kernels.identical((), (perm, dest), fused_plan_merge(node_max, node_idx, 3, 1, 11))
+
+
+@pytest.mark.parametrize("n,t,p,r", PLANS)
+def test_fused_size_weights_are_the_weights(n, t, p, r):
+    """Exact in fp32 and fp16 (whole-number sizes add up exactly in any order; the divisions are correctly
+    rounded); bf16 to one unit in the last place, as Triton's interpreter truncates on conversion to bf16
+    where a GPU rounds to nearest (a weight of 1 stays exact)."""
+    perm, dest = plan_merge(*maxima(n, t, p, seed=t), r, p, t)
+    sizes = torch.randint(1, 9, (n * t,), generator=torch.Generator().manual_seed(1))
+    for size in (None, sizes.float(), sizes.half()):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            expected = size_weights(perm, dest, size, t, r, dtype)
+            fused = fused_size_weights(perm, dest, size, t, r, dtype)
+            assert all(e.dtype == f.dtype == dtype and e.shape == f.shape for e, f in zip(expected, fused))
+            assert torch.equal(fused[1], expected[1])
+            if dtype == torch.bfloat16:
+                torch.testing.assert_close(fused[0], expected[0], rtol=2 ** -7, atol=0)
+                assert torch.equal(fused[0] == 1, expected[0] == 1)
+            else:
+                assert torch.equal(fused[0], expected[0])
 
 
 def _slow(fn, seconds):
@@ -108,10 +162,12 @@ def test_the_merge_names_its_kernels():
     """The library's matching and merge stand the fused kernels against their ops (loaded by name at the first
     choice); the matching's are checked by :func:`same_matches`."""
     for path, kernel in ((_merge_rows, fused_merge), (_merge_rows_backward, fused_merge_backward),
-                         (_most_similar, fused_most_similar)):
+                         (_most_similar, fused_most_similar), (_plan_merge, fused_plan_merge),
+                         (_size_weights, fused_size_weights)):
         assert path.device_types == ("cuda",)
         assert path._load() is kernel
     assert _most_similar.agree is same_matches and _merge_rows.agree is kernels.same_result
+    assert _plan_merge.agree is kernels.identical and _size_weights.agree is kernels.same_result
 
 
 @pytest.mark.parametrize("p", [0, 1, 2])
@@ -242,3 +298,40 @@ def test_fastest_path_is_never_asked_under_the_compiler_or_a_tracer():
     assert path.choices == {}
     path(x)  # eagerly it chooses
     assert len(path.choices) == 1
+
+
+def test_a_model_with_every_merge_kernel_chosen_trains_as_with_pytorchs_ops(monkeypatch):
+    """ViT-Ti (4 blocks at 64 px: 17 tokens, r 2 in each) with the matching, plan, weights and merge kernels
+    standing in on the CPU (timed as the faster, so that every one is kept): the logits, the merges and every
+    parameter's gradient as with PyTorch's ops, to the order of the atomic adds."""
+    import timm
+
+    from tome_train.tome import apply_tome, tome_state
+
+    paths = (_most_similar, _plan_merge, _size_weights, _merge_rows, _merge_rows_backward)
+    for path in paths:
+        monkeypatch.setattr(path, "device_types", ("cpu",))
+        monkeypatch.setattr(path, "choices", {})
+    monkeypatch.setattr(FastestPath, "_time", staticmethod(
+        lambda fn, device, args: 0.0 if fn.__name__.startswith("fused_") else 1.0))
+    torch.manual_seed(0)
+    model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10), 2)
+    images = torch.randn(3, 3, 64, 64)
+
+    def step():
+        model.zero_grad()
+        logits = model(images)
+        logits.square().sum().backward()
+        return logits.detach(), tome_state(model).size, [p.grad.clone() for p in model.parameters()]
+
+    FastestPath.enabled = False
+    try:
+        expected = step()
+    finally:
+        FastestPath.enabled = True
+    logits, size, grads = step()
+    assert all(path.choices and all(c is path.candidate for c in path.choices.values()) for path in paths)
+    torch.testing.assert_close(logits, expected[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(size, expected[1])
+    for grad, expected_grad in zip(grads, expected[2]):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)

@@ -43,6 +43,14 @@ def same_result(args: tuple, expected, candidate, rtol: float = 1e-5, atol: floa
         e.shape == c.shape and torch.allclose(e, c, rtol=rtol, atol=atol) for e, c in zip(expected, candidate))
 
 
+def identical(args: tuple, expected, candidate) -> bool:
+    """Whether ``candidate`` (a tensor or a tuple of them) is ``expected`` exactly: for indices, where a row
+    off by one is another result."""
+    if isinstance(expected, torch.Tensor):
+        expected, candidate = (expected,), (candidate,)
+    return len(expected) == len(candidate) and all(torch.equal(e, c) for e, c in zip(expected, candidate))
+
+
 class FastestPath:
     """``reference(*args)``, or ``candidate(*args)`` where that was measured to give the same result faster.
 

@@ -20,32 +20,40 @@ from . import kernels
 
 @dataclass(frozen=True)
 class Merge:
-    """The indices of one bipartite merge, shared by every tensor merged in that layer.
+    """The rows of one bipartite merge, shared by every tensor merged in that layer.
 
-    Shapes (``B`` batch, ``N`` tokens, ``Na``/``Nb`` unprotected tokens in set A/B, ``r`` merges):
-    ``unm_idx`` ``[B, Na - r]`` sorted, ``src_idx`` ``[B, r]``, ``dst_idx`` ``[B, r]`` (positions
-    within set A and set B). The same merge as rows of the flattened tensors, for one
-    ``index_select`` and one ``scatter_add`` per merged tensor: ``perm`` ``[B * N]`` orders the rows of
-    ``x.reshape(B * N, -1)`` as the ``B * (N - r)`` kept rows (``keep_rows``, in output order) and then
-    the ``B * r`` merged-away rows (``src_rows``); ``dest`` ``[B * N]`` is the row of the merged
-    ``[B * (N - r), -1]`` that each goes to (``0, 1, ...`` for the kept rows, ``dst_rows`` for the others).
+    For ``B`` images of ``num_tokens`` tokens merging ``r`` of each: ``perm`` ``[B * N]`` orders the rows
+    of ``x.reshape(B * N, -1)`` as the ``B * (N - r)`` kept rows (``keep_rows``, in output order: per image
+    the protected tokens, the unmerged set-A tokens in their order, set B) and then the ``B * r``
+    merged-away rows (``src_rows``, per image from the most similar down); ``dest`` ``[B * N]`` is the row
+    of the merged ``[B * (N - r), -1]`` that each goes to (``0, 1, ...`` for the kept rows, ``dst_rows`` for
+    the others). One ``index_select`` and one ``scatter_add`` per merged tensor apply it. The same merge
+    as positions within the sets, as the paper's code has it: ``unm_idx`` ``[B, Na - r]``, ``src_idx``
+    ``[B, r]`` (set A) and ``dst_idx`` ``[B, r]`` (set B).
     """
 
     num_protected: int
-    a_offset: int  # where set A starts among the unprotected tokens: 0 or 1
-    unm_idx: torch.Tensor
-    src_idx: torch.Tensor
-    dst_idx: torch.Tensor
+    num_tokens: int
+    r: int
     perm: torch.Tensor
     dest: torch.Tensor
 
     @property
-    def r(self) -> int:
-        return self.src_idx.shape[1]
+    def a_offset(self) -> int:
+        """Where set A starts among the unprotected tokens: 0 or 1."""
+        return self.num_protected % 2
+
+    @property
+    def num_a(self) -> int:
+        return (self.num_tokens - self.num_protected + 1 - self.a_offset) // 2
+
+    @property
+    def num_images(self) -> int:
+        return self.perm.shape[0] // self.num_tokens
 
     @property
     def num_kept(self) -> int:
-        return self.perm.shape[0] - self.src_idx.numel()
+        return self.num_images * (self.num_tokens - self.r)
 
     @property
     def keep_rows(self) -> torch.Tensor:
@@ -59,19 +67,30 @@ class Merge:
     def dst_rows(self) -> torch.Tensor:
         return self.dest[self.num_kept:]
 
+    def _in_set_a(self, rows: torch.Tensor) -> torch.Tensor:
+        return (rows % self.num_tokens - (self.num_protected + self.a_offset)) // 2
+
+    @property
+    def unm_idx(self) -> torch.Tensor:
+        p, kept = self.num_protected, self.num_tokens - self.r
+        return self._in_set_a(self.keep_rows.view(-1, kept)[:, p:p + self.num_a - self.r])
+
+    @property
+    def src_idx(self) -> torch.Tensor:
+        return self._in_set_a(self.src_rows.view(-1, self.r))
+
+    @property
+    def dst_idx(self) -> torch.Tensor:
+        kept = self.num_tokens - self.r
+        return self.dst_rows.view(-1, self.r) % kept - (self.num_protected + self.num_a - self.r)
+
     def weights(self, size: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The size-weighted average's weights: each row's share of its destination's new size,
         ``[B * N, 1]`` in ``perm`` order (exactly 1 for a token that merges with nothing), and the new
-        sizes ``[B * (N - r), 1]``. ``size`` ``[B, N, 1]`` (``None``: all ones)."""
-        k, num_rows = self.num_kept, self.perm.shape[0]
+        sizes ``[B * (N - r), 1]``, in ``dtype``. ``size`` ``[B, N, 1]`` (``None``: all ones)."""
         with torch.no_grad():
-            if size is None:
-                sizes = torch.ones(num_rows, 1, dtype=dtype, device=self.perm.device)
-            else:
-                sizes = size.reshape(num_rows, 1).to(dtype)
-            sizes = sizes.index_select(0, self.perm)
-            new_size = sizes[:k].scatter_add(0, self.dst_rows[:, None], sizes[k:])
-            return sizes.div_(new_size.index_select(0, self.dest)), new_size
+            sizes = size.reshape(-1) if size is not None else None
+            return _size_weights(self.perm, self.dest, sizes, self.num_tokens, self.r, dtype)
 
     def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         """Merge ``x`` of shape ``[B, N, ...]`` along dim 1 into ``[B, N - r, ...]``.
@@ -92,11 +111,10 @@ class Merge:
 
         Every token that was merged away gets the value of the token it merged into.
         """
-        p, a0 = self.num_protected, self.a_offset
+        p, a0, num_a = self.num_protected, self.a_offset, self.num_a
         n, _, c = x.shape
-        num_unm = self.unm_idx.shape[1]
+        num_unm = num_a - self.r
         prefix, unm, b = x[:, :p], x[:, p:p + num_unm], x[:, p + num_unm:]
-        num_a = num_unm + self.r
         src = b.gather(1, self.dst_idx[..., None].expand(n, -1, c))
         a = x.new_empty(n, num_a, c)
         a.scatter_(1, self.unm_idx[..., None].expand(n, -1, c), unm)
@@ -195,6 +213,53 @@ def same_matches(args: tuple, expected: tuple, candidate: tuple) -> bool:
 _most_similar = kernels.FastestPath(most_similar, "triton_kernels.fused_most_similar", agree=same_matches)
 
 
+def plan_merge(
+    node_max: torch.Tensor, node_idx: torch.Tensor, r: int, num_protected: int, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the merge (:class:`Merge`'s ``perm`` and ``dest``, ``[B * N]`` each) that takes the ``r``
+    set-A tokens with the highest maxima ``node_max`` ``[B, Na]`` onto their set-B tokens ``node_idx`` ``[B, Na]``.
+
+    Equal maxima go in token order (a stable sort, NaN first as in ``torch.sort``): the same merge on every
+    device and in :func:`.triton_kernels.fused_plan_merge`.
+    """
+    n = node_max.shape[0]
+    if torch.jit.is_tracing():  # ONNX has no stable sort; its TopK (argsort's export) puts the lower index first
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+    else:
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    src_idx = edge_idx[:, :r]
+    unm_idx = edge_idx[:, r:].sort(dim=-1).values
+    dst_idx = node_idx.gather(1, src_idx)
+    layout = row_layout(n, num_tokens, r, num_protected, node_max.device)
+    keep_rows = torch.cat([layout.prefix_rows, torch.add(layout.first_a, unm_idx, alpha=2), layout.b_rows], dim=1)
+    src_rows = torch.add(layout.first_a, src_idx, alpha=2)
+    return (torch.cat([keep_rows.view(-1), src_rows.view(-1)]),
+            torch.cat([layout.kept_dest, (dst_idx + layout.first_dst).view(-1)]))
+
+
+def size_weights(
+    perm: torch.Tensor, dest: torch.Tensor, size: torch.Tensor | None, num_tokens: int, r: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`Merge.weights` of the merge ``perm``, ``dest`` (``[B * N]``, ``r`` of ``num_tokens`` tokens merged
+    per image) for sizes ``size`` ``[B * N]`` (``None``: all ones): weights ``[B * N, 1]``, new sizes
+    ``[B * (N - r), 1]``."""
+    num_rows = perm.shape[0]
+    num_kept = num_rows // num_tokens * (num_tokens - r)
+    if size is None:
+        sizes = torch.ones(num_rows, 1, dtype=dtype, device=perm.device)
+    else:
+        sizes = size.reshape(num_rows, 1).to(dtype)
+    sizes = sizes.index_select(0, perm)
+    new_size = sizes[:num_kept].scatter_add(0, dest[num_kept:, None], sizes[num_kept:])
+    return sizes.div_(new_size.index_select(0, dest)), new_size
+
+
+# On a GPU, one Triton kernel each (one program per image) in place of a dozen small ops, where it gives the
+# same rows (exactly: a row off by one is another merge) and weights faster (see .kernels).
+_plan_merge = kernels.FastestPath(plan_merge, "triton_kernels.fused_plan_merge", agree=kernels.identical)
+_size_weights = kernels.FastestPath(size_weights, "triton_kernels.fused_size_weights")
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> Merge | None:
     """Match ``r`` tokens of set A to their most similar token of set B.
 
@@ -210,7 +275,6 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
     r = min(r, max_merges(t, num_protected))
     if r <= 0:
         return None
-    a_offset = num_protected % 2
     with torch.no_grad(), torch.autocast(metric.device.type, enabled=False):
         # Scores in at least fp32: under autocast, fp16/bf16 scores tie and flip matches (ViT-S r13, fp16:
         # logits 0.085 from fp32's, 0.006 with fp32 scores).
@@ -218,17 +282,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
             node_max, node_idx = most_similar(metric, num_protected)
         else:  # on a GPU, maybe the fused kernel, which takes fp32
             node_max, node_idx = _most_similar(metric.float(), num_protected)
-        edge_idx = node_max.argsort(dim=-1, descending=True)
-        src_idx = edge_idx[:, :r]
-        unm_idx = edge_idx[:, r:].sort(dim=-1).values
-        dst_idx = node_idx.gather(1, src_idx)
-
-        layout = row_layout(n, t, r, num_protected, metric.device)
-        keep_rows = torch.cat([layout.prefix_rows, torch.add(layout.first_a, unm_idx, alpha=2), layout.b_rows], dim=1)
-        src_rows = torch.add(layout.first_a, src_idx, alpha=2)
-        perm = torch.cat([keep_rows.view(-1), src_rows.view(-1)])
-        dest = torch.cat([layout.kept_dest, (dst_idx + layout.first_dst).view(-1)])
-    return Merge(num_protected, a_offset, unm_idx, src_idx, dst_idx, perm, dest)
+        perm, dest = _plan_merge(node_max, node_idx, r, num_protected, t)
+    return Merge(num_protected, t, r, perm, dest)
 
 
 def _weighted_merge(

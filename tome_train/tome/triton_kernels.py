@@ -112,3 +112,126 @@ def fused_most_similar(metric: torch.Tensor, num_protected: int, block: int = 32
         t - num_protected - num_a, BLOCK_DIM=max(triton.next_power_of_2(dim), 16), BLOCK_A=block, BLOCK_B=block,
         num_stages=1)  # ptxas for sm_90: pipelined (3 stages) it spills at 255 registers; unpipelined, 72
     return node_max, node_idx
+
+
+@triton.jit
+def _sorts_before(a, b, a_index, b_index):
+    """Whether score ``a`` goes before ``b`` in a stable descending sort with NaN first (``torch.sort``'s order)."""
+    a_nan, b_nan = a != a, b != b
+    greater = (a > b) | (a_nan & ~b_nan)
+    equal = (a == b) | (a_nan & b_nan)
+    return greater | (equal & (a_index < b_index))
+
+
+@triton.jit
+def _plan_rows(node_max_ptr, node_idx_ptr, perm_ptr, dest_ptr, r, num_protected, num_tokens, num_a, a_start,
+               b_start, num_kept_total, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr):
+    """:func:`.merge.plan_merge` for image ``program_id(0)``: every set-A token's rank among the image's
+    maxima (``BLOCK_A`` covers set A), and from it the token's rows; the prefix and set B rows are fixed."""
+    image = tl.program_id(0)
+    i = tl.arange(0, BLOCK_A)
+    i_ok = i < num_a
+    score = tl.load(node_max_ptr + image * num_a + i, mask=i_ok, other=0.0)
+    rank = tl.zeros([BLOCK_A], tl.int32)
+    for start in range(0, num_a, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        j_ok = j < num_a
+        other = tl.load(node_max_ptr + image * num_a + j, mask=j_ok, other=0.0)
+        ahead = _sorts_before(other[None, :], score[:, None], j[None, :], i[:, None]) & j_ok[None, :]
+        rank += tl.sum(ahead.to(tl.int32), axis=1)
+    kept = num_tokens - r
+    first_row = image * num_tokens
+    first_out = image * kept
+    a_rows = first_row + a_start + 2 * i
+    # merged away: after every image's kept rows, in the order of the ranks, onto set B (after the unmerged A)
+    merged = i_ok & (rank < r)
+    slot = num_kept_total + image * r + rank
+    tl.store(perm_ptr + slot, a_rows, mask=merged)
+    dst = tl.load(node_idx_ptr + image * num_a + i, mask=merged, other=0)
+    tl.store(dest_ptr + slot, first_out + num_protected + num_a - r + dst, mask=merged)
+    # unmerged: after the prefix, in token order
+    unmerged = i_ok & (rank >= r)
+    position = tl.cumsum(unmerged.to(tl.int32), axis=0) - 1
+    tl.store(perm_ptr + first_out + num_protected + position, a_rows, mask=unmerged)
+    # the prefix and set B keep their rows; every kept row is its own destination
+    first_b = num_protected + num_a - r
+    for start in range(0, kept, BLOCK_A):
+        k = start + tl.arange(0, BLOCK_A)
+        k_ok = k < kept
+        fixed_row = tl.where(k < num_protected, first_row + k, first_row + b_start + 2 * (k - first_b))
+        tl.store(perm_ptr + first_out + k, fixed_row, mask=k_ok & ((k < num_protected) | (k >= first_b)))
+        tl.store(dest_ptr + first_out + k, first_out + k, mask=k_ok)
+
+
+def fused_plan_merge(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, num_protected: int, num_tokens: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.merge.plan_merge` in one kernel, one program per image: ranks by pairwise comparison (no sort),
+    the rows written in place (no concatenation). ``node_max``, ``node_idx`` ``[B, Na]`` -> ``perm``, ``dest``
+    ``[B * N]``."""
+    node_max, node_idx = node_max.contiguous(), node_idx.contiguous()
+    n, num_a = node_max.shape
+    a_offset = num_protected % 2
+    perm = torch.empty(n * num_tokens, dtype=torch.long, device=node_max.device)
+    dest = torch.empty_like(perm)
+    block_a = max(triton.next_power_of_2(num_a), 16)
+    _plan_rows[(n,)](node_max, node_idx, perm, dest, r, num_protected, num_tokens, num_a, num_protected + a_offset,
+                     num_protected + 1 - a_offset, n * (num_tokens - r), BLOCK_A=block_a,
+                     BLOCK_J=max(16, 4096 // block_a), num_warps=4 if block_a <= 256 else 8)
+    return perm, dest
+
+
+@triton.jit
+def _load_sizes(size_ptr, perm_ptr, slot, ok, HAS_SIZE: tl.constexpr):
+    """The sizes (fp32) of the rows ``perm[slot]``; ones without ``HAS_SIZE``."""
+    if HAS_SIZE:
+        sizes = tl.load(size_ptr + tl.load(perm_ptr + slot, mask=ok, other=0), mask=ok, other=0.0).to(tl.float32)
+    else:
+        sizes = tl.where(ok, 1.0, 0.0)
+    return sizes
+
+
+@triton.jit
+def _size_weights_rows(size_ptr, perm_ptr, dest_ptr, weight_ptr, new_size_ptr, r, kept, num_kept_total,
+                       HAS_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """:func:`.merge.size_weights` for image ``program_id(0)``: each kept row's new size (its own plus those
+    of the rows merged into it; ``BLOCK_K`` covers the kept rows), then every row's share of its
+    destination's. Sizes are whole numbers, exact in any order of addition."""
+    image = tl.program_id(0)
+    k = tl.arange(0, BLOCK_K)
+    k_ok = k < kept
+    first_out = image * kept
+    own = _load_sizes(size_ptr, perm_ptr, first_out + k, k_ok, HAS_SIZE)
+    total = own
+    for start in range(0, r, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        s_ok = s < r
+        slot = num_kept_total + image * r + s
+        merged = _load_sizes(size_ptr, perm_ptr, slot, s_ok, HAS_SIZE)
+        into = tl.load(dest_ptr + slot, mask=s_ok, other=-1) - first_out
+        total += tl.sum(tl.where(into[None, :] == k[:, None], merged[None, :], 0.0), axis=1)
+    tl.store(new_size_ptr + first_out + k, total, mask=k_ok)
+    # correctly rounded: a row that merges with nothing gets exactly 1 and stays bit for bit
+    tl.store(weight_ptr + first_out + k, tl.div_rn(own, tl.where(k_ok, total, 1.0)), mask=k_ok)
+    for start in range(0, r, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        s_ok = s < r
+        slot = num_kept_total + image * r + s
+        merged = _load_sizes(size_ptr, perm_ptr, slot, s_ok, HAS_SIZE)
+        into = tl.load(dest_ptr + slot, mask=s_ok, other=-1) - first_out
+        into_total = tl.sum(tl.where(into[:, None] == k[None, :], total[None, :], 0.0), axis=1)
+        tl.store(weight_ptr + slot, tl.div_rn(merged, tl.where(s_ok, into_total, 1.0)), mask=s_ok)
+
+
+def fused_size_weights(perm: torch.Tensor, dest: torch.Tensor, size: torch.Tensor | None, num_tokens: int, r: int,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.merge.size_weights` in one kernel, one program per image (the merge keeps a row's
+    destination in its image): weights ``[B * N, 1]`` and new sizes ``[B * (N - r), 1]`` in ``dtype``."""
+    n = perm.shape[0] // num_tokens
+    kept = num_tokens - r
+    weight = torch.empty(perm.shape[0], 1, dtype=dtype, device=perm.device)
+    new_size = torch.empty(n * kept, 1, dtype=dtype, device=perm.device)
+    block_k = max(triton.next_power_of_2(kept), 16)
+    _size_weights_rows[(n,)](perm if size is None else size.contiguous(), perm, dest, weight, new_size, r, kept,
+                             n * kept, HAS_SIZE=size is not None, BLOCK_K=block_k,
+                             BLOCK_S=max(16, 4096 // block_k), num_warps=4 if block_k <= 256 else 8)
+    return weight, new_size
