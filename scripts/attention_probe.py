@@ -5,6 +5,12 @@ Triton flash kernels that add the bias per key (``triton``), and without a mask 
 (``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
 more head dimension of queries and keys, and as a FlexAttention score modification.
 
+Under ``torch.compile`` (``*_compiled``; ``_dynamic``: the token count a dynamic dim, as ``compile_tome``
+compiles it): inductor lowers the masked call to memory-efficient attention and, by its stride rules for
+that kernel's bias (``sdpa_constraint``, torch/_inductor/lowering.py), keeps the bias broadcast over heads
+but not over queries, so each layer would write and read a ``[B, 1, N, N]`` bias where eager reads
+``[B, N]``: a suspect for the compiled ToMe model's slowness on the H100. These rows measure it.
+
     python scripts/attention_probe.py --device cuda --output probe.json
 
 Rows: ``variant``, ``tokens``, ``mode`` (infer: forward, fp16; train: forward and backward, bf16), ``ms``
@@ -55,8 +61,17 @@ def triton_bias(q, k, v, size):
     return size_biased_attention_trainable(q, k, v, size_bias(size).to(q.dtype)[:, 0, 0])
 
 
+def plain(q, k, v, size):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def masked(q, k, v, size):
+    """The log-size mask through SDPA, as the compiled regions trace it."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size).to(q.dtype))
+
+
 VARIANTS = {
-    "plain": (lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v), None),
+    "plain": (plain, None),
     "bias": (lambda q, k, v, s: proportional_attention(q, k, v, s), None),
     "bias_cudnn": (lambda q, k, v, s: proportional_attention(q, k, v, s), SDPBackend.CUDNN_ATTENTION),
     "bias_efficient": (lambda q, k, v, s: proportional_attention(q, k, v, s),
@@ -66,6 +81,9 @@ VARIANTS = {
     "triton": (triton_bias, None),
     "values": (size_weighted_values, None),
     "values_cudnn": (size_weighted_values, SDPBackend.CUDNN_ATTENTION),
+    "plain_compiled": (torch.compile(plain), None),
+    "bias_compiled": (torch.compile(masked), None),
+    "bias_compiled_dynamic": (torch.compile(masked, dynamic=True), None),
 }
 
 
@@ -93,7 +111,8 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--tokens", type=int, nargs="+", default=[197, 117, 37])
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                   default=[name for name in VARIANTS if "compiled" not in name], help="default: all but *_compiled")
     p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)

@@ -134,6 +134,11 @@ want variants && run_step variants 200 python3 scripts/variant_probe.py --device
 # plain attention, at 197, 117 and 37 tokens.
 want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
     && gather
+# The same layer under torch.compile, the token count static and dynamic (as compile_tome has it), against
+# plain attention compiled: does inductor's stride rule for the bias cost the compiled ToMe model its speed?
+want attention_compiled && run_step attention_compiled 120 python3 scripts/attention_probe.py --device cuda \
+    --variants plain plain_compiled bias bias_compiled bias_compiled_dynamic --tokens 197 117 \
+    --output "$steps_dir/attention_compiled.json" && gather
 # torch.compile, the ToMe side by compile_tome (attention and MLP compiled once for all blocks with a
 # dynamic token count, merging eager), the timm side whole: ratios, compile time (first_ratio), recompiles.
 step compile_b_infer_regions "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 \
