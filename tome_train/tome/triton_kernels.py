@@ -176,7 +176,7 @@ def fused_plan_merge(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, num
     block_a = max(triton.next_power_of_2(num_a), 16)
     _plan_rows[(n,)](node_max, node_idx, perm, dest, r, num_protected, num_tokens, num_a, num_protected + a_offset,
                      num_protected + 1 - a_offset, n * (num_tokens - r), BLOCK_A=block_a,
-                     BLOCK_J=max(16, 4096 // block_a), num_warps=4 if block_a <= 256 else 8)
+                     BLOCK_J=max(16, 2048 // block_a), num_warps=4 if block_a <= 256 else 8)
     return perm, dest
 
 
@@ -233,5 +233,5 @@ def fused_size_weights(perm: torch.Tensor, dest: torch.Tensor, size: torch.Tenso
     block_k = max(triton.next_power_of_2(kept), 16)
     _size_weights_rows[(n,)](perm if size is None else size.contiguous(), perm, dest, weight, new_size, r, kept,
                              n * kept, HAS_SIZE=size is not None, BLOCK_K=block_k,
-                             BLOCK_S=max(16, 4096 // block_k), num_warps=4 if block_k <= 256 else 8)
+                             BLOCK_S=max(16, 2048 // block_k), num_warps=4 if block_k <= 256 else 8)
     return weight, new_size
