@@ -25,7 +25,8 @@ Six parts, as ``tome_train.tome.merge`` does them:
 The kernels are the library's (``tome_train.tome.triton_kernels``, used on a GPU where they measure faster
 for the shape at hand).
 
-Rows: ``variant``, ``tokens``, ``part``, ``ms`` (median), ``vs_torch`` (the PyTorch ops' time over this
+Rows: ``variant``, ``tokens``, ``part``, ``ms`` (median), ``host_us`` (the host's time per call, enqueued
+without waiting: what a call costs where the host sets the pace), ``vs_torch`` (the PyTorch ops' time over this
 one's), ``max_diff`` (from the PyTorch ops' result: row maxima, rows of the plan, weights, merged rows,
 gradients; in the merge, rows that receive several tokens may differ in the order of their additions),
 ``same_argmax`` for ``match``,
@@ -40,7 +41,7 @@ import sys
 import torch
 import triton
 
-from attention_probe import time_ms
+from attention_probe import host_us, time_ms
 from tome_train.tome import bipartite_soft_matching
 from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_most_similar, fused_plan_merge,
                                             fused_size_weights)
@@ -107,12 +108,13 @@ def main(argv=None):
                     pairs = zip(result, reference) if isinstance(result, tuple) else [(result, reference)]
                     row["max_diff"] = max(float((a.double() - b.double()).abs().max()) for a, b in pairs)
                     row["ms"] = round(time_ms(lambda: fn(*inputs[part]), device, args.warmup, args.steps), 4)
+                    row["host_us"] = round(host_us(lambda: fn(*inputs[part]), device), 1)
                 except RuntimeError as err:
                     row["error"] = str(err).splitlines()[0][:200]
                 if name == "torch":
                     torch_ms[part] = row.get("ms")
                 if torch_ms.get(part) and "ms" in row:
-                    row["vs_torch"] = round(torch_ms[part] / row["ms"], 3)
+                    row["vs_torch"] = float(f"{torch_ms[part] / row['ms']:.3g}")
                 rows_out.append(row)
                 print(json.dumps(row), file=sys.stderr)
     if args.output:

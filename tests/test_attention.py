@@ -113,4 +113,4 @@ def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
         if row["variant"] in ("bias_cudnn", "bias_efficient", "values_cudnn"):
             assert "error" in row  # no such kernel for a CPU tensor: said in the row, the probe goes on
         else:
-            assert row["ms"] > 0 and row["vs_plain"] > 0
+            assert row["ms"] > 0 and row["host_us"] > 0 and row["vs_plain"] > 0
