@@ -70,3 +70,52 @@ def test_merging_layer_launch_budget():
     extra_bw = (tome_bw.total - timm_bw.total) / DEPTH
     assert extra_fw <= FORWARD_BUDGET, tome_fw.ops - timm_fw.ops
     assert extra_bw <= BACKWARD_BUDGET, tome_bw.ops - timm_bw.ops
+
+
+# With the fused kernels (on a GPU, wherever they measure faster): the key mean and the log-size bias, then
+# one kernel each for the matching, the merge's rows and its weights, and two for the merge, which also takes
+# over the block's residual add (measured 5.75: the first layer has no sizes yet, so no bias).
+FUSED_FORWARD_BUDGET = 6
+
+
+def test_merging_layer_launches_with_every_fused_kernel(monkeypatch):
+    """The same count with the five merge kernels standing in (here on the CPU, run by Triton's interpreter):
+    each kernel launch counts once, the interpreter's own tensor work inside it not at all."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from tome_train.tome import kernels, merge
+
+    launches = {"fused_merge": 2}
+    counter = LaunchCounter()
+
+    def counted(kernel):
+        def launch(*args):
+            with _disable_current_modes():
+                out = kernel(*args)
+            counter.ops[kernel.__name__] += launches.get(kernel.__name__, 1)
+            return out
+
+        return launch
+
+    for path in (merge._most_similar, merge._plan_merge, merge._size_weights, merge._merge_rows):
+        monkeypatch.setattr(path, "device_types", ("cpu",))
+        monkeypatch.setattr(path, "choices", {})
+        monkeypatch.setattr(path, "candidate", counted(path._load()))
+    monkeypatch.setattr(kernels.FastestPath, "_time", staticmethod(
+        lambda fn, device, args: 0.0 if fn.__name__ == "launch" else 1.0))
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    timm_model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=DEPTH, num_classes=10).eval()
+    tome_model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=DEPTH, num_classes=10), 2)
+    timm_counter = LaunchCounter()
+    with torch.inference_mode():
+        tome_model.eval()(images)  # the choices (each runs the kernels to check and time them)
+        counter.ops.clear()
+        with counter:
+            tome_model(images)
+        with timm_counter:
+            timm_model(images)
+    assert {name: counter.ops[name] for name in ("fused_most_similar", "fused_plan_merge", "fused_size_weights",
+                                                 "fused_merge")} == {
+        "fused_most_similar": DEPTH, "fused_plan_merge": DEPTH, "fused_size_weights": DEPTH, "fused_merge": 2 * DEPTH}
+    assert (counter.total - timm_counter.total) / DEPTH <= FUSED_FORWARD_BUDGET, counter.ops - timm_counter.ops
