@@ -191,6 +191,19 @@ def _load_sizes(size_ptr, perm_ptr, slot, ok, HAS_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _merged_rows(size_ptr, perm_ptr, dest_ptr, start, image, r, first_out, num_kept_total, HAS_SIZE: tl.constexpr,
+                 BLOCK_S: tl.constexpr):
+    """Merged-away rows ``start .. start + BLOCK_S`` of the image: their slots in ``perm``, which are real,
+    their sizes and the kept row (within the image's output) each goes to."""
+    s = start + tl.arange(0, BLOCK_S)
+    s_ok = s < r
+    slot = num_kept_total + image * r + s
+    merged = _load_sizes(size_ptr, perm_ptr, slot, s_ok, HAS_SIZE)
+    into = tl.load(dest_ptr + slot, mask=s_ok, other=-1) - first_out
+    return slot, s_ok, merged, into
+
+
+@triton.jit
 def _size_weights_rows(size_ptr, perm_ptr, dest_ptr, weight_ptr, new_size_ptr, r, kept, num_kept_total,
                        HAS_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     """:func:`.merge.size_weights` for image ``program_id(0)``: each kept row's new size (its own plus those
@@ -203,21 +216,15 @@ def _size_weights_rows(size_ptr, perm_ptr, dest_ptr, weight_ptr, new_size_ptr, r
     own = _load_sizes(size_ptr, perm_ptr, first_out + k, k_ok, HAS_SIZE)
     total = own
     for start in range(0, r, BLOCK_S):
-        s = start + tl.arange(0, BLOCK_S)
-        s_ok = s < r
-        slot = num_kept_total + image * r + s
-        merged = _load_sizes(size_ptr, perm_ptr, slot, s_ok, HAS_SIZE)
-        into = tl.load(dest_ptr + slot, mask=s_ok, other=-1) - first_out
+        slot, s_ok, merged, into = _merged_rows(size_ptr, perm_ptr, dest_ptr, start, image, r, first_out,
+                                                num_kept_total, HAS_SIZE, BLOCK_S)
         total += tl.sum(tl.where(into[None, :] == k[:, None], merged[None, :], 0.0), axis=1)
     tl.store(new_size_ptr + first_out + k, total, mask=k_ok)
     # correctly rounded: a row that merges with nothing gets exactly 1 and stays bit for bit
     tl.store(weight_ptr + first_out + k, tl.div_rn(own, tl.where(k_ok, total, 1.0)), mask=k_ok)
     for start in range(0, r, BLOCK_S):
-        s = start + tl.arange(0, BLOCK_S)
-        s_ok = s < r
-        slot = num_kept_total + image * r + s
-        merged = _load_sizes(size_ptr, perm_ptr, slot, s_ok, HAS_SIZE)
-        into = tl.load(dest_ptr + slot, mask=s_ok, other=-1) - first_out
+        slot, s_ok, merged, into = _merged_rows(size_ptr, perm_ptr, dest_ptr, start, image, r, first_out,
+                                                num_kept_total, HAS_SIZE, BLOCK_S)
         into_total = tl.sum(tl.where(into[:, None] == k[None, :], total[None, :], 0.0), axis=1)
         tl.store(weight_ptr + slot, tl.div_rn(merged, tl.where(s_ok, into_total, 1.0)), mask=s_ok)
 
