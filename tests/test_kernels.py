@@ -11,11 +11,11 @@ import torch
 from tome_train.tome import bipartite_soft_matching
 from tome_train.tome import kernels
 from tome_train.tome.kernels import FastestPath
-from tome_train.tome.merge import (Merge, _merge_rows, _merge_rows_backward, _most_similar, _plan_merge, _size_weights,
-                                   _weighted_merge, _weighted_merge_backward, most_similar, plan_merge, same_matches,
-                                   size_weights)
-from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_most_similar, fused_plan_merge,
-                                            fused_size_weights)
+from tome_train.tome.merge import (Merge, _merge_rows, _merge_rows_backward, _most_similar, _plan_layer, _plan_merge,
+                                   _size_weights, _weighted_merge, _weighted_merge_backward, most_similar, plan_layer,
+                                   plan_merge, same_layer_plan, same_matches, size_weights)
+from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_most_similar, fused_plan_layer,
+                                            fused_plan_merge, fused_size_weights)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,6 +103,59 @@ def test_fused_size_weights_are_the_weights(n, t, p, r):
                 assert torch.equal(fused[0], expected[0])
 
 
+def layer_keys(n: int, t: int, heads: int, dim: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Attention keys ``[n, heads, t, dim]`` as timm makes them: a strided view of one packed qkv."""
+    qkv = torch.randn(n, t, 3 * heads * dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return qkv.reshape(n, t, 3, heads, dim).permute(2, 0, 3, 1, 4)[1]
+
+
+# (images, tokens, protected, r, heads, head dim): ViT-B's first layer (set A in two matching blocks, set B
+# in four); a head dim padded in the kernel; two and no protected tokens, at the cap; one head
+LAYERS = [(2, 197, 1, 16, 3, 64), (3, 23, 1, 6, 2, 40), (2, 40, 2, 19, 2, 16), (2, 17, 0, 8, 1, 16)]
+
+
+@pytest.mark.parametrize("n,t,p,r,heads,dim", LAYERS)
+def test_fused_layer_plan_is_the_layer_plan(n, t, p, r, heads, dim):
+    """The one-kernel layer against the ops: the same matches, rows and weights (random keys, so no near-ties),
+    for fp32 and fp16 keys, with and without sizes; and :func:`same_layer_plan` says so."""
+    sizes = torch.randint(1, 9, (n * t,), generator=torch.Generator().manual_seed(2)).float()
+    for keys_dtype, size, dtype in ((torch.float32, None, torch.float32), (torch.float16, sizes, torch.float16),
+                                    (torch.float32, sizes, torch.float32)):
+        keys = layer_keys(n, t, heads, dim, seed=t, dtype=keys_dtype)
+        args = (keys, size, r, p, dtype)
+        expected, fused = plan_layer(*args), fused_plan_layer(*args)
+        assert kernels.identical(args, expected[:2], fused[:2])  # perm, dest
+        assert kernels.identical(args, expected[2:4], fused[2:4])  # weight, new size
+        assert torch.equal(fused[5], expected[5])
+        torch.testing.assert_close(fused[4], expected[4], rtol=1e-5, atol=1e-6)
+        assert same_layer_plan(args, expected, fused)
+
+
+def test_same_layer_plan_takes_ties_either_way_and_nothing_else():
+    """Two set-A tokens with the same keys tie at the last merge: a kernel may order them either way (its
+    maxima are the ops' to rounding), but its rows must be the plan of its own maxima."""
+    t, p, r = 23, 1, 6
+    keys = layer_keys(1, t, 2, 16, seed=7).clone()
+    merge = Merge(p, t, r, *plan_layer(keys, None, r, p, torch.float32)[:2])
+    last, unmerged = merge.src_idx[0, -1].item(), merge.unm_idx[0, 0].item()
+    keys[:, :, 2 + 2 * unmerged] = keys[:, :, 2 + 2 * last]  # set A is every second token from 2
+    args = (keys, None, r, p, torch.float32)
+    expected = plan_layer(*args)
+    node_max, node_idx = expected[4:]
+    later = max(last, unmerged)  # the stable order takes the earlier of the two; nudged up, the later goes first
+    nudged = node_max.clone()
+    nudged[0, later] += 1e-7
+    rows = plan_merge(nudged, node_idx, r, p, t)
+    assert not kernels.identical(args, expected[:2], rows)
+    candidate = (*rows, *size_weights(*rows, None, t, r, torch.float32), nudged, node_idx)
+    assert same_layer_plan(args, expected, candidate)
+    assert not same_layer_plan(args, expected, (*candidate[:4], node_max, node_idx))  # rows not of its maxima
+    perm, dest, weight, new_size = expected[:4]
+    assert not same_layer_plan(args, expected, (perm, dest + (dest == 0), weight, new_size, node_max, node_idx))
+    assert not same_layer_plan(args, expected, (perm, dest, weight * 1.01, new_size, node_max, node_idx))
+    assert not same_layer_plan(args, expected, (perm, dest, weight, new_size, node_max + 1e-3, node_idx))
+
+
 def _slow(fn, seconds):
     def slowed(*args):
         time.sleep(seconds)
@@ -163,11 +216,12 @@ def test_the_merge_names_its_kernels():
     choice); the matching's are checked by :func:`same_matches`."""
     for path, kernel in ((_merge_rows, fused_merge), (_merge_rows_backward, fused_merge_backward),
                          (_most_similar, fused_most_similar), (_plan_merge, fused_plan_merge),
-                         (_size_weights, fused_size_weights)):
+                         (_size_weights, fused_size_weights), (_plan_layer, fused_plan_layer)):
         assert path.device_types == ("cuda",)
         assert path._load() is kernel
     assert _most_similar.agree is same_matches and _merge_rows.agree is kernels.same_result
     assert _plan_merge.agree is kernels.identical and _size_weights.agree is kernels.same_result
+    assert _plan_layer.agree is same_layer_plan
 
 
 @pytest.mark.parametrize("p", [0, 1, 2])
@@ -300,15 +354,21 @@ def test_fastest_path_is_never_asked_under_the_compiler_or_a_tracer():
     assert len(path.choices) == 1
 
 
-def test_a_model_with_every_merge_kernel_chosen_trains_as_with_pytorchs_ops(monkeypatch):
-    """ViT-Ti (4 blocks at 64 px: 17 tokens, r 2 in each) with the matching, plan, weights and merge kernels
-    standing in on the CPU (timed as the faster, so that every one is kept): the logits, the merges and every
-    parameter's gradient as with PyTorch's ops, to the order of the atomic adds."""
+# the kernels of a merging layer: the matching, rows and weights as three, or the layer's in one; the merge's
+KERNEL_SETS = {"parts": (_most_similar, _plan_merge, _size_weights, _merge_rows, _merge_rows_backward),
+               "whole_layer": (_plan_layer, _merge_rows, _merge_rows_backward)}
+
+
+@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
+def test_a_model_with_every_merge_kernel_chosen_trains_as_with_pytorchs_ops(monkeypatch, kernel_set):
+    """ViT-Ti (4 blocks at 64 px: 17 tokens, r 2 in each) with the merge's kernels standing in on the CPU (timed
+    as the faster, so that every one is kept): the logits, the merges and every parameter's gradient as with
+    PyTorch's ops, to the order of the atomic adds."""
     import timm
 
     from tome_train.tome import apply_tome, tome_state
 
-    paths = (_most_similar, _plan_merge, _size_weights, _merge_rows, _merge_rows_backward)
+    paths = KERNEL_SETS[kernel_set]
     for path in paths:
         monkeypatch.setattr(path, "device_types", ("cpu",))
         monkeypatch.setattr(path, "choices", {})

@@ -37,6 +37,8 @@ class Merge:
     r: int
     perm: torch.Tensor
     dest: torch.Tensor
+    # :meth:`weights` for the sizes and dtype the matching was given (:func:`match_keys` computes them with it)
+    known_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def a_offset(self) -> int:
@@ -286,6 +288,54 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
     return Merge(num_protected, t, r, perm, dest)
 
 
+def plan_layer(
+    keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """A merging layer's matching and merge from its attention keys ``[B, H, N, Dh]``: the keys averaged over
+    heads (in fp32) matched by :func:`most_similar`, :func:`plan_merge` and :func:`size_weights` for sizes
+    ``size`` ``[B * N]`` (``None``: all ones) in ``dtype``. Returns ``perm``, ``dest``, ``weight``,
+    ``new_size`` and the matching's ``node_max``, ``node_idx``."""
+    t = keys.shape[2]
+    node_max, node_idx = _most_similar(keys.mean(1, dtype=torch.float32), num_protected)
+    perm, dest = _plan_merge(node_max, node_idx, r, num_protected, t)
+    return (perm, dest, *_size_weights(perm, dest, size, t, r, dtype), node_max, node_idx)
+
+
+def same_layer_plan(args: tuple, expected: tuple, candidate: tuple) -> bool:
+    """Whether ``candidate`` is a :func:`plan_layer` of ``args``: its matches are the expected ones
+    (:func:`same_matches`, which allows ties broken the other way), its rows exactly :func:`plan_merge`'s
+    for its own maxima (so a near-tie between two maxima may order them the other way), its weights
+    :func:`size_weights`' for those rows."""
+    keys, size, r, num_protected, dtype = args
+    t = keys.shape[2]
+    perm, dest, weight, new_size, node_max, node_idx = candidate
+    metric = keys.mean(1, dtype=torch.float32)
+    return (same_matches((metric, num_protected), expected[4:], (node_max, node_idx))
+            and kernels.identical(args, plan_merge(node_max, node_idx, r, num_protected, t), (perm, dest))
+            and kernels.same_result(args, size_weights(perm, dest, size, t, r, dtype), (weight, new_size)))
+
+
+# On a GPU, the whole of it in one kernel (the key mean, the matching, the rows and the weights in one launch)
+# where that measures faster than the parts, each of which may be a kernel of its own (see .kernels).
+_plan_layer = kernels.FastestPath(plan_layer, "triton_kernels.fused_plan_layer", agree=same_layer_plan)
+
+
+def match_keys(
+    keys: torch.Tensor, r: int, num_protected: int, size: torch.Tensor | None, dtype: torch.dtype
+) -> Merge | None:
+    """:func:`bipartite_soft_matching` as a merging block does it: on its attention keys ``[B, H, N, Dh]``
+    averaged over heads, with the size weights of the tokens' sizes ``size`` ``[B, N, 1]`` (``None``: all
+    ones) in ``dtype`` computed along (:attr:`Merge.known_weights`)."""
+    t = keys.shape[2]
+    r = min(r, max_merges(t, num_protected))
+    if r <= 0:
+        return None
+    with torch.no_grad(), torch.autocast(keys.device.type, enabled=False):
+        sizes = size.reshape(-1) if size is not None else None
+        perm, dest, weight, new_size, _, _ = _plan_layer(keys, sizes, r, num_protected, dtype)
+    return Merge(num_protected, t, r, perm, dest, (weight, new_size))
+
+
 def _weighted_merge(
     rows: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, num_kept: int,
     branch: torch.Tensor | None = None,
@@ -357,7 +407,7 @@ def merge_wavg(
     """
     n, t, c = x.shape
     k = merge.num_kept
-    weight, new_size = merge.weights(size, x.dtype)
+    weight, new_size = merge.known_weights if merge.known_weights is not None else merge.weights(size, x.dtype)
     branch_rows = branch.reshape(n * t, c) if branch is not None else None
     args = (x.reshape(n * t, c), merge.perm, merge.dest, weight, k, branch_rows)
     # the tracer (ONNX export) records k as a tensor, to keep the batch size dynamic: the plain ops take it

@@ -18,7 +18,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
 from .attention import ToMeAttention, additive_mask
-from .merge import Merge, bipartite_soft_matching, merge_wavg, unmerge_tokens
+from .merge import Merge, match_keys, merge_wavg, unmerge_tokens
 from .schedule import Schedule, parse_schedule
 
 
@@ -30,14 +30,14 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def attention_branch(
-    block: Block, x: torch.Tensor, attn_bias: torch.Tensor | None, size: torch.Tensor | None, with_metric: bool
+    block: Block, x: torch.Tensor, attn_bias: torch.Tensor | None, size: torch.Tensor | None, with_keys: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The residual branch of a block's first half, ``attention(norm1(x))`` ``[B, N, C]`` (the block adds
-    it to ``x``, or the merge does, reading both), and with ``with_metric`` the matching metric
-    ``[B, N, Dh]``: the keys averaged over heads, in fp32."""
+    it to ``x``, or the merge does, reading both), and with ``with_keys`` the attention keys ``[B, H, N, Dh]``
+    for the matching (:func:`.merge.match_keys` averages them over heads)."""
     x_attn, keys = block.attn(block.norm1(x), attn_bias, size)
-    # the matching takes no gradient: detached, the mean adds no node to the autograd graph
-    return block.drop_path1(block.ls1(x_attn)), keys.detach().mean(1, dtype=torch.float32) if with_metric else None
+    # the matching takes no gradient: detached, it adds no node to the autograd graph
+    return block.drop_path1(block.ls1(x_attn)), keys.detach() if with_keys else None
 
 
 def mlp_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +119,8 @@ class ToMeBlock(Block):
         attend, feed_forward = state.regions()
         size = state.size if state.prop_attn else None
         r = state.schedule[self._tome_layer] if state.merging else 0
-        branch, metric = attend(self, x, state.attn_mask, size, r > 0)
-        merge = bipartite_soft_matching(metric, r, state.num_protected) if r > 0 else None
+        branch, keys = attend(self, x, state.attn_mask, size, r > 0)
+        merge = match_keys(keys, r, state.num_protected, state.size, x.dtype) if r > 0 else None
         if merge is None:
             x = x + branch
         else:

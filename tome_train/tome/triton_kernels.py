@@ -65,28 +65,33 @@ def fused_merge_backward(grad: torch.Tensor, perm: torch.Tensor, dest: torch.Ten
 
 
 @triton.jit
-def _match_rows(metric_ptr, node_max_ptr, node_idx_ptr, num_tokens, dim, a_start, b_start, num_a, num_b,
-                BLOCK_DIM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    """For image ``program_id(0)`` and a block of its set-A tokens (every second token from ``a_start``):
-    the max over set B (every second token from ``b_start``) of the cosine similarity, and where it is."""
-    image = tl.program_id(0)
-    ia = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
-    a_ok = ia < num_a
+def _unit_features(ptr, rows, row_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM: tl.constexpr):
+    """The features of ``rows`` (``ptr`` at the image's first token; a head's row is ``dim`` values in a row)
+    summed over ``num_heads`` heads and scaled to unit length: ``[len(rows), BLOCK_DIM]`` fp32. Columns past
+    ``dim`` (padded to a power of two) read as 0; rows past the set get norm 1, not 0 / 0."""
     col = tl.arange(0, BLOCK_DIM)
-    col_ok = col < dim
-    base = metric_ptr + image * num_tokens * dim
-    # columns past dim (padded to a power of two) read as 0; rows past the set get norm 1, not 0 / 0
-    a = tl.load(base + (a_start + 2 * ia)[:, None] * dim + col[None, :], mask=a_ok[:, None] & col_ok[None, :],
-                other=0.0)
-    a = a / tl.sqrt(tl.where(a_ok, tl.sum(a * a, axis=1), 1.0))[:, None]
-    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_A], tl.int64)
+    ok = row_ok[:, None] & (col < dim)[None, :]
+    at = ptr + rows[:, None] * stride_n + col[None, :]
+    features = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    for head in range(1, num_heads):
+        features += tl.load(at + head * stride_h, mask=ok, other=0.0).to(tl.float32)
+    return features / tl.sqrt(tl.where(row_ok, tl.sum(features * features, axis=1), 1.0))[:, None]
+
+
+@triton.jit
+def _match_block(ptr, stride_n, stride_h, num_heads, dim, ia, a_start, b_start, num_a, num_b, node_max_ptr,
+                 node_idx_ptr, BLOCK_DIM: tl.constexpr, BLOCK_B: tl.constexpr):
+    """For the set-A tokens ``ia`` of one image (every second token from ``a_start``; ``ptr`` at its first
+    token, the pointers at its first set-A token): the max over set B (every second token from ``b_start``)
+    of the cosine similarity, and where it is."""
+    a_ok = ia < num_a
+    a = _unit_features(ptr, a_start + 2 * ia, a_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM)
+    best = tl.full(ia.shape, float("-inf"), tl.float32)
+    best_idx = tl.zeros(ia.shape, tl.int64)
     for start in range(0, num_b, BLOCK_B):
         jb = start + tl.arange(0, BLOCK_B)
         b_ok = jb < num_b
-        b = tl.load(base + (b_start + 2 * jb)[:, None] * dim + col[None, :], mask=b_ok[:, None] & col_ok[None, :],
-                    other=0.0)
-        b = b / tl.sqrt(tl.where(b_ok, tl.sum(b * b, axis=1), 1.0))[:, None]
+        b = _unit_features(ptr, b_start + 2 * jb, b_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM)
         # fp32 products without TF32: the library's scores (TF32's 10-bit mantissa flips near-tied matches)
         scores = tl.where(b_ok[None, :], tl.dot(a, tl.trans(b), input_precision="ieee"), float("-inf"))
         block_max = tl.max(scores, axis=1)
@@ -94,8 +99,37 @@ def _match_rows(metric_ptr, node_max_ptr, node_idx_ptr, num_tokens, dim, a_start
         better = block_max > best  # strict: the first of equal maxima wins, as in torch.max on the CPU
         best = tl.where(better, block_max, best)
         best_idx = tl.where(better, block_idx, best_idx)
-    tl.store(node_max_ptr + image * num_a + ia, best, mask=a_ok)
-    tl.store(node_idx_ptr + image * num_a + ia, best_idx, mask=a_ok)
+    tl.store(node_max_ptr + ia, best, mask=a_ok)
+    tl.store(node_idx_ptr + ia, best_idx, mask=a_ok)
+
+
+@triton.jit
+def _match_rows(metric_ptr, node_max_ptr, node_idx_ptr, num_tokens, dim, a_start, b_start, num_a, num_b,
+                BLOCK_DIM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """:func:`.merge.most_similar` for image ``program_id(0)`` and its set-A tokens in block ``program_id(1)``
+    (``metric`` ``[B, N, dim]`` contiguous)."""
+    image = tl.program_id(0)
+    ia = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    _match_block(metric_ptr + image * num_tokens * dim, dim, 0, 1, dim, ia, a_start, b_start, num_a, num_b,
+                 node_max_ptr + image * num_a, node_idx_ptr + image * num_a, BLOCK_DIM, BLOCK_B)
+
+
+def _sets(num_tokens: int, num_protected: int) -> tuple[int, int, int, int]:
+    """Set A's size and first token, set B's size and first token (the sets alternate after the prefix)."""
+    a_offset = num_protected % 2
+    num_a = (num_tokens - num_protected + 1 - a_offset) // 2
+    return num_a, num_protected + a_offset, num_tokens - num_protected - num_a, num_protected + 1 - a_offset
+
+
+def _whole(count: int) -> tuple[int, int]:
+    """A block that covers ``count`` rows (a power of two, at least 16) and the other side of a comparison tile
+    of at most 2048 entries with it."""
+    block = max(triton.next_power_of_2(count), 16)
+    return block, max(16, 2048 // block)
+
+
+def _block_dim(dim: int) -> int:
+    return max(triton.next_power_of_2(dim), 16)
 
 
 def fused_most_similar(metric: torch.Tensor, num_protected: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,14 +137,12 @@ def fused_most_similar(metric: torch.Tensor, num_protected: int, block: int = 32
     matrix): ``metric`` ``[B, N, C]`` fp32 -> maxima and indices ``[B, Na]``."""
     metric = metric.contiguous()
     n, t, dim = metric.shape
-    a_offset = num_protected % 2
-    num_a = (t - num_protected + 1 - a_offset) // 2
+    num_a, a_start, num_b, b_start = _sets(t, num_protected)
     node_max = metric.new_empty(n, num_a)
     node_idx = torch.empty(n, num_a, dtype=torch.long, device=metric.device)
     _match_rows[(n, triton.cdiv(num_a, block))](
-        metric, node_max, node_idx, t, dim, num_protected + a_offset, num_protected + 1 - a_offset, num_a,
-        t - num_protected - num_a, BLOCK_DIM=max(triton.next_power_of_2(dim), 16), BLOCK_A=block, BLOCK_B=block,
-        num_stages=1)  # ptxas for sm_90: pipelined (3 stages) it spills at 255 registers; unpipelined, 72
+        metric, node_max, node_idx, t, dim, a_start, b_start, num_a, num_b, BLOCK_DIM=_block_dim(dim), BLOCK_A=block,
+        BLOCK_B=block, num_stages=1)  # ptxas for sm_90: pipelined (3 stages) it spills at 255 registers; unpipelined, 72
     return node_max, node_idx
 
 
@@ -124,11 +156,10 @@ def _sorts_before(a, b, a_index, b_index):
 
 
 @triton.jit
-def _plan_rows(node_max_ptr, node_idx_ptr, perm_ptr, dest_ptr, r, num_protected, num_tokens, num_a, a_start,
-               b_start, num_kept_total, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr):
-    """:func:`.merge.plan_merge` for image ``program_id(0)``: every set-A token's rank among the image's
-    maxima (``BLOCK_A`` covers set A), and from it the token's rows; the prefix and set B rows are fixed."""
-    image = tl.program_id(0)
+def _plan_image(image, node_max_ptr, node_idx_ptr, perm_ptr, dest_ptr, r, num_protected, num_tokens, num_a, a_start,
+                b_start, num_kept_total, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr):
+    """:func:`.merge.plan_merge` for one image: every set-A token's rank among the image's maxima (``BLOCK_A``
+    covers set A), and from it the token's rows; the prefix and set B rows are fixed."""
     i = tl.arange(0, BLOCK_A)
     i_ok = i < num_a
     score = tl.load(node_max_ptr + image * num_a + i, mask=i_ok, other=0.0)
@@ -163,6 +194,14 @@ def _plan_rows(node_max_ptr, node_idx_ptr, perm_ptr, dest_ptr, r, num_protected,
         tl.store(dest_ptr + first_out + k, first_out + k, mask=k_ok)
 
 
+@triton.jit
+def _plan_rows(node_max_ptr, node_idx_ptr, perm_ptr, dest_ptr, r, num_protected, num_tokens, num_a, a_start,
+               b_start, num_kept_total, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr):
+    """:func:`_plan_image` for image ``program_id(0)``."""
+    _plan_image(tl.program_id(0), node_max_ptr, node_idx_ptr, perm_ptr, dest_ptr, r, num_protected, num_tokens,
+                num_a, a_start, b_start, num_kept_total, BLOCK_A, BLOCK_J)
+
+
 def fused_plan_merge(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, num_protected: int, num_tokens: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`.merge.plan_merge` in one kernel, one program per image: ranks by pairwise comparison (no sort),
@@ -170,13 +209,12 @@ def fused_plan_merge(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, num
     ``[B * N]``."""
     node_max, node_idx = node_max.contiguous(), node_idx.contiguous()
     n, num_a = node_max.shape
-    a_offset = num_protected % 2
+    _, a_start, _, b_start = _sets(num_tokens, num_protected)
     perm = torch.empty(n * num_tokens, dtype=torch.long, device=node_max.device)
     dest = torch.empty_like(perm)
-    block_a = max(triton.next_power_of_2(num_a), 16)
-    _plan_rows[(n,)](node_max, node_idx, perm, dest, r, num_protected, num_tokens, num_a, num_protected + a_offset,
-                     num_protected + 1 - a_offset, n * (num_tokens - r), BLOCK_A=block_a,
-                     BLOCK_J=max(16, 2048 // block_a), num_warps=4 if block_a <= 256 else 8)
+    block_a, block_j = _whole(num_a)
+    _plan_rows[(n,)](node_max, node_idx, perm, dest, r, num_protected, num_tokens, num_a, a_start, b_start,
+                     n * (num_tokens - r), BLOCK_A=block_a, BLOCK_J=block_j, num_warps=4 if block_a <= 256 else 8)
     return perm, dest
 
 
@@ -204,12 +242,11 @@ def _merged_rows(size_ptr, perm_ptr, dest_ptr, start, image, r, first_out, num_k
 
 
 @triton.jit
-def _size_weights_rows(size_ptr, perm_ptr, dest_ptr, weight_ptr, new_size_ptr, r, kept, num_kept_total,
-                       HAS_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
-    """:func:`.merge.size_weights` for image ``program_id(0)``: each kept row's new size (its own plus those
-    of the rows merged into it; ``BLOCK_K`` covers the kept rows), then every row's share of its
-    destination's. Sizes are whole numbers, exact in any order of addition."""
-    image = tl.program_id(0)
+def _size_weights_image(image, size_ptr, perm_ptr, dest_ptr, weight_ptr, new_size_ptr, r, kept, num_kept_total,
+                        HAS_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """:func:`.merge.size_weights` for one image: each kept row's new size (its own plus those of the rows
+    merged into it; ``BLOCK_K`` covers the kept rows), then every row's share of its destination's. Sizes
+    are whole numbers, exact in any order of addition."""
     k = tl.arange(0, BLOCK_K)
     k_ok = k < kept
     first_out = image * kept
@@ -229,6 +266,14 @@ def _size_weights_rows(size_ptr, perm_ptr, dest_ptr, weight_ptr, new_size_ptr, r
         tl.store(weight_ptr + slot, tl.div_rn(merged, tl.where(s_ok, into_total, 1.0)), mask=s_ok)
 
 
+@triton.jit
+def _size_weights_rows(size_ptr, perm_ptr, dest_ptr, weight_ptr, new_size_ptr, r, kept, num_kept_total,
+                       HAS_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """:func:`_size_weights_image` for image ``program_id(0)``."""
+    _size_weights_image(tl.program_id(0), size_ptr, perm_ptr, dest_ptr, weight_ptr, new_size_ptr, r, kept,
+                        num_kept_total, HAS_SIZE, BLOCK_K, BLOCK_S)
+
+
 def fused_size_weights(perm: torch.Tensor, dest: torch.Tensor, size: torch.Tensor | None, num_tokens: int, r: int,
                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`.merge.size_weights` in one kernel, one program per image (the merge keeps a row's
@@ -237,8 +282,57 @@ def fused_size_weights(perm: torch.Tensor, dest: torch.Tensor, size: torch.Tenso
     kept = num_tokens - r
     weight = torch.empty(perm.shape[0], 1, dtype=dtype, device=perm.device)
     new_size = torch.empty(n * kept, 1, dtype=dtype, device=perm.device)
-    block_k = max(triton.next_power_of_2(kept), 16)
+    block_k, block_s = _whole(kept)
     _size_weights_rows[(n,)](perm if size is None else size.contiguous(), perm, dest, weight, new_size, r, kept,
-                             n * kept, HAS_SIZE=size is not None, BLOCK_K=block_k,
-                             BLOCK_S=max(16, 2048 // block_k), num_warps=4 if block_k <= 256 else 8)
+                             n * kept, HAS_SIZE=size is not None, BLOCK_K=block_k, BLOCK_S=block_s,
+                             num_warps=4 if block_k <= 256 else 8)
     return weight, new_size
+
+
+@triton.jit
+def _plan_layer(keys_ptr, size_ptr, node_max_ptr, node_idx_ptr, perm_ptr, dest_ptr, weight_ptr, new_size_ptr,
+                stride_b, stride_h, stride_n, num_heads, dim, r, num_protected, num_tokens, num_a, a_start, num_b,
+                b_start, num_kept_total, HAS_SIZE: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_MATCH: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_S: tl.constexpr):
+    """A layer's whole merge for image ``program_id(0)``, from its keys to the size weights: the matching on the
+    keys summed over heads (:func:`_match_block`, set A in blocks of ``BLOCK_MATCH``), then
+    :func:`_plan_image` and :func:`_size_weights_image`, each reading back what the one before stored."""
+    image = tl.program_id(0)
+    for start in range(0, num_a, BLOCK_MATCH):
+        _match_block(keys_ptr + image * stride_b, stride_n, stride_h, num_heads, dim, start + tl.arange(0, BLOCK_MATCH),
+                     a_start, b_start, num_a, num_b, node_max_ptr + image * num_a, node_idx_ptr + image * num_a,
+                     BLOCK_DIM, BLOCK_B)
+    # what one thread stored, others read: the barrier orders the program's global stores before its loads
+    tl.debug_barrier()
+    _plan_image(image, node_max_ptr, node_idx_ptr, perm_ptr, dest_ptr, r, num_protected, num_tokens, num_a, a_start,
+                b_start, num_kept_total, BLOCK_A, BLOCK_J)
+    tl.debug_barrier()
+    _size_weights_image(image, size_ptr, perm_ptr, dest_ptr, weight_ptr, new_size_ptr, r, num_tokens - r,
+                        num_kept_total, HAS_SIZE, BLOCK_K, BLOCK_S)
+
+
+def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, ...]:
+    """:func:`.merge.plan_layer` in one kernel, one program per image (the three kernels above and the key mean
+    in one launch): ``keys`` ``[B, H, N, Dh]``, read where they lie (timm's packed qkv), sizes ``[B * N]`` or
+    ``None`` -> ``perm``, ``dest``, ``weight``, ``new_size``, ``node_max``, ``node_idx``."""
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    n, heads, t, dim = keys.shape
+    num_a, a_start, num_b, b_start = _sets(t, num_protected)
+    kept = t - r
+    device = keys.device
+    node_max = torch.empty(n, num_a, dtype=torch.float32, device=device)
+    node_idx = torch.empty(n, num_a, dtype=torch.long, device=device)
+    perm = torch.empty(n * t, dtype=torch.long, device=device)
+    dest = torch.empty_like(perm)
+    weight = torch.empty(n * t, 1, dtype=dtype, device=device)
+    new_size = torch.empty(n * kept, 1, dtype=dtype, device=device)
+    (block_a, block_j), (block_k, block_s) = _whole(num_a), _whole(kept)
+    _plan_layer[(n,)](keys, perm if size is None else size.contiguous(), node_max, node_idx, perm, dest, weight,
+                      new_size, keys.stride(0), keys.stride(1), keys.stride(2), heads, dim, r, num_protected, t, num_a,
+                      a_start, num_b, b_start, n * kept, HAS_SIZE=size is not None, BLOCK_DIM=_block_dim(dim),
+                      BLOCK_MATCH=min(block_a, 64), BLOCK_B=32, BLOCK_A=block_a, BLOCK_J=block_j, BLOCK_K=block_k,
+                      BLOCK_S=block_s, num_warps=8, num_stages=1)
+    return perm, dest, weight, new_size, node_max, node_idx
