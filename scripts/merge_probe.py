@@ -2,7 +2,7 @@
 
     python scripts/merge_probe.py --device cuda --output merge.json
 
-Six parts, as ``tome_train.tome.merge`` does them:
+Seven parts, as ``tome_train.tome.merge`` does them:
 
 - ``match``: cosine similarity of every set-A key to every set-B key and its row max and argmax (norm,
   divide, bmm, max: four kernels and a ``[B, Na, Nb]`` score matrix); fused, one kernel that keeps the
@@ -11,6 +11,9 @@ Six parts, as ``tome_train.tome.merge`` does them:
   adds and three concatenations); fused, one kernel per image that ranks the maxima by comparing every pair.
 - ``weights``: each row's share of its destination's new size (two ``index_select``, ``scatter_add``,
   divide); fused, one kernel per image.
+- ``layer``: the key mean over heads, ``match``, ``plan`` and ``weights`` as a merging block runs them
+  (``merge.plan_layer``); fused, one kernel per image for all four (``triton``), or the mean and the three
+  kernels above (``triton_parts``).
 - ``merge``: every token row read in a permuted order, scaled, and the merged-away rows added onto their
   destinations (``index_select``, ``mul_``, ``scatter_add_``: three kernels, about four passes over the
   rows); fused, two kernels and two passes (the kept rows stored, the merged-away rows added atomically,
@@ -42,30 +45,54 @@ import torch
 import triton
 
 from attention_probe import host_us, time_ms
-from tome_train.tome import bipartite_soft_matching
-from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_most_similar, fused_plan_merge,
-                                            fused_size_weights)
-from tome_train.tome.merge import _weighted_merge, _weighted_merge_backward, most_similar, plan_merge, size_weights
+from tome_train.tome import bipartite_soft_matching, kernels
+from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_most_similar, fused_plan_layer,
+                                            fused_plan_merge, fused_size_weights)
+from tome_train.tome.merge import (_weighted_merge, _weighted_merge_backward, most_similar, plan_layer, plan_merge,
+                                   size_weights)
+
+
+def torch_layer(*args):
+    """:func:`plan_layer` with PyTorch's ops only (the kernels of its parts switched off)."""
+    enabled, kernels.FastestPath.enabled = kernels.FastestPath.enabled, False
+    try:
+        return plan_layer(*args)
+    finally:
+        kernels.FastestPath.enabled = enabled
+
+
+def kernels_layer(keys, size, r, num_protected, dtype):
+    """:func:`plan_layer` as the three kernels of its parts after the key mean."""
+    t = keys.shape[2]
+    node_max, node_idx = fused_most_similar(keys.mean(1, dtype=torch.float32), num_protected)
+    perm, dest = fused_plan_merge(node_max, node_idx, r, num_protected, t)
+    return (perm, dest, *fused_size_weights(perm, dest, size, t, r, dtype), node_max, node_idx)
 
 
 VARIANTS = {
-    "torch": {"match": most_similar, "plan": plan_merge, "weights": size_weights, "merge": _weighted_merge,
-              "add_merge": _weighted_merge, "merge_backward": _weighted_merge_backward},
+    "torch": {"match": most_similar, "plan": plan_merge, "weights": size_weights, "layer": torch_layer,
+              "merge": _weighted_merge, "add_merge": _weighted_merge, "merge_backward": _weighted_merge_backward},
     "triton": {"match": fused_most_similar, "plan": fused_plan_merge, "weights": fused_size_weights,
-               "merge": fused_merge, "add_merge": fused_merge, "merge_backward": fused_merge_backward},
+               "layer": fused_plan_layer, "merge": fused_merge, "add_merge": fused_merge,
+               "merge_backward": fused_merge_backward},
+    "triton_parts": {"layer": kernels_layer},
 }
 
 
 def merge_inputs(batch_size: int, tokens: int, channels: int, r: int, device, seed: int = 0) -> dict:
-    """A real layer's keys ``metric`` ``[B, N, 64]`` (random, a class token first), their maxima, their merge,
-    sizes 1-7 ``[B * N]`` and the merge's weights, and token rows ``[B * N, C]``."""
+    """A real layer's keys ``keys`` ``[B, 12, N, 64]`` (a view of a packed qkv, in fp16 on a GPU) and their mean
+    ``metric`` ``[B, N, 64]`` (random, a class token first), their maxima, their merge, sizes 1-7 ``[B * N]``
+    and the merge's weights, and token rows ``[B * N, C]``."""
     g = torch.Generator(device).manual_seed(seed)
-    metric = torch.randn(batch_size, tokens, 64, generator=g, device=device)
+    qkv = torch.randn(batch_size, tokens, 3 * 12 * 64, generator=g, device=device)
+    keys = qkv.to(torch.float16 if device.type == "cuda" else qkv.dtype).reshape(
+        batch_size, tokens, 3, 12, 64).permute(2, 0, 3, 1, 4)[1]
+    metric = keys.mean(1, dtype=torch.float32)
     merge = bipartite_soft_matching(metric, r, num_protected=1)
     sizes = torch.randint(1, 8, (batch_size * tokens,), generator=g, device=device).float()
     weight, _ = merge.weights(sizes, torch.float32)
     rows = torch.randn(batch_size * tokens, channels, generator=g, device=device)
-    return dict(metric=metric, maxima=most_similar(metric, 1), sizes=sizes, rows=rows, perm=merge.perm,
+    return dict(keys=keys, metric=metric, maxima=most_similar(metric, 1), sizes=sizes, rows=rows, perm=merge.perm,
                 dest=merge.dest, weight=weight, num_kept=merge.num_kept)
 
 
@@ -91,6 +118,7 @@ def main(argv=None):
         branch = torch.randn_like(rows, dtype=torch.float16 if device.type == "cuda" else rows.dtype)
         inputs = {"match": (layer["metric"], 1), "plan": (*layer["maxima"], args.r, 1, n),
                   "weights": (perm, dest, layer["sizes"], n, args.r, torch.float32),
+                  "layer": (layer["keys"], layer["sizes"], args.r, 1, torch.float32),
                   "merge": (rows, perm, dest, weight, k),
                   "add_merge": (rows, perm, dest, weight, k, branch), "merge_backward": (grad, perm, dest, weight)}
         expected = {part: fn(*inputs[part]) for part, fn in VARIANTS["torch"].items()}

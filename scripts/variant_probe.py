@@ -10,8 +10,9 @@ worth is measured end to end (on a host-bound step, launches count as much as th
 - ``library``: the library as it is (on a GPU, each fused kernel wherever it measures faster);
 - ``torch_ops_only``: PyTorch's ops only (``FastestPath.enabled = False``);
 - ``no_fused_match``: PyTorch's ops for the matching, the other kernels where they measure faster;
-- ``no_fused_plan``: PyTorch's ops from the row maxima to the merge's rows and weights, the other kernels
-  where they measure faster;
+- ``no_fused_layer``: no one-kernel layer (the key mean, matching, rows and weights each on their own path);
+- ``no_fused_plan``: PyTorch's ops from the row maxima to the merge's rows and weights (and no one-kernel
+  layer), the other kernels where they measure faster;
 - ``no_fused_merge``: PyTorch's ops for the merge and its backward, the other kernels where they measure faster;
 - ``no_triton_attention``: SDPA's mask for proportional attention, the other kernels where they measure
   faster.
@@ -35,7 +36,9 @@ SWAPS = {
     "library": {},
     "torch_ops_only": {(kernels.FastestPath, "enabled"): False},
     "no_fused_match": {(merge, "_most_similar"): merge.most_similar},
-    "no_fused_plan": {(merge, "_plan_merge"): merge.plan_merge, (merge, "_size_weights"): merge.size_weights},
+    "no_fused_layer": {(merge, "_plan_layer"): merge.plan_layer},
+    "no_fused_plan": {(merge, "_plan_layer"): merge.plan_layer, (merge, "_plan_merge"): merge.plan_merge,
+                      (merge, "_size_weights"): merge.size_weights},
     "no_fused_merge": {(merge, "_merge_rows"): merge._weighted_merge,
                        (merge, "_merge_rows_backward"): merge._weighted_merge_backward},
     "no_triton_attention": {(attention, "_size_biased_attention"): attention._masked_attention,

@@ -229,7 +229,7 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path):
 
     def library_paths():
         return (merge._most_similar, merge._merge_rows, merge._merge_rows_backward, attention._size_biased_attention,
-                attention._trained_size_biased_attention, merge._plan_merge, merge._size_weights)
+                attention._trained_size_biased_attention, merge._plan_merge, merge._size_weights, merge._plan_layer)
 
     library = library_paths()
     with probe.swapped("no_fused_merge"):
@@ -238,7 +238,9 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path):
         assert library_paths() == (*library[:3], attention._masked_attention, attention._masked_attention,
                                    *library[5:])
     with probe.swapped("no_fused_plan"):
-        assert library_paths() == (*library[:5], merge.plan_merge, merge.size_weights)
+        assert library_paths() == (*library[:5], merge.plan_merge, merge.size_weights, merge.plan_layer)
+    with probe.swapped("no_fused_layer"):
+        assert library_paths() == (*library[:7], merge.plan_layer)
     with probe.swapped("torch_ops_only"):
         assert kernels.FastestPath.enabled is False
     assert library_paths() == library and kernels.FastestPath.enabled
