@@ -114,3 +114,31 @@ def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
             assert "error" in row  # no such kernel for a CPU tensor: said in the row, the probe goes on
         else:
             assert row["ms"] > 0 and row["host_us"] > 0 and row["vs_plain"] > 0
+
+
+def test_compiled_attention_is_one_op_the_compiler_calls_and_does_not_trace():
+    """Without a gradient on a GPU, ``torch.compile`` gets proportional attention as one custom op that runs the
+    eager choice (here on the CPU, in bf16): its declared layout is the real one (``torch.library.opcheck``), a
+    graph with it compiles once for every token count (dynamic) and without a break, and gives the eager
+    result."""
+    from torch._dynamo.utils import counters
+
+    from tome_train.tome import attention
+
+    def packed(num_tokens: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        qkv = torch.randn(2, num_tokens, 3 * 2 * 16, generator=g).to(torch.bfloat16)
+        q, k, v = qkv.reshape(2, num_tokens, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v, torch.randint(1, 9, (2, num_tokens), generator=g).float().log().to(torch.bfloat16)
+
+    op = attention.compiled_size_biased_attention
+    torch.library.opcheck(op, packed(9, seed=0))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda *args: op(*args) * 2, fullgraph=True, dynamic=True)
+    for num_tokens in (9, 7, 5):
+        args = packed(num_tokens, seed=num_tokens)
+        out = compiled(*args)
+        assert out.transpose(1, 2).is_contiguous()  # [B, N, H, Dh] in memory: merging the heads is a view
+        torch.testing.assert_close(out, attention._masked_attention(*args) * 2, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -8,7 +8,8 @@ flash kernel on a CPU); on a GPU, a Triton flash kernel that adds the bias per k
 (:mod:`.triton_attention`) stands in where it measures faster for the shape. Measured on an
 H100 and not taken (docs/performance.md), each slower than the mask: the same result as two unmasked
 calls, ``softmax(q k^T) (s v) / softmax(q k^T) s``; the bias as one more head dimension of queries and
-keys; FlexAttention with the bias as its score modification.
+keys; FlexAttention with the bias as its score modification. Under ``torch.compile`` on a GPU, attention
+without a gradient is one custom op that runs that eager choice (:func:`compiled_size_biased_attention`).
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def proportional_attention(
         log_size = size_bias(size).to(q.dtype)[:, 0, 0]
         if torch.is_grad_enabled() and q.requires_grad:
             return _trained_size_biased_attention(q, k, v, log_size)
+        if torch.compiler.is_compiling() and q.is_cuda:
+            return compiled_size_biased_attention(q, k, v, log_size)
         return _size_biased_attention(q, k, v, log_size)
     if attn_bias is not None:
         attn_bias = attn_bias.to(q.dtype)
@@ -94,6 +97,26 @@ _size_biased_attention = kernels.FastestPath(_masked_attention, "triton_attentio
                                              agree=same_attention)
 _trained_size_biased_attention = kernels.FastestPath(
     _masked_attention, "triton_attention.size_biased_attention_trainable", agree=same_attention, differentiable=True)
+
+
+@torch.library.custom_op("tome_train::size_biased_attention", mutates_args=())
+def compiled_size_biased_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor
+) -> torch.Tensor:
+    """Proportional attention without a gradient as ``torch.compile`` sees it on a GPU: one op that a compiled
+    graph calls and does not trace, which runs the eager choice (the Triton kernel or SDPA's mask, measured per
+    shape). Traced, SDPA's mask would be lowered by inductor to memory-efficient attention with the bias
+    written out per query, ``[B, 1, N, N]`` in every layer (docs/performance.md), and the kernel never
+    chosen. ``q, k, v`` ``[B, H, N, Dh]``, ``log_size`` ``[B, N]``; returns ``[B, H, N, Dh]`` laid out as
+    ``[B, N, H, Dh]`` (both kernels write it so; merging the heads is then a view)."""
+    out = _size_biased_attention(q, k, v, log_size)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@compiled_size_biased_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
+    batch, heads, tokens, _ = q.shape
+    return q.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2)
 
 
 class ToMeAttention(Attention):
