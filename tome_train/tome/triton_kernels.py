@@ -330,9 +330,11 @@ def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_
     weight = torch.empty(n * t, 1, dtype=dtype, device=device)
     new_size = torch.empty(n * kept, 1, dtype=dtype, device=device)
     (block_a, block_j), (block_k, block_s) = _whole(num_a), _whole(kept)
+    block_dim = _block_dim(dim)
+    # ptxas for sm_90 (Triton 3.8): at head dim 80 (padded to 128) with bf16, set B in blocks of 32 spills 330 bytes
     _plan_layer[(n,)](keys, perm if size is None else size.contiguous(), node_max, node_idx, perm, dest, weight,
                       new_size, keys.stride(0), keys.stride(1), keys.stride(2), heads, dim, r, num_protected, t, num_a,
-                      a_start, num_b, b_start, n * kept, HAS_SIZE=size is not None, BLOCK_DIM=_block_dim(dim),
-                      BLOCK_MATCH=min(block_a, 64), BLOCK_B=32, BLOCK_A=block_a, BLOCK_J=block_j, BLOCK_K=block_k,
-                      BLOCK_S=block_s, num_warps=8, num_stages=1)
+                      a_start, num_b, b_start, n * kept, HAS_SIZE=size is not None, BLOCK_DIM=block_dim,
+                      BLOCK_MATCH=min(block_a, 64), BLOCK_B=32 if block_dim <= 64 else 16, BLOCK_A=block_a,
+                      BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_S=block_s, num_warps=8, num_stages=1)
     return perm, dest, weight, new_size, node_max, node_idx
