@@ -273,7 +273,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
     Returns:
         the :class:`Merge` to apply to every tensor of this layer, or ``None`` when nothing merges.
     """
-    n, t = metric.shape[:2]
+    t = metric.shape[1]
     r = min(r, max_merges(t, num_protected))
     if r <= 0:
         return None
