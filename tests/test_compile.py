@@ -19,6 +19,31 @@ def test_patched_model_traces_as_one_graph_without_breaks():
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
 
 
+def test_the_merge_plan_is_one_op_in_the_graph():
+    """Each merging layer's matching, rows and weights reach the compiler as one op it calls and does not trace
+    (``tome_train::plan_layer``: no sorts, gathers or concatenations of its own per token count), which passes
+    ``torch.library.opcheck`` (declared shapes and dtypes, no aliasing)."""
+    from tome_train.tome.merge import compiled_plan_layer
+
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = _model().eval()
+    dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(torch.randn(4, 3, 64, 64))
+    (graph,) = graphs
+    targets = [node.target for node in graph.graph.nodes if node.op in ("call_function", "call_method")]
+    assert targets.count(torch.ops.tome_train.plan_layer.default) == 4  # every layer merges
+    assert not {torch.sort, torch.argsort, "sort", "argsort"} & set(targets)
+    keys = torch.randn(2, 3, 17, 8)
+    torch.library.opcheck(compiled_plan_layer, (keys, None, 4, 1, torch.float32))
+    torch.library.opcheck(compiled_plan_layer, (keys, torch.randint(1, 4, (34,)).half(), 8, 1, torch.float16))
+
+
 def test_compiled_model_matches_and_never_recompiles():
     torch.manual_seed(0)
     model = _model()

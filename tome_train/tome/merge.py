@@ -332,8 +332,31 @@ def match_keys(
         return None
     with torch.no_grad(), torch.autocast(keys.device.type, enabled=False):
         sizes = size.reshape(-1) if size is not None else None
-        perm, dest, weight, new_size, _, _ = _plan_layer(keys, sizes, r, num_protected, dtype)
+        if torch.compiler.is_compiling():
+            perm, dest, weight, new_size = compiled_plan_layer(keys, sizes, r, num_protected, dtype)
+        else:
+            perm, dest, weight, new_size, _, _ = _plan_layer(keys, sizes, r, num_protected, dtype)
     return Merge(num_protected, t, r, perm, dest, (weight, new_size))
+
+
+@torch.library.custom_op("tome_train::plan_layer", mutates_args=())
+def compiled_plan_layer(
+    keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`plan_layer` (its rows and weights) as ``torch.compile`` sees it: one op that a compiled graph calls
+    and does not trace, which runs the eager choice (on a GPU, the one-kernel layer where that is faster). It
+    takes no gradient, so training compiles it too. Traced, every layer's token count would be compiled into
+    sorts, gathers and scatters of its own, and the kernel never chosen."""
+    perm, dest, weight, new_size, _, _ = _plan_layer(keys, size, r, num_protected, dtype)
+    return perm, dest, weight, new_size
+
+
+@compiled_plan_layer.register_fake
+def _(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, _, t, _ = keys.shape
+    rows = keys.new_empty(n * t, dtype=torch.long)
+    return rows, torch.empty_like(rows), keys.new_empty(n * t, 1, dtype=dtype), keys.new_empty(n * (t - r), 1, dtype=dtype)
 
 
 def _weighted_merge(
