@@ -19,11 +19,13 @@ def test_patched_model_traces_as_one_graph_without_breaks():
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
 
 
-def test_the_merge_plan_is_one_op_in_the_graph():
-    """Each merging layer's matching, rows and weights reach the compiler as one op it calls and does not trace
-    (``tome_train::plan_layer``: no sorts, gathers or concatenations of its own per token count), which passes
-    ``torch.library.opcheck`` (declared shapes and dtypes, no aliasing)."""
-    from tome_train.tome.merge import compiled_plan_layer
+def test_the_merge_is_two_ops_in_the_graph():
+    """Each merging layer's matching, rows and weights, and its merge, reach the compiler as two ops it calls and
+    does not trace (``tome_train::plan_layer``, ``tome_train::weighted_merge``: no sorts, gathers or scatters of
+    their own per token count), which pass ``torch.library.opcheck`` (declared shapes and dtypes, no aliasing,
+    the merge's gradient through its backward op)."""
+    from tome_train.tome import bipartite_soft_matching
+    from tome_train.tome.merge import compiled_plan_layer, compiled_weighted_merge
 
     graphs = []
 
@@ -38,10 +40,16 @@ def test_the_merge_plan_is_one_op_in_the_graph():
     (graph,) = graphs
     targets = [node.target for node in graph.graph.nodes if node.op in ("call_function", "call_method")]
     assert targets.count(torch.ops.tome_train.plan_layer.default) == 4  # every layer merges
-    assert not {torch.sort, torch.argsort, "sort", "argsort"} & set(targets)
+    assert targets.count(torch.ops.tome_train.weighted_merge.default) == 4
+    assert not {torch.sort, torch.argsort, "sort", "argsort", "index_select", "scatter_add_"} & set(targets)
     keys = torch.randn(2, 3, 17, 8)
     torch.library.opcheck(compiled_plan_layer, (keys, None, 4, 1, torch.float32))
     torch.library.opcheck(compiled_plan_layer, (keys, torch.randint(1, 4, (34,)).half(), 8, 1, torch.float16))
+    merge = bipartite_soft_matching(keys.mean(1), 4)
+    weight, _ = merge.weights(torch.randint(1, 4, (2, 17, 1)).float(), torch.float32)
+    rows = torch.randn(34, 5, requires_grad=True)
+    for branch in (None, torch.randn(34, 5, requires_grad=True), torch.randn(34, 5).half().requires_grad_()):
+        torch.library.opcheck(compiled_weighted_merge, (rows, merge.perm, merge.dest, weight, merge.num_kept, branch))
 
 
 def test_compiled_model_matches_and_never_recompiles():

@@ -393,6 +393,18 @@ _merge_rows = kernels.FastestPath(_weighted_merge, "triton_kernels.fused_merge")
 _merge_rows_backward = kernels.FastestPath(_weighted_merge_backward, "triton_kernels.fused_merge_backward")
 
 
+def _save_for_merge_backward(ctx, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor,
+                             branch: torch.Tensor | None) -> None:
+    ctx.save_for_backward(perm, dest, weight)
+    ctx.branch_dtype = branch.dtype if branch is not None else None
+
+
+def _merge_input_grads(ctx, grad_rows: torch.Tensor) -> tuple:
+    """The gradients of ``(rows, perm, dest, weight, num_kept, branch)`` from the rows' (``[M, C]``)."""
+    grad_branch = grad_rows.to(ctx.branch_dtype) if ctx.needs_input_grad[5] else None
+    return grad_rows if ctx.needs_input_grad[0] else None, None, None, None, None, grad_branch
+
+
 class _WeightedMerge(torch.autograd.Function):
     """:func:`_weighted_merge` with the gradient written out (:func:`_weighted_merge_backward`): autograd
     on the forward's ops records five nodes and launches about ten kernels per layer instead, and eager
@@ -400,15 +412,53 @@ class _WeightedMerge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, perm, dest, weight, num_kept, branch):
-        ctx.save_for_backward(perm, dest, weight)
-        ctx.branch_dtype = branch.dtype if branch is not None else None
+        _save_for_merge_backward(ctx, perm, dest, weight, branch)
         return _merge_rows(rows, perm, dest, weight, num_kept, branch)
 
     @staticmethod
     def backward(ctx, grad):
-        grad_rows = _merge_rows_backward(grad, *ctx.saved_tensors)
-        grad_branch = grad_rows.to(ctx.branch_dtype) if ctx.needs_input_grad[5] else None
-        return grad_rows if ctx.needs_input_grad[0] else None, None, None, None, None, grad_branch
+        return _merge_input_grads(ctx, _merge_rows_backward(grad, *ctx.saved_tensors))
+
+
+@torch.library.custom_op("tome_train::weighted_merge", mutates_args=())
+def compiled_weighted_merge(rows: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor,
+                            num_kept: int, branch: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_weighted_merge` as ``torch.compile`` sees it: one op (and one for its backward,
+    :func:`compiled_weighted_merge_backward`) that a compiled graph calls and does not trace, running the eager
+    choice (on a GPU, the fused kernels with the residual add inside) instead of a gather and a scatter per
+    layer compiled for each token count."""
+    return _merge_rows(rows, perm, dest, weight, num_kept, branch)
+
+
+@compiled_weighted_merge.register_fake
+def _(rows: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, num_kept: int,
+      branch: torch.Tensor | None) -> torch.Tensor:
+    dtype = rows.dtype if branch is None else torch.promote_types(rows.dtype, branch.dtype)
+    return rows.new_empty(num_kept, rows.shape[1], dtype=dtype)
+
+
+@torch.library.custom_op("tome_train::weighted_merge_backward", mutates_args=())
+def compiled_weighted_merge_backward(grad: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor,
+                                     weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_weighted_merge_backward` as ``torch.compile`` sees it (see :func:`compiled_weighted_merge`)."""
+    return _merge_rows_backward(grad, perm, dest, weight)
+
+
+@compiled_weighted_merge_backward.register_fake
+def _(grad: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return grad.new_empty(perm.shape[0], grad.shape[1])
+
+
+def _setup_compiled_merge(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    rows, perm, dest, weight, num_kept, branch = inputs
+    _save_for_merge_backward(ctx, perm, dest, weight, branch)
+
+
+def _compiled_merge_backward(ctx, grad: torch.Tensor) -> tuple:
+    return _merge_input_grads(ctx, compiled_weighted_merge_backward(grad, *ctx.saved_tensors))
+
+
+compiled_weighted_merge.register_autograd(_compiled_merge_backward, setup_context=_setup_compiled_merge)
 
 
 def merge_wavg(
@@ -436,7 +486,10 @@ def merge_wavg(
     # the tracer (ONNX export) records k as a tensor, to keep the batch size dynamic: the plain ops take it
     needs_grad = x.requires_grad or (branch is not None and branch.requires_grad)
     differentiable = torch.is_grad_enabled() and needs_grad and not torch.jit.is_tracing()
-    out = _WeightedMerge.apply(*args) if differentiable else _merge_rows(*args)
+    if torch.compiler.is_compiling():
+        out = compiled_weighted_merge(*args)
+    else:
+        out = _WeightedMerge.apply(*args) if differentiable else _merge_rows(*args)
     if source is not None:
         source = merge(source.to(x.dtype).detach(), mode="sum")
     return out.view(n, t - merge.r, c), new_size.view(n, t - merge.r, 1), source
