@@ -129,6 +129,9 @@ EOF
 # ToMe's own work in one layer at ViT-B's shape (matching, merge, merge backward): PyTorch's ops against fused
 # Triton kernels.
 want merge && run_step merge 90 python3 scripts/merge_probe.py --device cuda --output "$steps_dir/merge.json" && gather
+# torch.compile(model) on both sides, inference: first step = compile time (the matching, merge and attention
+# are custom ops running the eager choice, so compilation has less to do), recompiles must stay 0.
+step compile_b_infer "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 --compile
 # The whole model (ViT-B r16, inference and training) with each candidate of the two probes swapped in.
 want variants && run_step variants 200 python3 scripts/variant_probe.py --device cuda --warmup 3 --steps 10 \
     --output "$steps_dir/variants.json" && gather
@@ -155,9 +158,8 @@ step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --st
 step train_l_graphs "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20 --cuda-graphs
 # Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
 step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
-# torch.compile(model) on both sides: first step = compile time, recompiles must stay 0.
+# torch.compile(model) on both sides, training: first step = compile time, recompiles must stay 0.
 # Last, as the slowest: a step cut short by the budget loses only its own rows.
-step compile_b_infer "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 --compile
 step compile_b_train "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 --compile
 # Training under CUDA graphs (reduce-overhead): eager ToMe training is bound by the host, not the GPU.
 step compile_b_train_cudagraphs "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 \
