@@ -116,6 +116,55 @@ def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
             assert row["ms"] > 0 and row["host_us"] > 0 and row["vs_plain"] > 0
 
 
+def packed_qkv(num_tokens: int, seed: int, dtype: torch.dtype, requires_grad: bool = False):
+    """``q, k, v`` ``[2, 2, N, 16]`` as views of one packed qkv (timm's layout) and ``log_size`` ``[2, N]``."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(2, num_tokens, 3 * 2 * 16, generator=g).to(dtype).requires_grad_(requires_grad)
+    q, k, v = qkv.reshape(2, num_tokens, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v, torch.randint(1, 9, (2, num_tokens), generator=g).float().log().to(dtype)
+
+
+@pytest.mark.parametrize("kernels_win", [False, True])
+def test_compiled_training_attention_is_an_op_pair_running_the_eager_choice(monkeypatch, kernels_win):
+    """With a gradient on a GPU, ``torch.compile`` gets proportional attention as an op and its backward op, which
+    run the eager choice made through the backward (here on the CPU in fp16, the Triton kernels by Triton's
+    interpreter): the choice is made inside the compiled graph's first call, the ops pass
+    ``torch.library.opcheck`` (declared layouts, gradients through the backward op), one dynamic graph serves
+    every token count, and output and gradients are the eager choice's, kernels' or mask's (whose backward
+    recomputes its forward)."""
+    from torch._dynamo.utils import counters
+
+    from tome_train.tome import attention
+    from tome_train.tome.kernels import FastestPath
+    from tome_train.tome.triton_attention import size_biased_attention_trainable
+
+    path = FastestPath(attention._masked_attention, size_biased_attention_trainable, device_types=("cpu",),
+                       agree=attention.same_attention, differentiable=True)
+    monkeypatch.setattr(attention, "_trained_size_biased_attention", path)
+    winner = size_biased_attention_trainable if kernels_win else attention._masked_attention
+    monkeypatch.setattr(FastestPath, "_time", staticmethod(lambda fn, device, args: 0.0 if fn.__wrapped__ is winner else 1.0))
+    op = attention.compiled_trained_size_biased_attention
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda *args: op(*args)[0] * 2, fullgraph=True, dynamic=True)
+    for num_tokens in (9, 7, 5):
+        args = packed_qkv(num_tokens, num_tokens, torch.float16, requires_grad=True)
+        out = compiled(*args)
+        assert out.transpose(1, 2).is_contiguous()  # [B, N, H, Dh] in memory: merging the heads is a view
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).half()
+        grads = torch.autograd.grad(out, args[:3], grad_out)
+        eager_args = packed_qkv(num_tokens, num_tokens, torch.float16, requires_grad=True)
+        expected = winner(*eager_args) * 2
+        expected_grads = torch.autograd.grad(expected, eager_args[:3], grad_out)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not path.broken and len(path.choices) == 3 and set(path.choices.values()) == {winner}
+    torch.library.opcheck(op, packed_qkv(6, seed=0, dtype=torch.float16, requires_grad=True))
+
+
 def test_compiled_attention_is_one_op_the_compiler_calls_and_does_not_trace():
     """Without a gradient on a GPU, ``torch.compile`` gets proportional attention as one custom op that runs the
     eager choice (here on the CPU, in bf16): its declared layout is the real one (``torch.library.opcheck``), a
@@ -125,19 +174,13 @@ def test_compiled_attention_is_one_op_the_compiler_calls_and_does_not_trace():
 
     from tome_train.tome import attention
 
-    def packed(num_tokens: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        qkv = torch.randn(2, num_tokens, 3 * 2 * 16, generator=g).to(torch.bfloat16)
-        q, k, v = qkv.reshape(2, num_tokens, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v, torch.randint(1, 9, (2, num_tokens), generator=g).float().log().to(torch.bfloat16)
-
     op = attention.compiled_size_biased_attention
-    torch.library.opcheck(op, packed(9, seed=0))
+    torch.library.opcheck(op, packed_qkv(9, seed=0, dtype=torch.bfloat16))
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(lambda *args: op(*args) * 2, fullgraph=True, dynamic=True)
     for num_tokens in (9, 7, 5):
-        args = packed(num_tokens, seed=num_tokens)
+        args = packed_qkv(num_tokens, num_tokens, torch.bfloat16)
         out = compiled(*args)
         assert out.transpose(1, 2).is_contiguous()  # [B, N, H, Dh] in memory: merging the heads is a view
         torch.testing.assert_close(out, attention._masked_attention(*args) * 2, rtol=0, atol=0)

@@ -9,7 +9,8 @@ flash kernel on a CPU); on a GPU, a Triton flash kernel that adds the bias per k
 H100 and not taken (docs/performance.md), each slower than the mask: the same result as two unmasked
 calls, ``softmax(q k^T) (s v) / softmax(q k^T) s``; the bias as one more head dimension of queries and
 keys; FlexAttention with the bias as its score modification. Under ``torch.compile`` on a GPU, attention
-without a gradient is one custom op that runs that eager choice (:func:`compiled_size_biased_attention`).
+is a custom op that runs that eager choice: one without a gradient (:func:`compiled_size_biased_attention`),
+and with one an op and its backward op (:func:`compiled_trained_size_biased_attention`).
 """
 from __future__ import annotations
 
@@ -62,9 +63,12 @@ def proportional_attention(
     """
     if size is not None and attn_bias is None and not dropout_p and q.dtype in (torch.float16, torch.bfloat16):
         log_size = size_bias(size).to(q.dtype)[:, 0, 0]
+        on_gpu_compiling = torch.compiler.is_compiling() and q.is_cuda
         if torch.is_grad_enabled() and q.requires_grad:
+            if on_gpu_compiling:
+                return compiled_trained_size_biased_attention(q, k, v, log_size)[0]
             return _trained_size_biased_attention(q, k, v, log_size)
-        if torch.compiler.is_compiling() and q.is_cuda:
+        if on_gpu_compiling:
             return compiled_size_biased_attention(q, k, v, log_size)
         return _size_biased_attention(q, k, v, log_size)
     if attn_bias is not None:
@@ -117,6 +121,78 @@ def compiled_size_biased_attention(
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
     batch, heads, tokens, _ = q.shape
     return q.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2)
+
+
+def _kernels_chosen_to_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> bool:
+    """Whether the Triton kernels train proportional attention at these shapes (choosing first if they are new:
+    through the backward, with respect to ``q, k, v``)."""
+    path = _trained_size_biased_attention
+    return path.pick(*(t.detach().requires_grad_() for t in (q, k, v)), log_size) is not path.reference
+
+
+@torch.library.custom_op("tome_train::trained_size_biased_attention", mutates_args=())
+def compiled_trained_size_biased_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proportional attention with a gradient as ``torch.compile`` sees it on a GPU: this op and its backward
+    (:func:`compiled_trained_size_biased_attention_backward`) run the eager choice for the shape, checked and
+    timed through the backward (the Triton flash kernels or SDPA's mask). Traced, the mask would go to inductor's
+    memory-efficient attention with the bias written out per query, and the kernels never chosen.
+
+    ``q, k, v`` ``[B, H, N, Dh]``, ``log_size`` ``[B, N]`` (no gradient). Returns the output ``[B, H, N, Dh]``
+    laid out as ``[B, N, H, Dh]``, and each row's log-sum-exp, fp32 ``[B, H, N]``, for the kernels' backward
+    (zeros where the mask was chosen, whose backward recomputes its forward)."""
+    if not _kernels_chosen_to_train(q, k, v, log_size):
+        out = _masked_attention(q, k, v, log_size).transpose(1, 2).contiguous().transpose(1, 2)
+        return out, q.new_zeros(q.shape[:3], dtype=torch.float32)
+    from .triton_attention import size_biased_attention_forward
+
+    return size_biased_attention_forward(q, k, v, log_size)
+
+
+@compiled_trained_size_biased_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, tokens, _ = q.shape
+    return (q.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2),
+            q.new_empty(batch, heads, tokens, dtype=torch.float32))
+
+
+@torch.library.custom_op("tome_train::trained_size_biased_attention_backward", mutates_args=())
+def compiled_trained_size_biased_attention_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` (contiguous ``[B, H, N, Dh]``) of :func:`compiled_trained_size_biased_attention` by the
+    forward's choice for the shape. Where that was the mask, autograd through it, recomputing the forward: the
+    choice keeps the mask only where the kernels are slower or disagree, which a GPU run reports."""
+    if _kernels_chosen_to_train(q, k, v, log_size):
+        from .triton_attention import size_biased_attention_backward
+
+        return size_biased_attention_backward(q, k, v, log_size, out, lse, grad_out)
+    with kernels.autograd_recording():
+        inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        grads = torch.autograd.grad(_masked_attention(*inputs, log_size), inputs, grad_out)
+    return tuple(g.contiguous() for g in grads)
+
+
+@compiled_trained_size_biased_attention_backward.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor, out: torch.Tensor,
+      lse: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+
+
+def _setup_compiled_attention(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _compiled_attention_backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
+    q, k, v, log_size, out, lse = ctx.saved_tensors
+    return (*compiled_trained_size_biased_attention_backward(q, k, v, log_size, out, lse, grad_out), None)
+
+
+compiled_trained_size_biased_attention.register_autograd(_compiled_attention_backward,
+                                                         setup_context=_setup_compiled_attention)
 
 
 class ToMeAttention(Attention):

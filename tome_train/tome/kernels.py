@@ -11,12 +11,14 @@ kernel adds rows atomically).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import statistics
 import time
 import warnings
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -30,6 +32,17 @@ def recorded_into_graph(device: torch.device) -> bool:
     """Whether ops on ``device`` are being recorded, not run: traced by ``torch.compile`` or captured
     into a CUDA graph."""
     return torch.compiler.is_compiling() or capturing(device)
+
+
+@contextlib.contextmanager
+def autograd_recording() -> Iterator[None]:
+    """Autograd records, also where it would not: under ``no_grad``, and inside a custom op's implementation,
+    which PyTorch runs with autograd's dispatch keys excluded (a choice through the backward, made when a
+    compiled graph first calls an op, differentiates there)."""
+    autograd = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+    exclude = torch._C._dispatch_tls_local_exclude_set() - autograd
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
 
 
 Agreement = Callable[[tuple, object, object], bool]
@@ -84,16 +97,21 @@ class FastestPath:
         return not torch.compiler.is_compiling()  # inductor writes its own kernels
 
     def __call__(self, *args):
+        return self.pick(*args)(*args)
+
+    def pick(self, *args) -> Callable:
+        """The function that runs for ``args``: the reference or the candidate, choosing first if these
+        shapes are new (which runs both on ``args``)."""
         device = args[0].device
         if not self._applies(device):
-            return self.reference(*args)
+            return self.reference
         key = (device, *((a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args))
         choice = self.choices.get(key)
         if choice is None:
             if capturing(device):
-                return self.reference(*args)
+                return self.reference
             choice = self.choices[key] = self._choose(device, args)
-        return choice(*args)
+        return choice
 
     @staticmethod
     def _time(fn: Callable, device: torch.device, args, calls: int = 3) -> float:
@@ -154,9 +172,11 @@ def through_backward(functions: dict[Callable, Callable], args: tuple) -> tuple[
     grad = torch.randn(out.shape, generator=generator, device=out.device, dtype=torch.float32).to(out.dtype)
 
     def with_backward(fn: Callable) -> Callable:
+        @functools.wraps(fn)
         def run(*args):
-            out = fn(*args)
-            return (out, *torch.autograd.grad(out, inputs, grad))
+            with autograd_recording():
+                out = fn(*args)
+                return (out, *torch.autograd.grad(out, inputs, grad))
 
         return run
 

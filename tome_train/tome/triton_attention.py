@@ -323,11 +323,33 @@ def proportional_attention_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.
     return ProportionalAttention.apply(q, k, v, log_size, scale, blocks)
 
 
+def _fitted_blocks(num_tokens: int) -> dict[str, int]:
+    """:func:`proportional_attention_trainable`'s block sizes, fitted to the token count (:func:`_fitted`)."""
+    return dict(block_m=_fitted(128, num_tokens), block_n=_fitted(64, num_tokens),
+                block_outer=_fitted(128, num_tokens), block_inner=_fitted(32, num_tokens))
+
+
 def size_biased_attention_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     log_size: torch.Tensor) -> torch.Tensor:
     """:func:`size_biased_attention` differentiable in ``q, k, v`` (``[B, H, N, D]``, any strides; ``log_size``
     ``[B, N]`` gets no gradient): the training counterpart of :func:`.attention._masked_attention`."""
-    n = q.shape[2]
-    return proportional_attention_trainable(q, k, v, log_size, q.shape[-1] ** -0.5, block_m=_fitted(128, n),
-                                            block_n=_fitted(64, n), block_outer=_fitted(128, n),
-                                            block_inner=_fitted(32, n))
+    return ProportionalAttention.apply(q, k, v, log_size, q.shape[-1] ** -0.5, _fitted_blocks(q.shape[2]))
+
+
+def size_biased_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of :func:`size_biased_attention_trainable` on its own (for an op pair under
+    ``torch.compile``): the output ``[B, H, N, D]`` (laid out as ``[B, N, H, D]``) and each row's
+    log-sum-exp, fp32 ``[B, H, N]``, which :func:`size_biased_attention_backward` takes."""
+    blocks = _fitted_blocks(q.shape[2])
+    return _forward(q, k, v, log_size, q.shape[-1] ** -0.5, blocks["block_m"], blocks["block_n"], store_lse=True)
+
+
+def size_biased_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor,
+                                   out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`size_biased_attention_trainable` on its own: ``dq, dk, dv`` from
+    :func:`size_biased_attention_forward`'s output and log-sum-exp (see :func:`proportional_attention_backward`)."""
+    blocks = _fitted_blocks(q.shape[2])
+    return proportional_attention_backward(q, k, v, log_size, out, lse, grad_out, q.shape[-1] ** -0.5,
+                                           block_outer=blocks["block_outer"], block_inner=blocks["block_inner"])
