@@ -59,7 +59,7 @@ def triton_bias(q, k, v, size):
     """The library's Triton flash kernels with the bias per key (forward, and backward in training)."""
     from tome_train.tome.triton_attention import size_biased_attention_trainable
 
-    return size_biased_attention_trainable(q, k, v, size_bias(size).to(q.dtype)[:, 0, 0])
+    return size_biased_attention_trainable(q, k, v, size[..., 0])
 
 
 def plain(q, k, v, size):

@@ -76,9 +76,12 @@ def test_merging_layer_launch_budget():
 # whose residual add the merge takes over (-1). "parts": the key mean, the log-size bias, one kernel each for
 # the matching, the merge's rows and its weights, two for the merge (measured 5.75: the first layer has no
 # sizes yet, so no bias). "whole_layer": the key mean, matching, rows and weights in one kernel (2.75).
-FUSED_FORWARD_BUDGETS = {"parts": 6, "whole_layer": 3}
+# "whole_layer_attention", in half precision as on a GPU: also proportional attention in one kernel that takes
+# the sizes' log itself, in place of SDPA (PyTorch's path adds the mask's log and cast, 2): measured 2.
+FUSED_FORWARD_BUDGETS = {"parts": 6, "whole_layer": 3, "whole_layer_attention": 2}
 FUSED_KERNELS = {"parts": {"fused_most_similar": 1, "fused_plan_merge": 1, "fused_size_weights": 1, "fused_merge": 2},
-                 "whole_layer": {"fused_plan_layer": 1, "fused_merge": 2}}
+                 "whole_layer": {"fused_plan_layer": 1, "fused_merge": 2},
+                 "whole_layer_attention": {"fused_plan_layer": 1, "fused_merge": 2, "size_biased_attention": 1}}
 
 
 @pytest.mark.parametrize("kernel_set", FUSED_KERNELS)
@@ -87,7 +90,7 @@ def test_merging_layer_launches_with_every_fused_kernel(monkeypatch, kernel_set)
     each kernel launch counts once, the interpreter's own tensor work inside it not at all."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    from tome_train.tome import kernels, merge
+    from tome_train.tome import attention, kernels, merge
 
     kernels_per_layer = FUSED_KERNELS[kernel_set]
     counter = LaunchCounter()
@@ -103,7 +106,7 @@ def test_merging_layer_launches_with_every_fused_kernel(monkeypatch, kernel_set)
 
     paths = {"fused_most_similar": merge._most_similar, "fused_plan_merge": merge._plan_merge,
              "fused_size_weights": merge._size_weights, "fused_plan_layer": merge._plan_layer,
-             "fused_merge": merge._merge_rows}
+             "fused_merge": merge._merge_rows, "size_biased_attention": attention._size_biased_attention}
     for name in kernels_per_layer:
         path = paths[name]
         monkeypatch.setattr(path, "device_types", ("cpu",))
@@ -111,10 +114,12 @@ def test_merging_layer_launches_with_every_fused_kernel(monkeypatch, kernel_set)
         monkeypatch.setattr(path, "candidate", counted(path._load()))
     monkeypatch.setattr(kernels.FastestPath, "_time", staticmethod(
         lambda fn, device, args: 0.0 if fn.__name__ == "launch" else 1.0))
+    dtype = torch.float16 if "size_biased_attention" in kernels_per_layer else torch.float32
     torch.manual_seed(0)
-    images = torch.randn(2, 3, 64, 64)
-    timm_model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=DEPTH, num_classes=10).eval()
+    images = torch.randn(2, 3, 64, 64, dtype=dtype)
+    timm_model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=DEPTH, num_classes=10).eval().to(dtype)
     tome_model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=DEPTH, num_classes=10), 2)
+    tome_model.to(dtype)
     timm_counter = LaunchCounter()
     with torch.inference_mode():
         tome_model.eval()(images)  # the choices (each runs the kernels to check and time them)
@@ -123,7 +128,9 @@ def test_merging_layer_launches_with_every_fused_kernel(monkeypatch, kernel_set)
             tome_model(images)
         with timm_counter:
             timm_model(images)
+    layers = {name: DEPTH - 1 if name == "size_biased_attention" else DEPTH  # the first has no sizes yet
+              for name in kernels_per_layer}
     assert {name: counter.ops[name] for name in kernels_per_layer} == {
-        name: count * DEPTH for name, count in kernels_per_layer.items()}
+        name: count * layers[name] for name, count in kernels_per_layer.items()}
     extra = (counter.total - timm_counter.total) / DEPTH
     assert extra <= FUSED_FORWARD_BUDGETS[kernel_set], counter.ops - timm_counter.ops

@@ -18,18 +18,20 @@ B, H = 2, 2
 
 def packed_qkv(num_tokens: int, head_dim: int, dtype: torch.dtype = torch.float32, seed: int = 0):
     """``q, k, v`` ``[B, H, N, D]`` as timm makes them (strided views of one qkv ``[B, N, 3 * H * D]``) and
-    log sizes ``[B, N]`` of sizes 1-8."""
+    sizes ``[B, N]`` from 1 to 8."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, num_tokens, 3 * H * head_dim, generator=g).to(dtype)
     q, k, v = qkv.reshape(B, num_tokens, 3, H, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    log_size = torch.randint(1, 9, (B, num_tokens), generator=g).float().log()
-    return q, k, v, log_size
+    size = torch.randint(1, 9, (B, num_tokens), generator=g).float()
+    return q, k, v, size
 
 
-def explicit(q, k, v, log_size, scale):
-    """``softmax(q k^T * scale + log_size) v`` written out in float64."""
-    q, k, v, log_size = (t.double() for t in (q, k, v, log_size))
-    return ((q @ k.transpose(-1, -2)) * scale + log_size[:, None, None, :]).softmax(-1) @ v
+def explicit(q, k, v, size, scale):
+    """``softmax(q k^T * scale + log(size)) v`` written out in float64, ``log(size)`` rounded to ``q``'s dtype
+    (the bias as SDPA's mask holds it)."""
+    size = size.double().log().to(q.dtype)
+    q, k, v, size = (t.double() for t in (q, k, v, size))
+    return ((q @ k.transpose(-1, -2)) * scale + size[:, None, None, :]).softmax(-1) @ v
 
 
 @pytest.mark.parametrize("num_tokens,head_dim,blocks", [
@@ -40,11 +42,11 @@ def explicit(q, k, v, log_size, scale):
 ])
 def test_fp32_equals_the_formula(num_tokens, head_dim, blocks):
     """Within 1e-5 (measured <= 7.3e-7)."""
-    q, k, v, log_size = packed_qkv(num_tokens, head_dim)
+    q, k, v, size = packed_qkv(num_tokens, head_dim)
     scale = head_dim ** -0.5
-    out = proportional_attention(q, k, v, log_size, scale, **blocks)
+    out = proportional_attention(q, k, v, size, scale, **blocks)
     assert out.shape == q.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), explicit(q, k, v, log_size, scale), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.double(), explicit(q, k, v, size, scale), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("num_tokens,head_dim", [(7, 64), (70, 64)])
@@ -52,33 +54,33 @@ def test_fp16_within_rounding_of_the_formula(num_tokens, head_dim):
     """Against float64 on the same fp16 inputs: what remains is the rounding of the softmax weights before
     the second matmul and of the output (eps 2**-11 on outputs |x| < ~2), 2e-3 (measured <= 7.1e-4).
     Not bf16: the interpreter multiplies bf16's bit patterns in ``tl.dot`` (triton-lang/triton#11584)."""
-    q, k, v, log_size = packed_qkv(num_tokens, head_dim, torch.float16)
+    q, k, v, size = packed_qkv(num_tokens, head_dim, torch.float16)
     scale = head_dim ** -0.5
-    out = proportional_attention(q, k, v, log_size, scale)
+    out = proportional_attention(q, k, v, size, scale)
     assert out.dtype == torch.float16
-    torch.testing.assert_close(out.double(), explicit(q, k, v, log_size, scale), rtol=0, atol=2e-3)
+    torch.testing.assert_close(out.double(), explicit(q, k, v, size, scale), rtol=0, atol=2e-3)
 
 
-def test_zero_bias_is_plain_attention():
-    q, k, v, log_size = packed_qkv(37, 16)
-    out = proportional_attention(q, k, v, torch.zeros_like(log_size), 16 ** -0.5)
+def test_keys_of_size_one_are_plain_attention():
+    q, k, v, size = packed_qkv(37, 16)
+    out = proportional_attention(q, k, v, torch.ones_like(size), 16 ** -0.5)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
 def test_strided_views_read_as_their_contiguous_copies():
     """Bit for bit, from timm's packed qkv and with q, k and v each in its own layout (read by its own strides)."""
-    q, k, v, log_size = packed_qkv(70, 16, torch.float16)
+    q, k, v, size = packed_qkv(70, 16, torch.float16)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    out = proportional_attention(q, k, v, log_size, 0.25)
-    assert torch.equal(out, proportional_attention(q.contiguous(), k.contiguous(), v.contiguous(), log_size, 0.25))
+    out = proportional_attention(q, k, v, size, 0.25)
+    assert torch.equal(out, proportional_attention(q.contiguous(), k.contiguous(), v.contiguous(), size, 0.25))
     tokens_first = v.transpose(1, 2).contiguous().transpose(1, 2)
-    assert torch.equal(out, proportional_attention(q.contiguous(), k, tokens_first, log_size, 0.25))
+    assert torch.equal(out, proportional_attention(q.contiguous(), k, tokens_first, size, 0.25))
 
 
 def test_output_memory_is_tokens_then_heads():
-    q, k, v, log_size = packed_qkv(7, 16)
-    out = proportional_attention(q, k, v, log_size, 0.25)
+    q, k, v, size = packed_qkv(7, 16)
+    out = proportional_attention(q, k, v, size, 0.25)
     assert out.shape == (B, H, 7, 16)
     assert out.transpose(1, 2).is_contiguous()
 
@@ -91,13 +93,12 @@ def test_a_key_of_size_s_counts_as_s_identical_keys():
     sizes = torch.randint(1, 4, (num_tokens,), generator=torch.Generator().manual_seed(2))
     total = int(sizes.sum())
     assert total > num_tokens  # some key holds more than one token
-    log_size = sizes.float().log().expand(B, num_tokens).contiguous()
-    out = proportional_attention(q, k, v, log_size, 0.25)
+    out = proportional_attention(q, k, v, sizes.float().expand(B, num_tokens), 0.25)
 
     extra_queries = torch.randn(B, H, total - num_tokens, head_dim, generator=torch.Generator().manual_seed(3))
     q_rep = torch.cat([q, extra_queries], dim=2)
     k_rep, v_rep = (t.repeat_interleave(sizes, dim=2) for t in (k, v))
-    out_rep = proportional_attention(q_rep, k_rep, v_rep, torch.zeros(B, total), 0.25)
+    out_rep = proportional_attention(q_rep, k_rep, v_rep, torch.ones(B, total), 0.25)
     torch.testing.assert_close(out, out_rep[:, :, :num_tokens], rtol=0, atol=1e-5)
 
 
@@ -110,8 +111,8 @@ def test_the_library_stands_the_kernels_against_the_mask_with_and_without_a_grad
     from tome_train.tome.kernels import FastestPath
     from tome_train.tome.triton_attention import size_biased_attention, size_biased_attention_trainable
 
-    q, k, v, log_size = packed_qkv(37, 16, torch.float16, seed=3)
-    size = log_size.exp()[..., None]
+    q, k, v, sizes = packed_qkv(37, 16, torch.float16, seed=3)
+    size = sizes[..., None]
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention.size_bias(size).half())
     with torch.no_grad():
         assert torch.equal(attention.proportional_attention(q, k, v, size), expected)
@@ -120,7 +121,7 @@ def test_the_library_stands_the_kernels_against_the_mask_with_and_without_a_grad
         assert path._load() is kernel and path.agree is attention.same_attention
     assert attention._trained_size_biased_attention.differentiable
 
-    args = (q, k, v, log_size.half())
+    args = (q, k, v, sizes)
     assert attention.same_attention(args, attention._masked_attention(*args), size_biased_attention(*args))
     dropped = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # the check allows rounding, not this
     assert not attention.same_attention(args, attention._masked_attention(*args), dropped)
@@ -145,21 +146,21 @@ def test_the_library_stands_the_kernels_against_the_mask_with_and_without_a_grad
     assert len(on_cpu.choices) == 1
     out.float().sum().backward()
     reference = q.detach().clone().requires_grad_()
-    attention._masked_attention(reference, k, v, log_size.half()).float().sum().backward()
+    attention._masked_attention(reference, k, v, sizes).float().sum().backward()
     torch.testing.assert_close(q.grad, reference.grad, rtol=5e-3, atol=5e-3)
 
 
-def gradients(attend, q, k, v, log_size, grad_out, **kwargs):
-    """``dq, dk, dv`` of ``attend(q, k, v, log_size, **kwargs)`` against ``grad_out``, for leaves made of (detached,
+def gradients(attend, q, k, v, size, grad_out, **kwargs):
+    """``dq, dk, dv`` of ``attend(q, k, v, size, **kwargs)`` against ``grad_out``, for leaves made of (detached,
     so with their strides) ``q, k, v``."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    attend(q, k, v, log_size, **kwargs).backward(grad_out)
+    attend(q, k, v, size, **kwargs).backward(grad_out)
     return q.grad, k.grad, v.grad
 
 
-def expected_gradients(q, k, v, log_size, grad_out, scale):
+def expected_gradients(q, k, v, size, grad_out, scale):
     """The gradients of :func:`explicit` in float64 on the same (rounded) inputs."""
-    return gradients(explicit, *(t.double() for t in (q, k, v, log_size, grad_out)), scale=scale)
+    return gradients(explicit, *(t.double() for t in (q, k, v, size, grad_out)), scale=scale)
 
 
 def random_grad(q, seed=5):
@@ -176,10 +177,10 @@ def random_grad(q, seed=5):
 ])
 def test_fp32_gradients_equal_the_formula(num_tokens, head_dim, blocks):
     """dq, dk and dv within 1e-5 of float64 autograd (measured <= 1.4e-6 on gradients up to 3.4)."""
-    q, k, v, log_size = packed_qkv(num_tokens, head_dim)
+    q, k, v, size = packed_qkv(num_tokens, head_dim)
     grad_out, scale = random_grad(q), head_dim ** -0.5
-    grads = gradients(proportional_attention_trainable, q, k, v, log_size, grad_out, scale=scale, **blocks)
-    for grad, expected, t in zip(grads, expected_gradients(q, k, v, log_size, grad_out, scale), (q, k, v)):
+    grads = gradients(proportional_attention_trainable, q, k, v, size, grad_out, scale=scale, **blocks)
+    for grad, expected, t in zip(grads, expected_gradients(q, k, v, size, grad_out, scale), (q, k, v)):
         assert grad.shape == t.shape and grad.dtype == torch.float32
         torch.testing.assert_close(grad.double(), expected, rtol=0, atol=1e-5)
 
@@ -189,10 +190,10 @@ def test_fp16_gradients_within_rounding_of_the_formula(num_tokens, head_dim):
     """Against float64 autograd on the same fp16 inputs: the kernels round the weights and ``dS`` to fp16 before
     their dots and the gradients (up to 2.5 here, ulp 2**-9) to fp16 at the end, 4e-3 (measured <= 9e-4).
     Not bf16: the interpreter multiplies bf16's bit patterns in ``tl.dot`` (triton-lang/triton#11584)."""
-    q, k, v, log_size = packed_qkv(num_tokens, head_dim, torch.float16)
+    q, k, v, size = packed_qkv(num_tokens, head_dim, torch.float16)
     grad_out = random_grad(q)
-    grads = gradients(size_biased_attention_trainable, q, k, v, log_size, grad_out)
-    for grad, expected in zip(grads, expected_gradients(q, k, v, log_size, grad_out, head_dim ** -0.5)):
+    grads = gradients(size_biased_attention_trainable, q, k, v, size, grad_out)
+    for grad, expected in zip(grads, expected_gradients(q, k, v, size, grad_out, head_dim ** -0.5)):
         assert grad.dtype == torch.float16
         torch.testing.assert_close(grad.double(), expected, rtol=0, atol=4e-3)
 
@@ -200,19 +201,19 @@ def test_fp16_gradients_within_rounding_of_the_formula(num_tokens, head_dim):
 def test_strided_views_differentiate_as_their_contiguous_copies():
     """Bit for bit: q, k, v as views of timm's packed qkv, and the incoming gradient in the output's own layout
     (tokens then heads) or expanded from a sum (stride 0), are read by their strides."""
-    q, k, v, log_size = packed_qkv(70, 16, torch.float16)
+    q, k, v, size = packed_qkv(70, 16, torch.float16)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     grad_out = random_grad(q)
-    expected = gradients(size_biased_attention_trainable, q.contiguous(), k.contiguous(), v.contiguous(), log_size,
+    expected = gradients(size_biased_attention_trainable, q.contiguous(), k.contiguous(), v.contiguous(), size,
                          grad_out)
     tokens_first = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
-    for got in (gradients(size_biased_attention_trainable, q, k, v, log_size, grad_out),
-                gradients(size_biased_attention_trainable, q, k, v, log_size, tokens_first)):
+    for got in (gradients(size_biased_attention_trainable, q, k, v, size, grad_out),
+                gradients(size_biased_attention_trainable, q, k, v, size, tokens_first)):
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    size_biased_attention_trainable(q, k, v, log_size).sum().backward()
-    ones = gradients(size_biased_attention_trainable, q, k, v, log_size, torch.ones_like(grad_out))
+    size_biased_attention_trainable(q, k, v, size).sum().backward()
+    ones = gradients(size_biased_attention_trainable, q, k, v, size, torch.ones_like(grad_out))
     assert all(torch.equal(t.grad, b) for t, b in zip((q, k, v), ones))
 
 
@@ -222,27 +223,27 @@ def test_trainable_forward_is_the_inference_kernel(dtype):
     denominator (within 1e-5 of float64, measured <= 7.6e-7)."""
     from tome_train.tome.triton_attention import _forward
 
-    q, k, v, log_size = packed_qkv(70, 16, dtype)
+    q, k, v, size = packed_qkv(70, 16, dtype)
     q.requires_grad_()
-    out = size_biased_attention_trainable(q, k, v, log_size)
-    assert out.requires_grad and out.stride() == size_biased_attention(q, k, v, log_size).stride()
-    assert torch.equal(out, size_biased_attention(q, k, v, log_size))
-    _, lse = _forward(q.detach(), k, v, log_size, 0.25, 128, 64, store_lse=True)
-    logits = (q.double() @ k.double().transpose(-1, -2)) * 0.25 + log_size.double()[:, None, None, :]
+    out = size_biased_attention_trainable(q, k, v, size)
+    assert out.requires_grad and out.stride() == size_biased_attention(q, k, v, size).stride()
+    assert torch.equal(out, size_biased_attention(q, k, v, size))
+    _, lse = _forward(q.detach(), k, v, size, 0.25, 128, 64, store_lse=True)
+    logits = (q.double() @ k.double().transpose(-1, -2)) * 0.25 + size.log().to(dtype).double()[:, None, None, :]
     torch.testing.assert_close(lse.double(), logits.logsumexp(-1) / torch.log(torch.tensor(2.0)), rtol=0,
                                atol=1e-5)
 
 
-def test_log_size_gets_no_gradient_and_no_second_derivative():
+def test_size_gets_no_gradient_and_no_second_derivative():
     """Sizes are detached in ToMe: the backward returns None for them even when they ask for a gradient.
     A second derivative raises instead of being silently wrong."""
-    q, k, v, log_size = packed_qkv(7, 16)
-    q, k, v, log_size = (t.detach().requires_grad_() for t in (q, k, v, log_size))
-    out = size_biased_attention_trainable(q, k, v, log_size)
+    q, k, v, size = packed_qkv(7, 16)
+    q, k, v, size = (t.detach().requires_grad_() for t in (q, k, v, size))
+    out = size_biased_attention_trainable(q, k, v, size)
     out.backward(random_grad(out))
-    assert log_size.grad is None and all(t.grad is not None for t in (q, k, v))
+    assert size.grad is None and all(t.grad is not None for t in (q, k, v))
 
     grad_out = random_grad(out).requires_grad_()  # a double-backward pass differentiates in the gradient too
-    (dq,) = torch.autograd.grad(size_biased_attention_trainable(q, k, v, log_size), q, grad_out, create_graph=True)
+    (dq,) = torch.autograd.grad(size_biased_attention_trainable(q, k, v, size), q, grad_out, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         dq.sum().backward()

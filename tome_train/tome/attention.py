@@ -62,15 +62,15 @@ def proportional_attention(
     Returns ``[B, H, N, Dh]``.
     """
     if size is not None and attn_bias is None and not dropout_p and q.dtype in (torch.float16, torch.bfloat16):
-        log_size = size_bias(size).to(q.dtype)[:, 0, 0]
+        size = size[..., 0]  # the kernels take the log themselves: no launch for it here
         on_gpu_compiling = torch.compiler.is_compiling() and q.is_cuda
         if torch.is_grad_enabled() and q.requires_grad:
             if on_gpu_compiling:
-                return compiled_trained_size_biased_attention(q, k, v, log_size)[0]
-            return _trained_size_biased_attention(q, k, v, log_size)
+                return compiled_trained_size_biased_attention(q, k, v, size)[0]
+            return _trained_size_biased_attention(q, k, v, size)
         if on_gpu_compiling:
-            return compiled_size_biased_attention(q, k, v, log_size)
-        return _size_biased_attention(q, k, v, log_size)
+            return compiled_size_biased_attention(q, k, v, size)
+        return _size_biased_attention(q, k, v, size)
     if attn_bias is not None:
         attn_bias = attn_bias.to(q.dtype)
     if size is not None:
@@ -79,9 +79,9 @@ def proportional_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
 
 
-def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
-    """Proportional attention through SDPA's mask: ``q, k, v`` ``[B, H, N, Dh]``, ``log_size`` ``[B, N]``."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=log_size[:, None, None, :])
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Proportional attention through SDPA's mask: ``q, k, v`` ``[B, H, N, Dh]``, ``size`` ``[B, N]``."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=size.log().to(q.dtype)[:, None, None, :])
 
 
 def same_attention(args: tuple, expected, candidate) -> bool:
@@ -105,53 +105,53 @@ _trained_size_biased_attention = kernels.FastestPath(
 
 @torch.library.custom_op("tome_train::size_biased_attention", mutates_args=())
 def compiled_size_biased_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor
 ) -> torch.Tensor:
     """Proportional attention without a gradient as ``torch.compile`` sees it on a GPU: one op that a compiled
     graph calls and does not trace, which runs the eager choice (the Triton kernel or SDPA's mask, measured per
     shape). Traced, SDPA's mask would be lowered by inductor to memory-efficient attention with the bias
     written out per query, ``[B, 1, N, N]`` in every layer (docs/performance.md), and the kernel never
-    chosen. ``q, k, v`` ``[B, H, N, Dh]``, ``log_size`` ``[B, N]``; returns ``[B, H, N, Dh]`` laid out as
+    chosen. ``q, k, v`` ``[B, H, N, Dh]``, ``size`` ``[B, N]``; returns ``[B, H, N, Dh]`` laid out as
     ``[B, N, H, Dh]`` (both kernels write it so; merging the heads is then a view)."""
-    out = _size_biased_attention(q, k, v, log_size)
+    out = _size_biased_attention(q, k, v, size)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @compiled_size_biased_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     batch, heads, tokens, _ = q.shape
     return q.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2)
 
 
-def _kernels_chosen_to_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> bool:
+def _kernels_chosen_to_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> bool:
     """Whether the Triton kernels train proportional attention at these shapes (choosing first if they are new:
     through the backward, with respect to ``q, k, v``)."""
     path = _trained_size_biased_attention
-    return path.pick(*(t.detach().requires_grad_() for t in (q, k, v)), log_size) is not path.reference
+    return path.pick(*(t.detach().requires_grad_() for t in (q, k, v)), size) is not path.reference
 
 
 @torch.library.custom_op("tome_train::trained_size_biased_attention", mutates_args=())
 def compiled_trained_size_biased_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Proportional attention with a gradient as ``torch.compile`` sees it on a GPU: this op and its backward
     (:func:`compiled_trained_size_biased_attention_backward`) run the eager choice for the shape, checked and
     timed through the backward (the Triton flash kernels or SDPA's mask). Traced, the mask would go to inductor's
     memory-efficient attention with the bias written out per query, and the kernels never chosen.
 
-    ``q, k, v`` ``[B, H, N, Dh]``, ``log_size`` ``[B, N]`` (no gradient). Returns the output ``[B, H, N, Dh]``
+    ``q, k, v`` ``[B, H, N, Dh]``, ``size`` ``[B, N]`` (no gradient). Returns the output ``[B, H, N, Dh]``
     laid out as ``[B, N, H, Dh]``, and each row's log-sum-exp, fp32 ``[B, H, N]``, for the kernels' backward
     (zeros where the mask was chosen, whose backward recomputes its forward)."""
-    if not _kernels_chosen_to_train(q, k, v, log_size):
-        out = _masked_attention(q, k, v, log_size).transpose(1, 2).contiguous().transpose(1, 2)
+    if not _kernels_chosen_to_train(q, k, v, size):
+        out = _masked_attention(q, k, v, size).transpose(1, 2).contiguous().transpose(1, 2)
         return out, q.new_zeros(q.shape[:3], dtype=torch.float32)
     from .triton_attention import size_biased_attention_forward
 
-    return size_biased_attention_forward(q, k, v, log_size)
+    return size_biased_attention_forward(q, k, v, size)
 
 
 @compiled_trained_size_biased_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, tokens, _ = q.shape
     return (q.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2),
             q.new_empty(batch, heads, tokens, dtype=torch.float32))
@@ -159,24 +159,24 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor)
 
 @torch.library.custom_op("tome_train::trained_size_biased_attention_backward", mutates_args=())
 def compiled_trained_size_biased_attention_backward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor, out: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, grad_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` (contiguous ``[B, H, N, Dh]``) of :func:`compiled_trained_size_biased_attention` by the
     forward's choice for the shape. Where that was the mask, autograd through it, recomputing the forward: the
     choice keeps the mask only where the kernels are slower or disagree, which a GPU run reports."""
-    if _kernels_chosen_to_train(q, k, v, log_size):
+    if _kernels_chosen_to_train(q, k, v, size):
         from .triton_attention import size_biased_attention_backward
 
-        return size_biased_attention_backward(q, k, v, log_size, out, lse, grad_out)
+        return size_biased_attention_backward(q, k, v, size, out, lse, grad_out)
     with kernels.autograd_recording():
         inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
-        grads = torch.autograd.grad(_masked_attention(*inputs, log_size), inputs, grad_out)
+        grads = torch.autograd.grad(_masked_attention(*inputs, size), inputs, grad_out)
     return tuple(g.contiguous() for g in grads)
 
 
 @compiled_trained_size_biased_attention_backward.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor, out: torch.Tensor,
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, out: torch.Tensor,
       lse: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
 
@@ -187,8 +187,8 @@ def _setup_compiled_attention(ctx, inputs: tuple, output: tuple) -> None:
 
 
 def _compiled_attention_backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
-    q, k, v, log_size, out, lse = ctx.saved_tensors
-    return (*compiled_trained_size_biased_attention_backward(q, k, v, log_size, out, lse, grad_out), None)
+    q, k, v, size, out, lse = ctx.saved_tensors
+    return (*compiled_trained_size_biased_attention_backward(q, k, v, size, out, lse, grad_out), None)
 
 
 compiled_trained_size_biased_attention.register_autograd(_compiled_attention_backward,

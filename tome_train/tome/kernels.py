@@ -56,6 +56,17 @@ def same_result(args: tuple, expected, candidate, rtol: float = 1e-5, atol: floa
         e.shape == c.shape and torch.allclose(e, c, rtol=rtol, atol=atol) for e, c in zip(expected, candidate))
 
 
+def same_to_rounding(args: tuple, expected, candidate) -> bool:
+    """:func:`same_result` to about two units in the last place of the result's dtype (fp16 2e-3, bf16 1.6e-2;
+    fp32 :func:`same_result`'s 1e-5): for sums that a kernel accumulates in fp32 and rounds once, where PyTorch's
+    ops round every product and partial sum to a half-precision dtype."""
+    dtype = (expected if isinstance(expected, torch.Tensor) else expected[0]).dtype
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype)
+    if tolerance is None:
+        return same_result(args, expected, candidate)
+    return same_result(args, expected, candidate, rtol=tolerance, atol=tolerance)
+
+
 def identical(args: tuple, expected, candidate) -> bool:
     """Whether ``candidate`` (a tensor or a tuple of them) is ``expected`` exactly: for indices, where a row
     off by one is another result."""

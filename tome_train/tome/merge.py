@@ -389,8 +389,9 @@ def _weighted_merge_backward(
 
 
 # On a GPU, the fused Triton kernels where they measure faster for the shape at hand (see .kernels).
-_merge_rows = kernels.FastestPath(_weighted_merge, "triton_kernels.fused_merge")
-_merge_rows_backward = kernels.FastestPath(_weighted_merge_backward, "triton_kernels.fused_merge_backward")
+_merge_rows = kernels.FastestPath(_weighted_merge, "triton_kernels.fused_merge", agree=kernels.same_to_rounding)
+_merge_rows_backward = kernels.FastestPath(_weighted_merge_backward, "triton_kernels.fused_merge_backward",
+                                           agree=kernels.same_to_rounding)
 
 
 def _save_for_merge_backward(ctx, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor,

@@ -3,9 +3,10 @@ importing triton costs time, and CPU builds of torch come without it).
 
 ``softmax(q k^T * scale + log(size)) v`` with the per-key bias added inside the kernel's key loop:
 PyTorch's SDPA takes the bias only as an attention mask ``[B, 1, 1, N]``, which on an H100 costs
-2.3-3x plain attention (:mod:`.attention`); here the bias is one vector load per key block.
+2.3-3x plain attention (:mod:`.attention`); here the bias is one vector load of sizes per key block, its
+log taken in the kernel (the mask's log and cast would be two more launches per layer).
 :func:`size_biased_attention_trainable` adds a flash-attention-2 backward for q, k and v (the sizes are
-detached in ToMe, so ``log_size`` gets no gradient): the forward keeps each row's log-sum-exp and the
+detached in ToMe, so ``size`` gets no gradient): the forward keeps each row's log-sum-exp and the
 backward recomputes the softmax weights from it, one kernel for dq and one for dk and dv, without atomics.
 """
 from __future__ import annotations
@@ -35,34 +36,41 @@ def _tile(ptr, b, h, rows, dims, stride_b, stride_h, stride_n, stride_d):
 
 
 @triton.jit
-def _key_block(q, k_base, v_base, bias_row, stride_kn, stride_vn, stride_bias_n, start, num_tokens, dim_ok, qk_scale,
+def _size_bias(size_row, stride_size_n, cols, col_ok, dtype):
+    """The keys' bias in base 2, fp32: ``log(size)`` rounded to the attention's ``dtype`` (as SDPA's mask holds it)
+    times log2(e). Keys past the sequence load a size of 0, so a bias of -inf: the mask costs nothing more."""
+    size = tl.load(size_row + cols * stride_size_n, mask=col_ok, other=0.0).to(tl.float32)
+    return tl.log(size).to(dtype).to(tl.float32) * LOG2E
+
+
+@triton.jit
+def _key_block(q, k_base, v_base, size_row, stride_kn, stride_vn, stride_size_n, start, num_tokens, dim_ok, qk_scale,
                BLOCK_N: tl.constexpr):
     """The ``BLOCK_N`` keys and values from ``start`` and the base-2 logits of ``q`` against them (``q k^T``
-    times ``qk_scale`` plus the keys' bias times log2(e)). Keys past the sequence load as 0 with a bias of
-    -inf: the mask costs nothing more than the bias."""
+    times ``qk_scale`` plus the keys' bias, :func:`_size_bias`); keys past the sequence load as 0."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < num_tokens
     kv_ok = col_ok[:, None] & dim_ok[None, :]
     k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_ok, other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_ok, other=0.0)
-    bias = tl.load(bias_row + cols * stride_bias_n, mask=col_ok, other=float("-inf")).to(tl.float32)
+    bias = _size_bias(size_row, stride_size_n, cols, col_ok, q.dtype)
     # "ieee" changes fp32 operands only (no TF32); fp16 and bf16 go to the tensor cores as they are
-    logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale + bias[None, :] * LOG2E
+    logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale + bias[None, :]
     return k, v, logits
 
 
 @triton.jit
-def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, num_heads, num_tokens, head_dim,
+def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, size_ptr, out_ptr, lse_ptr, num_heads, num_tokens, head_dim,
                                 qk_scale,
                                 stride_qb, stride_qh, stride_qn, stride_qd,
                                 stride_kb, stride_kh, stride_kn, stride_kd,
                                 stride_vb, stride_vh, stride_vn, stride_vd,
-                                stride_bias_b, stride_bias_n,
+                                stride_size_b, stride_size_n,
                                 stride_ob, stride_oh, stride_on, stride_od,
                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 STORE_LSE: tl.constexpr):
     """One block of ``BLOCK_M`` queries of one (batch, head) against all keys, with an online softmax in
-    base 2: ``qk_scale`` is ``scale * log2(e)`` and the bias is multiplied by ``log2(e)`` as it is loaded.
+    base 2: ``qk_scale`` is ``scale * log2(e)`` and the bias is multiplied by ``log2(e)`` as it is computed.
     ``STORE_LSE`` also writes each row's ``max + log2(sum)`` to ``lse_ptr`` (fp32 ``[B * H, N]``) for the
     backward; without it the store is compiled out and ``lse_ptr`` is never touched."""
     bh, b, h = _image_head(num_heads)
@@ -79,8 +87,8 @@ def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(0, num_tokens, BLOCK_N):
-        k, v, logits = _key_block(q, k_base, v_base, bias_ptr + b * stride_bias_b, stride_kn, stride_vn,
-                                  stride_bias_n, start, num_tokens, dim_ok, qk_scale, BLOCK_N)
+        k, v, logits = _key_block(q, k_base, v_base, size_ptr + b * stride_size_b, stride_kn, stride_vn,
+                                  stride_size_n, start, num_tokens, dim_ok, qk_scale, BLOCK_N)
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         p = tl.exp2(logits - new_max[:, None])
         correction = tl.exp2(row_max - new_max)
@@ -96,12 +104,12 @@ def _proportional_attention_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
 
 
 @triton.jit
-def _proportional_attention_bwd_dq(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+def _proportional_attention_bwd_dq(q_ptr, k_ptr, v_ptr, size_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
                                    num_heads, num_tokens, head_dim, scale, qk_scale,
                                    stride_qb, stride_qh, stride_qn, stride_qd,
                                    stride_kb, stride_kh, stride_kn, stride_kd,
                                    stride_vb, stride_vh, stride_vn, stride_vd,
-                                   stride_bias_b, stride_bias_n,
+                                   stride_size_b, stride_size_n,
                                    stride_ob, stride_oh, stride_on, stride_od,
                                    stride_dob, stride_doh, stride_don, stride_dod,
                                    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
@@ -133,8 +141,8 @@ def _proportional_attention_bwd_dq(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(0, num_tokens, BLOCK_N):
-        k, v, logits = _key_block(q, k_base, v_base, bias_ptr + b * stride_bias_b, stride_kn, stride_vn,
-                                  stride_bias_n, start, num_tokens, dim_ok, qk_scale, BLOCK_N)
+        k, v, logits = _key_block(q, k_base, v_base, size_ptr + b * stride_size_b, stride_kn, stride_vn,
+                                  stride_size_n, start, num_tokens, dim_ok, qk_scale, BLOCK_N)
         p = tl.exp2(logits - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
@@ -145,12 +153,12 @@ def _proportional_attention_bwd_dq(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_
 
 
 @triton.jit
-def _proportional_attention_bwd_dkdv(q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+def _proportional_attention_bwd_dkdv(q_ptr, k_ptr, v_ptr, size_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                                      num_heads, num_tokens, head_dim, scale, qk_scale,
                                      stride_qb, stride_qh, stride_qn, stride_qd,
                                      stride_kb, stride_kh, stride_kn, stride_kd,
                                      stride_vb, stride_vh, stride_vn, stride_vd,
-                                     stride_bias_b, stride_bias_n,
+                                     stride_size_b, stride_size_n,
                                      stride_dob, stride_doh, stride_don, stride_dod,
                                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -167,8 +175,7 @@ def _proportional_attention_bwd_dkdv(q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, ls
                 mask=kv_ok, other=0.0)
     v = tl.load(_tile(v_ptr, b, h, cols, dims, stride_vb, stride_vh, stride_vn, stride_vd),
                 mask=kv_ok, other=0.0)
-    bias = tl.load(bias_ptr + b * stride_bias_b + cols * stride_bias_n, mask=col_ok,
-                   other=float("-inf")).to(tl.float32) * LOG2E
+    bias = _size_bias(size_ptr + b * stride_size_b, stride_size_n, cols, col_ok, k.dtype)
     q_base = q_ptr + b * stride_qb + h * stride_qh + dims[None, :] * stride_qd
     do_base = dout_ptr + b * stride_dob + h * stride_doh + dims[None, :] * stride_dod
     row_base = bh.to(tl.int64) * num_tokens
@@ -200,28 +207,29 @@ def _head_dim_block(head_dim: int) -> int:
     return max(triton.next_power_of_2(head_dim), 16)
 
 
-def _forward(q, k, v, log_size, scale, block_m, block_n, store_lse):
+def _forward(q, k, v, size, scale, block_m, block_n, store_lse):
     B, H, N, D = q.shape
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if store_lse else None
     grid = (triton.cdiv(N, block_m), B * H)
-    _proportional_attention_fwd[grid](q, k, v, log_size, out, out if lse is None else lse, H, N, D,
+    _proportional_attention_fwd[grid](q, k, v, size, out, out if lse is None else lse, H, N, D,
                                       scale * LOG2E.value,
-                                      *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *out.stride(),
+                                      *q.stride(), *k.stride(), *v.stride(), *size.stride(), *out.stride(),
                                       HEAD_DIM=_head_dim_block(D), BLOCK_M=block_m, BLOCK_N=block_n,
                                       STORE_LSE=store_lse, num_warps=8 if D > 64 else 4, num_stages=3)
     return out, lse
 
 
-def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor, scale: float,
+def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, scale: float,
                            *, block_m: int = 128, block_n: int = 64) -> torch.Tensor:
-    """``softmax(q k^T * scale + log_size) v`` with ``log_size`` a bias per key, the same for every head and query.
+    """``softmax(q k^T * scale + log(size)) v``: keys weighed by the tokens they hold, the same for every head and
+    query (``log(size)`` rounded to ``q``'s dtype, as SDPA's mask would hold it, and added in fp32).
 
     Args:
         q, k, v: ``[B, H, N, D]`` fp16, bf16 or fp32, any strides (timm's are views of one packed qkv: they are
             read where they lie, never copied); any head dim ``D`` (padded to a power of two >= 16 in the kernel,
             which ``tl.dot`` needs: ViT-H's 80 computes as 128).
-        log_size: ``[B, N]``, ``log`` of the tokens each key holds (any float dtype; added in fp32).
+        size: ``[B, N]``, the tokens each key holds (any float dtype, any strides; 1: plain attention).
         scale: the logit scale, usually ``D ** -0.5``.
         block_m, block_n: queries per program and keys per loop step. The defaults are for an H100 at
             N ~ 200: 197 tokens pad to 256 with 64 or 128 either way, so 128 queries per program read every
@@ -234,7 +242,7 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view. No gradient: see
     :func:`proportional_attention_trainable`.
     """
-    return _forward(q, k, v, log_size, scale, block_m, block_n, store_lse=False)[0]
+    return _forward(q, k, v, size, scale, block_m, block_n, store_lse=False)[0]
 
 
 def _fitted(block: int, num_tokens: int) -> int:
@@ -243,15 +251,15 @@ def _fitted(block: int, num_tokens: int) -> int:
     return min(block, max(16, triton.next_power_of_2(num_tokens)))
 
 
-def size_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
+def size_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """:func:`proportional_attention` at SDPA's default scale ``D ** -0.5``, blocks fitted to the token count:
     the candidate for :func:`.attention._masked_attention`, with its arguments."""
     n = q.shape[2]
-    return proportional_attention(q, k, v, log_size, q.shape[-1] ** -0.5, block_m=_fitted(128, n),
+    return proportional_attention(q, k, v, size, q.shape[-1] ** -0.5, block_m=_fitted(128, n),
                                   block_n=_fitted(64, n))
 
 
-def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor,
+def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor,
                                     out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
                                     *, block_outer: int = 128, block_inner: int = 32
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,7 +267,7 @@ def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
     recomputed from the forward's log-sum-exp, never stored, and each gradient has one writer (deterministic).
 
     Args:
-        q, k, v, log_size, scale: the forward's arguments (any strides).
+        q, k, v, size, scale: the forward's arguments (any strides).
         out: the forward's result ``[B, H, N, D]``; ``lse``: its ``max + log2(sum)`` per row, fp32 ``[B, H, N]``.
         grad_out: ``[B, H, N, D]`` in ``q``'s dtype, any strides (an expanded gradient of stride 0 too).
         block_outer, block_inner: rows a program owns (queries for dq, keys for dk/dv) and rows of the other side
@@ -281,46 +289,46 @@ def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
     scales = (scale, scale * LOG2E.value)
     # dq first: it writes delta, which every dk/dv program reads for all queries
     _proportional_attention_bwd_dq[(triton.cdiv(N, block_outer), B * H)](
-        q, k, v, log_size, out, grad_out, lse, delta, dq, H, N, D, *scales,
-        *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+        q, k, v, size, out, grad_out, lse, delta, dq, H, N, D, *scales,
+        *q.stride(), *k.stride(), *v.stride(), *size.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
         BLOCK_M=block_outer, BLOCK_N=block_inner, num_warps=8 if D > 64 else 4, **common)
     _proportional_attention_bwd_dkdv[(triton.cdiv(N, block_outer), B * H)](
-        q, k, v, log_size, grad_out, lse, delta, dk, dv, H, N, D, *scales,
-        *q.stride(), *k.stride(), *v.stride(), *log_size.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        q, k, v, size, grad_out, lse, delta, dk, dv, H, N, D, *scales,
+        *q.stride(), *k.stride(), *v.stride(), *size.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         BLOCK_M=block_inner, BLOCK_N=block_outer, num_warps=8, **common)
     return dq, dk, dv
 
 
 class ProportionalAttention(torch.autograd.Function):
-    """:func:`proportional_attention` differentiable in ``q, k, v``; ``log_size`` gets no gradient (ToMe detaches
-    the sizes). ``apply(q, k, v, log_size, scale, blocks)`` with ``blocks`` a dict of
+    """:func:`proportional_attention` differentiable in ``q, k, v``; ``size`` gets no gradient (ToMe detaches
+    the sizes). ``apply(q, k, v, size, scale, blocks)`` with ``blocks`` a dict of
     :func:`proportional_attention_trainable`'s block sizes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_size, scale, blocks):
-        out, lse = _forward(q, k, v, log_size, scale, blocks["block_m"], blocks["block_n"], store_lse=True)
-        ctx.save_for_backward(q, k, v, log_size, out, lse)
+    def forward(ctx, q, k, v, size, scale, blocks):
+        out, lse = _forward(q, k, v, size, scale, blocks["block_m"], blocks["block_n"], store_lse=True)
+        ctx.save_for_backward(q, k, v, size, out, lse)
         ctx.scale, ctx.blocks = scale, blocks
         return out
 
     @staticmethod
     @once_differentiable  # the backward is a kernel: a second derivative would be silently wrong, so it raises
     def backward(ctx, grad_out):
-        q, k, v, log_size, out, lse = ctx.saved_tensors
-        dq, dk, dv = proportional_attention_backward(q, k, v, log_size, out, lse, grad_out, ctx.scale,
+        q, k, v, size, out, lse = ctx.saved_tensors
+        dq, dk, dv = proportional_attention_backward(q, k, v, size, out, lse, grad_out, ctx.scale,
                                                      block_outer=ctx.blocks["block_outer"],
                                                      block_inner=ctx.blocks["block_inner"])
         return dq, dk, dv, None, None, None
 
 
-def proportional_attention_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor,
+def proportional_attention_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor,
                                      scale: float, *, block_m: int = 128, block_n: int = 64, block_outer: int = 128,
                                      block_inner: int = 32) -> torch.Tensor:
     """:func:`proportional_attention` with a gradient for ``q, k, v`` (:func:`proportional_attention_backward`;
     the block sizes are theirs). The forward is the same kernel, which also keeps each row's log-sum-exp
     (fp32 ``[B, H, N]``, 1/32 of ``q`` at D 64 in fp16) for the backward."""
     blocks = dict(block_m=block_m, block_n=block_n, block_outer=block_outer, block_inner=block_inner)
-    return ProportionalAttention.apply(q, k, v, log_size, scale, blocks)
+    return ProportionalAttention.apply(q, k, v, size, scale, blocks)
 
 
 def _fitted_blocks(num_tokens: int) -> dict[str, int]:
@@ -330,26 +338,26 @@ def _fitted_blocks(num_tokens: int) -> dict[str, int]:
 
 
 def size_biased_attention_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                    log_size: torch.Tensor) -> torch.Tensor:
-    """:func:`size_biased_attention` differentiable in ``q, k, v`` (``[B, H, N, D]``, any strides; ``log_size``
+                                    size: torch.Tensor) -> torch.Tensor:
+    """:func:`size_biased_attention` differentiable in ``q, k, v`` (``[B, H, N, D]``, any strides; ``size``
     ``[B, N]`` gets no gradient): the training counterpart of :func:`.attention._masked_attention`."""
-    return ProportionalAttention.apply(q, k, v, log_size, q.shape[-1] ** -0.5, _fitted_blocks(q.shape[2]))
+    return ProportionalAttention.apply(q, k, v, size, q.shape[-1] ** -0.5, _fitted_blocks(q.shape[2]))
 
 
-def size_biased_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor
+def size_biased_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of :func:`size_biased_attention_trainable` on its own (for an op pair under
     ``torch.compile``): the output ``[B, H, N, D]`` (laid out as ``[B, N, H, D]``) and each row's
     log-sum-exp, fp32 ``[B, H, N]``, which :func:`size_biased_attention_backward` takes."""
     blocks = _fitted_blocks(q.shape[2])
-    return _forward(q, k, v, log_size, q.shape[-1] ** -0.5, blocks["block_m"], blocks["block_n"], store_lse=True)
+    return _forward(q, k, v, size, q.shape[-1] ** -0.5, blocks["block_m"], blocks["block_n"], store_lse=True)
 
 
-def size_biased_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor,
+def size_biased_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor,
                                    out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor
                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward of :func:`size_biased_attention_trainable` on its own: ``dq, dk, dv`` from
     :func:`size_biased_attention_forward`'s output and log-sum-exp (see :func:`proportional_attention_backward`)."""
     blocks = _fitted_blocks(q.shape[2])
-    return proportional_attention_backward(q, k, v, log_size, out, lse, grad_out, q.shape[-1] ** -0.5,
+    return proportional_attention_backward(q, k, v, size, out, lse, grad_out, q.shape[-1] ** -0.5,
                                            block_outer=blocks["block_outer"], block_inner=blocks["block_inner"])
