@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tome_train.tome.attention import proportional_attention, size_bias
+from tome_train.tome.attention import packed_heads, proportional_attention, size_bias
 
 
 def aligned_bias(q, k, v, size):
@@ -55,11 +55,12 @@ def size_weighted_values(q, k, v, size):
     return F.scaled_dot_product_attention(q, k, v * s) / F.scaled_dot_product_attention(q, k, s.expand_as(v).contiguous())
 
 
-def triton_bias(q, k, v, size):
-    """The library's Triton flash kernels with the bias per key (forward, and backward in training)."""
+def triton_bias(qkv, heads, size):
+    """The library's Triton flash kernels with the bias per key (forward, and backward in training, which writes
+    the gradient of the packed qkv directly)."""
     from tome_train.tome.triton_attention import size_biased_attention_trainable
 
-    return size_biased_attention_trainable(q, k, v, size[..., 0])
+    return size_biased_attention_trainable(qkv, heads, size[..., 0])
 
 
 def plain(q, k, v, size):
@@ -71,20 +72,25 @@ def masked(q, k, v, size):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size).to(q.dtype))
 
 
+def on_heads(attend):
+    """``attend(q, k, v, size)`` as a variant: on the heads of timm's packed qkv, as a ToMe block has them (so that
+    in training the gradient goes back through timm's split of the heads, as it does there)."""
+    return lambda qkv, heads, size: attend(*packed_heads(qkv, heads), size)
+
+
 VARIANTS = {
-    "plain": (plain, None),
-    "bias": (lambda q, k, v, s: proportional_attention(q, k, v, s), None),
-    "bias_cudnn": (lambda q, k, v, s: proportional_attention(q, k, v, s), SDPBackend.CUDNN_ATTENTION),
-    "bias_efficient": (lambda q, k, v, s: proportional_attention(q, k, v, s),
-                       SDPBackend.EFFICIENT_ATTENTION),
-    "bias_aligned": (aligned_bias, None),
-    "bias_full": (full_bias, None),
+    "plain": (on_heads(plain), None),
+    "bias": (on_heads(proportional_attention), None),
+    "bias_cudnn": (on_heads(proportional_attention), SDPBackend.CUDNN_ATTENTION),
+    "bias_efficient": (on_heads(proportional_attention), SDPBackend.EFFICIENT_ATTENTION),
+    "bias_aligned": (on_heads(aligned_bias), None),
+    "bias_full": (on_heads(full_bias), None),
     "triton": (triton_bias, None),
-    "values": (size_weighted_values, None),
-    "values_cudnn": (size_weighted_values, SDPBackend.CUDNN_ATTENTION),
-    "plain_compiled": (torch.compile(plain), None),
-    "bias_compiled": (torch.compile(masked), None),
-    "bias_compiled_dynamic": (torch.compile(masked, dynamic=True), None),
+    "values": (on_heads(size_weighted_values), None),
+    "values_cudnn": (on_heads(size_weighted_values), SDPBackend.CUDNN_ATTENTION),
+    "plain_compiled": (torch.compile(on_heads(plain)), None),
+    "bias_compiled": (torch.compile(on_heads(masked)), None),
+    "bias_compiled_dynamic": (torch.compile(on_heads(masked), dynamic=True), None),
 }
 
 
@@ -143,19 +149,20 @@ def main(argv=None):
     for mode in args.mode:
         for n in args.tokens:
             g = torch.Generator(device).manual_seed(n)
-            shape = (args.batch_size, args.heads, n, args.head_dim)
-            q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtypes[mode]) for _ in range(3))
+            qkv = torch.randn(args.batch_size, n, 3 * args.heads * args.head_dim, generator=g, device=device,
+                              dtype=dtypes[mode])
             size = torch.randint(1, 8, (args.batch_size, n, 1), generator=g, device=device).to(dtypes[mode])
             if mode == "train":
-                q, k, v = (t.requires_grad_() for t in (q, k, v))
-                grad = torch.randn(shape, generator=g, device=device, dtype=dtypes[mode])
+                qkv.requires_grad_()
+                grad = torch.randn(args.batch_size, args.heads, n, args.head_dim, generator=g, device=device,
+                                   dtype=dtypes[mode])
             plain_ms = None
             for name in args.variants:
                 attend, backend = VARIANTS[name]
 
                 def step():
                     with sdpa_kernel([backend]) if backend is not None else nullcontext():
-                        out = attend(q, k, v, size)
+                        out = attend(qkv, args.heads, size)
                         if mode == "train":
                             torch.autograd.backward(out, grad)
                         return out

@@ -42,7 +42,7 @@ SWAPS = {
     "no_fused_merge": {(merge, "_merge_rows"): merge._weighted_merge,
                        (merge, "_merge_rows_backward"): merge._weighted_merge_backward},
     "no_triton_attention": {(attention, "_size_biased_attention"): attention._masked_attention,
-                            (attention, "_trained_size_biased_attention"): attention._masked_attention},
+                            (attention, "_trained_size_biased_attention"): attention._packed_masked_attention},
 }
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tome_train.tome import bipartite_soft_matching
-from tome_train.tome.attention import additive_mask, proportional_attention
+from tome_train.tome.attention import additive_mask, packed_heads, proportional_attention
 
 B, H, N, DH = 2, 3, 11, 8
 
@@ -92,10 +92,11 @@ def test_probe_variants_compute_proportional_attention():
     probe = _probe()
     q, k, v, size = (t.detach().float() for t in inputs(seed=4))
     expected = explicit(q.double(), k.double(), v.double(), size.double()).float()
+    qkv = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * H * DH)  # timm's packed layout
     for name, (attend, backend) in probe.VARIANTS.items():
         if name.startswith("plain") or backend is not None:  # plain ignores sizes; forced backends are CUDA kernels
             continue
-        assert (attend(q, k, v, size) - expected).abs().max() <= 1e-5, name
+        assert (attend(qkv, H, size) - expected).abs().max() <= 1e-5, name
 
 
 def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
@@ -117,11 +118,10 @@ def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
 
 
 def packed_qkv(num_tokens: int, seed: int, dtype: torch.dtype, requires_grad: bool = False):
-    """``q, k, v`` ``[2, 2, N, 16]`` as views of one packed qkv (timm's layout) and sizes ``[2, N]``."""
+    """timm's packed qkv ``[2, N, 3 * 2 * 16]`` (2 heads of 16) and sizes ``[2, N]``."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(2, num_tokens, 3 * 2 * 16, generator=g).to(dtype).requires_grad_(requires_grad)
-    q, k, v = qkv.reshape(2, num_tokens, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
-    return q, k, v, torch.randint(1, 9, (2, num_tokens), generator=g).float()
+    return qkv, torch.randint(1, 9, (2, num_tokens), generator=g).float()
 
 
 @pytest.mark.parametrize("kernels_win", [False, True])
@@ -138,31 +138,32 @@ def test_compiled_training_attention_is_an_op_pair_running_the_eager_choice(monk
     from tome_train.tome.kernels import FastestPath
     from tome_train.tome.triton_attention import size_biased_attention_trainable
 
-    path = FastestPath(attention._masked_attention, size_biased_attention_trainable, device_types=("cpu",),
+    path = FastestPath(attention._packed_masked_attention, size_biased_attention_trainable, device_types=("cpu",),
                        agree=attention.same_attention, differentiable=True)
     monkeypatch.setattr(attention, "_trained_size_biased_attention", path)
-    winner = size_biased_attention_trainable if kernels_win else attention._masked_attention
-    monkeypatch.setattr(FastestPath, "_time", staticmethod(lambda fn, device, args: 0.0 if fn.__wrapped__ is winner else 1.0))
+    winner = size_biased_attention_trainable if kernels_win else attention._packed_masked_attention
+    monkeypatch.setattr(FastestPath, "_time", staticmethod(
+        lambda fn, device, args: 0.0 if fn.__wrapped__ is winner else 1.0))
     op = attention.compiled_trained_size_biased_attention
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(lambda *args: op(*args)[0] * 2, fullgraph=True, dynamic=True)
+    compiled = torch.compile(lambda qkv, size: op(qkv, 2, size)[0] * 2, fullgraph=True, dynamic=True)
     for num_tokens in (9, 7, 5):
-        args = packed_qkv(num_tokens, num_tokens, torch.float16, requires_grad=True)
-        out = compiled(*args)
+        qkv, size = packed_qkv(num_tokens, num_tokens, torch.float16, requires_grad=True)
+        out = compiled(qkv, size)
         assert out.transpose(1, 2).is_contiguous()  # [B, N, H, Dh] in memory: merging the heads is a view
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).half()
-        grads = torch.autograd.grad(out, args[:3], grad_out)
-        eager_args = packed_qkv(num_tokens, num_tokens, torch.float16, requires_grad=True)
-        expected = winner(*eager_args) * 2
-        expected_grads = torch.autograd.grad(expected, eager_args[:3], grad_out)
+        (grad,) = torch.autograd.grad(out, qkv, grad_out)
+        eager_qkv = qkv.detach().clone().requires_grad_()
+        expected = winner(eager_qkv, 2, size) * 2
+        (expected_grad,) = torch.autograd.grad(expected, eager_qkv, grad_out)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
-        for grad, expected_grad in zip(grads, expected_grads):
-            torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
     assert counters["stats"]["unique_graphs"] == 1
     assert not path.broken and len(path.choices) == 3 and set(path.choices.values()) == {winner}
-    torch.library.opcheck(op, packed_qkv(6, seed=0, dtype=torch.float16, requires_grad=True))
+    qkv, size = packed_qkv(6, seed=0, dtype=torch.float16, requires_grad=True)
+    torch.library.opcheck(op, (qkv, 2, size))
 
 
 def test_compiled_attention_is_one_op_the_compiler_calls_and_does_not_trace():
@@ -175,12 +176,14 @@ def test_compiled_attention_is_one_op_the_compiler_calls_and_does_not_trace():
     from tome_train.tome import attention
 
     op = attention.compiled_size_biased_attention
-    torch.library.opcheck(op, packed_qkv(9, seed=0, dtype=torch.bfloat16))
+    qkv, size = packed_qkv(9, seed=0, dtype=torch.bfloat16)
+    torch.library.opcheck(op, (*packed_heads(qkv, 2), size))
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(lambda *args: op(*args) * 2, fullgraph=True, dynamic=True)
     for num_tokens in (9, 7, 5):
-        args = packed_qkv(num_tokens, num_tokens, torch.bfloat16)
+        qkv, size = packed_qkv(num_tokens, num_tokens, torch.bfloat16)
+        args = (*packed_heads(qkv, 2), size)
         out = compiled(*args)
         assert out.transpose(1, 2).is_contiguous()  # [B, N, H, Dh] in memory: merging the heads is a view
         torch.testing.assert_close(out, attention._masked_attention(*args) * 2, rtol=0, atol=0)

@@ -235,7 +235,7 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path):
     with probe.swapped("no_fused_merge"):
         assert library_paths() == (library[0], merge._weighted_merge, merge._weighted_merge_backward, *library[3:])
     with probe.swapped("no_triton_attention"):
-        assert library_paths() == (*library[:3], attention._masked_attention, attention._masked_attention,
+        assert library_paths() == (*library[:3], attention._masked_attention, attention._packed_masked_attention,
                                    *library[5:])
     with probe.swapped("no_fused_plan"):
         assert library_paths() == (*library[:5], merge.plan_merge, merge.size_weights, merge.plan_layer)

@@ -8,22 +8,27 @@ import torch
 
 pytest.importorskip("triton")
 
+from tome_train.tome.attention import packed_heads  # noqa: E402
 from tome_train.tome.triton_attention import (  # noqa: E402
-    proportional_attention, proportional_attention_trainable, size_biased_attention, size_biased_attention_trainable)
+    proportional_attention, proportional_attention_trainable, size_biased_attention, size_biased_attention_forward,
+    size_biased_attention_trainable)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 B, H = 2, 2
 
 
-def packed_qkv(num_tokens: int, head_dim: int, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """``q, k, v`` ``[B, H, N, D]`` as timm makes them (strided views of one qkv ``[B, N, 3 * H * D]``) and
-    sizes ``[B, N]`` from 1 to 8."""
+def packed(num_tokens: int, head_dim: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """timm's packed projection ``qkv`` ``[B, N, 3 * H * D]`` and sizes ``[B, N]`` from 1 to 8."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, num_tokens, 3 * H * head_dim, generator=g).to(dtype)
-    q, k, v = qkv.reshape(B, num_tokens, 3, H, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    size = torch.randint(1, 9, (B, num_tokens), generator=g).float()
-    return q, k, v, size
+    return qkv, torch.randint(1, 9, (B, num_tokens), generator=g).float()
+
+
+def packed_qkv(num_tokens: int, head_dim: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """``q, k, v`` ``[B, H, N, D]`` as timm makes them (strided views of :func:`packed`'s qkv) and the sizes."""
+    qkv, size = packed(num_tokens, head_dim, dtype, seed)
+    return (*packed_heads(qkv, H), size)
 
 
 def explicit(q, k, v, size, scale):
@@ -105,13 +110,14 @@ def test_a_key_of_size_s_counts_as_s_identical_keys():
 def test_the_library_stands_the_kernels_against_the_mask_with_and_without_a_gradient(monkeypatch):
     """``proportional_attention`` in half precision goes through the kernels' FastestPaths (PyTorch's mask on
     the CPU, bit for bit the mask it always used): the forward kernel without a gradient, the trainable one
-    with it. Each agrees with the mask by its path's own check (the trainable one through its backward), and
+    with it where it has timm's packed qkv to write the gradient into. Each agrees with the mask by its path's own check (the trainable one through its backward), and
     a choice on a CPU stand-in path runs it. fp32 (no tensor cores for the kernels) stays on the mask."""
     from tome_train.tome import attention
     from tome_train.tome.kernels import FastestPath
     from tome_train.tome.triton_attention import size_biased_attention, size_biased_attention_trainable
 
-    q, k, v, sizes = packed_qkv(37, 16, torch.float16, seed=3)
+    qkv, sizes = packed(37, 16, torch.float16, seed=3)
+    q, k, v = packed_heads(qkv, H)
     size = sizes[..., None]
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention.size_bias(size).half())
     with torch.no_grad():
@@ -131,8 +137,8 @@ def test_the_library_stands_the_kernels_against_the_mask_with_and_without_a_grad
 
     on_cpu = FastestPath(attention._masked_attention, size_biased_attention, device_types=("cpu",),
                          agree=attention.same_attention)
-    trained_on_cpu = FastestPath(attention._masked_attention, size_biased_attention_trainable, device_types=("cpu",),
-                                 agree=attention.same_attention, differentiable=True)
+    trained_on_cpu = FastestPath(attention._packed_masked_attention, size_biased_attention_trainable,
+                                 device_types=("cpu",), agree=attention.same_attention, differentiable=True)
     monkeypatch.setattr(attention, "_size_biased_attention", on_cpu)
     monkeypatch.setattr(attention, "_trained_size_biased_attention", trained_on_cpu)
     with torch.no_grad():
@@ -140,31 +146,45 @@ def test_the_library_stands_the_kernels_against_the_mask_with_and_without_a_grad
         assert on_cpu.choices == {}
         torch.testing.assert_close(attention.proportional_attention(q, k, v, size), expected, rtol=0, atol=5e-3)
     assert len(on_cpu.choices) == 1 and trained_on_cpu.choices == {}
-    q.requires_grad_()
-    out = attention.proportional_attention(q, k, v, size)
+    qkv.requires_grad_()
+    q, k, v = packed_heads(qkv, H)
+    attention.proportional_attention(q, k, v, size)  # without the packed qkv: the mask, the path is not asked
+    assert trained_on_cpu.choices == {}
+    out = attention.proportional_attention(q, k, v, size, qkv=qkv)
     assert len(trained_on_cpu.choices) == 1 and not trained_on_cpu.broken  # agreed, output and gradients
     assert len(on_cpu.choices) == 1
     out.float().sum().backward()
-    reference = q.detach().clone().requires_grad_()
-    attention._masked_attention(reference, k, v, sizes).float().sum().backward()
-    torch.testing.assert_close(q.grad, reference.grad, rtol=5e-3, atol=5e-3)
+    reference = qkv.detach().clone().requires_grad_()
+    attention._packed_masked_attention(reference, H, sizes).float().sum().backward()
+    torch.testing.assert_close(qkv.grad, reference.grad, rtol=5e-3, atol=5e-3)
 
 
-def gradients(attend, q, k, v, size, grad_out, **kwargs):
-    """``dq, dk, dv`` of ``attend(q, k, v, size, **kwargs)`` against ``grad_out``, for leaves made of (detached,
-    so with their strides) ``q, k, v``."""
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    attend(q, k, v, size, **kwargs).backward(grad_out)
-    return q.grad, k.grad, v.grad
+def gradients(attend, qkv, size, grad_out, **kwargs):
+    """``dq, dk, dv`` of ``attend(qkv, H, size, **kwargs)`` against ``grad_out``: the gradient of a (detached) leaf
+    ``qkv``, split into heads as ``q, k, v`` are."""
+    qkv = qkv.detach().requires_grad_()
+    attend(qkv, H, size, **kwargs).backward(grad_out)
+    return packed_heads(qkv.grad, H)
 
 
-def expected_gradients(q, k, v, size, grad_out, scale):
-    """The gradients of :func:`explicit` in float64 on the same (rounded) inputs."""
-    return gradients(explicit, *(t.double() for t in (q, k, v, size, grad_out)), scale=scale)
+def explicit_packed(qkv, heads, size, scale):
+    return explicit(*packed_heads(qkv, heads), size, scale)
 
 
-def random_grad(q, seed=5):
-    return torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
+def expected_gradients(qkv, size, grad_out, scale):
+    """The gradients of :func:`explicit` in float64 on the same (rounded) inputs, ``log(size)`` rounded to
+    ``qkv``'s dtype."""
+    log_size_in_dtype = size.log().to(qkv.dtype).double().exp()
+    return gradients(explicit_packed, qkv.double(), log_size_in_dtype, grad_out.double(), scale=scale)
+
+
+def random_grad(out, seed=5):
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+
+
+def output_like(qkv):
+    """A tensor shaped like the attention output ``[B, H, N, D]`` of ``qkv``."""
+    return packed_heads(qkv, H)[0]
 
 
 @pytest.mark.parametrize("num_tokens,head_dim,blocks", [
@@ -176,12 +196,13 @@ def random_grad(q, seed=5):
     (37, 24, {"block_m": 16, "block_n": 16, "block_outer": 16, "block_inner": 16}),
 ])
 def test_fp32_gradients_equal_the_formula(num_tokens, head_dim, blocks):
-    """dq, dk and dv within 1e-5 of float64 autograd (measured <= 1.4e-6 on gradients up to 3.4)."""
-    q, k, v, size = packed_qkv(num_tokens, head_dim)
-    grad_out, scale = random_grad(q), head_dim ** -0.5
-    grads = gradients(proportional_attention_trainable, q, k, v, size, grad_out, scale=scale, **blocks)
-    for grad, expected, t in zip(grads, expected_gradients(q, k, v, size, grad_out, scale), (q, k, v)):
-        assert grad.shape == t.shape and grad.dtype == torch.float32
+    """dq, dk and dv, written where q, k and v lie in the packed gradient, within 1e-5 of float64 autograd
+    (measured <= 1.4e-6 on gradients up to 3.4)."""
+    qkv, size = packed(num_tokens, head_dim)
+    grad_out, scale = random_grad(output_like(qkv)), head_dim ** -0.5
+    grads = gradients(proportional_attention_trainable, qkv, size, grad_out, scale=scale, **blocks)
+    for grad, expected in zip(grads, expected_gradients(qkv, size, grad_out, scale)):
+        assert grad.shape == (B, H, num_tokens, head_dim) and grad.dtype == torch.float32
         torch.testing.assert_close(grad.double(), expected, rtol=0, atol=1e-5)
 
 
@@ -190,45 +211,50 @@ def test_fp16_gradients_within_rounding_of_the_formula(num_tokens, head_dim):
     """Against float64 autograd on the same fp16 inputs: the kernels round the weights and ``dS`` to fp16 before
     their dots and the gradients (up to 2.5 here, ulp 2**-9) to fp16 at the end, 4e-3 (measured <= 9e-4).
     Not bf16: the interpreter multiplies bf16's bit patterns in ``tl.dot`` (triton-lang/triton#11584)."""
-    q, k, v, size = packed_qkv(num_tokens, head_dim, torch.float16)
-    grad_out = random_grad(q)
-    grads = gradients(size_biased_attention_trainable, q, k, v, size, grad_out)
-    for grad, expected in zip(grads, expected_gradients(q, k, v, size, grad_out, head_dim ** -0.5)):
+    qkv, size = packed(num_tokens, head_dim, torch.float16)
+    grad_out = random_grad(output_like(qkv))
+    grads = gradients(size_biased_attention_trainable, qkv, size, grad_out)
+    for grad, expected in zip(grads, expected_gradients(qkv, size, grad_out, head_dim ** -0.5)):
         assert grad.dtype == torch.float16
         torch.testing.assert_close(grad.double(), expected, rtol=0, atol=4e-3)
 
 
-def test_strided_views_differentiate_as_their_contiguous_copies():
-    """Bit for bit: q, k, v as views of timm's packed qkv, and the incoming gradient in the output's own layout
-    (tokens then heads) or expanded from a sum (stride 0), are read by their strides."""
-    q, k, v, size = packed_qkv(70, 16, torch.float16)
-    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    grad_out = random_grad(q)
-    expected = gradients(size_biased_attention_trainable, q.contiguous(), k.contiguous(), v.contiguous(), size,
-                         grad_out)
-    tokens_first = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
-    for got in (gradients(size_biased_attention_trainable, q, k, v, size, grad_out),
-                gradients(size_biased_attention_trainable, q, k, v, size, tokens_first)):
-        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+def test_the_packed_gradient_is_autograds_through_the_split_heads():
+    """Bit for bit: the packed gradient the kernels write is what autograd gives through timm's split of the
+    heads from the same kernels' ``dq, dk, dv`` (stacked and copied into qkv's layout); the incoming gradient
+    in the output's own layout (tokens then heads) or expanded from a sum (stride 0) is read by its strides."""
+    from tome_train.tome.triton_attention import _fitted_blocks, proportional_attention_backward
 
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    size_biased_attention_trainable(q, k, v, size).sum().backward()
-    ones = gradients(size_biased_attention_trainable, q, k, v, size, torch.ones_like(grad_out))
-    assert all(torch.equal(t.grad, b) for t, b in zip((q, k, v), ones))
+    qkv, size = packed(70, 16, torch.float16)
+    grad_out = random_grad(output_like(qkv))
+    q, k, v = packed_heads(qkv, H)
+    out, lse = size_biased_attention_forward(qkv, H, size)
+    blocks = _fitted_blocks(70)
+    split = proportional_attention_backward(q, k, v, size, out, lse, grad_out, 0.25,
+                                            block_outer=blocks["block_outer"], block_inner=blocks["block_inner"])
+    expected = torch.stack(split).permute(1, 3, 0, 2, 4).reshape(qkv.shape)
+    tokens_first = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
+    for incoming in (grad_out, tokens_first):
+        leaf = qkv.detach().requires_grad_()
+        size_biased_attention_trainable(leaf, H, size).backward(incoming)
+        assert torch.equal(leaf.grad, expected)
+
+    leaf = qkv.detach().requires_grad_()
+    size_biased_attention_trainable(leaf, H, size).sum().backward()
+    ones = gradients(size_biased_attention_trainable, qkv, size, torch.ones_like(grad_out))
+    assert all(torch.equal(a, b) for a, b in zip(packed_heads(leaf.grad, H), ones))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_trainable_forward_is_the_inference_kernel(dtype):
     """Bit for bit: the same kernel, only keeping its log-sum-exp, which is the base-2 log of the softmax's
     denominator (within 1e-5 of float64, measured <= 7.6e-7)."""
-    from tome_train.tome.triton_attention import _forward
-
-    q, k, v, size = packed_qkv(70, 16, dtype)
-    q.requires_grad_()
-    out = size_biased_attention_trainable(q, k, v, size)
+    qkv, size = packed(70, 16, dtype)
+    q, k, v = packed_heads(qkv, H)
+    out = size_biased_attention_trainable(qkv.requires_grad_(), H, size)
     assert out.requires_grad and out.stride() == size_biased_attention(q, k, v, size).stride()
     assert torch.equal(out, size_biased_attention(q, k, v, size))
-    _, lse = _forward(q.detach(), k, v, size, 0.25, 128, 64, store_lse=True)
+    _, lse = size_biased_attention_forward(qkv.detach(), H, size)
     logits = (q.double() @ k.double().transpose(-1, -2)) * 0.25 + size.log().to(dtype).double()[:, None, None, :]
     torch.testing.assert_close(lse.double(), logits.logsumexp(-1) / torch.log(torch.tensor(2.0)), rtol=0,
                                atol=1e-5)
@@ -237,13 +263,47 @@ def test_trainable_forward_is_the_inference_kernel(dtype):
 def test_size_gets_no_gradient_and_no_second_derivative():
     """Sizes are detached in ToMe: the backward returns None for them even when they ask for a gradient.
     A second derivative raises instead of being silently wrong."""
-    q, k, v, size = packed_qkv(7, 16)
-    q, k, v, size = (t.detach().requires_grad_() for t in (q, k, v, size))
-    out = size_biased_attention_trainable(q, k, v, size)
+    qkv, size = (t.detach().requires_grad_() for t in packed(7, 16))
+    out = size_biased_attention_trainable(qkv, H, size)
     out.backward(random_grad(out))
-    assert size.grad is None and all(t.grad is not None for t in (q, k, v))
+    assert size.grad is None and qkv.grad is not None
 
     grad_out = random_grad(out).requires_grad_()  # a double-backward pass differentiates in the gradient too
-    (dq,) = torch.autograd.grad(size_biased_attention_trainable(q, k, v, size), q, grad_out, create_graph=True)
+    (dqkv,) = torch.autograd.grad(size_biased_attention_trainable(qkv, H, size), qkv, grad_out, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
-        dq.sum().backward()
+        dqkv.sum().backward()
+
+
+def test_a_half_precision_model_trains_through_the_kernels_as_through_the_mask(monkeypatch):
+    """ViT-Ti (2 blocks at 64 px: 17 tokens, r 2) in fp16 with the training kernels standing in on the CPU (timed
+    as the faster): every block after the first takes them with its packed qkv, and every parameter's gradient
+    is the mask's to fp16 rounding (a gradient in the wrong place of qkv, or none, is off by its whole size)."""
+    import timm
+
+    from tome_train.tome import apply_tome, attention
+    from tome_train.tome.kernels import FastestPath
+
+    path = FastestPath(attention._packed_masked_attention, size_biased_attention_trainable, device_types=("cpu",),
+                       agree=attention.same_attention, differentiable=True)
+    monkeypatch.setattr(attention, "_trained_size_biased_attention", path)
+    monkeypatch.setattr(FastestPath, "_time", staticmethod(
+        lambda fn, device, args: 0.0 if fn.__wrapped__ is size_biased_attention_trainable else 1.0))
+    torch.manual_seed(0)
+    model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10), 2).half()
+    images = torch.randn(3, 3, 64, 64).half()
+
+    def grads():
+        model.zero_grad()
+        model(images).float().square().sum().backward()
+        return [p.grad.float().clone() for p in model.parameters()]
+
+    FastestPath.enabled = False
+    try:
+        expected = grads()
+    finally:
+        FastestPath.enabled = True
+    got = grads()
+    assert list(path.choices.values()) == [size_biased_attention_trainable]  # the second block, with sizes
+    for (name, _), grad, expected_grad in zip(model.named_parameters(), got, expected):
+        scale = expected_grad.abs().max().clamp_min(1e-3)
+        assert (grad - expected_grad).abs().max() <= 2e-2 * scale, name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from timm.layers.attention import Attention
 
 from . import kernels
@@ -44,6 +45,13 @@ def size_bias(size: torch.Tensor) -> torch.Tensor:
     return size.log()[:, None, None, :, 0]
 
 
+def packed_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v`` ``[B, H, N, Dh]`` split from timm's packed projection ``qkv`` ``[B, N, 3 * H * Dh]`` as timm's
+    ``Attention`` splits them (views)."""
+    batch, tokens, _ = qkv.shape
+    return qkv.reshape(batch, tokens, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def proportional_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,6 +59,7 @@ def proportional_attention(
     size: torch.Tensor | None,
     attn_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(q k^T / sqrt(Dh) + log(size) + attn_bias) v``.
 
@@ -58,19 +67,23 @@ def proportional_attention(
         q, k, v: ``[B, H, N, Dh]``.
         size: ``[B, N, 1]`` tokens held by each key; ``None`` is plain attention.
         attn_bias: an additive mask broadcastable to ``[B, H, N, N]``.
+        qkv: the packed projection ``[B, N, 3 * H * Dh]`` that ``q, k, v`` are (:func:`packed_heads`), where they
+            are: training on a GPU may then take the Triton kernels, which write the gradient in its layout.
 
     Returns ``[B, H, N, Dh]``.
     """
     if size is not None and attn_bias is None and not dropout_p and q.dtype in (torch.float16, torch.bfloat16):
         size = size[..., 0]  # the kernels take the log themselves: no launch for it here
         on_gpu_compiling = torch.compiler.is_compiling() and q.is_cuda
-        if torch.is_grad_enabled() and q.requires_grad:
+        if not (torch.is_grad_enabled() and q.requires_grad):
             if on_gpu_compiling:
-                return compiled_trained_size_biased_attention(q, k, v, size)[0]
-            return _trained_size_biased_attention(q, k, v, size)
-        if on_gpu_compiling:
-            return compiled_size_biased_attention(q, k, v, size)
-        return _size_biased_attention(q, k, v, size)
+                return compiled_size_biased_attention(q, k, v, size)
+            return _size_biased_attention(q, k, v, size)
+        if qkv is not None:
+            if on_gpu_compiling:
+                return compiled_trained_size_biased_attention(qkv, q.shape[1], size)[0]
+            return _trained_size_biased_attention(qkv, q.shape[1], size)
+        return _masked_attention(q, k, v, size)
     if attn_bias is not None:
         attn_bias = attn_bias.to(q.dtype)
     if size is not None:
@@ -82,6 +95,11 @@ def proportional_attention(
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """Proportional attention through SDPA's mask: ``q, k, v`` ``[B, H, N, Dh]``, ``size`` ``[B, N]``."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=size.log().to(q.dtype)[:, None, None, :])
+
+
+def _packed_masked_attention(qkv: torch.Tensor, num_heads: int, size: torch.Tensor) -> torch.Tensor:
+    """:func:`_masked_attention` of the heads of timm's packed ``qkv`` ``[B, N, 3 * H * Dh]``."""
+    return _masked_attention(*packed_heads(qkv, num_heads), size)
 
 
 def same_attention(args: tuple, expected, candidate) -> bool:
@@ -100,7 +118,8 @@ def same_attention(args: tuple, expected, candidate) -> bool:
 _size_biased_attention = kernels.FastestPath(_masked_attention, "triton_attention.size_biased_attention",
                                              agree=same_attention)
 _trained_size_biased_attention = kernels.FastestPath(
-    _masked_attention, "triton_attention.size_biased_attention_trainable", agree=same_attention, differentiable=True)
+    _packed_masked_attention, "triton_attention.size_biased_attention_trainable", agree=same_attention,
+    differentiable=True)
 
 
 @torch.library.custom_op("tome_train::size_biased_attention", mutates_args=())
@@ -123,72 +142,74 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> 
     return q.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2)
 
 
-def _kernels_chosen_to_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> bool:
+def _kernels_chosen_to_train(qkv: torch.Tensor, num_heads: int, size: torch.Tensor) -> bool:
     """Whether the Triton kernels train proportional attention at these shapes (choosing first if they are new:
-    through the backward, with respect to ``q, k, v``)."""
+    through the backward, with respect to ``qkv``)."""
     path = _trained_size_biased_attention
-    return path.pick(*(t.detach().requires_grad_() for t in (q, k, v)), size) is not path.reference
+    return path.pick(qkv.detach().requires_grad_(), num_heads, size) is not path.reference
 
 
 @torch.library.custom_op("tome_train::trained_size_biased_attention", mutates_args=())
 def compiled_trained_size_biased_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor
+    qkv: torch.Tensor, num_heads: int, size: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Proportional attention with a gradient as ``torch.compile`` sees it on a GPU: this op and its backward
     (:func:`compiled_trained_size_biased_attention_backward`) run the eager choice for the shape, checked and
     timed through the backward (the Triton flash kernels or SDPA's mask). Traced, the mask would go to inductor's
     memory-efficient attention with the bias written out per query, and the kernels never chosen.
 
-    ``q, k, v`` ``[B, H, N, Dh]``, ``size`` ``[B, N]`` (no gradient). Returns the output ``[B, H, N, Dh]``
-    laid out as ``[B, N, H, Dh]``, and each row's log-sum-exp, fp32 ``[B, H, N]``, for the kernels' backward
-    (zeros where the mask was chosen, whose backward recomputes its forward)."""
-    if not _kernels_chosen_to_train(q, k, v, size):
-        out = _masked_attention(q, k, v, size).transpose(1, 2).contiguous().transpose(1, 2)
-        return out, q.new_zeros(q.shape[:3], dtype=torch.float32)
+    ``qkv`` timm's packed projection ``[B, N, 3 * H * Dh]`` (:func:`packed_heads`), ``size`` ``[B, N]`` (no
+    gradient). Returns the output ``[B, H, N, Dh]`` laid out as ``[B, N, H, Dh]``, and each row's log-sum-exp,
+    fp32 ``[B, H, N]``, for the kernels' backward (zeros where the mask was chosen, whose backward recomputes its
+    forward)."""
+    if not _kernels_chosen_to_train(qkv, num_heads, size):
+        out = _packed_masked_attention(qkv, num_heads, size).transpose(1, 2).contiguous().transpose(1, 2)
+        return out, qkv.new_zeros(qkv.shape[0], num_heads, qkv.shape[1], dtype=torch.float32)
     from .triton_attention import size_biased_attention_forward
 
-    return size_biased_attention_forward(q, k, v, size)
+    return size_biased_attention_forward(qkv, num_heads, size)
 
 
 @compiled_trained_size_biased_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, heads, tokens, _ = q.shape
-    return (q.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2),
-            q.new_empty(batch, heads, tokens, dtype=torch.float32))
+def _(qkv: torch.Tensor, num_heads: int, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, tokens, width = qkv.shape
+    return (qkv.new_empty(batch, tokens, num_heads, width // (3 * num_heads)).transpose(1, 2),
+            qkv.new_empty(batch, num_heads, tokens, dtype=torch.float32))
 
 
 @torch.library.custom_op("tome_train::trained_size_biased_attention_backward", mutates_args=())
 def compiled_trained_size_biased_attention_backward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, grad_out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dq, dk, dv`` (contiguous ``[B, H, N, Dh]``) of :func:`compiled_trained_size_biased_attention` by the
+    qkv: torch.Tensor, num_heads: int, size: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    grad_out: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of ``qkv`` (contiguous, its shape) of :func:`compiled_trained_size_biased_attention` by the
     forward's choice for the shape. Where that was the mask, autograd through it, recomputing the forward: the
     choice keeps the mask only where the kernels are slower or disagree, which a GPU run reports."""
-    if _kernels_chosen_to_train(q, k, v, size):
+    if _kernels_chosen_to_train(qkv, num_heads, size):
         from .triton_attention import size_biased_attention_backward
 
-        return size_biased_attention_backward(q, k, v, size, out, lse, grad_out)
+        return size_biased_attention_backward(qkv, num_heads, size, out, lse, grad_out)
     with kernels.autograd_recording():
-        inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
-        grads = torch.autograd.grad(_masked_attention(*inputs, size), inputs, grad_out)
-    return tuple(g.contiguous() for g in grads)
+        leaf = qkv.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(_packed_masked_attention(leaf, num_heads, size), leaf, grad_out)
+    return grad.contiguous()
 
 
 @compiled_trained_size_biased_attention_backward.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, out: torch.Tensor,
-      lse: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+def _(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+      grad_out: torch.Tensor) -> torch.Tensor:
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
 
 
 def _setup_compiled_attention(ctx, inputs: tuple, output: tuple) -> None:
+    qkv, ctx.num_heads, size = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(*inputs, *output)
+    ctx.save_for_backward(qkv, size, *output)
 
 
 def _compiled_attention_backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
-    q, k, v, size, out, lse = ctx.saved_tensors
-    return (*compiled_trained_size_biased_attention_backward(q, k, v, size, out, lse, grad_out), None)
+    qkv, size, out, lse = ctx.saved_tensors
+    return compiled_trained_size_biased_attention_backward(qkv, ctx.num_heads, size, out, lse, grad_out), None, None
 
 
 compiled_trained_size_biased_attention.register_autograd(_compiled_attention_backward,
@@ -212,10 +233,12 @@ class ToMeAttention(Attention):
         """
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x)
+        q, k, v = packed_heads(qkv, self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        x = proportional_attention(q, k, v, size, attn_bias, dropout_p)
+        unnormed = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        x = proportional_attention(q, k, v, size, attn_bias, dropout_p, qkv if unnormed else None)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate

@@ -5,9 +5,10 @@ importing triton costs time, and CPU builds of torch come without it).
 PyTorch's SDPA takes the bias only as an attention mask ``[B, 1, 1, N]``, which on an H100 costs
 2.3-3x plain attention (:mod:`.attention`); here the bias is one vector load of sizes per key block, its
 log taken in the kernel (the mask's log and cast would be two more launches per layer).
-:func:`size_biased_attention_trainable` adds a flash-attention-2 backward for q, k and v (the sizes are
-detached in ToMe, so ``size`` gets no gradient): the forward keeps each row's log-sum-exp and the
-backward recomputes the softmax weights from it, one kernel for dq and one for dk and dv, without atomics.
+:func:`size_biased_attention_trainable` adds a flash-attention-2 backward for timm's packed qkv (the sizes
+are detached in ToMe, so ``size`` gets no gradient): the forward keeps each row's log-sum-exp and the
+backward recomputes the softmax weights from it, one kernel for dq and one for dk and dv, without atomics,
+writing them where q, k and v lie in qkv's gradient.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from .attention import packed_heads
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native exponential
 
@@ -261,7 +264,8 @@ def size_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, siz
 
 def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor,
                                     out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
-                                    *, block_outer: int = 128, block_inner: int = 32
+                                    *, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                                    block_outer: int = 128, block_inner: int = 32
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` of :func:`proportional_attention`, flash-attention-2 style: the softmax weights are
     recomputed from the forward's log-sum-exp, never stored, and each gradient has one writer (deterministic).
@@ -270,6 +274,8 @@ def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
         q, k, v, size, scale: the forward's arguments (any strides).
         out: the forward's result ``[B, H, N, D]``; ``lse``: its ``max + log2(sum)`` per row, fp32 ``[B, H, N]``.
         grad_out: ``[B, H, N, D]`` in ``q``'s dtype, any strides (an expanded gradient of stride 0 too).
+        grads: where to write ``dq, dk, dv`` (``[B, H, N, D]`` each, any strides: views of one packed gradient);
+            ``None`` allocates them contiguous.
         block_outer, block_inner: rows a program owns (queries for dq, keys for dk/dv) and rows of the other side
             per loop step, Triton's fused-attention tutorial's Hopper sizes (not timed here). For an H100 at
             N ~ 200 and D 64: 128 owned rows read the stepped-through operands half as often as 64 and still give
@@ -277,10 +283,11 @@ def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
             and keep the fp32 128 x 32 tiles (logits, weights, dp, ds) beside the fp32 128 x 64 accumulators
             (dq in 4 warps' registers, 8 past head dim 64; dk and dv, two accumulators, in 8).
 
-    Returns ``dq, dk, dv``, contiguous ``[B, H, N, D]`` in ``q``'s dtype (accumulated in fp32).
+    Returns ``dq, dk, dv`` in ``q``'s dtype (accumulated in fp32).
     """
     B, H, N, D = q.shape
-    dq, dk, dv = (torch.empty(B, H, N, D, dtype=q.dtype, device=q.device) for _ in range(3))
+    dq, dk, dv = grads if grads is not None else (torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+                                                  for _ in range(3))
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     # ptxas for sm_90 (Triton 3.6 and 3.8): at 4 warps the dk/dv kernel spills (20 bytes per thread at head
     # dim 64, 1.4 KB at 128), and so do the forward and dq kernels past head dim 64; 8 warps hold them in
@@ -299,36 +306,51 @@ def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
     return dq, dk, dv
 
 
+def _packed_forward(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, scale: float, blocks: dict[str, int]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(*packed_heads(qkv, num_heads), size, scale, blocks["block_m"], blocks["block_n"], store_lse=True)
+
+
+def _packed_backward(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                     grad_out: torch.Tensor, scale: float, blocks: dict[str, int]) -> torch.Tensor:
+    grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    proportional_attention_backward(*packed_heads(qkv, num_heads), size, out, lse, grad_out, scale,
+                                    grads=packed_heads(grad_qkv, num_heads), block_outer=blocks["block_outer"],
+                                    block_inner=blocks["block_inner"])
+    return grad_qkv
+
+
 class ProportionalAttention(torch.autograd.Function):
-    """:func:`proportional_attention` differentiable in ``q, k, v``; ``size`` gets no gradient (ToMe detaches
-    the sizes). ``apply(q, k, v, size, scale, blocks)`` with ``blocks`` a dict of
-    :func:`proportional_attention_trainable`'s block sizes."""
+    """:func:`proportional_attention` of timm's packed ``qkv``, differentiable in it: the backward kernels write
+    ``dq, dk, dv`` where ``q, k, v`` lie in one ``[B, N, 3 * H * D]`` gradient, which goes to the qkv projection
+    as it is (autograd through timm's split of the heads would stack the three and copy them into that layout).
+    ``size`` gets no gradient (ToMe detaches the sizes). ``apply(qkv, num_heads, size, scale, blocks)`` with
+    ``blocks`` a dict of :func:`proportional_attention_trainable`'s block sizes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, size, scale, blocks):
-        out, lse = _forward(q, k, v, size, scale, blocks["block_m"], blocks["block_n"], store_lse=True)
-        ctx.save_for_backward(q, k, v, size, out, lse)
-        ctx.scale, ctx.blocks = scale, blocks
+    def forward(ctx, qkv, num_heads, size, scale, blocks):
+        out, lse = _packed_forward(qkv, num_heads, size, scale, blocks)
+        ctx.save_for_backward(qkv, size, out, lse)
+        ctx.num_heads, ctx.scale, ctx.blocks = num_heads, scale, blocks
         return out
 
     @staticmethod
     @once_differentiable  # the backward is a kernel: a second derivative would be silently wrong, so it raises
     def backward(ctx, grad_out):
-        q, k, v, size, out, lse = ctx.saved_tensors
-        dq, dk, dv = proportional_attention_backward(q, k, v, size, out, lse, grad_out, ctx.scale,
-                                                     block_outer=ctx.blocks["block_outer"],
-                                                     block_inner=ctx.blocks["block_inner"])
-        return dq, dk, dv, None, None, None
+        qkv, size, out, lse = ctx.saved_tensors
+        return _packed_backward(qkv, ctx.num_heads, size, out, lse, grad_out, ctx.scale, ctx.blocks), None, None, \
+            None, None
 
 
-def proportional_attention_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor,
-                                     scale: float, *, block_m: int = 128, block_n: int = 64, block_outer: int = 128,
+def proportional_attention_trainable(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, scale: float, *,
+                                     block_m: int = 128, block_n: int = 64, block_outer: int = 128,
                                      block_inner: int = 32) -> torch.Tensor:
-    """:func:`proportional_attention` with a gradient for ``q, k, v`` (:func:`proportional_attention_backward`;
-    the block sizes are theirs). The forward is the same kernel, which also keeps each row's log-sum-exp
-    (fp32 ``[B, H, N]``, 1/32 of ``q`` at D 64 in fp16) for the backward."""
+    """:func:`proportional_attention` of ``q, k, v`` split from timm's packed ``qkv`` ``[B, N, 3 * H * D]``
+    (:func:`.attention.packed_heads`), with a gradient for ``qkv`` (:func:`proportional_attention_backward`; the
+    block sizes are theirs). The forward is the same kernel, which also keeps each row's log-sum-exp (fp32
+    ``[B, H, N]``, 1/32 of ``q`` at D 64 in fp16) for the backward."""
     blocks = dict(block_m=block_m, block_n=block_n, block_outer=block_outer, block_inner=block_inner)
-    return ProportionalAttention.apply(q, k, v, size, scale, blocks)
+    return ProportionalAttention.apply(qkv, num_heads, size, scale, blocks)
 
 
 def _fitted_blocks(num_tokens: int) -> dict[str, int]:
@@ -337,27 +359,29 @@ def _fitted_blocks(num_tokens: int) -> dict[str, int]:
                 block_outer=_fitted(128, num_tokens), block_inner=_fitted(32, num_tokens))
 
 
-def size_biased_attention_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                    size: torch.Tensor) -> torch.Tensor:
-    """:func:`size_biased_attention` differentiable in ``q, k, v`` (``[B, H, N, D]``, any strides; ``size``
-    ``[B, N]`` gets no gradient): the training counterpart of :func:`.attention._masked_attention`."""
-    return ProportionalAttention.apply(q, k, v, size, q.shape[-1] ** -0.5, _fitted_blocks(q.shape[2]))
+def _default_scale(qkv: torch.Tensor, num_heads: int) -> float:
+    return (qkv.shape[-1] // (3 * num_heads)) ** -0.5
 
 
-def size_biased_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor
+def size_biased_attention_trainable(qkv: torch.Tensor, num_heads: int, size: torch.Tensor) -> torch.Tensor:
+    """:func:`size_biased_attention` of the heads of timm's packed ``qkv`` ``[B, N, 3 * H * D]``, differentiable
+    in ``qkv`` (``size`` ``[B, N]`` gets no gradient): the training counterpart of
+    :func:`.attention._packed_masked_attention`."""
+    return ProportionalAttention.apply(qkv, num_heads, size, _default_scale(qkv, num_heads),
+                                       _fitted_blocks(qkv.shape[1]))
+
+
+def size_biased_attention_forward(qkv: torch.Tensor, num_heads: int, size: torch.Tensor
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of :func:`size_biased_attention_trainable` on its own (for an op pair under
     ``torch.compile``): the output ``[B, H, N, D]`` (laid out as ``[B, N, H, D]``) and each row's
     log-sum-exp, fp32 ``[B, H, N]``, which :func:`size_biased_attention_backward` takes."""
-    blocks = _fitted_blocks(q.shape[2])
-    return _forward(q, k, v, size, q.shape[-1] ** -0.5, blocks["block_m"], blocks["block_n"], store_lse=True)
+    return _packed_forward(qkv, num_heads, size, _default_scale(qkv, num_heads), _fitted_blocks(qkv.shape[1]))
 
 
-def size_biased_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor,
-                                   out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor
-                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward of :func:`size_biased_attention_trainable` on its own: ``dq, dk, dv`` from
-    :func:`size_biased_attention_forward`'s output and log-sum-exp (see :func:`proportional_attention_backward`)."""
-    blocks = _fitted_blocks(q.shape[2])
-    return proportional_attention_backward(q, k, v, size, out, lse, grad_out, q.shape[-1] ** -0.5,
-                                           block_outer=blocks["block_outer"], block_inner=blocks["block_inner"])
+def size_biased_attention_backward(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, out: torch.Tensor,
+                                   lse: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The backward of :func:`size_biased_attention_trainable` on its own: the gradient of ``qkv`` (contiguous,
+    its shape) from :func:`size_biased_attention_forward`'s output and log-sum-exp."""
+    return _packed_backward(qkv, num_heads, size, out, lse, grad_out, _default_scale(qkv, num_heads),
+                            _fitted_blocks(qkv.shape[1]))
