@@ -7,6 +7,7 @@ numbers: every non-view operation is at least one kernel on a GPU.
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import pytest
@@ -134,3 +135,74 @@ def test_merging_layer_launches_with_every_fused_kernel(monkeypatch, kernel_set)
         name: count * layers[name] for name, count in kernels_per_layer.items()}
     extra = (counter.total - timm_counter.total) / DEPTH
     assert extra <= FUSED_FORWARD_BUDGETS[kernel_set], counter.ops - timm_counter.ops
+
+
+# Training in half precision with every kernel kept, per merging layer against timm's block. Forward: the plan,
+# the merge's two and the attention kernel in place of SDPA, less the residual add: 2. Backward: the merge's one
+# kernel and the attention's two (dq; dk and dv), written where q, k and v lie in qkv's gradient, in place of
+# SDPA's backward and of the stack, copy and view of autograd through timm's split of the heads: -0.5 (the first
+# layer, without sizes, keeps SDPA's).
+TRAINING_BUDGETS = {"forward": 2, "backward": -0.5}
+TRAINING_KERNELS = {"fused_plan_layer": 1, "fused_merge": 2, "fused_merge_backward": 1, "_packed_forward": 1,
+                    "_packed_backward": 2}
+
+
+def test_a_merging_layer_trains_with_every_kernel_in_about_timms_launches(monkeypatch):
+    """ViT-Ti in fp16, a training step with every kernel standing in on the CPU (Triton's interpreter; each
+    launch counted once, the interpreter's own work not at all): the forward and the backward per merging
+    layer against timm's block (:data:`TRAINING_BUDGETS`)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from tome_train.tome import attention, kernels, merge, triton_attention
+
+    counters = {"forward": LaunchCounter(), "backward": LaunchCounter()}
+    active = []
+
+    def counted(kernel):
+        @functools.wraps(kernel)
+        def launch(*args):
+            with _disable_current_modes():
+                out = kernel(*args)
+            if active:
+                active[-1].ops[kernel.__name__] += TRAINING_KERNELS[kernel.__name__]
+            return out
+
+        return launch
+
+    for path in (merge._plan_layer, merge._merge_rows, merge._merge_rows_backward):
+        monkeypatch.setattr(path, "device_types", ("cpu",))
+        monkeypatch.setattr(path, "choices", {})
+        monkeypatch.setattr(path, "candidate", counted(path._load()))
+    trained = attention._trained_size_biased_attention
+    monkeypatch.setattr(trained, "device_types", ("cpu",))
+    monkeypatch.setattr(trained, "choices", {})
+    for name in ("_packed_forward", "_packed_backward"):
+        monkeypatch.setattr(triton_attention, name, counted(getattr(triton_attention, name)))
+    candidates = {"fused_plan_layer", "fused_merge", "fused_merge_backward", "size_biased_attention_trainable"}
+    monkeypatch.setattr(kernels.FastestPath, "_time", staticmethod(
+        lambda fn, device, args: 0.0 if fn.__name__ in candidates else 1.0))
+
+    def step(r: int) -> dict[str, LaunchCounter]:
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=DEPTH, num_classes=10)
+        model = (apply_tome(model, r) if r else model).half()
+        images = torch.randn(2, 3, 64, 64).half()
+        model(images).float().sum().backward()  # the choices
+        counts = {"forward": LaunchCounter(), "backward": LaunchCounter()}
+        active.append(counts["forward"])
+        with counts["forward"]:
+            loss = model(images).float().sum()
+        active[-1] = counts["backward"]
+        with counts["backward"]:
+            loss.backward()
+        active.clear()
+        return counts
+
+    timm_counts, tome_counts = step(0), step(2)
+    assert set(trained.choices.values()) == {trained.candidate}
+    assert tome_counts["forward"].ops["_packed_forward"] == DEPTH - 1  # the first layer has no sizes yet
+    assert tome_counts["backward"].ops["_packed_backward"] == 2 * (DEPTH - 1)
+    for phase, budget in TRAINING_BUDGETS.items():
+        extra = (tome_counts[phase].total - timm_counts[phase].total) / DEPTH
+        assert extra <= budget, (phase, tome_counts[phase].ops - timm_counts[phase].ops,
+                                 timm_counts[phase].ops - tome_counts[phase].ops)
