@@ -220,13 +220,17 @@ def test_fastest_path_stays_with_the_reference_where_it_must():
     path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cuda",))
     path(*args)  # a CPU tensor: not a device this path chooses on
     assert path.choices == {}
-    path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cpu",))
-    torch.use_deterministic_algorithms(True)  # the kernel adds merged rows atomically
+    path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cpu",), deterministic=False)
+    grad = torch.randn(k, rows.shape[1])
+    backward = FastestPath(_slow(_weighted_merge_backward, 0.02), fused_merge_backward, device_types=("cpu",))
+    torch.use_deterministic_algorithms(True)  # the merge kernel adds merged rows atomically, its backward gathers
     try:
         path(*args)
+        backward(grad, perm, dest, weight)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert path.choices == {}
+    assert path.choices == {} and list(backward.choices.values()) == [fused_merge_backward]
+    assert not _merge_rows.deterministic and _merge_rows_backward.deterministic and _plan_layer.deterministic
     FastestPath.enabled = False
     try:
         path(*args)

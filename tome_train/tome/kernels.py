@@ -6,8 +6,8 @@ run (a CUDA device with the ``triton`` package that CUDA builds of torch ship), 
 runs the reference and the fused kernel once per input shape on the real inputs, and keeps the kernel
 for that shape only if it computes the reference's result and takes less time; a kernel that fails to
 build or run is dropped for good. The choice is never made under ``torch.compile`` (inductor writes its own kernels), a
-tracer, CUDA-graph capture (a choice made before it holds there) or deterministic algorithms (the merge
-kernel adds rows atomically).
+tracer or CUDA-graph capture (a choice made before it holds there); a kernel that adds atomically (the merge's) is
+never chosen under deterministic algorithms.
 """
 from __future__ import annotations
 
@@ -85,16 +85,18 @@ class FastestPath:
     faster; later calls with those shapes take it directly, also while a CUDA graph is captured (a shape
     first met during a capture gets the reference: timing there would synchronize). The first argument
     is a tensor on the device. With ``differentiable``, both are checked and timed through their
-    backward too (:func:`through_backward`): the result is then the output and the input gradients.
+    backward too (:func:`through_backward`): the result is then the output and the input gradients. A candidate
+    that is not ``deterministic`` (its result may vary in the last place from run to run, as atomic adds do) is
+    never taken under ``torch.use_deterministic_algorithms``.
     """
 
     enabled = True  # False: always the reference (to measure against it, or to rule the kernels out)
     paths: "weakref.WeakSet[FastestPath]" = weakref.WeakSet()  # every live path, for :func:`report`
 
     def __init__(self, reference: Callable, candidate: Callable | str, device_types: tuple[str, ...] = ("cuda",),
-                 agree: Agreement = same_result, differentiable: bool = False):
+                 agree: Agreement = same_result, differentiable: bool = False, deterministic: bool = True):
         self.reference, self.candidate, self.device_types, self.agree = reference, candidate, device_types, agree
-        self.differentiable = differentiable
+        self.differentiable, self.deterministic = differentiable, deterministic
         self.name = candidate.rsplit(".", 1)[-1] if isinstance(candidate, str) else candidate.__name__
         FastestPath.paths.add(self)
         self.choices: dict[tuple, Callable] = {}
@@ -103,7 +105,7 @@ class FastestPath:
     def _applies(self, device: torch.device) -> bool:
         if not FastestPath.enabled or self.broken or device.type not in self.device_types:
             return False
-        if torch.jit.is_tracing() or torch.are_deterministic_algorithms_enabled():
+        if torch.jit.is_tracing() or (not self.deterministic and torch.are_deterministic_algorithms_enabled()):
             return False
         return not torch.compiler.is_compiling()  # inductor writes its own kernels
 

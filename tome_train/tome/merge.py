@@ -389,7 +389,8 @@ def _weighted_merge_backward(
 
 
 # On a GPU, the fused Triton kernels where they measure faster for the shape at hand (see .kernels).
-_merge_rows = kernels.FastestPath(_weighted_merge, "triton_kernels.fused_merge", agree=kernels.same_to_rounding)
+_merge_rows = kernels.FastestPath(_weighted_merge, "triton_kernels.fused_merge", agree=kernels.same_to_rounding,
+                                  deterministic=False)  # it adds the merged-away rows atomically
 _merge_rows_backward = kernels.FastestPath(_weighted_merge_backward, "triton_kernels.fused_merge_backward",
                                            agree=kernels.same_to_rounding)
 
