@@ -307,3 +307,47 @@ def test_a_half_precision_model_trains_through_the_kernels_as_through_the_mask(m
     for (name, _), grad, expected_grad in zip(model.named_parameters(), got, expected):
         scale = expected_grad.abs().max().clamp_min(1e-3)
         assert (grad - expected_grad).abs().max() <= 2e-2 * scale, name
+
+
+def test_a_compiled_half_precision_model_trains_through_the_kernels_as_eager(monkeypatch):
+    """The same ViT-Ti step under ``torch.compile`` (AOTAutograd, the graph run as traced): attention reaches the
+    graph as the op pair, the choice is made inside its first call (through the backward), and logits and every
+    parameter's gradient are the eager step's through the same kernels."""
+    import timm
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from tome_train.tome import apply_tome, attention
+    from tome_train.tome.kernels import FastestPath
+
+    path = FastestPath(attention._packed_masked_attention, size_biased_attention_trainable, device_types=("cpu",),
+                       agree=attention.same_attention, differentiable=True)
+    monkeypatch.setattr(attention, "_trained_size_biased_attention", path)
+    monkeypatch.setattr(FastestPath, "_time", staticmethod(
+        lambda fn, device, args: 0.0 if fn.__wrapped__ is size_biased_attention_trainable else 1.0))
+    torch.manual_seed(0)
+    model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10), 2).half()
+    images = torch.randn(3, 3, 64, 64).half()
+
+    def step(forward):
+        model.zero_grad()
+        logits = forward(images)
+        logits.float().square().sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    expected = step(model)
+    path.choices.clear()
+    ops = []
+
+    def backend(graph_module, example_inputs):
+        ops.extend(node.target for node in graph_module.graph.nodes if node.op == "call_function")
+        return make_boxed_func(graph_module.forward)
+
+    torch._dynamo.reset()
+    logits, grads = step(torch.compile(model, backend=aot_autograd(fw_compiler=backend, bw_compiler=backend)))
+    assert torch.ops.tome_train.trained_size_biased_attention.default in ops
+    assert torch.ops.tome_train.trained_size_biased_attention_backward.default in ops
+    assert list(path.choices.values()) == [size_biased_attention_trainable]  # chosen inside the compiled graph
+    torch.testing.assert_close(logits, expected[0], rtol=0, atol=0)
+    for (name, _), grad, expected_grad in zip(model.named_parameters(), grads, expected[1]):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-3, msg=name)

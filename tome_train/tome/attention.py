@@ -74,13 +74,12 @@ def proportional_attention(
     """
     if size is not None and attn_bias is None and not dropout_p and q.dtype in (torch.float16, torch.bfloat16):
         size = size[..., 0]  # the kernels take the log themselves: no launch for it here
-        on_gpu_compiling = torch.compiler.is_compiling() and q.is_cuda
         if not (torch.is_grad_enabled() and q.requires_grad):
-            if on_gpu_compiling:
+            if _as_op(_size_biased_attention, q):
                 return compiled_size_biased_attention(q, k, v, size)
             return _size_biased_attention(q, k, v, size)
         if qkv is not None:
-            if on_gpu_compiling:
+            if _as_op(_trained_size_biased_attention, q):
                 return compiled_trained_size_biased_attention(qkv, q.shape[1], size)[0]
             return _trained_size_biased_attention(qkv, q.shape[1], size)
         return _masked_attention(q, k, v, size)
@@ -120,6 +119,12 @@ _size_biased_attention = kernels.FastestPath(_masked_attention, "triton_attentio
 _trained_size_biased_attention = kernels.FastestPath(
     _packed_masked_attention, "triton_attention.size_biased_attention_trainable", agree=same_attention,
     differentiable=True)
+
+
+def _as_op(path: kernels.FastestPath, q: torch.Tensor) -> bool:
+    """Whether ``torch.compile`` gets attention as a custom op running ``path``'s eager choice: on the devices
+    where the path may choose a kernel (elsewhere inductor's own lowering of the mask loses nothing)."""
+    return torch.compiler.is_compiling() and q.device.type in path.device_types
 
 
 @torch.library.custom_op("tome_train::size_biased_attention", mutates_args=())
