@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_inputs import H as PACKED_HEADS
+from attention_inputs import packed
 
 from tome_train.tome import bipartite_soft_matching
 from tome_train.tome.attention import additive_mask, packed_heads, proportional_attention
@@ -117,13 +119,6 @@ def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
             assert row["ms"] > 0 and row["host_us"] > 0 and row["vs_plain"] > 0
 
 
-def packed_qkv(num_tokens: int, seed: int, dtype: torch.dtype, requires_grad: bool = False):
-    """timm's packed qkv ``[2, N, 3 * 2 * 16]`` (2 heads of 16) and sizes ``[2, N]``."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(2, num_tokens, 3 * 2 * 16, generator=g).to(dtype).requires_grad_(requires_grad)
-    return qkv, torch.randint(1, 9, (2, num_tokens), generator=g).float()
-
-
 @pytest.mark.parametrize("kernels_win", [False, True])
 def test_compiled_training_attention_is_an_op_pair_running_the_eager_choice(monkeypatch, kernels_win):
     """With a gradient on a GPU, ``torch.compile`` gets proportional attention as an op and its backward op, which
@@ -148,22 +143,25 @@ def test_compiled_training_attention_is_an_op_pair_running_the_eager_choice(monk
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(lambda qkv, size: op(qkv, 2, size)[0] * 2, fullgraph=True, dynamic=True)
+    compiled = torch.compile(lambda qkv, size: op(qkv, PACKED_HEADS, size)[0] * 2, fullgraph=True,
+                             dynamic=True)
     for num_tokens in (9, 7, 5):
-        qkv, size = packed_qkv(num_tokens, num_tokens, torch.float16, requires_grad=True)
+        qkv, size = packed(num_tokens, 16, torch.float16, seed=num_tokens)
+        qkv.requires_grad_()
         out = compiled(qkv, size)
         assert out.transpose(1, 2).is_contiguous()  # [B, N, H, Dh] in memory: merging the heads is a view
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).half()
         (grad,) = torch.autograd.grad(out, qkv, grad_out)
         eager_qkv = qkv.detach().clone().requires_grad_()
-        expected = winner(eager_qkv, 2, size) * 2
+        expected = winner(eager_qkv, PACKED_HEADS, size) * 2
         (expected_grad,) = torch.autograd.grad(expected, eager_qkv, grad_out)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
     assert counters["stats"]["unique_graphs"] == 1
     assert not path.broken and len(path.choices) == 3 and set(path.choices.values()) == {winner}
-    qkv, size = packed_qkv(6, seed=0, dtype=torch.float16, requires_grad=True)
-    torch.library.opcheck(op, (qkv, 2, size))
+    qkv, size = packed(6, 16, torch.float16)
+    qkv.requires_grad_()
+    torch.library.opcheck(op, (qkv, PACKED_HEADS, size))
 
 
 def test_compiled_attention_is_one_op_the_compiler_calls_and_does_not_trace():
@@ -176,14 +174,14 @@ def test_compiled_attention_is_one_op_the_compiler_calls_and_does_not_trace():
     from tome_train.tome import attention
 
     op = attention.compiled_size_biased_attention
-    qkv, size = packed_qkv(9, seed=0, dtype=torch.bfloat16)
-    torch.library.opcheck(op, (*packed_heads(qkv, 2), size))
+    qkv, size = packed(9, 16, torch.bfloat16)
+    torch.library.opcheck(op, (*packed_heads(qkv, PACKED_HEADS), size))
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(lambda *args: op(*args) * 2, fullgraph=True, dynamic=True)
     for num_tokens in (9, 7, 5):
-        qkv, size = packed_qkv(num_tokens, num_tokens, torch.bfloat16)
-        args = (*packed_heads(qkv, 2), size)
+        qkv, size = packed(num_tokens, 16, torch.bfloat16, seed=num_tokens)
+        args = (*packed_heads(qkv, PACKED_HEADS), size)
         out = compiled(*args)
         assert out.transpose(1, 2).is_contiguous()  # [B, N, H, Dh] in memory: merging the heads is a view
         torch.testing.assert_close(out, attention._masked_attention(*args) * 2, rtol=0, atol=0)

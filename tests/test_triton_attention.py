@@ -8,22 +8,13 @@ import torch
 
 pytest.importorskip("triton")
 
+from attention_inputs import B, H, packed  # noqa: E402
 from tome_train.tome.attention import packed_heads  # noqa: E402
 from tome_train.tome.triton_attention import (  # noqa: E402
     proportional_attention, proportional_attention_trainable, size_biased_attention, size_biased_attention_forward,
     size_biased_attention_trainable)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-B, H = 2, 2
-
-
-def packed(num_tokens: int, head_dim: int, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """timm's packed projection ``qkv`` ``[B, N, 3 * H * D]`` and sizes ``[B, N]`` from 1 to 8."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, num_tokens, 3 * H * head_dim, generator=g).to(dtype)
-    return qkv, torch.randint(1, 9, (B, num_tokens), generator=g).float()
-
 
 def packed_qkv(num_tokens: int, head_dim: int, dtype: torch.dtype = torch.float32, seed: int = 0):
     """``q, k, v`` ``[B, H, N, D]`` as timm makes them (strided views of :func:`packed`'s qkv) and the sizes."""
@@ -110,8 +101,8 @@ def test_a_key_of_size_s_counts_as_s_identical_keys():
 def test_the_library_stands_the_kernels_against_the_mask_with_and_without_a_gradient(monkeypatch):
     """``proportional_attention`` in half precision goes through the kernels' FastestPaths (PyTorch's mask on
     the CPU, bit for bit the mask it always used): the forward kernel without a gradient, the trainable one
-    with it where it has timm's packed qkv to write the gradient into. Each agrees with the mask by its path's own check (the trainable one through its backward), and
-    a choice on a CPU stand-in path runs it. fp32 (no tensor cores for the kernels) stays on the mask."""
+    with it where it has timm's packed qkv to write the gradient into. Each agrees with the mask by its path's
+    own check (the trainable one through its backward), and a choice on a CPU stand-in path runs it. fp32 (no tensor cores for the kernels) stays on the mask."""
     from tome_train.tome import attention
     from tome_train.tome.kernels import FastestPath
     from tome_train.tome.triton_attention import size_biased_attention, size_biased_attention_trainable
