@@ -265,13 +265,10 @@ def test_size_gets_no_gradient_and_no_second_derivative():
         dqkv.sum().backward()
 
 
-def test_a_half_precision_model_trains_through_the_kernels_as_through_the_mask(monkeypatch):
-    """ViT-Ti (2 blocks at 64 px: 17 tokens, r 2) in fp16 with the training kernels standing in on the CPU (timed
-    as the faster): every block after the first takes them with its packed qkv, and every parameter's gradient
-    is the mask's to fp16 rounding (a gradient in the wrong place of qkv, or none, is off by its whole size)."""
-    import timm
-
-    from tome_train.tome import apply_tome, attention
+@pytest.fixture
+def kernels_chosen_to_train(monkeypatch):
+    """The training kernels' path standing in on the CPU and timed as the faster, so that it takes the kernels."""
+    from tome_train.tome import attention
     from tome_train.tome.kernels import FastestPath
 
     path = FastestPath(attention._packed_masked_attention, size_biased_attention_trainable, device_types=("cpu",),
@@ -279,9 +276,28 @@ def test_a_half_precision_model_trains_through_the_kernels_as_through_the_mask(m
     monkeypatch.setattr(attention, "_trained_size_biased_attention", path)
     monkeypatch.setattr(FastestPath, "_time", staticmethod(
         lambda fn, device, args: 0.0 if fn.__wrapped__ is size_biased_attention_trainable else 1.0))
+    return path
+
+
+def half_precision_vit():
+    """ViT-Ti (2 blocks at 64 px: 17 tokens, r 2) in fp16, and three images."""
+    import timm
+
+    from tome_train.tome import apply_tome
+
     torch.manual_seed(0)
     model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10), 2).half()
-    images = torch.randn(3, 3, 64, 64).half()
+    return model, torch.randn(3, 3, 64, 64).half()
+
+
+def test_a_half_precision_model_trains_through_the_kernels_as_through_the_mask(kernels_chosen_to_train):
+    """ViT-Ti (2 blocks at 64 px: 17 tokens, r 2) in fp16 with the training kernels standing in on the CPU (timed
+    as the faster): every block after the first takes them with its packed qkv, and every parameter's gradient
+    is the mask's to fp16 rounding (a gradient in the wrong place of qkv, or none, is off by its whole size)."""
+    from tome_train.tome.kernels import FastestPath
+
+    path = kernels_chosen_to_train
+    model, images = half_precision_vit()
 
     def grads():
         model.zero_grad()
@@ -300,25 +316,15 @@ def test_a_half_precision_model_trains_through_the_kernels_as_through_the_mask(m
         assert (grad - expected_grad).abs().max() <= 2e-2 * scale, name
 
 
-def test_a_compiled_half_precision_model_trains_through_the_kernels_as_eager(monkeypatch):
+def test_a_compiled_half_precision_model_trains_through_the_kernels_as_eager(kernels_chosen_to_train):
     """The same ViT-Ti step under ``torch.compile`` (AOTAutograd, the graph run as traced): attention reaches the
     graph as the op pair, the choice is made inside its first call (through the backward), and logits and every
     parameter's gradient are the eager step's through the same kernels."""
-    import timm
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    from tome_train.tome import apply_tome, attention
-    from tome_train.tome.kernels import FastestPath
-
-    path = FastestPath(attention._packed_masked_attention, size_biased_attention_trainable, device_types=("cpu",),
-                       agree=attention.same_attention, differentiable=True)
-    monkeypatch.setattr(attention, "_trained_size_biased_attention", path)
-    monkeypatch.setattr(FastestPath, "_time", staticmethod(
-        lambda fn, device, args: 0.0 if fn.__wrapped__ is size_biased_attention_trainable else 1.0))
-    torch.manual_seed(0)
-    model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10), 2).half()
-    images = torch.randn(3, 3, 64, 64).half()
+    path = kernels_chosen_to_train
+    model, images = half_precision_vit()
 
     def step(forward):
         model.zero_grad()
