@@ -101,14 +101,11 @@ def _packed_masked_attention(qkv: torch.Tensor, num_heads: int, size: torch.Tens
     return _masked_attention(*packed_heads(qkv, num_heads), size)
 
 
-def same_attention(args: tuple, expected, candidate) -> bool:
-    """Whether ``candidate`` is ``expected`` (the output, and with a gradient each input's gradient) up to a
-    few units in the last place of the attention dtype (rtol and atol 1e-5 in fp32, 5e-3 in fp16, 4e-2 in
-    bf16): flash kernels accumulate in fp32 but round the softmax weights to the input dtype before
-    multiplying the values, each at its own point. A wrong kernel (a bias dropped, a key masked) is off by
-    0.1 and more."""
-    tolerance = {torch.float16: 5e-3, torch.bfloat16: 4e-2}.get(args[0].dtype, 1e-5)
-    return kernels.same_result(args, expected, candidate, rtol=tolerance, atol=tolerance)
+# Whether an attention result (the output, and with a gradient each input's gradient) is the expected one up to
+# five units in the last place of the attention dtype (fp16 4.9e-3, bf16 3.9e-2; rtol and atol 1e-5 in fp32):
+# flash kernels accumulate in fp32 but round the softmax weights to the input dtype before multiplying the
+# values, each at its own point. A wrong kernel (a bias dropped, a key masked) is off by 0.1 and more.
+same_attention = kernels.to_units_in_last_place(5, fp32_tolerance=(1e-5, 1e-5))
 
 
 # On a GPU, in half precision, a flash kernel that adds the bias per key where it measures faster than the

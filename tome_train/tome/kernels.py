@@ -56,15 +56,23 @@ def same_result(args: tuple, expected, candidate, rtol: float = 1e-5, atol: floa
         e.shape == c.shape and torch.allclose(e, c, rtol=rtol, atol=atol) for e, c in zip(expected, candidate))
 
 
-def same_to_rounding(args: tuple, expected, candidate) -> bool:
-    """:func:`same_result` to about two units in the last place of the result's dtype (fp16 2e-3, bf16 1.6e-2;
-    fp32 :func:`same_result`'s 1e-5): for sums that a kernel accumulates in fp32 and rounds once, where PyTorch's
-    ops round every product and partial sum to a half-precision dtype."""
-    dtype = (expected if isinstance(expected, torch.Tensor) else expected[0]).dtype
-    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype)
-    if tolerance is None:
-        return same_result(args, expected, candidate)
-    return same_result(args, expected, candidate, rtol=tolerance, atol=tolerance)
+def to_units_in_last_place(units: float, fp32_tolerance: tuple[float, float] = (1e-5, 1e-6)) -> Agreement:
+    """A check that a half-precision result is the expected one to ``units`` units in the last place of its
+    dtype (``units`` times its machine epsilon, relative and absolute), an fp32 one to ``fp32_tolerance``
+    (rtol, atol)."""
+    def agree(args: tuple, expected, candidate) -> bool:
+        dtype = (expected if isinstance(expected, torch.Tensor) else expected[0]).dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            tolerance = units * torch.finfo(dtype).eps
+            return same_result(args, expected, candidate, rtol=tolerance, atol=tolerance)
+        return same_result(args, expected, candidate, *fp32_tolerance)
+
+    return agree
+
+
+# Sums that a kernel accumulates in fp32 and rounds once, where PyTorch's ops round every product and partial
+# sum to a half-precision dtype: two units in the last place (fp16 2.0e-3, bf16 1.6e-2).
+same_to_rounding = to_units_in_last_place(2)
 
 
 def identical(args: tuple, expected, candidate) -> bool:
