@@ -69,6 +69,11 @@ step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --s
 # the host no longer sets the pace.
 step infer_b_graphs "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --cuda-graphs
 step train_b_graphs "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20 --cuda-graphs
+# torch.compile on both sides, each whole step then captured as one CUDA graph: the ToMe side by compile_tome
+# (compile time about timm's), so its eager merges between the compiled regions replay with them instead of
+# being launched one by one (the regions alone were host-bound: compile_b_train_regions).
+step compile_b_train_regions_graphs "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 \
+    --compile --compile-scope regions --cuda-graphs
 # Where each model spends its GPU time (ViT-B r16; inference: batch 256, fp16; training: forward and
 # backward, batch 128, bf16): top kernels as JSON.
 want profile && run_step profile 150 python3 - "$out/profile.json" <<'EOF'
@@ -137,6 +142,8 @@ step compile_b_train_cudagraphs "${B[@]}" --mode train --dtype bf16 --batch-size
 # torch.compile(model) on both sides, inference: first step = compile time (the matching, merge and attention
 # are custom ops running the eager choice, so compilation has less to do), recompiles must stay 0.
 step compile_b_infer "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 --compile
+step compile_b_infer_regions_graphs "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 \
+    --compile --compile-scope regions --cuda-graphs
 # The whole model (ViT-B r16, inference and training) with each candidate of the two probes swapped in.
 want variants && run_step variants 200 python3 scripts/variant_probe.py --device cuda --warmup 3 --steps 10 \
     --output "$steps_dir/variants.json" && gather

@@ -114,8 +114,10 @@ def test_make_cases_cross_product_and_pair():
     (["--compile-scope", "regions"], ["compile_scope='regions'", "--compile"]),
     (["--device", "tpu"], ["device"]),
     (["--cuda-graphs"], ["cuda_graphs needs a CUDA device, not cpu"]),
-    (["--cuda-graphs", "--compile"], ["cuda_graphs with compile", "reduce-overhead"]),
+    (["--cuda-graphs", "--compile", "reduce-overhead"], ["'reduce-overhead'", "graphs of its own", "default"]),
+    (["--cuda-graphs", "--compile", "max-autotune"], ["'max-autotune'", "max-autotune-no-cudagraphs"]),
     (["--cuda-graphs", "--dtype", "fp16"], ["cuda_graphs training needs bf16 or fp32"]),
+    (["--cuda-graphs", "--compile"], ["cuda_graphs needs a CUDA device, not cpu"]),  # the mode itself is allowed
     (["--output", "/nonexistent-dir/bench.json"], ["/nonexistent-dir"]),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(args, words, capsys):
@@ -280,3 +282,50 @@ def test_cuda_graphs_replay_the_whole_step_on_each_side():
                                warmup=1, steps=2, cuda_graphs=True)
     assert [row["mode"] for row in rows] == ["infer", "train"]
     assert all(row["cuda_graphs"] and row["ratio"] > 0 for row in rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_replay_compiled_regions_and_the_eager_merges_between_them():
+    """--cuda-graphs --compile --compile-scope regions: the ToMe side's compiled halves of each block and the eager
+    merges between them are captured in one graph per step, compiled during the warm-up, never again."""
+    rows = bench.run_benchmark([("vit_tiny_patch16_224", 2)], device="cuda", dtype="bf16", batch_size=4, img_size=64,
+                               warmup=1, steps=2, compile=True, compile_scope="regions", cuda_graphs=True)
+    assert [row["mode"] for row in rows] == ["infer", "train"]
+    assert all(row["cuda_graphs"] and row["compile_scope"] == "regions" and row["recompiles"] == 0 for row in rows)
+
+
+def gpu_script_steps() -> dict[str, list[str]]:
+    """Each ``step NAME ARGS...`` of scripts/bench_gpu.sh (continuations joined, its model arrays expanded):
+    the benchmark command lines a GPU run will make."""
+    import pathlib
+    import re
+    import shlex
+
+    text = (pathlib.Path(__file__).parents[1] / "scripts" / "bench_gpu.sh").read_text().replace("\\\n", " ")
+    arrays = {name: shlex.split(body) for name, body in re.findall(r"^(\w+)=\((.*)\)$", text, re.M)}
+    steps = {}
+    for line in re.findall(r"^step (.*)$", text, re.M):
+        name, *words = shlex.split(line)
+        steps[name] = []
+        for word in words:
+            array = re.fullmatch(r"\$\{(\w+)\[@\]\}", word)
+            steps[name] += arrays[array.group(1)] if array else [word]
+    return steps
+
+
+class _SettingsAccepted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", sorted(gpu_script_steps()))
+def test_every_gpu_script_step_passes_the_benchmarks_checks(name, monkeypatch):
+    """A GPU run is short and rare: every step of scripts/bench_gpu.sh must get past the benchmark's checks of its
+    options (as on a CUDA device) and reach the measurement, which is stopped there."""
+    monkeypatch.setattr(bench, "resolve_device", lambda device: torch.device(device))
+
+    def stop(*args, **kwargs):
+        raise _SettingsAccepted
+
+    monkeypatch.setattr(bench, "build_pair", stop)
+    with pytest.raises(_SettingsAccepted):
+        bench.main(["--device", "cuda", "--quiet"] + gpu_script_steps()[name])

@@ -224,6 +224,7 @@ def _autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = Tr
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 # model: torch.compile(model); regions: the ToMe side by compile_tome (the timm side stays whole)
 COMPILE_SCOPES = ("model", "regions")
+GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes with CUDA graphs of their own
 
 
 def _sdpa_preference(prefer: str | None):
@@ -502,8 +503,10 @@ def run_benchmark(
     adds CUDA graphs on a GPU); ``compile_scope="regions"`` compiles the ToMe side with
     :func:`~tome_train.tome.compile_tome` instead of ``torch.compile(model)`` (the timm side always whole).
     ``cuda_graphs`` captures each side's whole step (forward; or forward, backward and optimizer step) as
-    one CUDA graph without compiling it, so that the host no longer sets the pace; the first step then
-    holds three eager steps and the capture.
+    one CUDA graph, so that the host no longer sets the pace; the first step then holds three eager
+    steps (with ``compile``: the compilation) and the capture. With ``compile`` it needs a mode without
+    graphs of its own (not :data:`GRAPHED_COMPILE_MODES`); with ``compile_scope="regions"`` the ToMe
+    side's compiled regions and eager merges between them then replay as one graph.
 
     ``cases`` holds :class:`BenchCase` or ``(model_name, r)`` tuples. Raises :class:`BenchError`
     for bad input, before any measurement when it can be seen from the arguments alone.
@@ -528,8 +531,9 @@ def run_benchmark(
     if compile is None and compile_scope != "model":
         raise BenchError(f"compile_scope={compile_scope!r} needs --compile: without it nothing is compiled")
     if cuda_graphs:
-        if compile is not None:
-            raise BenchError("cuda_graphs with compile: use compile mode reduce-overhead for compiled graphs")
+        if compile in GRAPHED_COMPILE_MODES:
+            raise BenchError(f"cuda_graphs with compile mode {compile!r}, which captures graphs of its own: "
+                             f"use {' or '.join(m for m in COMPILE_MODES if m not in GRAPHED_COMPILE_MODES)}")
         if dtype == "fp16" and "train" in modes:
             raise BenchError("cuda_graphs training needs bf16 or fp32: fp16's loss scaler reads the GPU from the host")
         if dev.type != "cuda":
@@ -728,7 +732,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "(compile_tome: attention and MLP compiled once for all blocks, merging eager); "
                         "the timm side always compiles whole")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="capture each side's whole step as one CUDA graph, uncompiled (a GPU; not with --compile)")
+                   help="capture each side's whole step as one CUDA graph (a GPU; with --compile, in a mode "
+                        "without graphs of its own: default or max-autotune-no-cudagraphs)")
     p.add_argument("--sdpa", choices=list(SDPA_BACKENDS), default=None,
                    help="attention backend both sides try first (default: PyTorch's order)")
     p.add_argument("--auto-min-batch", action="store_true",
