@@ -61,19 +61,22 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 
 B=(--model vit_base_patch16_224 --r 16)
 L=(--model vit_large_patch16_224 --r 8)
-# Inference, fp16 autocast, batch 256; training steps (forward, backward, fused AdamW), bf16 autocast,
-# batch 128 (B) and 64 (L).
+# First the issue's table. Inference: fp16 autocast, batch 256, eager. Training steps (forward, backward, fused
+# AdamW, bf16 autocast, batch 128 for B and 64 for L) with each side's whole step captured as one CUDA graph,
+# uncompiled: eager training is bound by the host's launches on both sides, the graph shows what the kernels give.
 step infer_b "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
-step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20
-# The same with each side's whole step captured as one CUDA graph, uncompiled: what the kernels give once
-# the host no longer sets the pace.
-step infer_b_graphs "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --cuda-graphs
 step train_b_graphs "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20 --cuda-graphs
+step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
+step train_l_graphs "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20 --cuda-graphs
 # torch.compile on both sides, each whole step then captured as one CUDA graph: the ToMe side by compile_tome
 # (compile time about timm's), so its eager merges between the compiled regions replay with them instead of
 # being launched one by one (the regions alone were host-bound: compile_b_train_regions).
 step compile_b_train_regions_graphs "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 \
     --compile --compile-scope regions --cuda-graphs
+step compile_b_infer_regions_graphs "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 \
+    --compile --compile-scope regions --cuda-graphs
+# Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
+step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
 # Where each model spends its GPU time (ViT-B r16; inference: batch 256, fp16; training: forward and
 # backward, batch 128, bf16): top kernels as JSON.
 want profile && run_step profile 150 python3 - "$out/profile.json" <<'EOF'
@@ -131,9 +134,20 @@ torch.cuda.set_sync_debug_mode(0)
 print("ToMe step waits for the GPU at:", result["tome_host_sync"])
 json.dump(result, open(sys.argv[1], "w"), indent=1)
 EOF
+# Then what explains it: eager training (host-bound) and inference under graphs; ToMe's own work in one layer;
+# the attention candidates; the whole model with each kernel swapped out.
+step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20
+step infer_b_graphs "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --cuda-graphs
 # ToMe's own work in one layer at ViT-B's shape (matching, merge, merge backward): PyTorch's ops against fused
 # Triton kernels.
 want merge && run_step merge 90 python3 scripts/merge_probe.py --device cuda --output "$steps_dir/merge.json" && gather
+# One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
+# plain attention, at 197, 117 and 37 tokens.
+want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
+    && gather
+# The whole model (ViT-B r16, inference and training) with each candidate of the two probes swapped in.
+want variants && run_step variants 200 python3 scripts/variant_probe.py --device cuda --warmup 3 --steps 10 \
+    --output "$steps_dir/variants.json" && gather
 # Training as the trainer runs it with trainer.compile=reduce-overhead (whole model compiled, CUDA graphs): eager
 # ToMe training is bound by the host, not the GPU. The matching, merge and attention (with its backward) are
 # custom ops running the eager choice, the Triton kernels included.
@@ -142,15 +156,6 @@ step compile_b_train_cudagraphs "${B[@]}" --mode train --dtype bf16 --batch-size
 # torch.compile(model) on both sides, inference: first step = compile time (the matching, merge and attention
 # are custom ops running the eager choice, so compilation has less to do), recompiles must stay 0.
 step compile_b_infer "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 --compile
-step compile_b_infer_regions_graphs "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 \
-    --compile --compile-scope regions --cuda-graphs
-# The whole model (ViT-B r16, inference and training) with each candidate of the two probes swapped in.
-want variants && run_step variants 200 python3 scripts/variant_probe.py --device cuda --warmup 3 --steps 10 \
-    --output "$steps_dir/variants.json" && gather
-# One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
-# plain attention, at 197, 117 and 37 tokens.
-want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda --output "$steps_dir/attention.json" \
-    && gather
 # The same layer under torch.compile, the token count static and dynamic (as compile_tome has it), against
 # plain attention compiled: does inductor's stride rule for the bias cost the compiled ToMe model its speed?
 want attention_compiled && run_step attention_compiled 120 python3 scripts/attention_probe.py --device cuda \
@@ -165,11 +170,8 @@ step compile_b_train_regions "${B[@]}" --mode train --dtype bf16 --batch-size 12
 # The same with each region under CUDA graphs (one per token count), the launches of the eager merge left.
 step compile_b_train_regions_cudagraphs "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 \
     --steps 10 --compile reduce-overhead --compile-scope regions
-step infer_l "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20
+# Eager ViT-L training, host-bound like ViT-B's.
 step train_l "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20
-step train_l_graphs "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 5 --steps 20 --cuda-graphs
-# Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
-step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
 # torch.compile(model) on both sides, training: first step = compile time, recompiles must stay 0.
 # Last, as the slowest: a step cut short by the budget loses only its own rows.
 step compile_b_train "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 3 --steps 10 --compile
