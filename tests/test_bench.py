@@ -44,9 +44,11 @@ def test_json_has_one_row_per_case_and_mode(both_modes):
         assert math.isclose(row["first_ratio"], row["tome_first_s"] / row["baseline_first_s"], rel_tol=1e-9)
         assert row["recompiles"] == 0 and row["min_batch"] == 1 and row["merging"] == (row["r"] != "0")
         if row["mode"] == "infer":  # fp32 eager on both sides of the check: the very same computation
-            assert row["baseline_max_diff"] == row["tome_max_diff"] == 0.0 and row["same_merges"] == 1.0
+            assert row["baseline_max_diff"] == row["tome_max_diff"] == row["ops_max_diff"] == 0.0
+            assert row["same_merges"] == row["same_merges_as_ops"] == 1.0
         else:
-            assert row["baseline_max_diff"] is row["tome_max_diff"] is row["same_merges"] is None
+            assert {row[k] for k in ("baseline_max_diff", "tome_max_diff", "same_merges", "ops_max_diff",
+                                     "same_merges_as_ops")} == {None}
 
 
 def test_flop_bound_follows_the_schedule(both_modes):
@@ -157,7 +159,40 @@ def test_output_check_under_autocast_compares_with_fp32():
     x = torch.randn(3, 3, 64, 64)
     runner = bench._Runner(model, "infer", x, None, torch.device("cpu"), torch.float32, False)
     checks = bench.check_outputs(runner, runner)
-    assert checks == {"baseline_max_diff": 0.0, "tome_max_diff": 0.0, "same_merges": 1.0}
+    assert checks == {"baseline_max_diff": 0.0, "tome_max_diff": 0.0, "same_merges": 1.0, "ops_max_diff": 0.0,
+                      "same_merges_as_ops": 1.0}
+    # at the measured dtype PyTorch's ops are the measured path itself here (no kernels on a CPU): no difference
+    assert row["ops_max_diff"] == 0.0 and row["same_merges_as_ops"] == 1.0
+
+
+def test_output_check_holds_the_kernels_to_pytorchs_ops(monkeypatch):
+    """With the matching and merge kernels standing in on the CPU (Triton's interpreter, timed as the faster) the
+    measured forward runs them, and the check against PyTorch's ops sees the same merges and logits to fp32
+    rounding."""
+    from tome_train.tome import kernels, merge
+
+    references = {merge.plan_layer, merge._weighted_merge}
+    for path in (merge._plan_layer, merge._merge_rows):
+        monkeypatch.setattr(path, "device_types", ("cpu",))
+        monkeypatch.setattr(path, "choices", {})
+        monkeypatch.setattr(path, "broken", False)
+    monkeypatch.setattr(kernels.FastestPath, "_time", staticmethod(
+        lambda fn, device, args: 1.0 if fn in references else 0.0))
+    row, = bench.run_benchmark([("vit_tiny_patch16_224", 2)], device="cpu", img_size=64, batch_size=3, warmup=0,
+                               steps=1, modes=["infer"])
+    # each merging layer kept them (17 tokens, r 2: 8 layers merge)
+    assert row["fused_kernels"] == {"fused_merge": "8/8", "fused_plan_layer": "8/8"}
+    assert row["same_merges_as_ops"] == row["same_merges"] == 1.0
+    assert row["ops_max_diff"] <= 1e-5 and row["tome_max_diff"] <= 1e-5
+
+
+def test_same_merges_is_the_fraction_of_images_with_the_references_sizes():
+    sizes = torch.tensor([[[1.0], [3.0]], [[2.0], [2.0]]])
+    assert bench._same_merges(sizes, sizes.clone()) == 1.0
+    assert bench._same_merges(sizes, torch.tensor([[[1.0], [3.0]], [[1.0], [3.0]]])) == 0.5
+    assert bench._same_merges(sizes, sizes[:, :1]) == 0.0  # another token count
+    assert bench._same_merges(None, None) == 1.0  # neither merged
+    assert bench._same_merges(sizes, None) == 0.0
 
 
 @pytest.mark.parametrize("timings, expected", [

@@ -45,6 +45,18 @@ def autograd_recording() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def pytorch_ops_only() -> Iterator[None]:
+    """Every :class:`FastestPath` runs its reference, PyTorch's ops, inside: the implementation that the tests hold
+    to float64, to check a run of the kernels against."""
+    enabled = FastestPath.enabled
+    FastestPath.enabled = False
+    try:
+        yield
+    finally:
+        FastestPath.enabled = enabled
+
+
 Agreement = Callable[[tuple, object, object], bool]
 
 
