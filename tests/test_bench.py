@@ -165,7 +165,7 @@ def test_output_check_under_autocast_compares_with_fp32():
     assert row["ops_max_diff"] == 0.0 and row["same_merges_as_ops"] == 1.0
 
 
-def test_output_check_holds_the_kernels_to_pytorchs_ops(monkeypatch):
+def test_output_check_holds_the_kernels_to_pytorchs_ops(monkeypatch, tmp_path):
     """With the matching and merge kernels standing in on the CPU (Triton's interpreter, timed as the faster) the
     measured forward runs them, and the check against PyTorch's ops sees the same merges and logits to fp32
     rounding."""
@@ -175,13 +175,20 @@ def test_output_check_holds_the_kernels_to_pytorchs_ops(monkeypatch):
     for path in (merge._plan_layer, merge._merge_rows):
         monkeypatch.setattr(path, "device_types", ("cpu",))
         monkeypatch.setattr(path, "choices", {})
+        monkeypatch.setattr(path, "seconds", {})
         monkeypatch.setattr(path, "broken", False)
     monkeypatch.setattr(kernels.FastestPath, "_time", staticmethod(
-        lambda fn, device, args: 1.0 if fn in references else 0.0))
-    row, = bench.run_benchmark([("vit_tiny_patch16_224", 2)], device="cpu", img_size=64, batch_size=3, warmup=0,
-                               steps=1, modes=["infer"])
-    # each merging layer kept them (17 tokens, r 2: 8 layers merge)
+        lambda fn, device, args: 2e-6 if fn in references else 1e-6))
+    out = tmp_path / "bench.json"
+    assert bench.main(TINY + ["--r", "2", "--mode", "infer", "--batch-size", "3", "--output", str(out), "--quiet"]) == 0
+    data = json.loads(out.read_text())
+    row, = data["results"]
+    # each merging layer kept them (17 tokens, r 2: 8 layers merge), and the JSON says what they were timed at
     assert row["fused_kernels"] == {"fused_merge": "8/8", "fused_plan_layer": "8/8"}
+    times = data["fused_kernel_times"]
+    assert sorted(times) == ["fused_merge", "fused_plan_layer"] and len(times["fused_merge"]) == 8
+    assert {(t["ops_us"], t["kernel_us"], t["dtype"]) for t in times["fused_merge"]} == {(2.0, 1.0, "float32")}
+    assert [t["shape"] for t in times["fused_merge"]] == [[3 * n, 192] for n in range(17, 1, -2)]  # rows of x
     assert row["same_merges_as_ops"] == row["same_merges"] == 1.0
     assert row["ops_max_diff"] <= 1e-5 and row["tome_max_diff"] <= 1e-5
 

@@ -180,6 +180,10 @@ def test_same_layer_plan_takes_ties_either_way_and_nothing_else():
     assert not same_layer_plan(args, expected, (perm, dest, weight, new_size, node_max + 1e-3, node_idx))
 
 
+# Triton's interpreter runs these merges in about 20 ms on the CPU: PyTorch's ops slowed by 5x that lose for sure
+SLOWED_MERGE_S = 0.1
+
+
 def _slow(fn, seconds):
     def slowed(*args):
         time.sleep(seconds)
@@ -192,7 +196,7 @@ def _slow(fn, seconds):
 def test_fastest_path_keeps_the_faster_per_shape_and_never_a_wrong_one():
     rows, perm, dest, weight, k = merge_inputs(tied=False)
     args = (rows, perm, dest, weight, k)
-    faster = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cpu",))
+    faster = FastestPath(_slow(_weighted_merge, SLOWED_MERGE_S), fused_merge, device_types=("cpu",))
     assert torch.allclose(faster(*args), _weighted_merge(*args), atol=1e-6)
     assert list(faster.choices.values()) == [fused_merge]
     slower = FastestPath(_weighted_merge, _slow(fused_merge, 0.02), device_types=("cpu",))
@@ -217,12 +221,12 @@ def test_fastest_path_keeps_the_faster_per_shape_and_never_a_wrong_one():
 def test_fastest_path_stays_with_the_reference_where_it_must():
     rows, perm, dest, weight, k = merge_inputs(tied=False)
     args = (rows, perm, dest, weight, k)
-    path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cuda",))
+    path = FastestPath(_slow(_weighted_merge, SLOWED_MERGE_S), fused_merge, device_types=("cuda",))
     path(*args)  # a CPU tensor: not a device this path chooses on
     assert path.choices == {}
-    path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cpu",), deterministic=False)
+    path = FastestPath(_slow(_weighted_merge, SLOWED_MERGE_S), fused_merge, device_types=("cpu",), deterministic=False)
     grad = torch.randn(k, rows.shape[1])
-    backward = FastestPath(_slow(_weighted_merge_backward, 0.02), fused_merge_backward, device_types=("cpu",))
+    backward = FastestPath(_slow(_weighted_merge_backward, SLOWED_MERGE_S), fused_merge_backward, device_types=("cpu",))
     torch.use_deterministic_algorithms(True)  # the merge kernel adds merged rows atomically, its backward gathers
     try:
         path(*args)
@@ -282,7 +286,7 @@ def test_same_matches_accepts_a_tie_broken_the_other_way_and_nothing_else():
 def test_fastest_path_keeps_its_choices_in_a_cuda_graph_capture_and_makes_none_there(monkeypatch):
     rows, perm, dest, weight, k = merge_inputs(tied=False)
     args = (rows, perm, dest, weight, k)
-    path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cpu",))
+    path = FastestPath(_slow(_weighted_merge, SLOWED_MERGE_S), fused_merge, device_types=("cpu",))
     path(*args)
     monkeypatch.setattr(kernels, "capturing", lambda device: True)  # a CPU stand-in for a capturing stream
     calls = []
@@ -354,7 +358,7 @@ def test_through_backward_returns_the_output_and_the_input_gradients_with_a_fixe
 
 def test_the_report_says_per_kernel_on_how_many_shapes_it_was_kept():
     rows, perm, dest, weight, k = merge_inputs(tied=False)
-    path = FastestPath(_slow(_weighted_merge, 0.02), fused_merge, device_types=("cpu",))
+    path = FastestPath(_slow(_weighted_merge, SLOWED_MERGE_S), fused_merge, device_types=("cpu",))
     path(rows, perm, dest, weight, k)
     path(rows[:, :20].contiguous(), perm, dest, weight, k)
     assert kernels.report()["fused_merge"] == "2/2"

@@ -825,7 +825,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     print(format_table(rows))
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"machine": machine, "argv": argv, "results": rows}, f, indent=2)
+            json.dump({"machine": machine, "argv": argv, "results": rows,
+                       "fused_kernel_times": kernels.choice_times()}, f, indent=2)
             f.write("\n")
     if args.csv:
         write_csv(args.csv, rows)

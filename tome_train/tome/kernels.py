@@ -120,6 +120,7 @@ class FastestPath:
         self.name = candidate.rsplit(".", 1)[-1] if isinstance(candidate, str) else candidate.__name__
         FastestPath.paths.add(self)
         self.choices: dict[tuple, Callable] = {}
+        self.seconds: dict[tuple, tuple[float, float]] = {}  # per choice: the reference's and the candidate's time
         self.broken = False
 
     def _applies(self, device: torch.device) -> bool:
@@ -143,7 +144,7 @@ class FastestPath:
         if choice is None:
             if capturing(device):
                 return self.reference
-            choice = self.choices[key] = self._choose(device, args)
+            choice = self.choices[key] = self._choose(device, args, key)
         return choice
 
     @staticmethod
@@ -172,7 +173,7 @@ class FastestPath:
             self.candidate = getattr(module, name)
         return self.candidate
 
-    def _choose(self, device: torch.device, args) -> Callable:
+    def _choose(self, device: torch.device, args, key: tuple) -> Callable:
         candidate = self._load()
         if candidate is None:
             self.broken = True
@@ -190,7 +191,9 @@ class FastestPath:
             warnings.warn(f"{candidate.__name__} cannot stand in for {self.reference.__name__} here ({error}); "
                           "using PyTorch's ops", RuntimeWarning, stacklevel=3)
             return self.reference
-        return min((self.reference, candidate), key=lambda fn: self._time(measured[fn], device, args))
+        ops, kernel = self.seconds[key] = tuple(self._time(measured[fn], device, args)
+                                                for fn in (self.reference, candidate))
+        return candidate if kernel < ops else self.reference
 
 
 def through_backward(functions: dict[Callable, Callable], args: tuple) -> tuple[tuple, dict[Callable, Callable]]:
@@ -214,6 +217,16 @@ def through_backward(functions: dict[Callable, Callable], args: tuple) -> tuple[
         return run
 
     return args, {key: with_backward(fn) for key, fn in functions.items()}
+
+
+def choice_times() -> dict[str, list[dict]]:
+    """The measurements behind :func:`report`: for each kernel, per input shape it was timed at (its first
+    argument's shape and dtype), microseconds per call of PyTorch's ops and of the kernel
+    (:meth:`FastestPath._time`)."""
+    return {path.name: [{"shape": list(key[1][1]), "dtype": str(key[1][0]).removeprefix("torch."),
+                         "ops_us": round(ops * 1e6, 1), "kernel_us": round(kernel * 1e6, 1)}
+                        for key, (ops, kernel) in path.seconds.items()]
+            for path in sorted(FastestPath.paths, key=lambda p: p.name) if path.seconds}
 
 
 def report() -> dict[str, str]:
