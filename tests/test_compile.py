@@ -82,7 +82,7 @@ def test_benchmark_compiles_both_sides_with_inductor(tmp_path):
     from tome_train import bench
 
     out = tmp_path / "b.json"
-    rc = bench.main(["--model", "vit_tiny_patch16_224", "--img-size", "64", "--device", "cpu", "--batch-size", "2",
+    rc = bench.main(["--model", "test_vit", "--img-size", "64", "--device", "cpu", "--batch-size", "2",  # 6 blocks
                      "--r", "2", "--mode", "infer", "--warmup", "1", "--steps", "2", "--compile",
                      "--output", str(out), "--quiet"])
     assert rc == 0

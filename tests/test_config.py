@@ -95,6 +95,16 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bad_config_is_refused_before_torch_is_imported(tmp_path):
+    """A typo costs a fraction of a second, not the seconds torch, timm and Lightning take to import."""
+    script = ("import sys; from tome_train.cli import main; "
+              "rc = main(['--recipe', 'digits_vit_r6', 'tome.r_train=-1', 'trainer.compile=false']); "
+              "print(rc, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert result.stderr == "error: tome.r_train: r=-1 is not allowed: use a non-negative integer\n"
+
+
 def test_cli_lists_and_prints_config(tmp_path):
     listed = _cli("--list-recipes", cwd=tmp_path)
     assert listed.returncode == 0 and listed.stdout.split() == list_recipes()

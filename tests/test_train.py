@@ -98,12 +98,14 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path):
 
 def test_compiled_training_in_a_compile_mode(tmp_path):
     """trainer.compile=reduce-overhead (CUDA graphs on a GPU; on this CPU the compiler alone): the patched
-    model is compiled in place, trains and validates, and its checkpoint keeps the plain parameter names."""
+    model is compiled in place, trains and validates, and its checkpoint keeps the plain parameter names.
+    Two blocks (both merging), as every block compiles on its own token count."""
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
     cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-                             "trainer.compile=reduce-overhead", "tradeoff.enabled=false", f"output_dir={tmp_path}"])
+                             "model.timm_kwargs.depth=2", "trainer.compile=reduce-overhead", "tradeoff.enabled=false",
+                             f"output_dir={tmp_path}"])
     assert train(cfg)["val_top1"] >= 0
     assert counters["stats"]["unique_graphs"] > graphs
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

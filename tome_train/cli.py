@@ -247,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import main as sub_main
         return sub_main(argv[1:])
 
-    from .module import NonFiniteLossError
-
     args = build_parser().parse_args(argv)
     if args.list_recipes:
         print("\n".join(list_recipes()))
@@ -263,10 +261,14 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(cfg))
         else:
             train(cfg, resume=args.resume)
-    except _user_errors() as e:
+    except ConfigError as e:  # most bad input: refused before torch is imported
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except Exception as e:
+        from .module import NonFiniteLossError
+
+        if not isinstance(e, (*_user_errors(), NonFiniteLossError)):
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, NonFiniteLossError) else 2
     return 0

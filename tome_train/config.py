@@ -285,15 +285,17 @@ def schedule_of(value) -> Any:
 
 def validate(cfg: DictConfig) -> None:
     """Checks a schema cannot express; each failure is one ConfigError line."""
-    from .tome import COMPILE_MODES
     from .tome.schedule import ScheduleError, parse_schedule
 
     _choice(cfg.data.source, ["digits", "imagefolder", "webdataset"], "data.source")
     _choice(cfg.trainer.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"], "trainer.precision")
     _choice(cfg.model.global_pool, ["token", "avg"], "model.global_pool")
-    if not isinstance(cfg.trainer.compile, (bool, str)) or cfg.trainer.compile not in (False, True, *COMPILE_MODES):
-        raise ConfigError(f"trainer.compile={cfg.trainer.compile!r} is not allowed: use one of "
-                          f"{', '.join(map(str, (False, True, *COMPILE_MODES)))}")
+    if not isinstance(cfg.trainer.compile, bool):  # a mode: named by the ToMe core, which imports torch
+        from .tome import COMPILE_MODES
+
+        if not isinstance(cfg.trainer.compile, str) or cfg.trainer.compile not in COMPILE_MODES:
+            raise ConfigError(f"trainer.compile={cfg.trainer.compile!r} is not allowed: use one of "
+                              f"{', '.join(map(str, (False, True, *COMPILE_MODES)))}")
     devices = cfg.trainer.devices
     if devices != "auto" and not (isinstance(devices, int) and not isinstance(devices, bool) and devices > 0):
         raise ConfigError(f"trainer.devices={devices!r} is not allowed: use a positive integer or auto")

@@ -1,13 +1,28 @@
-"""Token Merging for timm Vision Transformers: torch and timm only, no Lightning."""
-from .merge import Merge, bipartite_soft_matching, max_merges, merge_wavg, unmerge_tokens
-from .schedule import ScheduleError, ViTDims, parse_schedule, token_counts, vit_flops
-from .timm_patch import (
-    COMPILE_MODES, UnsupportedModelError, apply_tome, compile_tome, is_patched, remove_tome, set_r, tome_state,
-)
+"""Token Merging for timm Vision Transformers: torch and timm only, no Lightning.
 
-__all__ = [
-    "Merge", "bipartite_soft_matching", "max_merges", "merge_wavg", "unmerge_tokens",
-    "ScheduleError", "ViTDims", "parse_schedule", "token_counts", "vit_flops",
-    "COMPILE_MODES", "UnsupportedModelError", "apply_tome", "compile_tome", "is_patched", "remove_tome", "set_r",
-    "tome_state",
-]
+Each name is imported from its module on first use (PEP 562), so that the pure-Python schedules
+(:mod:`.schedule`) load without torch: a config can be checked, and a bad one refused, in a fraction
+of a second.
+"""
+import importlib
+
+_MODULE_OF = {
+    **dict.fromkeys(("Merge", "bipartite_soft_matching", "merge_wavg", "unmerge_tokens"), "merge"),
+    **dict.fromkeys(("ScheduleError", "ViTDims", "max_merges", "parse_schedule", "token_counts", "vit_flops"),
+                    "schedule"),
+    **dict.fromkeys(("COMPILE_MODES", "UnsupportedModelError", "apply_tome", "compile_tome", "is_patched",
+                     "remove_tome", "set_r", "tome_state"), "timm_patch"),
+}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

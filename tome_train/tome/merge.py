@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from .schedule import max_merges
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,6 @@ class Merge:
         rest[:, a0::2] = a
         rest[:, 1 - a0::2] = b
         return torch.cat([prefix, rest], dim=1)
-
-
-def max_merges(num_tokens: int, num_protected: int) -> int:
-    """The 50% cap: at most half of the unprotected tokens can merge in one layer."""
-    return max((num_tokens - num_protected) // 2, 0)
 
 
 @dataclass(frozen=True)

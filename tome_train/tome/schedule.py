@@ -13,9 +13,12 @@ from collections.abc import Sequence as AbcSequence
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from .merge import max_merges
-
 Schedule = Union[int, Sequence[int], tuple]
+
+
+def max_merges(num_tokens: int, num_protected: int) -> int:
+    """The 50% cap: at most half of the unprotected tokens can merge in one layer."""
+    return max((num_tokens - num_protected) // 2, 0)
 
 
 class ScheduleError(ValueError):
