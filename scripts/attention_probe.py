@@ -140,6 +140,7 @@ def main(argv=None):
     p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--host-calls", type=int, default=10, help="back-to-back calls per run of host_us (5 runs)")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -171,7 +172,7 @@ def main(argv=None):
                 try:
                     with torch.inference_mode() if mode == "infer" else nullcontext():
                         row["ms"] = round(time_ms(step, device, args.warmup, args.steps), 4)
-                        row["host_us"] = round(host_us(step, device), 1)
+                        row["host_us"] = round(host_us(step, device, args.host_calls), 1)
                 except RuntimeError as err:
                     row["error"] = str(err).splitlines()[0][:200]
                 if name == "plain":

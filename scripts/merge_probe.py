@@ -106,6 +106,7 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--host-calls", type=int, default=10, help="back-to-back calls per run of host_us (5 runs)")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -136,7 +137,7 @@ def main(argv=None):
                     pairs = zip(result, reference) if isinstance(result, tuple) else [(result, reference)]
                     row["max_diff"] = max(float((a.double() - b.double()).abs().max()) for a, b in pairs)
                     row["ms"] = round(time_ms(lambda: fn(*inputs[part]), device, args.warmup, args.steps), 4)
-                    row["host_us"] = round(host_us(lambda: fn(*inputs[part]), device), 1)
+                    row["host_us"] = round(host_us(lambda: fn(*inputs[part]), device, args.host_calls), 1)
                 except RuntimeError as err:
                     row["error"] = str(err).splitlines()[0][:200]
                 if name == "torch":

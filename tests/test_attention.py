@@ -109,7 +109,7 @@ def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
     variants = list(probe.VARIANTS)
     # one warm-up call: the compiled variants compile there, not in the timed step
     probe.main(["--device", "cpu", "--batch-size", "1", "--heads", "2", "--head-dim", "8", "--tokens", "9", "5",
-                "--warmup", "1", "--steps", "1", "--variants", *variants, "--output", str(out)])
+                "--warmup", "1", "--steps", "1", "--host-calls", "1", "--variants", *variants, "--output", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == len(variants) * 2 * 2
     for row in rows:

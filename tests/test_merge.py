@@ -440,7 +440,7 @@ def test_probe_writes_each_part_of_each_variant(merge_probe, tmp_path):
 
     out = tmp_path / "merge.json"
     merge_probe.main(["--device", "cpu", "--batch-size", "2", "--channels", "24", "--tokens", "17", "9",
-                      "--r", "3", "--warmup", "0", "--steps", "1", "--output", str(out)])
+                      "--r", "3", "--warmup", "0", "--steps", "1", "--host-calls", "1", "--output", str(out)])
     rows = json.loads(out.read_text())["rows"]
     parts = ("match", "plan", "weights", "layer", "merge", "add_merge", "merge_backward")
     assert [(row["variant"], row["tokens"], row["part"]) for row in rows] == [
