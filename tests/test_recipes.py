@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from tome_train.cli import dry_run
+from tome_train.cli import dry_run, main
 from tome_train.config import load_config, schedule_of
 
 from conftest import ROOT
@@ -86,7 +86,7 @@ def test_every_recipe_dry_runs_on_cpu(recipe, imagenet_layout):
         assert f"merges per layer [{r}, {r}," in plan
 
 
-def test_dry_run_names_the_checkpoint_and_fails_cleanly(imagenet_layout, tmp_path):
+def test_dry_run_names_the_checkpoint_and_fails_cleanly(imagenet_layout, tmp_path, capsys):
     tiny = ["model.timm_kwargs={embed_dim: 64, depth: 2, num_heads: 2}", f"data.root={imagenet_layout}"]
     source = timm.create_model("vit_base_patch16_224", embed_dim=64, depth=2, num_heads=2, num_classes=0)
     mae = {"model": {**source.state_dict(), "decoder_embed.weight": torch.zeros(8, 64), "mask_token": torch.zeros(1, 1, 64)}}
@@ -94,16 +94,17 @@ def test_dry_run_names_the_checkpoint_and_fails_cleanly(imagenet_layout, tmp_pat
     plan = dry_run(load_config("mae_vitb_r16", [*tiny, f"model.checkpoint={tmp_path / 'mae_pretrain.pth'}"]))
     assert f"checkpoint {tmp_path / 'mae_pretrain.pth'}" in plan and "decoder" in plan
 
-    def run(*args):
-        return subprocess.run([sys.executable, str(ROOT / "train.py"), "--recipe", "mae_vitb_r16", "--dry-run", *args],
-                              capture_output=True, text=True, cwd=tmp_path)
-
+    dry = ["--recipe", "mae_vitb_r16", "--dry-run"]
+    # the first from a process of its own (its exit code and all it prints), the others through the same entry point
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *dry, *tiny,
+                             f"model.checkpoint={tmp_path / 'missing.pth'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.startswith("error: ") and "missing.pth" in result.stderr and result.stderr.count("\n") == 1
     for args, needle in [
-        ([*tiny, f"model.checkpoint={tmp_path / 'missing.pth'}"], "missing.pth"),
         (["model.timm_kwargs={embed_dim: 96, depth: 2, num_heads: 2}", f"data.root={imagenet_layout}",
           f"model.checkpoint={tmp_path / 'mae_pretrain.pth'}"], "shape"),
         ([f"data.root={tmp_path / 'no-shards'}"], "no-shards"),
     ]:
-        result = run(*args)
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.startswith("error: ") and needle in result.stderr and result.stderr.count("\n") == 1
+        assert main([*dry, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
