@@ -263,6 +263,7 @@ if restart:
 def on_usr1(signum, frame):  # what Lightning's SLURMEnvironment handler does: save, then requeue
     (out / "usr1").write_text(str(signum))
     print("got SIGUSR1, requeueing", flush=True)
+    time.sleep(1)  # srun forwards the line to the log before the requeue ends the step (it lost it once, loaded)
     subprocess.run(["scontrol", "requeue", job], check=True)
 
 signal.signal(signal.SIGUSR1, on_usr1)
