@@ -6,6 +6,9 @@ The tiny model at 64 px (16 patches + class token) keeps every run to a few seco
 import csv
 import json
 import math
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,14 +339,18 @@ def test_cuda_graphs_replay_compiled_regions_and_the_eager_merges_between_them()
     assert all(row["cuda_graphs"] and row["compile_scope"] == "regions" and row["recompiles"] == 0 for row in rows)
 
 
-def gpu_script_steps() -> dict[str, list[str]]:
-    """Each ``step NAME ARGS...`` of scripts/bench_gpu.sh (continuations joined, its model arrays expanded):
-    the benchmark command lines a GPU run will make."""
-    import pathlib
-    import re
-    import shlex
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
-    text = (pathlib.Path(__file__).parents[1] / "scripts" / "bench_gpu.sh").read_text().replace("\\\n", " ")
+
+def gpu_script() -> str:
+    """scripts/bench_gpu.sh with its continuation lines joined."""
+    return (SCRIPTS / "bench_gpu.sh").read_text().replace("\\\n", " ")
+
+
+def gpu_script_steps() -> dict[str, list[str]]:
+    """Each ``step NAME ARGS...`` of scripts/bench_gpu.sh (its model arrays expanded): the benchmark command lines
+    a GPU run will make."""
+    text = gpu_script()
     arrays = {name: shlex.split(body) for name, body in re.findall(r"^(\w+)=\((.*)\)$", text, re.M)}
     steps = {}
     for line in re.findall(r"^step (.*)$", text, re.M):
@@ -371,3 +378,32 @@ def test_every_gpu_script_step_passes_the_benchmarks_checks(name, monkeypatch):
     monkeypatch.setattr(bench, "build_pair", stop)
     with pytest.raises(_SettingsAccepted):
         bench.main(["--device", "cuda", "--quiet"] + gpu_script_steps()[name])
+
+
+def gpu_script_probes() -> dict[str, tuple[str, list[str]]]:
+    """Each probe a step of scripts/bench_gpu.sh runs (``run_step NAME LIMIT python3 scripts/PROBE.py ARGS``):
+    the probe's name and its arguments."""
+    return {name: (probe, shlex.split(args))
+            for name, probe, args in re.findall(r"run_step (\w+) \d+ python3 scripts/(\w+)\.py (.*?)(?: && gather)?$",
+                                                gpu_script(), re.M)}
+
+
+@pytest.mark.parametrize("name", sorted(gpu_script_probes()))
+def test_every_gpu_script_probe_call_parses(name, monkeypatch):
+    """Each probe's arguments in scripts/bench_gpu.sh are ones the probe takes (``--help`` after them exits 0 only
+    if argparse accepted everything before it)."""
+    import importlib.util
+
+    probe, args = gpu_script_probes()[name]
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(probe, SCRIPTS / f"{probe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as stop:
+        module.main([*args, "--help"])
+    assert stop.value.code == 0
+
+
+def test_the_gpu_scripts_profile_step_is_valid_python():
+    source, = re.findall(r"<<'EOF'\n(.*?)\nEOF\n", gpu_script(), re.S)
+    compile(source, "bench_gpu.sh profile step", "exec")
