@@ -54,11 +54,8 @@ from tome_train.tome.merge import (_weighted_merge, _weighted_merge_backward, mo
 
 def torch_layer(*args):
     """:func:`plan_layer` with PyTorch's ops only (the kernels of its parts switched off)."""
-    enabled, kernels.FastestPath.enabled = kernels.FastestPath.enabled, False
-    try:
+    with kernels.pytorch_ops_only():
         return plan_layer(*args)
-    finally:
-        kernels.FastestPath.enabled = enabled
 
 
 def kernels_layer(keys, size, r, num_protected, dtype):

@@ -235,11 +235,8 @@ def test_fastest_path_stays_with_the_reference_where_it_must():
         torch.use_deterministic_algorithms(False)
     assert path.choices == {} and list(backward.choices.values()) == [fused_merge_backward]
     assert not _merge_rows.deterministic and _merge_rows_backward.deterministic and _plan_layer.deterministic
-    FastestPath.enabled = False
-    try:
+    with kernels.pytorch_ops_only():
         path(*args)
-    finally:
-        FastestPath.enabled = True
     assert path.choices == {}
 
 
@@ -417,11 +414,8 @@ def test_a_model_with_every_merge_kernel_chosen_trains_as_with_pytorchs_ops(monk
         logits.square().sum().backward()
         return logits.detach(), tome_state(model).size, [p.grad.clone() for p in model.parameters()]
 
-    FastestPath.enabled = False
-    try:
+    with kernels.pytorch_ops_only():
         expected = step()
-    finally:
-        FastestPath.enabled = True
     logits, size, grads = step()
     assert all(path.choices and all(c is path.candidate for c in path.choices.values()) for path in paths)
     torch.testing.assert_close(logits, expected[0], rtol=1e-5, atol=1e-6)

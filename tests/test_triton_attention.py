@@ -294,7 +294,7 @@ def test_a_half_precision_model_trains_through_the_kernels_as_through_the_mask(k
     """ViT-Ti (2 blocks at 64 px: 17 tokens, r 2) in fp16 with the training kernels standing in on the CPU (timed
     as the faster): every block after the first takes them with its packed qkv, and every parameter's gradient
     is the mask's to fp16 rounding (a gradient in the wrong place of qkv, or none, is off by its whole size)."""
-    from tome_train.tome.kernels import FastestPath
+    from tome_train.tome.kernels import pytorch_ops_only
 
     path = kernels_chosen_to_train
     model, images = half_precision_vit()
@@ -304,11 +304,8 @@ def test_a_half_precision_model_trains_through_the_kernels_as_through_the_mask(k
         model(images).float().square().sum().backward()
         return [p.grad.float().clone() for p in model.parameters()]
 
-    FastestPath.enabled = False
-    try:
+    with pytorch_ops_only():
         expected = grads()
-    finally:
-        FastestPath.enabled = True
     got = grads()
     assert list(path.choices.values()) == [size_biased_attention_trainable]  # the second block, with sizes
     for (name, _), grad, expected_grad in zip(model.named_parameters(), got, expected):
