@@ -339,6 +339,17 @@ def test_cuda_graphs_replay_compiled_regions_and_the_eager_merges_between_them()
     assert all(row["cuda_graphs"] and row["compile_scope"] == "regions" and row["recompiles"] == 0 for row in rows)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_reduce_overhead_records_the_whole_patched_model():
+    """torch.compile(model, mode="reduce-overhead"), as trainer.compile=reduce-overhead runs it: CUDA graph trees
+    record the patched model's forward and backward (nothing the ops it calls cache is left in the graphs' memory
+    pool), inference and training, without recompiling."""
+    rows = bench.run_benchmark([("vit_tiny_patch16_224", 2)], device="cuda", dtype="bf16", batch_size=4, img_size=64,
+                               warmup=2, steps=2, compile="reduce-overhead")
+    assert [row["mode"] for row in rows] == ["infer", "train"]
+    assert all(row["recompiles"] == 0 and row["ratio"] > 0 for row in rows)
+
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tome_train.tome import Merge, bipartite_soft_matching, max_merges, merge_wavg, unmerge_tokens
-from tome_train.tome.merge import _cached_row_layout, row_layout
+from tome_train.tome.merge import _cached_row_layout, plan_layer, row_layout
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -370,6 +370,21 @@ def test_cached_row_layout_outlives_inference_mode():
     trained.sum().backward()
     assert torch.equal(trained.detach(), evaluated)
     assert x.grad is not None and torch.equal(x.grad.sum((0, 2)) > 0, torch.ones(23, dtype=torch.bool))
+
+
+def test_the_op_a_compiled_graph_calls_caches_no_layout():
+    """Under mode reduce-overhead, CUDA graph trees refuse a graph whose first calls leave tensors alive in its
+    memory pool (H100, 2026-11-27: "60 tensor(s) in the cudagraph pool not tracked as outputs", ViT-B's 12
+    cached layouts of 5 tensors). The planning op the graph calls builds its layout each call, and plans the
+    same rows as eager planning, which caches it."""
+    g = torch.Generator().manual_seed(13)
+    keys, size = torch.randn(2, 3, 23, 8, generator=g), torch.randint(1, 4, (2 * 23,), generator=g).float()
+    _cached_row_layout.cache_clear()
+    compiled = torch.ops.tome_train.plan_layer(keys, size, 6, 1, torch.float32)
+    assert _cached_row_layout.cache_info().currsize == 0
+    eager = plan_layer(keys, size, 6, 1, torch.float32)
+    assert _cached_row_layout.cache_info().currsize == 1
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager[:4]))
 
 
 # --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ checkpoints trained with it see the same tokens in the same places.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 from dataclasses import dataclass
 
@@ -165,14 +166,19 @@ def _build_row_layout(n: int, t: int, r: int, num_protected: int, device: torch.
 # One entry per merging layer and batch size in use (ViT-H: 32 layers), each O(n * t) indices (0.6 MB at
 # batch 256, 197 tokens); an evicted one is rebuilt at the cost of the kernels it saves.
 _cached_row_layout = functools.lru_cache(maxsize=128)(_build_row_layout)
+# False inside the ops a compiled graph calls (compiled_plan_layer): under torch.compile's mode reduce-overhead,
+# CUDA graph trees run a graph's first calls with every allocation in the graph's private memory pool, where a
+# cached layout would be a live tensor that no output accounts for, and the trees refuse to record the graph
+_layouts_cacheable = contextvars.ContextVar("tome_train_layouts_cacheable", default=True)
 
 
 def row_layout(n: int, t: int, r: int, num_protected: int, device: torch.device) -> RowLayout:
     """The :class:`RowLayout` of this shape, built once per shape in eager mode: each layer would
     otherwise launch ten small index kernels, and eager training on a GPU is bound by launches.
     Under ``torch.compile`` it is built in the graph, where the compiler folds it, and so it is while a
-    CUDA graph is captured: captured kernels do not run then, and the cache would keep their empty output."""
-    if kernels.recorded_into_graph(device):
+    CUDA graph is captured (captured kernels do not run then, and the cache would keep their empty output)
+    and inside an op that a compiled graph calls (see ``_layouts_cacheable``)."""
+    if kernels.recorded_into_graph(device) or not _layouts_cacheable.get():
         return _build_row_layout(n, t, r, num_protected, device)
     return _cached_row_layout(n, t, r, num_protected, device)
 
@@ -343,7 +349,11 @@ def compiled_plan_layer(
     and does not trace, which runs the eager choice (on a GPU, the one-kernel layer where that is faster). It
     takes no gradient, so training compiles it too. Traced, every layer's token count would be compiled into
     sorts, gathers and scatters of its own, and the kernel never chosen."""
-    perm, dest, weight, new_size, _, _ = _plan_layer(keys, size, r, num_protected, dtype)
+    token = _layouts_cacheable.set(False)
+    try:
+        perm, dest, weight, new_size, _, _ = _plan_layer(keys, size, r, num_protected, dtype)
+    finally:
+        _layouts_cacheable.reset(token)
     return perm, dest, weight, new_size
 
 
