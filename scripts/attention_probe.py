@@ -1,8 +1,8 @@
 """Time the ways onto scaled_dot_product_attention for proportional attention, one attention layer at ViT-B's
 shape and the token counts of a ToMe schedule, next to plain attention (what the unpatched model runs):
 the log-size mask as tome_train uses it (``bias``), under each backend and mask layout, the library's
-Triton flash kernels that add the bias per key (``triton``), and without a mask as two calls
-(``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
+Triton flash kernels that add the bias per key (``triton``; ``triton_MxN`` with ``--blocks MxN``: their forward
+with M queries per program and N keys per step), and without a mask as two calls (``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
 more head dimension of queries and keys, and as a FlexAttention score modification.
 
 Under ``torch.compile`` (``*_compiled``; ``_dynamic``: the token count a dynamic dim, as ``compile_tome``
@@ -61,6 +61,30 @@ def triton_bias(qkv, heads, size):
     from tome_train.tome.triton_attention import size_biased_attention_trainable
 
     return size_biased_attention_trainable(qkv, heads, size[..., 0])
+
+
+def triton_blocks(spec: str):
+    """The Triton kernels as in ``triton``, their forward with ``M`` queries per program and ``N`` keys per step
+    (``spec`` ``"MxN"``, fitted down to the token count as the library fits its own): the variant
+    ``triton_MxN`` that ``--blocks`` adds, to choose the library's defaults by."""
+    from tome_train.tome.triton_attention import _fitted, proportional_attention_trainable
+
+    block_m, block_n = (int(side) for side in spec.split("x"))
+
+    def attend(qkv, heads, size):
+        n, scale = qkv.shape[1], (qkv.shape[-1] // (3 * heads)) ** -0.5
+        return proportional_attention_trainable(qkv, heads, size[..., 0], scale, block_m=_fitted(block_m, n),
+                                                block_n=_fitted(block_n, n))
+    return attend
+
+
+def block_spec(text: str) -> str:
+    """``--blocks``' argparse type: ``MxN``, powers of two from 16."""
+    sides = text.split("x")
+    if len(sides) != 2 or not all(side.isdigit() and int(side) >= 16 and int(side) & (int(side) - 1) == 0
+                                  for side in sides):
+        raise argparse.ArgumentTypeError(f"{text!r} is not MxN with M and N powers of two from 16 (e.g. 64x32)")
+    return text
 
 
 def plain(q, k, v, size):
@@ -137,12 +161,17 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=[197, 117, 37])
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                    default=[name for name in VARIANTS if "compiled" not in name], help="default: all but *_compiled")
+    p.add_argument("--blocks", nargs="+", type=block_spec, default=[], metavar="MxN",
+                   help="also the Triton kernels with M queries per program and N keys per step in the forward "
+                        "(variants triton_MxN), e.g. 64x32 128x64")
     p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--host-calls", type=int, default=10, help="back-to-back calls per run of host_us (5 runs)")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
+    variants = {name: VARIANTS[name] for name in args.variants}
+    variants.update({f"triton_{spec}": (triton_blocks(spec), None) for spec in args.blocks})
     device = torch.device(args.device)
     dtypes = {"infer": torch.float16, "train": torch.bfloat16} if device.type == "cuda" else \
         {"infer": torch.float32, "train": torch.float32}
@@ -158,8 +187,7 @@ def main(argv=None):
                 grad = torch.randn(args.batch_size, args.heads, n, args.head_dim, generator=g, device=device,
                                    dtype=dtypes[mode])
             plain_ms = None
-            for name in args.variants:
-                attend, backend = VARIANTS[name]
+            for name, (attend, backend) in variants.items():
 
                 def step():
                     with sdpa_kernel([backend]) if backend is not None else nullcontext():

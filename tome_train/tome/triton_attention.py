@@ -224,7 +224,7 @@ def _forward(q, k, v, size, scale, block_m, block_n, store_lse):
 
 
 def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, scale: float,
-                           *, block_m: int = 128, block_n: int = 64) -> torch.Tensor:
+                           *, block_m: int = 64, block_n: int = 32) -> torch.Tensor:
     """``softmax(q k^T * scale + log(size)) v``: keys weighed by the tokens they hold, the same for every head and
     query (``log(size)`` rounded to ``q``'s dtype, as SDPA's mask would hold it, and added in fp32).
 
@@ -234,12 +234,12 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, si
             which ``tl.dot`` needs: ViT-H's 80 computes as 128).
         size: ``[B, N]``, the tokens each key holds (any float dtype, any strides; 1: plain attention).
         scale: the logit scale, usually ``D ** -0.5``.
-        block_m, block_n: queries per program and keys per loop step. The defaults are for an H100 at
-            N ~ 200: 197 tokens pad to 256 with 64 or 128 either way, so 128 queries per program read every
-            K/V block half as often as 64 and still give B*H*2 programs (6144 at B 256, H 12, 46 per SM);
-            64 keys per step keep the fp32 logits and accumulator (128 x 64 each) in the registers of
-            4 warps (8 past head dim 64), and 3 stages double-buffer K and V (2 stages keep one buffer)
-            over a 4-step loop.
+        block_m, block_n: queries per program and keys per loop step. The defaults were measured on an H100
+            (2026-11-27, ``docs/gpu-runs/2026-11-27-h100-kernels-check/sweep.json``: fp16, B 256, H 12, D 64,
+            64 or 128 queries, 32, 64 or 128 keys, 4 or 8 warps): over ViT-B r16's token counts 181, 133,
+            101, 69 and 37, 64 x 32 took 0.55 ms of device time, 128 x 64 0.70 ms, and the best pair for
+            each count 0.52 ms. 64-query programs pad 181 tokens to 192 rather than 256 and give twice the
+            programs; at 4 warps (8 past head dim 64) with 3 stages.
 
     Returns ``[B, H, N, D]`` in ``q``'s dtype, laid out in memory as ``[B, N, H, D]`` so that the caller's
     ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view. No gradient: see
@@ -249,8 +249,8 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, si
 
 
 def _fitted(block: int, num_tokens: int) -> int:
-    """``block`` rows, or fewer where the whole sequence is shorter: a late layer's 37 tokens would pad to
-    128 (``tl.dot`` takes at least 16)."""
+    """``block`` rows, or fewer where the whole sequence is shorter: a late layer's 21 tokens would pad to
+    64 (``tl.dot`` takes at least 16)."""
     return min(block, max(16, triton.next_power_of_2(num_tokens)))
 
 
@@ -258,8 +258,8 @@ def size_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, siz
     """:func:`proportional_attention` at SDPA's default scale ``D ** -0.5``, blocks fitted to the token count:
     the candidate for :func:`.attention._masked_attention`, with its arguments."""
     n = q.shape[2]
-    return proportional_attention(q, k, v, size, q.shape[-1] ** -0.5, block_m=_fitted(128, n),
-                                  block_n=_fitted(64, n))
+    return proportional_attention(q, k, v, size, q.shape[-1] ** -0.5, block_m=_fitted(64, n),
+                                  block_n=_fitted(32, n))
 
 
 def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor,
@@ -343,7 +343,7 @@ class ProportionalAttention(torch.autograd.Function):
 
 
 def proportional_attention_trainable(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, scale: float, *,
-                                     block_m: int = 128, block_n: int = 64, block_outer: int = 128,
+                                     block_m: int = 64, block_n: int = 32, block_outer: int = 128,
                                      block_inner: int = 32) -> torch.Tensor:
     """:func:`proportional_attention` of ``q, k, v`` split from timm's packed ``qkv`` ``[B, N, 3 * H * D]``
     (:func:`.attention.packed_heads`), with a gradient for ``qkv`` (:func:`proportional_attention_backward`; the
@@ -355,7 +355,7 @@ def proportional_attention_trainable(qkv: torch.Tensor, num_heads: int, size: to
 
 def _fitted_blocks(num_tokens: int) -> dict[str, int]:
     """:func:`proportional_attention_trainable`'s block sizes, fitted to the token count (:func:`_fitted`)."""
-    return dict(block_m=_fitted(128, num_tokens), block_n=_fitted(64, num_tokens),
+    return dict(block_m=_fitted(64, num_tokens), block_n=_fitted(32, num_tokens),
                 block_outer=_fitted(128, num_tokens), block_inner=_fitted(32, num_tokens))
 
 
