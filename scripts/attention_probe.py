@@ -2,7 +2,8 @@
 shape and the token counts of a ToMe schedule, next to plain attention (what the unpatched model runs):
 the log-size mask as tome_train uses it (``bias``), under each backend and mask layout, the library's
 Triton flash kernels that add the bias per key (``triton``; ``triton_MxN`` with ``--blocks MxN``: their forward
-with M queries per program and N keys per step), and without a mask as two calls (``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
+with M queries per program and N keys per step, and ``MxN/OxI`` their backward too with O rows per program and I
+per step), and without a mask as two calls (``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
 more head dimension of queries and keys, and as a FlexAttention score modification.
 
 Under ``torch.compile`` (``*_compiled``; ``_dynamic``: the token count a dynamic dim, as ``compile_tome``
@@ -64,26 +65,30 @@ def triton_bias(qkv, heads, size):
 
 
 def triton_blocks(spec: str):
-    """The Triton kernels as in ``triton``, their forward with ``M`` queries per program and ``N`` keys per step
-    (``spec`` ``"MxN"``, fitted down to the token count as the library fits its own): the variant
-    ``triton_MxN`` that ``--blocks`` adds, to choose the library's defaults by."""
+    """The Triton kernels as in ``triton`` with other block sizes (fitted down to the token count as the library
+    fits its own): ``spec`` ``"MxN"``, the forward with ``M`` queries per program and ``N`` keys per step, or
+    ``"MxN/OxI"``, the backward too with ``O`` rows per program and ``I`` per step (else the library's). The
+    variant ``triton_<spec>`` that ``--blocks`` adds, to choose the library's defaults by."""
     from tome_train.tome.triton_attention import _fitted, proportional_attention_trainable
 
-    block_m, block_n = (int(side) for side in spec.split("x"))
+    sides = [int(side) for side in spec.replace("/", "x").split("x")]
+    names = ("block_m", "block_n", "block_outer", "block_inner")
 
     def attend(qkv, heads, size):
         n, scale = qkv.shape[1], (qkv.shape[-1] // (3 * heads)) ** -0.5
-        return proportional_attention_trainable(qkv, heads, size[..., 0], scale, block_m=_fitted(block_m, n),
-                                                block_n=_fitted(block_n, n))
+        blocks = {name: _fitted(side, n) for name, side in zip(names, sides)}
+        return proportional_attention_trainable(qkv, heads, size[..., 0], scale, **blocks)
     return attend
 
 
 def block_spec(text: str) -> str:
-    """``--blocks``' argparse type: ``MxN``, powers of two from 16."""
-    sides = text.split("x")
-    if len(sides) != 2 or not all(side.isdigit() and int(side) >= 16 and int(side) & (int(side) - 1) == 0
-                                  for side in sides):
-        raise argparse.ArgumentTypeError(f"{text!r} is not MxN with M and N powers of two from 16 (e.g. 64x32)")
+    """``--blocks``' argparse type: ``MxN`` or ``MxN/OxI``, powers of two from 16."""
+    pairs = text.split("/")
+    sides = [side for pair in pairs for side in pair.split("x")]
+    if not (len(pairs) <= 2 and len(sides) == 2 * len(pairs)
+            and all(side.isdigit() and int(side) >= 16 and int(side) & (int(side) - 1) == 0 for side in sides)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not MxN or MxN/OxI with powers of two from 16 (e.g. 64x32 or 64x32/64x32)")
     return text
 
 
@@ -161,9 +166,10 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=[197, 117, 37])
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                    default=[name for name in VARIANTS if "compiled" not in name], help="default: all but *_compiled")
-    p.add_argument("--blocks", nargs="+", type=block_spec, default=[], metavar="MxN",
-                   help="also the Triton kernels with M queries per program and N keys per step in the forward "
-                        "(variants triton_MxN), e.g. 64x32 128x64")
+    p.add_argument("--blocks", nargs="+", type=block_spec, default=[], metavar="MxN[/OxI]",
+                   help="also the Triton kernels with M queries per program and N keys per step in the forward, "
+                        "and O rows per program and I per step in the backward (variants triton_<spec>), "
+                        "e.g. 64x32 128x64 64x32/64x32")
     p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)

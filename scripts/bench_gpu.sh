@@ -142,10 +142,10 @@ step infer_b_graphs "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmu
 # Triton kernels.
 want merge && run_step merge 90 python3 scripts/merge_probe.py --device cuda --output "$steps_dir/merge.json" && gather
 # One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
-# plain attention, at 197, 117 and 37 tokens; the Triton kernels also with the forward blocks next to the
-# library's 64x32 (the earlier 128x64; 64x64).
-want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda --blocks 128x64 64x64 \
-    --output "$steps_dir/attention.json" && gather
+# plain attention, at 197, 117 and 37 tokens; the Triton kernels also with other blocks than the library's
+# (forward 64x32, backward 128x32): the forward's earlier 128x64 and 64x64, the backward at 64 rows per program.
+want attention && run_step attention 150 python3 scripts/attention_probe.py --device cuda \
+    --blocks 128x64 64x64 64x32/64x32 64x32/64x16 --output "$steps_dir/attention.json" && gather
 # The whole model (ViT-B r16, inference and training) with each candidate of the two probes swapped in.
 want variants && run_step variants 200 python3 scripts/variant_probe.py --device cuda --warmup 3 --steps 10 \
     --output "$steps_dir/variants.json" && gather

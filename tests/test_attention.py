@@ -99,15 +99,16 @@ def test_probe_variants_compute_proportional_attention():
         if name.startswith("plain") or backend is not None:  # plain ignores sizes; forced backends are CUDA kernels
             continue
         assert (attend(qkv, H, size) - expected).abs().max() <= 1e-5, name
-    assert (probe.triton_blocks("32x16")(qkv, H, size) - expected).abs().max() <= 1e-5
+    for spec in ("32x16", "32x16/16x32"):
+        assert (probe.triton_blocks(spec)(qkv, H, size) - expected).abs().max() <= 1e-5, spec
 
 
-@pytest.mark.parametrize("spec", ["64", "64x", "8x16", "48x32", "64x32x2"])
+@pytest.mark.parametrize("spec", ["64", "64x", "8x16", "48x32", "64x32x2", "64x32/64", "64x32/64x32/16x16"])
 def test_probe_refuses_a_block_spec_that_is_not_two_powers_of_two(spec, capsys):
     with pytest.raises(SystemExit) as exit_:
         _probe().main(["--device", "cpu", "--blocks", spec])
     assert exit_.value.code == 2
-    assert f"{spec!r} is not MxN with M and N powers of two from 16" in capsys.readouterr().err
+    assert f"{spec!r} is not MxN or MxN/OxI with powers of two from 16" in capsys.readouterr().err
 
 
 def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
@@ -119,10 +120,10 @@ def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
     # one warm-up call: the compiled variants compile there, not in the timed step
     probe.main(["--device", "cpu", "--batch-size", "1", "--heads", "2", "--head-dim", "8", "--tokens", "9", "5",
                 "--warmup", "1", "--steps", "1", "--host-calls", "1", "--variants", *variants, "--blocks", "16x16",
-                "--output", str(out)])
+                "16x16/16x16", "--output", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == (len(variants) + 1) * 2 * 2
-    assert [row["variant"] for row in rows[:len(variants) + 1]] == [*variants, "triton_16x16"]
+    assert len(rows) == (len(variants) + 2) * 2 * 2
+    assert [row["variant"] for row in rows[:len(variants) + 2]] == [*variants, "triton_16x16", "triton_16x16/16x16"]
     for row in rows:
         if row["variant"] in ("bias_cudnn", "bias_efficient", "values_cudnn"):
             assert "error" in row  # no such kernel for a CPU tensor: said in the row, the probe goes on
