@@ -3,8 +3,8 @@ shape and the token counts of a ToMe schedule, next to plain attention (what the
 the log-size mask as tome_train uses it (``bias``), under each backend and mask layout, the library's
 Triton flash kernels that add the bias per key (``triton``; ``triton_MxN`` with ``--blocks MxN``: their forward
 with M queries per program and N keys per step, and ``MxN/OxI`` their backward too with O rows per program and I
-per step), and without a mask as two calls (``values``). Measured on an H100 and dropped (docs/performance.md): the bias as one
-more head dimension of queries and keys, and as a FlexAttention score modification.
+per step), and without a mask as two calls (``values``). Measured on an H100 and dropped (docs/performance.md):
+the bias as one more head dimension of queries and keys, and as a FlexAttention score modification.
 
 Under ``torch.compile`` (``*_compiled``; ``_dynamic``: the token count a dynamic dim, as ``compile_tome``
 compiles it): inductor lowers the masked call to memory-efficient attention and, by its stride rules for
@@ -69,15 +69,13 @@ def triton_blocks(spec: str):
     fits its own): ``spec`` ``"MxN"``, the forward with ``M`` queries per program and ``N`` keys per step, or
     ``"MxN/OxI"``, the backward too with ``O`` rows per program and ``I`` per step (else the library's). The
     variant ``triton_<spec>`` that ``--blocks`` adds, to choose the library's defaults by."""
-    from tome_train.tome.triton_attention import _fitted, proportional_attention_trainable
+    from tome_train.tome.triton_attention import BLOCKS, _default_scale, _fitted, proportional_attention_trainable
 
-    sides = [int(side) for side in spec.replace("/", "x").split("x")]
-    names = ("block_m", "block_n", "block_outer", "block_inner")
+    blocks = {**BLOCKS, **dict(zip(BLOCKS, (int(side) for side in spec.replace("/", "x").split("x"))))}
 
     def attend(qkv, heads, size):
-        n, scale = qkv.shape[1], (qkv.shape[-1] // (3 * heads)) ** -0.5
-        blocks = {name: _fitted(side, n) for name, side in zip(names, sides)}
-        return proportional_attention_trainable(qkv, heads, size[..., 0], scale, **blocks)
+        fitted = {name: _fitted(block, qkv.shape[1]) for name, block in blocks.items()}
+        return proportional_attention_trainable(qkv, heads, size[..., 0], _default_scale(qkv, heads), **fitted)
     return attend
 
 

@@ -223,8 +223,14 @@ def _forward(q, k, v, size, scale, block_m, block_n, store_lse):
     return out, lse
 
 
+# The block sizes (before fitting to the token count, :func:`_fitted`): the forward's queries per program and keys
+# per step (see :func:`proportional_attention`), the backward's rows per program and per step (see
+# :func:`proportional_attention_backward`)
+BLOCKS = {"block_m": 64, "block_n": 32, "block_outer": 128, "block_inner": 32}
+
+
 def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, scale: float,
-                           *, block_m: int = 64, block_n: int = 32) -> torch.Tensor:
+                           *, block_m: int = BLOCKS["block_m"], block_n: int = BLOCKS["block_n"]) -> torch.Tensor:
     """``softmax(q k^T * scale + log(size)) v``: keys weighed by the tokens they hold, the same for every head and
     query (``log(size)`` rounded to ``q``'s dtype, as SDPA's mask would hold it, and added in fp32).
 
@@ -257,15 +263,15 @@ def _fitted(block: int, num_tokens: int) -> int:
 def size_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """:func:`proportional_attention` at SDPA's default scale ``D ** -0.5``, blocks fitted to the token count:
     the candidate for :func:`.attention._masked_attention`, with its arguments."""
-    n = q.shape[2]
-    return proportional_attention(q, k, v, size, q.shape[-1] ** -0.5, block_m=_fitted(64, n),
-                                  block_n=_fitted(32, n))
+    blocks = _fitted_blocks(q.shape[2])
+    return proportional_attention(q, k, v, size, q.shape[-1] ** -0.5, block_m=blocks["block_m"],
+                                  block_n=blocks["block_n"])
 
 
 def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor,
                                     out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
                                     *, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                                    block_outer: int = 128, block_inner: int = 32
+                                    block_outer: int = BLOCKS["block_outer"], block_inner: int = BLOCKS["block_inner"]
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` of :func:`proportional_attention`, flash-attention-2 style: the softmax weights are
     recomputed from the forward's log-sum-exp, never stored, and each gradient has one writer (deterministic).
@@ -343,8 +349,9 @@ class ProportionalAttention(torch.autograd.Function):
 
 
 def proportional_attention_trainable(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, scale: float, *,
-                                     block_m: int = 64, block_n: int = 32, block_outer: int = 128,
-                                     block_inner: int = 32) -> torch.Tensor:
+                                     block_m: int = BLOCKS["block_m"], block_n: int = BLOCKS["block_n"],
+                                     block_outer: int = BLOCKS["block_outer"], block_inner: int = BLOCKS["block_inner"]
+                                     ) -> torch.Tensor:
     """:func:`proportional_attention` of ``q, k, v`` split from timm's packed ``qkv`` ``[B, N, 3 * H * D]``
     (:func:`.attention.packed_heads`), with a gradient for ``qkv`` (:func:`proportional_attention_backward`; the
     block sizes are theirs). The forward is the same kernel, which also keeps each row's log-sum-exp (fp32
@@ -355,8 +362,7 @@ def proportional_attention_trainable(qkv: torch.Tensor, num_heads: int, size: to
 
 def _fitted_blocks(num_tokens: int) -> dict[str, int]:
     """:func:`proportional_attention_trainable`'s block sizes, fitted to the token count (:func:`_fitted`)."""
-    return dict(block_m=_fitted(64, num_tokens), block_n=_fitted(32, num_tokens),
-                block_outer=_fitted(128, num_tokens), block_inner=_fitted(32, num_tokens))
+    return {name: _fitted(block, num_tokens) for name, block in BLOCKS.items()}
 
 
 def _default_scale(qkv: torch.Tensor, num_heads: int) -> float:
