@@ -240,6 +240,46 @@ def test_fastest_path_stays_with_the_reference_where_it_must():
     assert path.choices == {}
 
 
+def test_choices_for_graphs_go_by_the_device_time_and_say_so():
+    """Inside :func:`kernels.choosing_for_graphs` a choice is timed by the device's work alone (on a CPU, where
+    every op is the host's, as before) and its times say so; the setting ends with the block, also on an error."""
+    def merge_for_graphs(*args):  # a name of its own in the report
+        return fused_merge(*args)
+
+    rows, perm, dest, weight, k = merge_inputs(tied=False)
+    path = FastestPath(_slow(_weighted_merge, SLOWED_MERGE_S), merge_for_graphs, device_types=("cpu",))
+    with kernels.choosing_for_graphs():
+        path(rows, perm, dest, weight, k)
+    path(rows[:, :20].contiguous(), perm, dest, weight, k)
+    assert list(path.choices.values()) == [merge_for_graphs, merge_for_graphs]
+    assert [entry["timed"] for entry in kernels.choice_times()["merge_for_graphs"]] == ["device", "host and device"]
+    with pytest.raises(RuntimeError), kernels.choosing_for_graphs():
+        raise RuntimeError
+    assert not FastestPath.device_time_only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device time needs a GPU")
+def test_on_a_gpu_a_choice_for_graphs_ignores_the_hosts_time():
+    """A candidate with half the reference's device work (one matmul where the reference adds one by the identity,
+    which changes nothing) but 5 ms of host time per call: slower by wall time, faster as a CUDA graph replays it."""
+    x, w = (torch.randn(2048, 2048, device="cuda") for _ in range(2))
+
+    def reference(x, w):
+        return (x @ w) @ torch.eye(2048, device="cuda")
+
+    def candidate(x, w):
+        time.sleep(0.005)
+        return x @ w
+
+    by_wall, for_graphs = FastestPath(reference, candidate), FastestPath(reference, candidate)
+    by_wall(x, w)
+    with kernels.choosing_for_graphs():
+        for_graphs(x, w)
+    assert list(by_wall.choices.values()) == [reference] and list(for_graphs.choices.values()) == [candidate]
+    (ops, kernel, timed), = for_graphs.seconds.values()
+    assert timed == "device" and kernel < ops < 0.005
+
+
 def test_the_merge_names_its_kernels():
     """The library's matching and merge stand the fused kernels against their ops (loaded by name at the first
     choice); the matching's are checked by :func:`same_matches`."""

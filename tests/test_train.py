@@ -96,17 +96,32 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path):
     assert any("val/ema_top1" in row for row in history(next(run.glob("run-*.wandb"))))
 
 
-def test_compiled_training_in_a_compile_mode(tmp_path):
+def test_compiled_training_in_a_compile_mode(tmp_path, monkeypatch):
     """trainer.compile=reduce-overhead (CUDA graphs on a GPU; on this CPU the compiler alone): the patched
     model is compiled in place, trains and validates, and its checkpoint keeps the plain parameter names.
-    Two blocks (both merging), as every block compiles on its own token count."""
+    Two blocks (both merging), as every block compiles on its own token count. The fit chooses the kernels by the
+    device's time alone (its steps replay as CUDA graphs), and only the fit."""
+    import contextlib
+
     from torch._dynamo.utils import counters
 
+    from tome_train.tome import kernels
+
+    choosing_for_graphs, fits = kernels.choosing_for_graphs, []
+
+    @contextlib.contextmanager
+    def recorded():
+        with choosing_for_graphs():
+            fits.append(kernels.FastestPath.device_time_only)
+            yield
+
+    monkeypatch.setattr(kernels, "choosing_for_graphs", recorded)
     graphs = counters["stats"]["unique_graphs"]
     cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                              "model.timm_kwargs.depth=2", "trainer.compile=reduce-overhead", "tradeoff.enabled=false",
                              f"output_dir={tmp_path}"])
     assert train(cfg)["val_top1"] >= 0
+    assert fits == [True] and not kernels.FastestPath.device_time_only
     assert counters["stats"]["unique_graphs"] > graphs
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["state_dict"] and not any("_orig_mod" in key for key in ckpt["state_dict"])

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from .tome import (
-    COMPILE_MODES, ScheduleError, UnsupportedModelError, ViTDims, apply_tome, compile_tome, is_patched, token_counts,
-    tome_state, vit_flops,
+    COMPILE_MODES, GRAPHED_COMPILE_MODES, ScheduleError, UnsupportedModelError, ViTDims, apply_tome, compile_tome,
+    is_patched, token_counts, tome_state, vit_flops,
 )
 from .tome import kernels
 from .tome.schedule import schedule_from_text
@@ -225,7 +225,6 @@ def _autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = Tr
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 # model: torch.compile(model); regions: the ToMe side by compile_tome (the timm side stays whole)
 COMPILE_SCOPES = ("model", "regions")
-GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes with CUDA graphs of their own
 
 
 def _sdpa_preference(prefer: str | None):
@@ -300,6 +299,9 @@ class _Runner:
         by_regions = compile_scope == "regions" and is_patched(model)
         self.regions_mode = compile_ if by_regions else None
         self.fn = torch.compile(model, mode=compile_) if compile_ and not by_regions else model
+        # every kernel of a step replays from CUDA graphs (with regions under a graphed mode, the merges between
+        # them are still launched one by one)
+        self.graphed = cuda_graph or (compile_ in GRAPHED_COMPILE_MODES and not by_regions)
         if mode == "train":
             self.opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda" or None,
                                          capturable=cuda_graph)
@@ -366,8 +368,10 @@ class _Runner:
 
     def first_step(self) -> None:
         """The first call on its own: with ``torch.compile`` it holds the compilation, with CUDA graphs
-        the eager warm-up and the capture."""
-        self.first_s = self._timed(self._capture if self.cuda_graph else None)
+        the eager warm-up and the capture; either way the kernels' choices (by the device's time alone where the
+        step replays as CUDA graphs)."""
+        with kernels.choosing_for_graphs() if self.graphed else nullcontext():
+            self.first_s = self._timed(self._capture if self.cuda_graph else None)
 
     def timed_step(self) -> None:
         self.times.append(self._timed())

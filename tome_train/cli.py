@@ -7,6 +7,7 @@ recipe -> config -> data module + ToMe model -> LightningModule -> Trainer -> ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import uuid
@@ -127,6 +128,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
 
     from .data import ImageDataModule
     from .module import ToMeClassifier
+    from .tome import GRAPHED_COMPILE_MODES, kernels
     from .tradeoff import report_tradeoff
 
     # Lightning's hint that srun exists but is unused: a local run on a SLURM login node is intended.
@@ -148,7 +150,10 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     trainer = build_trainer(cfg, run_dir)
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    # compiled graphs replayed as CUDA graphs: the kernels are chosen by the device's time alone
+    graphed = cfg.trainer.compile in GRAPHED_COMPILE_MODES
+    with kernels.choosing_for_graphs() if graphed else contextlib.nullcontext():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
 
     if any(getattr(cb, "requeued", False) for cb in trainer.callbacks):
         return {"run_dir": str(run_dir), "requeued": True}  # SLURM restarts the job from its checkpoint

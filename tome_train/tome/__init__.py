@@ -10,8 +10,8 @@ _MODULE_OF = {
     **dict.fromkeys(("Merge", "bipartite_soft_matching", "merge_wavg", "unmerge_tokens"), "merge"),
     **dict.fromkeys(("ScheduleError", "ViTDims", "max_merges", "parse_schedule", "token_counts", "vit_flops"),
                     "schedule"),
-    **dict.fromkeys(("COMPILE_MODES", "UnsupportedModelError", "apply_tome", "compile_tome", "is_patched",
-                     "remove_tome", "set_r", "tome_state"), "timm_patch"),
+    **dict.fromkeys(("COMPILE_MODES", "GRAPHED_COMPILE_MODES", "UnsupportedModelError", "apply_tome", "compile_tome",
+                     "is_patched", "remove_tome", "set_r", "tome_state"), "timm_patch"),
 }
 __all__ = list(_MODULE_OF)
 

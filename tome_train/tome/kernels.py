@@ -7,7 +7,8 @@ runs the reference and the fused kernel once per input shape on the real inputs,
 for that shape only if it computes the reference's result and takes less time; a kernel that fails to
 build or run is dropped for good. The choice is never made under ``torch.compile`` (inductor writes its own kernels), a
 tracer or CUDA-graph capture (a choice made before it holds there); a kernel that adds atomically (the merge's) is
-never chosen under deterministic algorithms.
+never chosen under deterministic algorithms. A call's cost is the larger of the host's launches and the device's
+work, except for steps that will replay as CUDA graphs (:func:`choosing_for_graphs`), where it is the device's work.
 """
 from __future__ import annotations
 
@@ -43,6 +44,32 @@ def autograd_recording() -> Iterator[None]:
     exclude = torch._C._dispatch_tls_local_exclude_set() - autograd
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
         yield
+
+
+@contextlib.contextmanager
+def choosing_for_graphs() -> Iterator[None]:
+    """Choices made inside go by the device's time alone: for steps that will replay as CUDA graphs, where the host
+    launches one graph, not each kernel (on an H100, timed with the host's launches, the attention kernels were kept
+    in 5 of ViT-L's 23 merging layers under whole-step graphs, and in 2 to 5 of ViT-B's 11)."""
+    previous = FastestPath.device_time_only
+    FastestPath.device_time_only = True
+    try:
+        yield
+    finally:
+        FastestPath.device_time_only = previous
+
+
+@functools.cache
+def _sleep_cycles_per_second(device: torch.device) -> float:
+    """The rate of ``torch.cuda._sleep``'s spin on ``device``, measured once."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.device(device):
+        torch.cuda.synchronize()
+        start.record()
+        torch.cuda._sleep(1_000_000)
+        end.record()
+        end.synchronize()
+    return 1_000_000 / (start.elapsed_time(end) / 1e3)
 
 
 @contextlib.contextmanager
@@ -111,6 +138,7 @@ class FastestPath:
     """
 
     enabled = True  # False: always the reference (to measure against it, or to rule the kernels out)
+    device_time_only = False  # True inside :func:`choosing_for_graphs`
     paths: "weakref.WeakSet[FastestPath]" = weakref.WeakSet()  # every live path, for :func:`report`
 
     def __init__(self, reference: Callable, candidate: Callable | str, device_types: tuple[str, ...] = ("cuda",),
@@ -120,7 +148,9 @@ class FastestPath:
         self.name = candidate.rsplit(".", 1)[-1] if isinstance(candidate, str) else candidate.__name__
         FastestPath.paths.add(self)
         self.choices: dict[tuple, Callable] = {}
-        self.seconds: dict[tuple, tuple[float, float]] = {}  # per choice: the reference's and the candidate's time
+        # per choice: the reference's and the candidate's seconds per call, and what they measured ("host and
+        # device" or "device")
+        self.seconds: dict[tuple, tuple[float, float, str]] = {}
         self.broken = False
 
     def _applies(self, device: torch.device) -> bool:
@@ -163,6 +193,29 @@ class FastestPath:
             times.append((time.perf_counter() - start) / calls)
         return statistics.median(times)
 
+    @staticmethod
+    def _device_time(fn: Callable, device: torch.device, args, calls: int = 3) -> float:
+        """Seconds of the device's work per call in a run of ``calls`` back-to-back calls (median of three runs),
+        as a CUDA graph replays them: the device sleeps (for twice the host's time per run, :meth:`_time`) while
+        the host enqueues the run behind it, so that no kernel waits for a launch. On a CPU, :meth:`_time`."""
+        per_call = FastestPath._time(fn, device, args, calls)
+        if device.type != "cuda":
+            return per_call
+        cycles = int(2 * per_call * calls * _sleep_cycles_per_second(device))
+        times = []
+        with torch.cuda.device(device):
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                torch.cuda._sleep(cycles)
+                start.record()
+                for _ in range(calls):
+                    fn(*args)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3 / calls)
+        return statistics.median(times)
+
     def _load(self) -> Callable | None:
         if isinstance(self.candidate, str):
             module, name = self.candidate.rsplit(".", 1)
@@ -191,8 +244,9 @@ class FastestPath:
             warnings.warn(f"{candidate.__name__} cannot stand in for {self.reference.__name__} here ({error}); "
                           "using PyTorch's ops", RuntimeWarning, stacklevel=3)
             return self.reference
-        ops, kernel = self.seconds[key] = tuple(self._time(measured[fn], device, args)
-                                                for fn in (self.reference, candidate))
+        timer, timed = (self._device_time, "device") if self.device_time_only else (self._time, "host and device")
+        ops, kernel = (timer(measured[fn], device, args) for fn in (self.reference, candidate))
+        self.seconds[key] = (ops, kernel, timed)
         return candidate if kernel < ops else self.reference
 
 
@@ -221,11 +275,11 @@ def through_backward(functions: dict[Callable, Callable], args: tuple) -> tuple[
 
 def choice_times() -> dict[str, list[dict]]:
     """The measurements behind :func:`report`: for each kernel, per input shape it was timed at (its first
-    argument's shape and dtype), microseconds per call of PyTorch's ops and of the kernel
-    (:meth:`FastestPath._time`)."""
+    argument's shape and dtype), microseconds per call of PyTorch's ops and of the kernel and what they measured
+    (``timed``: ``"host and device"``, :meth:`FastestPath._time`, or ``"device"``, :meth:`FastestPath._device_time`)."""
     return {path.name: [{"shape": list(key[1][1]), "dtype": str(key[1][0]).removeprefix("torch."),
-                         "ops_us": round(ops * 1e6, 1), "kernel_us": round(kernel * 1e6, 1)}
-                        for key, (ops, kernel) in path.seconds.items()]
+                         "ops_us": round(ops * 1e6, 1), "kernel_us": round(kernel * 1e6, 1), "timed": timed}
+                        for key, (ops, kernel, timed) in path.seconds.items()]
             for path in sorted(FastestPath.paths, key=lambda p: p.name) if path.seconds}
 
 

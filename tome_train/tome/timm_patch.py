@@ -27,6 +27,7 @@ class UnsupportedModelError(TypeError):
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay the compiled graphs as CUDA graphs
 
 
 def attention_branch(
