@@ -88,6 +88,7 @@ def test_benchmark_compiles_both_sides_with_inductor(tmp_path):
     assert rc == 0
     row, = json.loads(out.read_text())["results"]
     assert row["compile"] == "default" and row["recompiles"] == 0
+    assert row["baseline_first_graphs"] >= 1 and row["tome_first_graphs"] >= 1  # compiled in the first step
     assert row["same_merges"] == 1.0 and 0 < row["tome_max_diff"] < 1e-5 and row["baseline_max_diff"] < 1e-5
     # the first call holds the compilation: far longer than a step of this tiny model
     assert row["tome_first_s"] > 10 * row["tome_ms"] / 1e3 and row["baseline_first_s"] > 10 * row["baseline_ms"] / 1e3

@@ -240,6 +240,19 @@ def test_fastest_path_stays_with_the_reference_where_it_must():
     assert path.choices == {}
 
 
+def test_the_time_choices_take_is_counted():
+    """:func:`kernels.choosing_seconds` adds what each new shape's choice took (here at least the slowed reference's
+    ten runs: one for the check, nine timed) and nothing for a shape already chosen."""
+    rows, perm, dest, weight, k = merge_inputs(tied=False)
+    path = FastestPath(_slow(_weighted_merge, SLOWED_MERGE_S), fused_merge, device_types=("cpu",))
+    before = kernels.choosing_seconds()
+    path(rows, perm, dest, weight, k)
+    chosen = kernels.choosing_seconds()
+    assert chosen - before >= 10 * SLOWED_MERGE_S and abs(path.choosing_s - (chosen - before)) < 1e-9
+    path(rows, perm, dest, weight, k)
+    assert kernels.choosing_seconds() == chosen
+
+
 def test_choices_for_graphs_go_by_the_device_time_and_say_so():
     """Inside :func:`kernels.choosing_for_graphs` a choice is timed by the device's work alone (on a CPU, where
     every op is the host's, as before) and its times say so; the setting ends with the block, also on an error."""

@@ -54,7 +54,8 @@ FIELDS = (
     "model", "r", "schedule", "mode", "prop_attn", "batch_size", "img_size", "dtype", "device", "compile",
     "compile_scope", "cuda_graphs", "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
-    "baseline_first_s", "tome_first_s", "first_ratio", "recompiles",
+    "baseline_first_s", "tome_first_s", "first_ratio", "baseline_first_graphs", "tome_first_graphs",
+    "tome_first_choosing_s", "recompiles",
     "sdpa", "fused_kernels", "min_batch", "merging", "baseline_max_diff", "tome_max_diff", "same_merges",
     "ops_max_diff", "same_merges_as_ops",
     "warmup", "steps", "timer", "stat", "other_cpus",
@@ -293,6 +294,8 @@ class _Runner:
         self.device, self.dtype, self.min_batch, self.sdpa = device, dtype, min_batch, sdpa
         self.times: list[float] = []
         self.first_s: float | None = None
+        self.first_graphs: int | None = None  # graphs compiled in the first step
+        self.first_choosing_s: float | None = None  # of the first step, the kernels' choices (kernels.choosing_seconds)
         self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         model.train(mode == "train")
@@ -370,8 +373,11 @@ class _Runner:
         """The first call on its own: with ``torch.compile`` it holds the compilation, with CUDA graphs
         the eager warm-up and the capture; either way the kernels' choices (by the device's time alone where the
         step replays as CUDA graphs)."""
+        graphs, choosing = _compiled_graphs(), kernels.choosing_seconds()
         with kernels.choosing_for_graphs() if self.graphed else nullcontext():
             self.first_s = self._timed(self._capture if self.cuda_graph else None)
+        self.first_graphs = _compiled_graphs() - graphs
+        self.first_choosing_s = kernels.choosing_seconds() - choosing
 
     def timed_step(self) -> None:
         self.times.append(self._timed())
@@ -515,7 +521,8 @@ def run_benchmark(
 ) -> list[dict]:
     """Measure every case in every mode; one result row (see :data:`FIELDS`) per case and mode.
 
-    Every row also holds each side's first step (``*_first_s``: with ``compile`` the compilation),
+    Every row also holds each side's first step (``*_first_s``: with ``compile`` the compilation; the graphs
+    compiled in it, ``*_first_graphs``; on the ToMe side the time its kernels' choices took, ``tome_first_choosing_s``),
     the graphs compiled during the timed steps (``recompiles``), and for inference the check of
     :func:`check_outputs`. ``auto_min_batch`` first runs :func:`calibrate_min_batch` (eager, up to
     ``batch_size``) on the ToMe side, which then merges only if that pays off at ``batch_size``.
@@ -602,7 +609,9 @@ def run_benchmark(
             t_base, t_tome, recompiles = time_pair(a, b, warmup, steps, STATS[stat])
             other_cpus = meter.stop() if dev.type == "cpu" else None
             checks = check_outputs(a, b) if mode == "infer" else {}
-            first_base, first_tome = a.first_s, b.first_s
+            firsts = {"baseline_first_s": a.first_s, "tome_first_s": b.first_s, "first_ratio": b.first_s / a.first_s,
+                      "baseline_first_graphs": a.first_graphs, "tome_first_graphs": b.first_graphs,
+                      "tome_first_choosing_s": b.first_choosing_s}
             del a, b
             ims_base, ims_tome = batch_size / t_base, batch_size / t_tome
             ratio = ims_tome / ims_base
@@ -630,9 +639,7 @@ def run_benchmark(
                 "tome_gflops": flops_tome / 1e9,
                 "tokens_in": counts[0],
                 "tokens_out": counts[-1],
-                "baseline_first_s": first_base,
-                "tome_first_s": first_tome,
-                "first_ratio": first_tome / first_base,
+                **firsts,
                 "recompiles": recompiles,
                 "sdpa": sdpa or "default",
                 "fused_kernels": kernels.report(),

@@ -151,6 +151,7 @@ class FastestPath:
         # per choice: the reference's and the candidate's seconds per call, and what they measured ("host and
         # device" or "device")
         self.seconds: dict[tuple, tuple[float, float, str]] = {}
+        self.choosing_s = 0.0  # the time its choices took: loading, first runs (Triton's compilation), checks, timing
         self.broken = False
 
     def _applies(self, device: torch.device) -> bool:
@@ -174,7 +175,9 @@ class FastestPath:
         if choice is None:
             if capturing(device):
                 return self.reference
+            started = time.perf_counter()
             choice = self.choices[key] = self._choose(device, args, key)
+            self.choosing_s += time.perf_counter() - started
         return choice
 
     @staticmethod
@@ -281,6 +284,11 @@ def choice_times() -> dict[str, list[dict]]:
                          "ops_us": round(ops * 1e6, 1), "kernel_us": round(kernel * 1e6, 1), "timed": timed}
                         for key, (ops, kernel, timed) in path.seconds.items()]
             for path in sorted(FastestPath.paths, key=lambda p: p.name) if path.seconds}
+
+
+def choosing_seconds() -> float:
+    """The time every live path's choices took so far in this process (a model's first step on a GPU makes them)."""
+    return sum(path.choosing_s for path in FastestPath.paths)
 
 
 def report() -> dict[str, str]:
