@@ -132,7 +132,7 @@ def layer_keys(n: int, t: int, heads: int, dim: int, seed: int, dtype=torch.floa
 
 
 # (images, tokens, protected, r, heads, head dim): ViT-B's first layer (set A in two matching blocks, set B
-# in seven); head dims padded in the kernel (ViT-H's 80 to 128, set A then in blocks of 16: two); two and no
+# in four); head dims padded in the kernel (ViT-H's 80 to 128, set B then in blocks of 16); two and no
 # protected tokens, at the cap; one head
 LAYERS = [(2, 197, 1, 16, 3, 64), (3, 23, 1, 6, 2, 40), (2, 37, 1, 8, 2, 80), (2, 40, 2, 19, 2, 16),
           (2, 17, 0, 8, 1, 16)]

@@ -331,13 +331,10 @@ def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_
     new_size = torch.empty(n * kept, 1, dtype=dtype, device=device)
     (block_a, block_j), (block_k, block_s) = _whole(num_a), _whole(kept)
     block_dim = _block_dim(dim)
-    # ptxas for sm_90 (Triton 3.8, `ptxas -v` on the kernel built ahead of time): the matching's fp32 products run on
-    # the FMA units, and set A in blocks of 64 against set B in blocks of 32 spills 216 bytes per thread at head dim
-    # 64 (255 registers; ViT-B's layers of 69 to 197 tokens ran so in the H100 run of 2026-11-27), blocks of 16 keep
-    # 167; at head dim 128 (ViT-H's 80, padded) only 16 against 16 stays in registers (162), at any dtype
+    # ptxas for sm_90 (Triton 3.8): at head dim 80 (padded to 128) with bf16, set B in blocks of 32 spills 330 bytes
     _plan_layer[(n,)](keys, perm if size is None else size.contiguous(), node_max, node_idx, perm, dest, weight,
                       new_size, keys.stride(0), keys.stride(1), keys.stride(2), heads, dim, r, num_protected, t, num_a,
                       a_start, num_b, b_start, n * kept, HAS_SIZE=size is not None, BLOCK_DIM=block_dim,
-                      BLOCK_MATCH=min(block_a, 64 if block_dim <= 64 else 16), BLOCK_B=16, BLOCK_A=block_a,
+                      BLOCK_MATCH=min(block_a, 64), BLOCK_B=32 if block_dim <= 64 else 16, BLOCK_A=block_a,
                       BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_S=block_s, num_warps=8, num_stages=1)
     return perm, dest, weight, new_size, node_max, node_idx
