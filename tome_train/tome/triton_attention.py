@@ -246,7 +246,7 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, si
             101, 69 and 37, 64 x 32 took 0.55 ms of device time, 128 x 64 0.70 ms, and the best pair for
             each count 0.52 ms. 64-query programs pad 181 tokens to 192 rather than 256 and give twice the
             programs; at 4 warps (8 past head dim 64) with 3 stages. ptxas for sm_90 (Triton 3.8, built ahead of
-            time with a launch's specializations: ViT-B's packed qkv): 92-95 registers, no spills, in fp16 and
+            time with a launch's specializations: ViT-B's packed qkv): 82-96 registers, no spills, in fp16 and
             bf16 at head dims 64 and 80 (128x64 took 188-239).
 
     Returns ``[B, H, N, D]`` in ``q``'s dtype, laid out in memory as ``[B, N, H, D]`` so that the caller's
