@@ -47,16 +47,21 @@ def autograd_recording() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def choosing_for_graphs() -> Iterator[None]:
-    """Choices made inside go by the device's time alone: for steps that will replay as CUDA graphs, where the host
-    launches one graph, not each kernel (on an H100, timed with the host's launches, the attention kernels were kept
-    in 5 of ViT-L's 23 merging layers under whole-step graphs, and in 2 to 5 of ViT-B's 11)."""
-    previous = FastestPath.device_time_only
-    FastestPath.device_time_only = True
+def _paths_set(setting: str, value: bool) -> Iterator[None]:
+    """Every :class:`FastestPath`'s class-wide ``setting`` is ``value`` inside, as it was after."""
+    previous = getattr(FastestPath, setting)
+    setattr(FastestPath, setting, value)
     try:
         yield
     finally:
-        FastestPath.device_time_only = previous
+        setattr(FastestPath, setting, previous)
+
+
+def choosing_for_graphs() -> contextlib.AbstractContextManager[None]:
+    """Choices made inside go by the device's time alone: for steps that will replay as CUDA graphs, where the host
+    launches one graph, not each kernel (on an H100, timed with the host's launches, the attention kernels were kept
+    in 5 of ViT-L's 23 merging layers under whole-step graphs, and in 2 to 5 of ViT-B's 11)."""
+    return _paths_set("device_time_only", True)
 
 
 @functools.cache
@@ -72,16 +77,10 @@ def _sleep_cycles_per_second(device: torch.device) -> float:
     return 1_000_000 / (start.elapsed_time(end) / 1e3)
 
 
-@contextlib.contextmanager
-def pytorch_ops_only() -> Iterator[None]:
+def pytorch_ops_only() -> contextlib.AbstractContextManager[None]:
     """Every :class:`FastestPath` runs its reference, PyTorch's ops, inside: the implementation that the tests hold
     to float64, to check a run of the kernels against."""
-    enabled = FastestPath.enabled
-    FastestPath.enabled = False
-    try:
-        yield
-    finally:
-        FastestPath.enabled = enabled
+    return _paths_set("enabled", False)
 
 
 Agreement = Callable[[tuple, object, object], bool]
