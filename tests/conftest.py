@@ -10,8 +10,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_MODE", None)  # the framework must pick offline by itself without an API key
 os.environ.pop("WANDB_API_KEY", None)
 # Triton kernels (scripts/merge_probe.py) run on the CPU by Triton's interpreter; it must be chosen before
-# anything imports triton, whose library functions are wrapped for one mode or the other at import.
-os.environ["TRITON_INTERPRET"] = "1"
+# anything imports triton, whose library functions are wrapped for one mode or the other at import. On a GPU,
+# TRITON_INTERPRET=0 runs the GPU-only tests on compiled kernels, as the library runs them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 
