@@ -142,6 +142,7 @@ def test_compiled_training_attention_is_an_op_pair_running_the_eager_choice(monk
     from torch._dynamo.utils import counters
 
     from tome_train.tome import attention
+    from tome_train.tome import kernels
     from tome_train.tome.kernels import FastestPath
     from tome_train.tome.triton_attention import size_biased_attention_trainable
 
@@ -149,8 +150,8 @@ def test_compiled_training_attention_is_an_op_pair_running_the_eager_choice(monk
                        agree=attention.same_attention, differentiable=True)
     monkeypatch.setattr(attention, "_trained_size_biased_attention", path)
     winner = size_biased_attention_trainable if kernels_win else attention._packed_masked_attention
-    monkeypatch.setattr(FastestPath, "_time", staticmethod(
-        lambda fn, device, args: 0.0 if fn.__wrapped__ is winner else 1.0))
+    monkeypatch.setattr(kernels, "seconds_per_call",
+        lambda fn, device, args: 0.0 if fn.__wrapped__ is winner else 1.0)
     op = attention.compiled_trained_size_biased_attention
 
     torch._dynamo.reset()

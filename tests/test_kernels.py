@@ -293,6 +293,21 @@ def test_on_a_gpu_a_choice_for_graphs_ignores_the_hosts_time():
     assert timed == "device" and kernel < ops < 0.005
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device time needs a GPU")
+def test_on_a_gpu_device_time_lengthens_a_sleep_that_did_not_hide_the_host(monkeypatch):
+    """A sleep rate measured 20 times too low (as at a lower clock than the timing's) makes sleeps too short to
+    hide the host's 5 ms per call: the runs that show it are dropped, the sleep doubled, the device's work kept."""
+    x, w = (torch.randn(2048, 2048, device="cuda") for _ in range(2))
+
+    def slow_to_launch(x, w):
+        time.sleep(0.005)
+        return x @ w
+
+    rate = kernels._sleep_cycles_per_second(x.device)
+    monkeypatch.setattr(kernels, "_sleep_cycles_per_second", lambda device: rate / 20)
+    assert kernels.device_seconds_per_call(slow_to_launch, x.device, (x, w)) < 0.002
+
+
 def test_the_merge_names_its_kernels():
     """The library's matching and merge stand the fused kernels against their ops (loaded by name at the first
     choice); the matching's are checked by :func:`same_matches`."""
@@ -455,8 +470,8 @@ def test_a_model_with_every_merge_kernel_chosen_trains_as_with_pytorchs_ops(monk
     for path in paths:
         monkeypatch.setattr(path, "device_types", ("cpu",))
         monkeypatch.setattr(path, "choices", {})
-    monkeypatch.setattr(FastestPath, "_time", staticmethod(
-        lambda fn, device, args: 0.0 if fn.__name__.startswith("fused_") else 1.0))
+    monkeypatch.setattr(kernels, "seconds_per_call",
+        lambda fn, device, args: 0.0 if fn.__name__.startswith("fused_") else 1.0)
     torch.manual_seed(0)
     model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10), 2)
     images = torch.randn(3, 3, 64, 64)

@@ -113,8 +113,8 @@ def test_merging_layer_launches_with_every_fused_kernel(monkeypatch, kernel_set)
         monkeypatch.setattr(path, "device_types", ("cpu",))
         monkeypatch.setattr(path, "choices", {})
         monkeypatch.setattr(path, "candidate", counted(path._load()))
-    monkeypatch.setattr(kernels.FastestPath, "_time", staticmethod(
-        lambda fn, device, args: 0.0 if fn.__name__ == "launch" else 1.0))
+    monkeypatch.setattr(kernels, "seconds_per_call",
+        lambda fn, device, args: 0.0 if fn.__name__ == "launch" else 1.0)
     dtype = torch.float16 if "size_biased_attention" in kernels_per_layer else torch.float32
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64, dtype=dtype)
@@ -179,8 +179,8 @@ def test_a_merging_layer_trains_with_every_kernel_in_about_timms_launches(monkey
     for name in ("_packed_forward", "_packed_backward"):
         monkeypatch.setattr(triton_attention, name, counted(getattr(triton_attention, name)))
     candidates = {"fused_plan_layer", "fused_merge", "fused_merge_backward", "size_biased_attention_trainable"}
-    monkeypatch.setattr(kernels.FastestPath, "_time", staticmethod(
-        lambda fn, device, args: 0.0 if fn.__name__ in candidates else 1.0))
+    monkeypatch.setattr(kernels, "seconds_per_call",
+        lambda fn, device, args: 0.0 if fn.__name__ in candidates else 1.0)
 
     def step(r: int) -> dict[str, LaunchCounter]:
         torch.manual_seed(0)

@@ -77,6 +77,62 @@ def _sleep_cycles_per_second(device: torch.device) -> float:
     return 1_000_000 / (start.elapsed_time(end) / 1e3)
 
 
+# Doublings of the sleep before a run of calls is taken to wait for the device (64 times the first sleep, itself
+# twice the run's wall time)
+_MAX_SLEEP_DOUBLINGS = 6
+
+
+def seconds_per_call(fn: Callable, device: torch.device, args: tuple, calls: int = 3) -> float:
+    """Seconds per call in a run of ``calls`` back-to-back calls of ``fn(*args)`` (median of three runs): the cost
+    of a call among the others of a step, the larger of the host's launch time and the device's work."""
+    times = []
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def device_seconds_per_call(fn: Callable, device: torch.device, args: tuple, calls: int = 3) -> float:
+    """Seconds of the device's work per call in a run of ``calls`` back-to-back calls (median of three runs), as a
+    CUDA graph replays them: the device sleeps while the host enqueues the run behind it, so that no kernel waits
+    for a launch. A run counts only if the device measurably slept for longer than the host took to enqueue it
+    (the sleep's length is set by a rate measured once, and the clock may have changed since); otherwise the next
+    sleeps twice as long. On a CPU, :func:`seconds_per_call`."""
+    per_call = seconds_per_call(fn, device, args, calls)
+    if device.type != "cuda":
+        return per_call
+    cycles = int(2 * per_call * calls * _sleep_cycles_per_second(device))
+    times = []
+    with torch.cuda.device(device):
+        for _ in range(_MAX_SLEEP_DOUBLINGS + 3):
+            asleep, awake, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            torch.cuda.synchronize()
+            enqueue_start = time.perf_counter()
+            asleep.record()
+            torch.cuda._sleep(cycles)
+            awake.record()
+            for _ in range(calls):
+                fn(*args)
+            end.record()
+            enqueue_s = time.perf_counter() - enqueue_start
+            end.synchronize()
+            # the sleep began after the host started enqueueing; ending after the host finished, it hid the host
+            if asleep.elapsed_time(awake) / 1e3 > enqueue_s:
+                times.append(awake.elapsed_time(end) / 1e3 / calls)
+                if len(times) == 3:
+                    return statistics.median(times)
+            else:
+                cycles *= 2
+    # a function that waits for the device (a host sync) is never hidden: its time is the host's and the device's
+    return per_call
+
+
 def pytorch_ops_only() -> contextlib.AbstractContextManager[None]:
     """Every :class:`FastestPath` runs its reference, PyTorch's ops, inside: the implementation that the tests hold
     to float64, to check a run of the kernels against."""
@@ -179,45 +235,6 @@ class FastestPath:
             self.choosing_s += time.perf_counter() - started
         return choice
 
-    @staticmethod
-    def _time(fn: Callable, device: torch.device, args, calls: int = 3) -> float:
-        """Seconds per call in a run of ``calls`` back-to-back calls (median of three runs): the cost of a
-        call among the others of a step, the larger of the host's launch time and the device's work."""
-        times = []
-        for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn(*args)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append((time.perf_counter() - start) / calls)
-        return statistics.median(times)
-
-    @staticmethod
-    def _device_time(fn: Callable, device: torch.device, args, calls: int = 3) -> float:
-        """Seconds of the device's work per call in a run of ``calls`` back-to-back calls (median of three runs),
-        as a CUDA graph replays them: the device sleeps (for twice the host's time per run, :meth:`_time`) while
-        the host enqueues the run behind it, so that no kernel waits for a launch. On a CPU, :meth:`_time`."""
-        per_call = FastestPath._time(fn, device, args, calls)
-        if device.type != "cuda":
-            return per_call
-        cycles = int(2 * per_call * calls * _sleep_cycles_per_second(device))
-        times = []
-        with torch.cuda.device(device):
-            for _ in range(3):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                torch.cuda._sleep(cycles)
-                start.record()
-                for _ in range(calls):
-                    fn(*args)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3 / calls)
-        return statistics.median(times)
-
     def _load(self) -> Callable | None:
         if isinstance(self.candidate, str):
             module, name = self.candidate.rsplit(".", 1)
@@ -246,7 +263,8 @@ class FastestPath:
             warnings.warn(f"{candidate.__name__} cannot stand in for {self.reference.__name__} here ({error}); "
                           "using PyTorch's ops", RuntimeWarning, stacklevel=3)
             return self.reference
-        timer, timed = (self._device_time, "device") if self.device_time_only else (self._time, "host and device")
+        timer, timed = ((device_seconds_per_call, "device") if self.device_time_only
+                        else (seconds_per_call, "host and device"))
         ops, kernel = (timer(measured[fn], device, args) for fn in (self.reference, candidate))
         self.seconds[key] = (ops, kernel, timed)
         return candidate if kernel < ops else self.reference
@@ -278,7 +296,7 @@ def through_backward(functions: dict[Callable, Callable], args: tuple) -> tuple[
 def choice_times() -> dict[str, list[dict]]:
     """The measurements behind :func:`report`: for each kernel, per input shape it was timed at (its first
     argument's shape and dtype), microseconds per call of PyTorch's ops and of the kernel and what they measured
-    (``timed``: ``"host and device"``, :meth:`FastestPath._time`, or ``"device"``, :meth:`FastestPath._device_time`)."""
+    (``timed``: ``"host and device"``, :func:`seconds_per_call`, or ``"device"``, :func:`device_seconds_per_call`)."""
     return {path.name: [{"shape": list(key[1][1]), "dtype": str(key[1][0]).removeprefix("torch."),
                          "ops_us": round(ops * 1e6, 1), "kernel_us": round(kernel * 1e6, 1), "timed": timed}
                         for key, (ops, kernel, timed) in path.seconds.items()]
