@@ -15,7 +15,7 @@ but not over queries, so each layer would write and read a ``[B, 1, N, N]`` bias
     python scripts/attention_probe.py --device cuda --output probe.json
 
 Rows: ``variant``, ``tokens``, ``mode`` (infer: forward, fp16; train: forward and backward, bf16), ``ms``
-(median), ``host_us`` (the host's time per call, enqueued without waiting), ``vs_plain`` (plain attention's
+(the device's work per call: ``time_ms``), ``host_us`` (the host's time per call, enqueued without waiting), ``vs_plain`` (plain attention's
 time over this one's), or ``error`` where a kernel refuses.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tome_train.tome import kernels
 from tome_train.tome.attention import packed_heads, proportional_attention, size_bias
 
 
@@ -122,20 +123,12 @@ VARIANTS = {
 
 
 def time_ms(fn, device, warmup, steps):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    """Milliseconds of the device's work per call of ``fn()`` after ``warmup`` calls (median of three runs of
+    ``steps`` back-to-back calls, the host's launches hidden behind a sleep of the device, as a step that keeps the
+    device busy hides them); on a CPU, of wall time."""
     for _ in range(warmup):
         fn()
-    sync()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return kernels.device_seconds_per_call(fn, device, (), calls=steps) * 1e3
 
 
 def host_us(fn, device, calls=10, runs=5):

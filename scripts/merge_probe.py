@@ -28,8 +28,9 @@ Seven parts, as ``tome_train.tome.merge`` does them:
 The kernels are the library's (``tome_train.tome.triton_kernels``, used on a GPU where they measure faster
 for the shape at hand).
 
-Rows: ``variant``, ``tokens``, ``part``, ``ms`` (median), ``host_us`` (the host's time per call, enqueued
-without waiting: what a call costs where the host sets the pace), ``vs_torch`` (the PyTorch ops' time over this
+Rows: ``variant``, ``tokens``, ``part``, ``ms`` (the device's work per call, as ``attention_probe.time_ms``
+measures it), ``host_us`` (the host's time per call, enqueued without waiting: what a call costs where the host
+sets the pace), ``vs_torch`` (the PyTorch ops' time over this
 one's), ``max_diff`` (from the PyTorch ops' result: row maxima, rows of the plan, weights, merged rows,
 gradients; in the merge, rows that receive several tokens may differ in the order of their additions),
 ``same_argmax`` for ``match``,
