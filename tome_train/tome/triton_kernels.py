@@ -312,11 +312,12 @@ def _plan_layer(keys_ptr, size_ptr, node_max_ptr, node_idx_ptr, perm_ptr, dest_p
                         num_kept_total, HAS_SIZE, BLOCK_K, BLOCK_S)
 
 
-def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype
-                     ) -> tuple[torch.Tensor, ...]:
+def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype,
+                     block_match: int = 64) -> tuple[torch.Tensor, ...]:
     """:func:`.merge.plan_layer` in one kernel, one program per image (the three kernels above and the key mean
     in one launch): ``keys`` ``[B, H, N, Dh]``, read where they lie (timm's packed qkv), sizes ``[B * N]`` or
-    ``None`` -> ``perm``, ``dest``, ``weight``, ``new_size``, ``node_max``, ``node_idx``."""
+    ``None`` -> ``perm``, ``dest``, ``weight``, ``new_size``, ``node_max``, ``node_idx``. The matching takes set A
+    in blocks of at most ``block_match`` tokens, and reads (and sums over heads) set B once per block."""
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     n, heads, t, dim = keys.shape
@@ -335,6 +336,6 @@ def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_
     _plan_layer[(n,)](keys, perm if size is None else size.contiguous(), node_max, node_idx, perm, dest, weight,
                       new_size, keys.stride(0), keys.stride(1), keys.stride(2), heads, dim, r, num_protected, t, num_a,
                       a_start, num_b, b_start, n * kept, HAS_SIZE=size is not None, BLOCK_DIM=block_dim,
-                      BLOCK_MATCH=min(block_a, 64), BLOCK_B=32 if block_dim <= 64 else 16, BLOCK_A=block_a,
+                      BLOCK_MATCH=min(block_a, block_match), BLOCK_B=32 if block_dim <= 64 else 16, BLOCK_A=block_a,
                       BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_S=block_s, num_warps=8, num_stages=1)
     return perm, dest, weight, new_size, node_max, node_idx
