@@ -134,10 +134,11 @@ torch.cuda.set_sync_debug_mode(0)
 print("ToMe step waits for the GPU at:", result["tome_host_sync"])
 json.dump(result, open(sys.argv[1], "w"), indent=1)
 EOF
-# Then what explains it: eager training (host-bound) and inference under graphs; ToMe's own work in one layer;
-# the attention candidates; the whole model with each kernel swapped out.
+# Then what explains it: eager training (host-bound) and inference under graphs (both models); ToMe's own work in
+# one layer; the attention candidates; the whole model with each kernel swapped out.
 step train_b "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warmup 5 --steps 20
 step infer_b_graphs "${B[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --cuda-graphs
+step infer_l_graphs "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 5 --steps 20 --cuda-graphs
 # ToMe's own work in one layer at ViT-B's shape (matching, merge, merge backward): PyTorch's ops against fused
 # Triton kernels.
 want merge && run_step merge 90 python3 scripts/merge_probe.py --device cuda --output "$steps_dir/merge.json" && gather
