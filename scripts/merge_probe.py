@@ -12,9 +12,9 @@ Seven parts, as ``tome_train.tome.merge`` does them:
 - ``weights``: each row's share of its destination's new size (two ``index_select``, ``scatter_add``,
   divide); fused, one kernel per image.
 - ``layer``: the key mean over heads, ``match``, ``plan`` and ``weights`` as a merging block runs them
-  (``merge.plan_layer``); fused, one kernel per image for all four (``triton``; ``triton_whole_a``: its matching
-  with set A in one block, not in blocks of 64, so set B is read once), or the mean and the three kernels above
-  (``triton_parts``).
+  (``merge.plan_layer``); fused, one kernel per image for all four (``triton``, set A in blocks of up to 128 in
+  its matching; ``triton_a64``: of 64, which reads set B twice at ViT-B's first layers), or the mean and the three
+  kernels above (``triton_parts``).
 - ``merge``: every token row read in a permuted order, scaled, and the merged-away rows added onto their
   destinations (``index_select``, ``mul_``, ``scatter_add_``: three kernels, about four passes over the
   rows); fused, two kernels and two passes (the kept rows stored, the merged-away rows added atomically,
@@ -76,8 +76,8 @@ VARIANTS = {
                "layer": fused_plan_layer, "merge": fused_merge, "add_merge": fused_merge,
                "merge_backward": fused_merge_backward},
     "triton_parts": {"layer": kernels_layer},
-    # set A in one block of the matching (up to 128 tokens): set B read once, in more registers
-    "triton_whole_a": {"layer": functools.partial(fused_plan_layer, block_match=128)},
+    # set A in blocks of 64 in the matching (the library's before run f): set B read once per block
+    "triton_a64": {"layer": functools.partial(fused_plan_layer, block_match=64)},
 }
 
 

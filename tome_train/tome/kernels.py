@@ -77,9 +77,9 @@ def _sleep_cycles_per_second(device: torch.device) -> float:
     return 1_000_000 / (start.elapsed_time(end) / 1e3)
 
 
-# Doublings of the sleep before a run of calls is taken to wait for the device (64 times the first sleep, itself
+# Doublings of the sleep before a run of calls is taken to wait for the device (1024 times the first sleep, itself
 # twice the run's wall time)
-_MAX_SLEEP_DOUBLINGS = 6
+_MAX_SLEEP_DOUBLINGS = 10
 
 
 def seconds_per_call(fn: Callable, device: torch.device, args: tuple, calls: int = 3) -> float:

@@ -313,11 +313,12 @@ def _plan_layer(keys_ptr, size_ptr, node_max_ptr, node_idx_ptr, perm_ptr, dest_p
 
 
 def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype,
-                     block_match: int = 64) -> tuple[torch.Tensor, ...]:
+                     block_match: int = 128) -> tuple[torch.Tensor, ...]:
     """:func:`.merge.plan_layer` in one kernel, one program per image (the three kernels above and the key mean
     in one launch): ``keys`` ``[B, H, N, Dh]``, read where they lie (timm's packed qkv), sizes ``[B * N]`` or
     ``None`` -> ``perm``, ``dest``, ``weight``, ``new_size``, ``node_max``, ``node_idx``. The matching takes set A
-    in blocks of at most ``block_match`` tokens, and reads (and sums over heads) set B once per block."""
+    in blocks of at most ``block_match`` tokens, and reads (and sums over heads) set B once per block: on an H100
+    (ViT-B's keys, batch 256, fp16), set A's 98 tokens at 197 in one block took 0.116 ms, in two of 64 0.146 ms."""
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     n, heads, t, dim = keys.shape
