@@ -13,8 +13,9 @@ Seven parts, as ``tome_train.tome.merge`` does them:
   divide); fused, one kernel per image.
 - ``layer``: the key mean over heads, ``match``, ``plan`` and ``weights`` as a merging block runs them
   (``merge.plan_layer``); fused, one kernel per image for all four (``triton``, set A in blocks of up to 128 in
-  its matching; ``triton_a64``: of 64, which reads set B twice at ViT-B's first layers), or the mean and the three
-  kernels above (``triton_parts``).
+  its matching, the keys of four heads loaded at once; ``triton_a64``: set A in blocks of 64, which reads set B
+  twice at ViT-B's first layers; ``triton_heads1``: each head's keys waited for before the next head's are
+  loaded), or the mean and the three kernels above (``triton_parts``).
 - ``merge``: every token row read in a permuted order, scaled, and the merged-away rows added onto their
   destinations (``index_select``, ``mul_``, ``scatter_add_``: three kernels, about four passes over the
   rows); fused, two kernels and two passes (the kept rows stored, the merged-away rows added atomically,
@@ -76,8 +77,11 @@ VARIANTS = {
                "layer": fused_plan_layer, "merge": fused_merge, "add_merge": fused_merge,
                "merge_backward": fused_merge_backward},
     "triton_parts": {"layer": kernels_layer},
-    # set A in blocks of 64 in the matching (the library's before run f): set B read once per block
+    # set A in blocks of 64 in the matching (the library's for fp16 keys before run f; for bf16 keys still):
+    # set B read once per block
     "triton_a64": {"layer": functools.partial(fused_plan_layer, block_match=64)},
+    # the heads' keys loaded one at a time, each waited for (the library's before: now four at a time)
+    "triton_heads1": {"layer": functools.partial(fused_plan_layer, heads_per_step=1)},
 }
 
 

@@ -138,17 +138,21 @@ LAYERS = [(2, 197, 1, 16, 3, 64), (3, 23, 1, 6, 2, 40), (2, 37, 1, 8, 2, 80), (2
           (2, 17, 0, 8, 1, 16)]
 
 
-@pytest.mark.parametrize("n,t,p,r,heads,dim,block_match", [(*layer, 128) for layer in LAYERS] + [(*LAYERS[0], 64)])
-def test_fused_layer_plan_is_the_layer_plan(n, t, p, r, heads, dim, block_match):
+@pytest.mark.parametrize("n,t,p,r,heads,dim,block_match,heads_per_step",
+                         [(*layer, 128, 4) for layer in LAYERS] + [(*LAYERS[0], 64, 4), (*LAYERS[0], 128, 1),
+                                                                   (*LAYERS[0], 128, 2)])
+def test_fused_layer_plan_is_the_layer_plan(n, t, p, r, heads, dim, block_match, heads_per_step):
     """The one-kernel layer against the ops: the same matches, rows and weights (random keys, so no near-ties),
-    for fp32 and fp16 keys, with and without sizes; and :func:`same_layer_plan` says so. ViT-B's first layer
-    also with set A in two matching blocks."""
+    for fp32 and fp16 keys, with and without sizes; and :func:`same_layer_plan` says so. The heads summed four at
+    a time (of one to three: steps with heads past the last); ViT-B's first layer also with set A in two matching
+    blocks, and with its three heads summed one and two at a time."""
     sizes = torch.randint(1, 9, (n * t,), generator=torch.Generator().manual_seed(2)).float()
     for keys_dtype, size, dtype in ((torch.float32, None, torch.float32), (torch.float16, sizes, torch.float16),
                                     (torch.float32, sizes, torch.float32)):
         keys = layer_keys(n, t, heads, dim, seed=t, dtype=keys_dtype)
         args = (keys, size, r, p, dtype)
-        expected, fused = plan_layer(*args), fused_plan_layer(*args, block_match=block_match)
+        expected, fused = plan_layer(*args), fused_plan_layer(*args, block_match=block_match,
+                                                             heads_per_step=heads_per_step)
         assert kernels.identical(args, expected[:2], fused[:2])  # perm, dest
         assert kernels.identical(args, expected[2:4], fused[2:4])  # weight, new size
         assert torch.equal(fused[5], expected[5])

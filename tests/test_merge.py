@@ -460,7 +460,7 @@ def test_probe_writes_each_part_of_each_variant(merge_probe, tmp_path):
     parts = ("match", "plan", "weights", "layer", "merge", "add_merge", "merge_backward")
     assert [(row["variant"], row["tokens"], row["part"]) for row in rows] == [
         (v, n, part) for n in (17, 9) for v, v_parts in (("torch", parts), ("triton", parts), ("triton_parts", ["layer"]),
-                                                    ("triton_a64", ["layer"]))
+                                                    ("triton_a64", ["layer"]), ("triton_heads1", ["layer"]))
         for part in v_parts]
     assert all(row["ms"] > 0 and row["host_us"] > 0 and row["vs_torch"] > 0 and row["max_diff"] <= 1e-6 for row in rows)
     assert all(row["same_argmax"] for row in rows if row["part"] == "match")

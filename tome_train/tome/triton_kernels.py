@@ -65,33 +65,39 @@ def fused_merge_backward(grad: torch.Tensor, perm: torch.Tensor, dest: torch.Ten
 
 
 @triton.jit
-def _unit_features(ptr, rows, row_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM: tl.constexpr):
+def _unit_features(ptr, rows, row_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM: tl.constexpr,
+                   HEADS_PER_STEP: tl.constexpr):
     """The features of ``rows`` (``ptr`` at the image's first token; a head's row is ``dim`` values in a row)
     summed over ``num_heads`` heads and scaled to unit length: ``[len(rows), BLOCK_DIM]`` fp32. Columns past
-    ``dim`` (padded to a power of two) read as 0; rows past the set get norm 1, not 0 / 0."""
+    ``dim`` (padded to a power of two) read as 0; rows past the set get norm 1, not 0 / 0. The heads are read
+    ``HEADS_PER_STEP`` at a time, unrolled, so that their loads are in flight together (a warp waits for each
+    load it adds before it issues the next); they are added in head order whatever the step."""
     col = tl.arange(0, BLOCK_DIM)
     ok = row_ok[:, None] & (col < dim)[None, :]
     at = ptr + rows[:, None] * stride_n + col[None, :]
-    features = tl.load(at, mask=ok, other=0.0).to(tl.float32)
-    for head in range(1, num_heads):
-        features += tl.load(at + head * stride_h, mask=ok, other=0.0).to(tl.float32)
+    features = tl.full(ok.shape, 0.0, tl.float32)
+    for first in range(0, num_heads, HEADS_PER_STEP):
+        for step in tl.static_range(HEADS_PER_STEP):
+            head = first + step
+            features += tl.load(at + head * stride_h, mask=ok & (head < num_heads), other=0.0).to(tl.float32)
     return features / tl.sqrt(tl.where(row_ok, tl.sum(features * features, axis=1), 1.0))[:, None]
 
 
 @triton.jit
 def _match_block(ptr, stride_n, stride_h, num_heads, dim, ia, a_start, b_start, num_a, num_b, node_max_ptr,
-                 node_idx_ptr, BLOCK_DIM: tl.constexpr, BLOCK_B: tl.constexpr):
+                 node_idx_ptr, BLOCK_DIM: tl.constexpr, BLOCK_B: tl.constexpr, HEADS_PER_STEP: tl.constexpr):
     """For the set-A tokens ``ia`` of one image (every second token from ``a_start``; ``ptr`` at its first
     token, the pointers at its first set-A token): the max over set B (every second token from ``b_start``)
     of the cosine similarity, and where it is."""
     a_ok = ia < num_a
-    a = _unit_features(ptr, a_start + 2 * ia, a_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM)
+    a = _unit_features(ptr, a_start + 2 * ia, a_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM, HEADS_PER_STEP)
     best = tl.full(ia.shape, float("-inf"), tl.float32)
     best_idx = tl.zeros(ia.shape, tl.int64)
     for start in range(0, num_b, BLOCK_B):
         jb = start + tl.arange(0, BLOCK_B)
         b_ok = jb < num_b
-        b = _unit_features(ptr, b_start + 2 * jb, b_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM)
+        b = _unit_features(ptr, b_start + 2 * jb, b_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM,
+                           HEADS_PER_STEP)
         # fp32 products without TF32: the library's scores (TF32's 10-bit mantissa flips near-tied matches)
         scores = tl.where(b_ok[None, :], tl.dot(a, tl.trans(b), input_precision="ieee"), float("-inf"))
         block_max = tl.max(scores, axis=1)
@@ -111,7 +117,7 @@ def _match_rows(metric_ptr, node_max_ptr, node_idx_ptr, num_tokens, dim, a_start
     image = tl.program_id(0)
     ia = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     _match_block(metric_ptr + image * num_tokens * dim, dim, 0, 1, dim, ia, a_start, b_start, num_a, num_b,
-                 node_max_ptr + image * num_a, node_idx_ptr + image * num_a, BLOCK_DIM, BLOCK_B)
+                 node_max_ptr + image * num_a, node_idx_ptr + image * num_a, BLOCK_DIM, BLOCK_B, 1)
 
 
 def _sets(num_tokens: int, num_protected: int) -> tuple[int, int, int, int]:
@@ -294,7 +300,7 @@ def _plan_layer(keys_ptr, size_ptr, node_max_ptr, node_idx_ptr, perm_ptr, dest_p
                 stride_b, stride_h, stride_n, num_heads, dim, r, num_protected, num_tokens, num_a, a_start, num_b,
                 b_start, num_kept_total, HAS_SIZE: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_MATCH: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_S: tl.constexpr):
+                BLOCK_S: tl.constexpr, HEADS_PER_STEP: tl.constexpr):
     """A layer's whole merge for image ``program_id(0)``, from its keys to the size weights: the matching on the
     keys summed over heads (:func:`_match_block`, set A in blocks of ``BLOCK_MATCH``), then
     :func:`_plan_image` and :func:`_size_weights_image`, each reading back what the one before stored."""
@@ -302,7 +308,7 @@ def _plan_layer(keys_ptr, size_ptr, node_max_ptr, node_idx_ptr, perm_ptr, dest_p
     for start in range(0, num_a, BLOCK_MATCH):
         _match_block(keys_ptr + image * stride_b, stride_n, stride_h, num_heads, dim, start + tl.arange(0, BLOCK_MATCH),
                      a_start, b_start, num_a, num_b, node_max_ptr + image * num_a, node_idx_ptr + image * num_a,
-                     BLOCK_DIM, BLOCK_B)
+                     BLOCK_DIM, BLOCK_B, HEADS_PER_STEP)
     # what one thread stored, others read: the barrier orders the program's global stores before its loads
     tl.debug_barrier()
     _plan_image(image, node_max_ptr, node_idx_ptr, perm_ptr, dest_ptr, r, num_protected, num_tokens, num_a, a_start,
@@ -313,12 +319,20 @@ def _plan_layer(keys_ptr, size_ptr, node_max_ptr, node_idx_ptr, perm_ptr, dest_p
 
 
 def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype,
-                     block_match: int = 128) -> tuple[torch.Tensor, ...]:
+                     block_match: int | None = None, heads_per_step: int | None = None) -> tuple[torch.Tensor, ...]:
     """:func:`.merge.plan_layer` in one kernel, one program per image (the three kernels above and the key mean
     in one launch): ``keys`` ``[B, H, N, Dh]``, read where they lie (timm's packed qkv), sizes ``[B * N]`` or
-    ``None`` -> ``perm``, ``dest``, ``weight``, ``new_size``, ``node_max``, ``node_idx``. The matching takes set A
-    in blocks of at most ``block_match`` tokens, and reads (and sums over heads) set B once per block: on an H100
-    (ViT-B's keys, batch 256, fp16), set A's 98 tokens at 197 in one block took 0.116 ms, in two of 64 0.146 ms."""
+    ``None`` -> ``perm``, ``dest``, ``weight``, ``new_size``, ``node_max``, ``node_idx``.
+
+    The matching takes set A in blocks of at most ``block_match`` tokens and reads (and sums over heads) set B
+    once per block: on an H100 (ViT-B's keys, batch 256, fp16), set A's 98 tokens at 197 in one block took
+    0.116 ms, in two of 64 0.146 ms. ``None``: 128, or 64 for bf16 keys, which in blocks of 128 take 255 registers
+    and spill (8 bytes at head dim 64, 324 at 80) where fp16 and fp32 keys take 114-202 and do not. The heads are
+    summed ``heads_per_step`` at a time (:func:`_unit_features`; the same sums whatever the step; ``None``: four up
+    to head dim 64, else one): four heads issue 16 loads back to back where one head issues 4 and waits, in 125
+    registers against 114 at head dim 64 (fp16, two programs per SM either way), 148 against 106 at head dim 80
+    (one program per SM instead of two); not yet timed. Registers from builds for sm_90 with a launch's
+    specializations (Triton 3.8, 181-197 tokens, docs/performance.md)."""
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     n, heads, t, dim = keys.shape
@@ -333,10 +347,15 @@ def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_
     new_size = torch.empty(n * kept, 1, dtype=dtype, device=device)
     (block_a, block_j), (block_k, block_s) = _whole(num_a), _whole(kept)
     block_dim = _block_dim(dim)
+    if block_match is None:
+        block_match = 64 if keys.dtype == torch.bfloat16 else 128
+    if heads_per_step is None:
+        heads_per_step = 4 if block_dim <= 64 else 1
     # ptxas for sm_90 (Triton 3.8): at head dim 80 (padded to 128) with bf16, set B in blocks of 32 spills 330 bytes
     _plan_layer[(n,)](keys, perm if size is None else size.contiguous(), node_max, node_idx, perm, dest, weight,
                       new_size, keys.stride(0), keys.stride(1), keys.stride(2), heads, dim, r, num_protected, t, num_a,
                       a_start, num_b, b_start, n * kept, HAS_SIZE=size is not None, BLOCK_DIM=block_dim,
                       BLOCK_MATCH=min(block_a, block_match), BLOCK_B=32 if block_dim <= 64 else 16, BLOCK_A=block_a,
-                      BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_S=block_s, num_warps=8, num_stages=1)
+                      BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_S=block_s, HEADS_PER_STEP=heads_per_step, num_warps=8,
+                      num_stages=1)
     return perm, dest, weight, new_size, node_max, node_idx
