@@ -313,6 +313,19 @@ def test_on_a_gpu_device_time_lengthens_a_sleep_that_did_not_hide_the_host(monke
     assert kernels.device_seconds_per_call(slow_to_launch, x.device, (x, w)) < 0.002
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device time needs a GPU")
+def test_on_a_gpu_device_time_of_a_call_that_waits_for_the_device_is_its_wall_time_and_says_so():
+    """A call that synchronizes keeps the host busy however long the device sleeps first: after the last doubling
+    the timer warns and returns the wall time."""
+    x = torch.randn(1024, device="cuda")
+
+    def waits(x):
+        return x.sum().item()
+
+    with pytest.warns(RuntimeWarning, match="wait for the device"):
+        assert kernels.device_seconds_per_call(waits, x.device, (x,)) > 0
+
+
 def test_the_merge_names_its_kernels():
     """The library's matching and merge stand the fused kernels against their ops (loaded by name at the first
     choice); the matching's are checked by :func:`same_matches`."""

@@ -130,6 +130,8 @@ def device_seconds_per_call(fn: Callable, device: torch.device, args: tuple, cal
             else:
                 cycles *= 2
     # a function that waits for the device (a host sync) is never hidden: its time is the host's and the device's
+    warnings.warn(f"{getattr(fn, '__name__', fn)} kept the host busy past a sleep {2 ** _MAX_SLEEP_DOUBLINGS} times "
+                  "its wall time (does it wait for the device?); timed by the wall clock", RuntimeWarning, stacklevel=2)
     return per_call
 
 
