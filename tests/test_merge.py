@@ -464,3 +464,19 @@ def test_probe_writes_each_part_of_each_variant(merge_probe, tmp_path):
         for part in v_parts]
     assert all(row["ms"] > 0 and row["host_us"] > 0 and row["vs_torch"] > 0 and row["max_diff"] <= 1e-6 for row in rows)
     assert all(row["same_argmax"] for row in rows if row["part"] == "match")
+
+
+def test_overlap_probe_refuses_a_machine_without_cuda(capsys):
+    """scripts/overlap_probe.py times CUDA streams and graphs: on a CPU it stops at once, with one line and exit 2."""
+    import importlib.util
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    spec = importlib.util.spec_from_file_location("overlap_probe", scripts / "overlap_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--device", "cpu"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == ("--device cpu: the probe times CUDA streams and graphs; use cuda on a "
+                                               "machine with one")
