@@ -315,8 +315,9 @@ def test_on_a_gpu_device_time_lengthens_a_sleep_that_did_not_hide_the_host(monke
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device time needs a GPU")
 def test_on_a_gpu_device_time_of_a_call_that_waits_for_the_device_is_its_wall_time_and_says_so():
-    """A call that synchronizes keeps the host busy however long the device sleeps first: after the last doubling
-    the timer warns and returns the wall time."""
+    """A call that synchronizes keeps the host busy for as long as the device sleeps first: the host then takes
+    longer to enqueue a run than a whole run takes without the sleep, and the timer warns and returns the wall time
+    at once instead of doubling the sleep ten times."""
     x = torch.randn(1024, device="cuda")
 
     def waits(x):

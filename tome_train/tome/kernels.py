@@ -103,14 +103,16 @@ def device_seconds_per_call(fn: Callable, device: torch.device, args: tuple, cal
     CUDA graph replays them: the device sleeps while the host enqueues the run behind it, so that no kernel waits
     for a launch. A run counts only if the device measurably slept for longer than the host took to enqueue it
     (the sleep's length is set by a rate measured once, and the clock may have changed since); otherwise the next
-    sleeps twice as long. On a CPU, :func:`seconds_per_call`."""
+    sleeps twice as long. A call that waits for the device (a host sync) cannot be hidden so: where the host took
+    longer to enqueue a run than a whole run takes without the sleep, or the sleep has doubled
+    ``_MAX_SLEEP_DOUBLINGS`` times, it warns and returns the wall time, :func:`seconds_per_call`, as on a CPU."""
     per_call = seconds_per_call(fn, device, args, calls)
     if device.type != "cuda":
         return per_call
     cycles = int(2 * per_call * calls * _sleep_cycles_per_second(device))
-    times = []
+    times, doublings = [], 0
     with torch.cuda.device(device):
-        for _ in range(_MAX_SLEEP_DOUBLINGS + 3):
+        while len(times) < 3:
             asleep, awake, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
             torch.cuda.synchronize()
             enqueue_start = time.perf_counter()
@@ -125,14 +127,15 @@ def device_seconds_per_call(fn: Callable, device: torch.device, args: tuple, cal
             # the sleep began after the host started enqueueing; ending after the host finished, it hid the host
             if asleep.elapsed_time(awake) / 1e3 > enqueue_s:
                 times.append(awake.elapsed_time(end) / 1e3 / calls)
-                if len(times) == 3:
-                    return statistics.median(times)
-            else:
-                cycles *= 2
-    # a function that waits for the device (a host sync) is never hidden: its time is the host's and the device's
-    warnings.warn(f"{getattr(fn, '__name__', fn)} kept the host busy past a sleep {2 ** _MAX_SLEEP_DOUBLINGS} times "
-                  "its wall time (does it wait for the device?); timed by the wall clock", RuntimeWarning, stacklevel=2)
-    return per_call
+                continue
+            # enqueueing alone outlasting a whole run without the sleep: the host waited for the device
+            if enqueue_s > 1.5 * per_call * calls + 1e-3 or doublings == _MAX_SLEEP_DOUBLINGS:
+                warnings.warn(f"{getattr(fn, '__name__', fn)} kept the host busy past the device's sleep (does it "
+                              "wait for the device?); timed by the wall clock", RuntimeWarning, stacklevel=2)
+                return per_call
+            cycles *= 2
+            doublings += 1
+    return statistics.median(times)
 
 
 def pytorch_ops_only() -> contextlib.AbstractContextManager[None]:
