@@ -137,6 +137,9 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off"):
+        p.exit(2, f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}: the kernels build only with Triton compiling "
+                  "them; unset it or set it to 0\n")
     rows = []
     for tokens in args.tokens:
         calls = layer_calls(args.batch_size, tokens, args.heads, args.head_dim, args.r, DTYPES[args.dtype])

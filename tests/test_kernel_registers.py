@@ -12,8 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+def run_script(*args: str, interpret: str = "0") -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET=interpret, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_registers.py"), *args], env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -41,3 +41,11 @@ def test_an_unknown_kernel_name_exits_2_naming_the_choices():
     done = run_script("--tokens", "37", "--kernels", "plan")
     assert done.returncode == 2
     assert "--kernels plan: not a wrapper; choose from plan_layer, merge" in done.stderr
+
+
+def test_under_tritons_interpreter_it_exits_2_saying_why():
+    """Interpreted, no launch would be a build: one line and exit 2, not an empty report."""
+    done = run_script("--tokens", "37", interpret="1")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("TRITON_INTERPRET=1: the kernels build only with Triton compiling them; unset it "
+                                   "or set it to 0")
