@@ -27,6 +27,23 @@ def _no_shared_wandb_service():
     os.environ.pop("WANDB_SERVICE", None)
 
 
+@pytest.fixture
+def load_script(monkeypatch):
+    """A function that imports ``scripts/<name>.py`` as a module, ``scripts/`` on the path (a probe imports another)."""
+    import importlib.util
+
+    scripts = ROOT / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""

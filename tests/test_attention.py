@@ -78,20 +78,13 @@ def test_matching_scores_in_fp32_for_half_precision_keys(dtype):
     assert bipartite_soft_matching(metric.double(), r=1).dst_idx.tolist() == [[1]]
 
 
-def _probe():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "attention_probe.py"
-    spec = importlib.util.spec_from_file_location("attention_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def probe(load_script):
+    return load_script("attention_probe")
 
 
-def test_probe_variants_compute_proportional_attention():
+def test_probe_variants_compute_proportional_attention(probe):
     """scripts/attention_probe.py times other ways to the same result: each must be that result."""
-    probe = _probe()
     q, k, v, size = (t.detach().float() for t in inputs(seed=4))
     expected = explicit(q.double(), k.double(), v.double(), size.double()).float()
     qkv = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * H * DH)  # timm's packed layout
@@ -104,18 +97,17 @@ def test_probe_variants_compute_proportional_attention():
 
 
 @pytest.mark.parametrize("spec", ["64", "64x", "8x16", "48x32", "64x32x2", "64x32/64", "64x32/64x32/16x16"])
-def test_probe_refuses_a_block_spec_that_is_not_two_powers_of_two(spec, capsys):
+def test_probe_refuses_a_block_spec_that_is_not_two_powers_of_two(spec, probe, capsys):
     with pytest.raises(SystemExit) as exit_:
-        _probe().main(["--device", "cpu", "--blocks", spec])
+        probe.main(["--device", "cpu", "--blocks", spec])
     assert exit_.value.code == 2
     assert f"{spec!r} is not MxN or MxN/OxI with powers of two from 16" in capsys.readouterr().err
 
 
-def test_probe_writes_a_row_per_variant_token_count_and_mode(tmp_path):
+def test_probe_writes_a_row_per_variant_token_count_and_mode(probe, tmp_path):
     import json
 
     out = tmp_path / "probe.json"
-    probe = _probe()
     variants = list(probe.VARIANTS)
     # one warm-up call: the compiled variants compile there, not in the timed step
     probe.main(["--device", "cpu", "--batch-size", "1", "--heads", "2", "--head-dim", "8", "--tokens", "9", "5",

@@ -265,18 +265,12 @@ def test_sdpa_preference_sets_the_backend_order(tmp_path):
     assert [row["sdpa"] for row in json.loads(out.read_text())["results"]] == ["math", "math"]
 
 
-def test_variant_probe_swaps_the_candidates_in_for_one_run_each(tmp_path):
+def test_variant_probe_swaps_the_candidates_in_for_one_run_each(load_script, tmp_path):
     """scripts/variant_probe.py: the bench once per variant, each run with the variant's functions standing
     in for the library's and the library restored after (on the CPU every variant runs PyTorch's ops)."""
-    import importlib.util
-    from pathlib import Path
-
     from tome_train.tome import attention, kernels, merge
 
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    spec = importlib.util.spec_from_file_location("variant_probe", scripts / "variant_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script("variant_probe")
 
     def library_paths():
         return (merge._most_similar, merge._merge_rows, merge._merge_rows_backward, attention._size_biased_attention,
@@ -404,18 +398,12 @@ def gpu_script_probes() -> dict[str, tuple[str, list[str]]]:
 
 
 @pytest.mark.parametrize("name", sorted(gpu_script_probes()))
-def test_every_gpu_script_probe_call_parses(name, monkeypatch):
+def test_every_gpu_script_probe_call_parses(name, load_script):
     """Each probe's arguments in scripts/bench_gpu.sh are ones the probe takes (``--help`` after them exits 0 only
     if argparse accepted everything before it)."""
-    import importlib.util
-
     probe, args = gpu_script_probes()[name]
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(probe, SCRIPTS / f"{probe}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     with pytest.raises(SystemExit) as stop:
-        module.main([*args, "--help"])
+        load_script(probe).main([*args, "--help"])
     assert stop.value.code == 0
 
 

@@ -437,17 +437,9 @@ def test_unmerge_through_several_layers():
 # scripts/merge_probe.py: fused Triton kernels for the merge, run by Triton's CPU interpreter
 # --------------------------------------------------------------------------------------
 @pytest.fixture
-def merge_probe(monkeypatch):
+def merge_probe(load_script):
     """The probe script, its Triton kernels run by Triton's interpreter (``TRITON_INTERPRET``, conftest.py)."""
-    import importlib.util
-    from pathlib import Path
-
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    monkeypatch.syspath_prepend(str(scripts))
-    spec = importlib.util.spec_from_file_location("merge_probe", scripts / "merge_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("merge_probe")
 
 
 def test_probe_writes_each_part_of_each_variant(merge_probe, tmp_path):
@@ -466,17 +458,10 @@ def test_probe_writes_each_part_of_each_variant(merge_probe, tmp_path):
     assert all(row["same_argmax"] for row in rows if row["part"] == "match")
 
 
-def test_overlap_probe_refuses_a_machine_without_cuda(capsys):
+def test_overlap_probe_refuses_a_machine_without_cuda(load_script, capsys):
     """scripts/overlap_probe.py times CUDA streams and graphs: on a CPU it stops at once, with one line and exit 2."""
-    import importlib.util
-    from pathlib import Path
-
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    spec = importlib.util.spec_from_file_location("overlap_probe", scripts / "overlap_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     with pytest.raises(SystemExit) as stop:
-        module.main(["--device", "cpu"])
+        load_script("overlap_probe").main(["--device", "cpu"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == ("--device cpu: the probe times CUDA streams and graphs; use cuda on a "
                                                "machine with one")
