@@ -74,8 +74,10 @@ def specialized(kernel, args: tuple, kwargs: dict) -> tuple[ASTSource, dict]:
             signature[name] = POINTER_TYPES[value.dtype]
             if value.data_ptr() % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         elif isinstance(value, bool) or not isinstance(value, int):
-            signature[name] = "fp32" if isinstance(value, float) else "i1"
+            raise TypeError(f"{kernel.__name__}'s {name}={value!r}: a launch argument the build does not type")
         elif value == 1:
             signature[name], constexprs[(i,)] = "constexpr", 1
         else:

@@ -20,23 +20,16 @@ from typing import Callable
 
 import torch
 
+from tome_train.bench import capture_cuda_graph
 from tome_train.tome.attention import packed_heads
 from tome_train.tome.triton_attention import size_biased_attention
 from tome_train.tome.triton_kernels import fused_plan_layer
 
 
 def replay_ms(step: Callable[[], object], warmup: int, steps: int) -> float:
-    """Milliseconds of device time per replay of ``step`` captured as one CUDA graph (warmed up on a side stream
-    first, as capture requires)."""
-    warm = torch.cuda.Stream()
-    warm.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(warm):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(warm)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    """Milliseconds of device time per replay of ``step`` captured as one CUDA graph (as the benchmark captures a
+    step)."""
+    graph = capture_cuda_graph(step, torch.device("cuda"), warmups=warmup)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()

@@ -280,6 +280,23 @@ def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def capture_cuda_graph(record: Callable[[], object], device: torch.device,
+                       warm_up: Callable[[], object] | None = None, warmups: int = 3) -> torch.cuda.CUDAGraph:
+    """``record()`` captured as one CUDA graph on ``device``, after ``warmups`` eager calls of ``warm_up`` (default:
+    ``record``) on a side stream, which make the allocator's, cuDNN's and the kernels' choices that a capture
+    cannot make."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            (warm_up or record)()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        record()
+    return graph
+
+
 class _Runner:
     """One side of the comparison: a model, its step function and the step times it measured.
 
@@ -347,20 +364,11 @@ class _Runner:
             self.opt.zero_grad(set_to_none=True)
 
     def _capture(self) -> None:
-        """The whole step as one CUDA graph, so that the host launches one graph instead of every kernel:
-        three eager steps on a side stream first (the allocator, cuDNN's and the kernels' choices), then
-        the capture, whose backward writes the gradients afresh (they are cleared before it), as every
-        replay then does."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._step(zero_grad=True)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(zero_grad=False)
-        self.graph = graph
+        """The whole step as one CUDA graph, so that the host launches one graph instead of every kernel (see
+        :func:`capture_cuda_graph`); its backward writes the gradients afresh (they are cleared in the eager
+        steps before), as every replay then does."""
+        self.graph = capture_cuda_graph(lambda: self._step(zero_grad=False), self.device,
+                                        warm_up=lambda: self._step(zero_grad=True))
 
     def _timed(self, fn: Callable[[], None] | None = None) -> float:
         _sync(self.device)
