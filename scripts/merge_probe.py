@@ -24,6 +24,11 @@ Seven parts, as ``tome_train.tome.merge`` does them:
   the branch in the attention dtype) and the merge after it, as the library does them (the block hands
   the merge its branch); fused, the merge reads both and the summed stream is never written (two passes
   over the rows fewer).
+- ``add_merge_norm``: ``add_merge`` and the layer norm that the block's MLP starts with, its output in the MLP's
+  dtype (fp16 on a GPU: autocast norms in fp32 and casts for the MLP's first matmul), as an inference step runs
+  them (``merge._weighted_merge_norm``); fused, one kernel in which every output row gathers what merges into it
+  and is normalized at once (``triton``), or the merge kernels and then PyTorch's norm and cast
+  (``triton_then_norm``, the library's path before, and still where the one kernel measures slower).
 - ``merge_backward``: every row's gradient is its destination's times its weight (``index_select``,
   ``mul_``, ``index_copy_``: three kernels, six passes); fused, one kernel, two passes.
 
@@ -50,16 +55,28 @@ import triton
 
 from attention_probe import host_us, time_ms
 from tome_train.tome import bipartite_soft_matching, kernels
-from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_most_similar, fused_plan_layer,
-                                            fused_plan_merge, fused_size_weights)
-from tome_train.tome.merge import (_weighted_merge, _weighted_merge_backward, most_similar, plan_layer, plan_merge,
-                                   size_weights)
+from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_merge_norm, fused_most_similar,
+                                            fused_plan_layer, fused_plan_merge, fused_size_weights)
+from tome_train.tome.merge import (_weighted_merge, _weighted_merge_backward, _weighted_merge_norm, most_similar,
+                                   plan_layer, plan_merge, size_weights)
 
 
 def torch_layer(*args):
     """:func:`plan_layer` with PyTorch's ops only (the kernels of its parts switched off)."""
     with kernels.pytorch_ops_only():
         return plan_layer(*args)
+
+
+def torch_merge_norm(*args):
+    """:func:`_weighted_merge_norm` with PyTorch's ops only."""
+    with kernels.pytorch_ops_only():
+        return _weighted_merge_norm(*args)
+
+
+def kernels_then_norm(rows, perm, dest, weight, num_kept, branch, norm_weight, norm_bias, eps, normed_dtype, _):
+    """The merge kernels, then PyTorch's layer norm and cast."""
+    merged = fused_merge(rows, perm, dest, weight, num_kept, branch)
+    return merged, torch.nn.functional.layer_norm(merged, merged.shape[-1:], norm_weight, norm_bias, eps).to(normed_dtype)
 
 
 def kernels_layer(keys, size, r, num_protected, dtype):
@@ -72,16 +89,18 @@ def kernels_layer(keys, size, r, num_protected, dtype):
 
 VARIANTS = {
     "torch": {"match": most_similar, "plan": plan_merge, "weights": size_weights, "layer": torch_layer,
-              "merge": _weighted_merge, "add_merge": _weighted_merge, "merge_backward": _weighted_merge_backward},
+              "merge": _weighted_merge, "add_merge": _weighted_merge, "add_merge_norm": torch_merge_norm,
+              "merge_backward": _weighted_merge_backward},
     "triton": {"match": fused_most_similar, "plan": fused_plan_merge, "weights": fused_size_weights,
                "layer": fused_plan_layer, "merge": fused_merge, "add_merge": fused_merge,
-               "merge_backward": fused_merge_backward},
+               "add_merge_norm": fused_merge_norm, "merge_backward": fused_merge_backward},
     "triton_parts": {"layer": kernels_layer},
     # set A in blocks of 64 in the matching (the library's for fp16 keys before run f; for bf16 keys still):
     # set B read once per block
     "triton_a64": {"layer": functools.partial(fused_plan_layer, block_match=64)},
     # the heads' keys loaded one at a time, each waited for (the library's before: now four at a time)
     "triton_heads1": {"layer": functools.partial(fused_plan_layer, heads_per_step=1)},
+    "triton_then_norm": {"add_merge_norm": kernels_then_norm},
 }
 
 
@@ -121,13 +140,17 @@ def main(argv=None):
         layer = merge_inputs(args.batch_size, n, args.channels, args.r, device, seed=n)
         rows, perm, dest, weight, k = (layer[key] for key in ("rows", "perm", "dest", "weight", "num_kept"))
         grad = torch.randn(k, args.channels, device=device)
+        norm_weight, norm_bias = (torch.randn(args.channels, device=device) for _ in range(2))
         # the attention branch in the attention dtype (fp16 under autocast on a GPU), the stream in fp32
         branch = torch.randn_like(rows, dtype=torch.float16 if device.type == "cuda" else rows.dtype)
         inputs = {"match": (layer["metric"], 1), "plan": (*layer["maxima"], args.r, 1, n),
                   "weights": (perm, dest, layer["sizes"], n, args.r, torch.float32),
                   "layer": (layer["keys"], layer["sizes"], args.r, 1, torch.float32),
                   "merge": (rows, perm, dest, weight, k),
-                  "add_merge": (rows, perm, dest, weight, k, branch), "merge_backward": (grad, perm, dest, weight)}
+                  "add_merge": (rows, perm, dest, weight, k, branch),
+                  "add_merge_norm": (rows, perm, dest, weight, k, branch, norm_weight, norm_bias, 1e-6, branch.dtype,
+                                     args.batch_size),
+                  "merge_backward": (grad, perm, dest, weight)}
         expected = {part: fn(*inputs[part]) for part, fn in VARIANTS["torch"].items()}
         torch_ms = {}
         for name in args.variants:

@@ -11,11 +11,12 @@ import torch
 from tome_train.tome import bipartite_soft_matching
 from tome_train.tome import kernels
 from tome_train.tome.kernels import FastestPath
-from tome_train.tome.merge import (Merge, _merge_rows, _merge_rows_backward, _most_similar, _plan_layer, _plan_merge,
-                                   _size_weights, _weighted_merge, _weighted_merge_backward, most_similar, plan_layer,
-                                   plan_merge, same_layer_plan, same_matches, size_weights)
-from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_most_similar, fused_plan_layer,
-                                            fused_plan_merge, fused_size_weights)
+from tome_train.tome.merge import (Merge, _merge_norm_rows, _merge_rows, _merge_rows_backward, _most_similar,
+                                   _plan_layer, _plan_merge, _same_merge_and_norm, _size_weights, _weighted_merge,
+                                   _weighted_merge_backward, _weighted_merge_norm, merges_into_norm, most_similar,
+                                   plan_layer, plan_merge, same_layer_plan, same_matches, size_weights)
+from tome_train.tome.triton_kernels import (fused_merge, fused_merge_backward, fused_merge_norm, fused_most_similar,
+                                            fused_plan_layer, fused_plan_merge, fused_size_weights)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,6 +50,54 @@ def test_fused_merge_is_the_merge(tied):
 
     grad = torch.randn(k, 40)
     assert torch.equal(fused_merge_backward(grad, perm, dest, weight), _weighted_merge_backward(grad, perm, dest, weight))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("with_branch", [False, True])
+@pytest.mark.parametrize("normed_dtype", [torch.float32, torch.float16])
+def test_fused_merge_norm_is_the_merge_and_its_layer_norm(tied, with_branch, normed_dtype):
+    """One kernel merges the rows (with a block's fp16 residual branch) and layer-norms the result for the MLP, in
+    fp32 or as the fp16 that autocast would hand the MLP: against the merge and ``F.layer_norm`` in float64, the
+    merged rows to fp32 rounding (bit for bit where nothing merges into a row), the norm to fp32 rounding or two
+    units in fp16's last place; a norm without its bias is caught."""
+    rows, perm, dest, weight, k = merge_inputs(tied)
+    g = torch.Generator().manual_seed(1)
+    branch = torch.randn(rows.shape, generator=g).half() if with_branch else None
+    scale, shift = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    args = (rows, perm, dest, weight, k, branch, scale, shift, 1e-6, normed_dtype, 3)
+    merged, normed = fused_merge_norm(*args)
+    double = _weighted_merge(rows.double(), perm, dest, weight.double(), k,
+                             branch.double() if with_branch else None)
+    torch.testing.assert_close(merged, double.float(), rtol=1e-6, atol=1e-6)
+    receives = torch.zeros(k, dtype=torch.bool).index_fill_(0, dest[k:], True)
+    assert torch.equal(merged[~receives], _weighted_merge(rows, perm, dest, weight, k, branch)[~receives])
+    expected = torch.nn.functional.layer_norm(double, (40,), scale.double(), shift.double(), 1e-6)
+    assert normed.dtype == normed_dtype
+    torch.testing.assert_close(normed.double(), expected, **(
+        dict(rtol=1e-5, atol=1e-5) if normed_dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)))
+    assert _same_merge_and_norm(args, _weighted_merge_norm(*args), (merged, normed))
+    assert not _same_merge_and_norm(args, _weighted_merge_norm(*args), (merged, normed - shift.to(normed_dtype)))
+
+
+def test_the_merge_hands_the_mlp_its_norm_only_where_one_kernel_may_do_both():
+    """:func:`merges_into_norm`: without a gradient, eagerly, on a device the kernel is chosen on, for a layer norm
+    with weight and bias (not an RMS norm, not timm's half-precision ``fast_norm``)."""
+    import timm.layers
+
+    x = torch.randn(2, 5, 8)
+    norm = torch.nn.LayerNorm(8)
+    assert not merges_into_norm(norm, x)  # a CPU tensor: the kernel is chosen on a GPU only
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_merge_norm_rows, "device_types", ("cpu",))
+        assert merges_into_norm(norm, x) and merges_into_norm(timm.layers.LayerNorm(8), x)
+        assert not merges_into_norm(norm, x, torch.randn(2, 5, 8, requires_grad=True))
+        with torch.no_grad():
+            assert merges_into_norm(norm, x.requires_grad_())
+        assert not merges_into_norm(torch.nn.LayerNorm(8, bias=False), x)
+        assert not merges_into_norm(timm.layers.RmsNorm(8), x)
+        fast = timm.layers.LayerNorm(8)
+        fast.fast_norm = True
+        assert not merges_into_norm(fast, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -256,6 +305,20 @@ def test_the_time_choices_take_is_counted():
     assert chosen - before >= 10 * SLOWED_MERGE_S and abs(path.choosing_s - (chosen - before)) < 1e-9
     path(rows, perm, dest, weight, k)
     assert kernels.choosing_seconds() == chosen
+
+    # a reference that runs a path of its own (the merge and norm's runs the merge's): each choice counted once
+    inner = FastestPath(_slow(_weighted_merge, SLOWED_MERGE_S), fused_merge, device_types=("cpu",))
+
+    def merge_by_inner(*args):
+        return inner(*args)
+
+    outer = FastestPath(merge_by_inner, fused_merge, device_types=("cpu",))
+    started = time.perf_counter()
+    outer(rows, perm, dest, weight, k)
+    elapsed = time.perf_counter() - started
+    counted = kernels.choosing_seconds() - chosen
+    assert inner.choosing_s >= 10 * SLOWED_MERGE_S and outer.choosing_s > 0
+    assert abs(counted - inner.choosing_s - outer.choosing_s) < 1e-9 and counted <= elapsed
 
 
 def test_choices_for_graphs_go_by_the_device_time_and_say_so():
@@ -509,3 +572,31 @@ def test_a_model_with_every_merge_kernel_chosen_trains_as_with_pytorchs_ops(monk
     assert torch.equal(size, expected[1])
     for grad, expected_grad in zip(grads, expected[2]):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_merging_into_its_norm_infers_as_with_pytorchs_ops(monkeypatch):
+    """ViT-Ti (4 blocks at 64 px, r 2) in inference with the one-kernel merge and norm standing in on the CPU (timed
+    as the faster): it is kept in every merging layer, the logits and merges are PyTorch's ops'; a training step
+    never asks for it (the merge's gradient goes through the merge kernels)."""
+    import timm
+
+    from tome_train.tome import apply_tome, tome_state
+
+    monkeypatch.setattr(_merge_norm_rows, "device_types", ("cpu",))
+    monkeypatch.setattr(_merge_norm_rows, "choices", {})
+    monkeypatch.setattr(kernels, "seconds_per_call",
+        lambda fn, device, args: 0.0 if fn.__name__.startswith("fused_") else 1.0)
+    torch.manual_seed(0)
+    model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10), 2).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with kernels.pytorch_ops_only(), torch.no_grad():
+        expected, expected_size = model(images), tome_state(model).size
+    with torch.no_grad():
+        logits = model(images)
+    assert len(_merge_norm_rows.choices) == 4
+    assert all(c is fused_merge_norm for c in _merge_norm_rows.choices.values())
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tome_state(model).size, expected_size)
+    monkeypatch.setattr(_merge_norm_rows, "choices", {})
+    model(images).sum().backward()
+    assert _merge_norm_rows.choices == {}

@@ -15,6 +15,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from . import kernels
 from .schedule import max_merges
@@ -401,6 +403,32 @@ _merge_rows_backward = kernels.FastestPath(_weighted_merge_backward, "triton_ker
                                            agree=kernels.same_to_rounding)
 
 
+def _weighted_merge_norm(
+    rows: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, num_kept: int,
+    branch: torch.Tensor | None, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+    normed_dtype: torch.dtype, num_images: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_weighted_merge` (by the merge's own choice of kernels) and the layer norm a block applies next, its
+    output in ``normed_dtype`` (the MLP's input: under autocast the norm runs in fp32 and the MLP casts its output):
+    merged and normed ``[K, C]``. ``num_images`` is for the one-kernel version, which finds each image's merged-away
+    rows by it."""
+    merged = _merge_rows(rows, perm, dest, weight, num_kept, branch)
+    return merged, F.layer_norm(merged, merged.shape[-1:], norm_weight, norm_bias, eps).to(normed_dtype)
+
+
+def _same_merge_and_norm(args: tuple, expected: tuple, candidate: tuple) -> bool:
+    """Whether the merged rows and their norm both agree to rounding (:func:`kernels.same_to_rounding`, each in its
+    own dtype)."""
+    return len(candidate) == len(expected) and all(
+        kernels.same_to_rounding(args, e, c) for e, c in zip(expected, candidate))
+
+
+# On a GPU, one Triton kernel for the merge and the norm after it, where it measures faster (see .kernels): each
+# output row gathers its merged-away rows (no atomic adds) and is normalized while it is at hand.
+_merge_norm_rows = kernels.FastestPath(_weighted_merge_norm, "triton_kernels.fused_merge_norm",
+                                       agree=_same_merge_and_norm)
+
+
 def _save_for_merge_backward(ctx, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor,
                              branch: torch.Tensor | None) -> None:
     ctx.save_for_backward(perm, dest, weight)
@@ -469,6 +497,20 @@ def _compiled_merge_backward(ctx, grad: torch.Tensor) -> tuple:
 compiled_weighted_merge.register_autograd(_compiled_merge_backward, setup_context=_setup_compiled_merge)
 
 
+def _merge_arguments(
+    merge: Merge, x: torch.Tensor, size: torch.Tensor | None, branch: torch.Tensor | None
+) -> tuple[tuple, torch.Tensor]:
+    """The rows, their merge and weights as :func:`_weighted_merge` takes them, and the new sizes ``[K, 1]``."""
+    n, t, c = x.shape
+    weight, new_size = merge.known_weights if merge.known_weights is not None else merge.weights(size, x.dtype)
+    branch_rows = branch.reshape(n * t, c) if branch is not None else None
+    return (x.reshape(n * t, c), merge.perm, merge.dest, weight, merge.num_kept, branch_rows), new_size
+
+
+def _merged_source(merge: Merge, source: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return merge(source.to(dtype).detach(), mode="sum") if source is not None else None
+
+
 def merge_wavg(
     merge: Merge, x: torch.Tensor, size: torch.Tensor | None, source: torch.Tensor | None = None,
     branch: torch.Tensor | None = None,
@@ -487,10 +529,7 @@ def merge_wavg(
     they are functions of the matching indices only, so their gradient is zero anyway.
     """
     n, t, c = x.shape
-    k = merge.num_kept
-    weight, new_size = merge.known_weights if merge.known_weights is not None else merge.weights(size, x.dtype)
-    branch_rows = branch.reshape(n * t, c) if branch is not None else None
-    args = (x.reshape(n * t, c), merge.perm, merge.dest, weight, k, branch_rows)
+    args, new_size = _merge_arguments(merge, x, size, branch)
     # the tracer (ONNX export) records k as a tensor, to keep the batch size dynamic: the plain ops take it
     needs_grad = x.requires_grad or (branch is not None and branch.requires_grad)
     differentiable = torch.is_grad_enabled() and needs_grad and not torch.jit.is_tracing()
@@ -498,9 +537,36 @@ def merge_wavg(
         out = compiled_weighted_merge(*args)
     else:
         out = _WeightedMerge.apply(*args) if differentiable else _merge_rows(*args)
-    if source is not None:
-        source = merge(source.to(x.dtype).detach(), mode="sum")
-    return out.view(n, t - merge.r, c), new_size.view(n, t - merge.r, 1), source
+    return out.view(n, t - merge.r, c), new_size.view(n, t - merge.r, 1), _merged_source(merge, source, x.dtype)
+
+
+def merges_into_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None = None) -> bool:
+    """Whether :func:`merge_wavg_norm` may merge ``x`` (and ``branch``) and apply ``norm`` in one step: without a
+    gradient, eagerly (not traced, not compiled), on a device where the one-kernel version may be chosen, for a layer
+    norm over the last dim with weight and bias in fp32 (timm's ``fast_norm``, which norms in half precision, aside)."""
+    needs_grad = x.requires_grad or (branch is not None and branch.requires_grad)
+    return (not (torch.is_grad_enabled() and needs_grad) and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and x.device.type in _merge_norm_rows.device_types
+            and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
+            and norm.bias is not None and not getattr(norm, "fast_norm", False))
+
+
+def merge_wavg_norm(
+    merge: Merge, x: torch.Tensor, size: torch.Tensor | None, norm: nn.LayerNorm, source: torch.Tensor | None = None,
+    branch: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`merge_wavg` without a gradient, and the merged tokens normalized by ``norm`` for the MLP that follows:
+    ``x``, ``size``, ``source`` as :func:`merge_wavg` returns them, then ``norm(x)`` ``[B, N - r, C]`` in the dtype
+    the MLP computes in (autocast's where it is on, else the merged tokens'). Where :func:`merges_into_norm` holds; on a
+    GPU one kernel may do both (``fused_merge_norm``): it reads the rows once and the norm never reads them back."""
+    n, t, c = x.shape
+    args, new_size = _merge_arguments(merge, x, size, branch)
+    device = x.device.type
+    merged_dtype = x.dtype if branch is None else torch.promote_types(x.dtype, branch.dtype)
+    normed_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else merged_dtype
+    merged, normed = _merge_norm_rows(*args, norm.weight, norm.bias, norm.eps, normed_dtype, merge.num_images)
+    shape = (n, t - merge.r, c)
+    return merged.view(shape), new_size.view(n, t - merge.r, 1), _merged_source(merge, source, x.dtype), normed.view(shape)
 
 
 def unmerge_tokens(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
 from .attention import ToMeAttention, additive_mask
-from .merge import Merge, match_keys, merge_wavg, unmerge_tokens
+from .merge import Merge, match_keys, merge_wavg, merge_wavg_norm, merges_into_norm, unmerge_tokens
 from .schedule import Schedule, parse_schedule
 
 
@@ -41,9 +41,10 @@ def attention_branch(
     return block.drop_path1(block.ls1(x_attn)), keys.detach() if with_keys else None
 
 
-def mlp_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """The second half of a block: ``x + mlp(norm2(x))`` ``[B, N, C]``."""
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+def mlp_residual(block: Block, x: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
+    """The second half of a block: ``x + mlp(norm2(x))`` ``[B, N, C]``, or with ``normed``, ``norm2(x)`` as the
+    merge made it along (:func:`.merge.merge_wavg_norm`), ``x + mlp(normed)``."""
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x) if normed is None else normed)))
 
 
 @dataclass
@@ -122,17 +123,22 @@ class ToMeBlock(Block):
         r = state.schedule[self._tome_layer] if state.merging else 0
         branch, keys = attend(self, x, state.attn_mask, size, r > 0)
         merge = match_keys(keys, r, state.num_protected, state.size, x.dtype) if r > 0 else None
+        normed = None
         if merge is None:
             x = x + branch
         else:
             if state.tracing and state.source is None:
                 state.source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
-            x, state.size, state.source = merge_wavg(merge, x, state.size, state.source, branch)
+            if merges_into_norm(self.norm2, x, branch):
+                x, state.size, state.source, normed = merge_wavg_norm(
+                    merge, x, state.size, self.norm2, state.source, branch)
+            else:
+                x, state.size, state.source = merge_wavg(merge, x, state.size, state.source, branch)
             if state.attn_mask is not None:
                 state.merge_mask(merge)
         if state.layer_sources is not None:
             state.layer_sources.append(state.source)
-        return feed_forward(self, x)
+        return feed_forward(self, x, normed)
 
 
 class ToMeVisionTransformerMixin:

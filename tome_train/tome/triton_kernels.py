@@ -65,6 +65,69 @@ def fused_merge_backward(grad: torch.Tensor, perm: torch.Tensor, dest: torch.Ten
 
 
 @triton.jit
+def _merged_row_norm(src_ptr, branch_ptr, perm_ptr, dest_ptr, weight_ptr, norm_weight_ptr, norm_bias_ptr, merged_ptr,
+                     normed_ptr, num_kept, kept_per_image, merged_per_image, num_cols, eps, HAS_BRANCH: tl.constexpr,
+                     BLOCK_COLS: tl.constexpr, BLOCK_MERGED: tl.constexpr):
+    """Output row ``j = program_id(0)`` of the merge of ``src + branch`` and its layer norm: ``merged[j] =
+    weight[j] * row[perm[j]] + sum of weight[s] * row[perm[s]]`` over the image's merged-away slots ``s`` whose
+    ``dest`` is ``j`` (added in slot order, in fp32, no atomics), then ``normed[j] = layer_norm(merged[j])``."""
+    row = tl.program_id(0)
+    col = tl.arange(0, BLOCK_COLS)
+    ok = col < num_cols
+    src_row = tl.load(perm_ptr + row)
+    values = tl.load(src_ptr + src_row * num_cols + col, mask=ok, other=0.0)
+    if HAS_BRANCH:
+        values += tl.load(branch_ptr + src_row * num_cols + col, mask=ok, other=0.0).to(values.dtype)
+    acc = values.to(tl.float32) * tl.load(weight_ptr + row).to(tl.float32)
+    first_slot = num_kept + (row // kept_per_image) * merged_per_image
+    slots = tl.arange(0, BLOCK_MERGED)
+    into = tl.load(dest_ptr + first_slot + slots, mask=slots < merged_per_image, other=-1)
+    # most rows receive nothing (every row of set A and the prefix, most of set B): one vector test for them
+    if tl.sum((into == row).to(tl.int32), axis=0) > 0:
+        for s in range(merged_per_image):
+            if tl.load(dest_ptr + first_slot + s) == row:
+                src_row = tl.load(perm_ptr + first_slot + s)
+                values = tl.load(src_ptr + src_row * num_cols + col, mask=ok, other=0.0)
+                if HAS_BRANCH:
+                    values += tl.load(branch_ptr + src_row * num_cols + col, mask=ok, other=0.0).to(values.dtype)
+                acc += values.to(tl.float32) * tl.load(weight_ptr + first_slot + s).to(tl.float32)
+    merged = acc.to(merged_ptr.dtype.element_ty)
+    tl.store(merged_ptr + row * num_cols + col, merged, mask=ok)
+    # the norm of the row as stored, as the layer norm after the merge would read it
+    x = merged.to(tl.float32)
+    mean = tl.sum(x, axis=0) / num_cols
+    centered = tl.where(ok, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / num_cols + eps)
+    scale = tl.load(norm_weight_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    shift = tl.load(norm_bias_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    tl.store(normed_ptr + row * num_cols + col, (centered * rstd * scale + shift).to(normed_ptr.dtype.element_ty),
+             mask=ok)
+
+
+def fused_merge_norm(rows: torch.Tensor, perm: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, num_kept: int,
+                     branch: torch.Tensor | None, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                     normed_dtype: torch.dtype, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.merge._weighted_merge_norm` in one kernel, one program per output row: each row gathers what merges
+    into it (its image's merged-away rows are ``perm[num_kept + image * r:][:r]``), so no row is written twice and
+    the complete row is at hand for the norm. ``rows`` ``[M, C]`` (and ``branch``) -> merged ``[K, C]``, normed
+    ``[K, C]`` in ``normed_dtype``. It stands in for the two merge kernels, the norm's pass over the merged rows and,
+    under autocast, the cast of the norm's fp32 output for the MLP: per element of an fp32 stream with an fp16
+    branch, 12 bytes read and written where those move 24."""
+    rows = rows.contiguous()
+    branch = branch.contiguous() if branch is not None else None
+    num_cols = rows.shape[1]
+    merged_per_image = (perm.shape[0] - num_kept) // num_images
+    dtype = rows.dtype if branch is None else torch.promote_types(rows.dtype, branch.dtype)
+    merged = rows.new_empty(num_kept, num_cols, dtype=dtype)
+    normed = rows.new_empty(num_kept, num_cols, dtype=normed_dtype)
+    _merged_row_norm[(num_kept,)](rows, rows if branch is None else branch, perm, dest, weight, norm_weight, norm_bias,
+                                  merged, normed, num_kept, num_kept // num_images, merged_per_image, num_cols, eps,
+                                  HAS_BRANCH=branch is not None, BLOCK_COLS=triton.next_power_of_2(num_cols),
+                                  BLOCK_MERGED=triton.next_power_of_2(max(merged_per_image, 1)))
+    return merged, normed
+
+
+@triton.jit
 def _unit_features(ptr, rows, row_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM: tl.constexpr,
                    HEADS_PER_STEP: tl.constexpr):
     """The features of ``rows`` (``ptr`` at the image's first token; a head's row is ``dim`` values in a row)
