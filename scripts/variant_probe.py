@@ -13,7 +13,9 @@ worth is measured end to end (on a host-bound step, launches count as much as th
 - ``no_fused_layer``: no one-kernel layer (the key mean, matching, rows and weights each on their own path);
 - ``no_fused_plan``: PyTorch's ops from the row maxima to the merge's rows and weights (and no one-kernel
   layer), the other kernels where they measure faster;
-- ``no_fused_merge``: PyTorch's ops for the merge and its backward, the other kernels where they measure faster;
+- ``no_fused_merge``: PyTorch's ops for the merge (and the norm after it) and its backward, the other kernels
+  where they measure faster;
+- ``no_fused_merge_norm``: in inference the merge kernels, then PyTorch's norm, not the one kernel for both;
 - ``no_triton_attention``: SDPA's mask for proportional attention, the other kernels where they measure
   faster.
 
@@ -40,7 +42,10 @@ SWAPS = {
     "no_fused_plan": {(merge, "_plan_layer"): merge.plan_layer, (merge, "_plan_merge"): merge.plan_merge,
                       (merge, "_size_weights"): merge.size_weights},
     "no_fused_merge": {(merge, "_merge_rows"): merge._weighted_merge,
-                       (merge, "_merge_rows_backward"): merge._weighted_merge_backward},
+                       (merge, "_merge_rows_backward"): merge._weighted_merge_backward,
+                       (merge._merge_norm_rows, "broken"): True},
+    # the path stays (the merge asks it where it may choose), always taking its reference
+    "no_fused_merge_norm": {(merge._merge_norm_rows, "broken"): True},
     "no_triton_attention": {(attention, "_size_biased_attention"): attention._masked_attention,
                             (attention, "_trained_size_biased_attention"): attention._packed_masked_attention},
 }
@@ -48,7 +53,7 @@ SWAPS = {
 
 @contextlib.contextmanager
 def swapped(variant: str):
-    """The library's functions replaced by the variant's, restored on exit."""
+    """The library's functions (or a path's settings) replaced by the variant's, restored on exit."""
     saved = {(module, name): getattr(module, name) for module, name in SWAPS[variant]}
     try:
         for (module, name), fn in SWAPS[variant].items():

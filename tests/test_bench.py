@@ -274,18 +274,23 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(load_script, tmp
 
     def library_paths():
         return (merge._most_similar, merge._merge_rows, merge._merge_rows_backward, attention._size_biased_attention,
-                attention._trained_size_biased_attention, merge._plan_merge, merge._size_weights, merge._plan_layer)
+                attention._trained_size_biased_attention, merge._plan_merge, merge._size_weights, merge._plan_layer,
+                merge._merge_norm_rows.broken)
 
     library = library_paths()
+    assert library[8] is False
     with probe.swapped("no_fused_merge"):
-        assert library_paths() == (library[0], merge._weighted_merge, merge._weighted_merge_backward, *library[3:])
+        assert library_paths() == (library[0], merge._weighted_merge, merge._weighted_merge_backward, *library[3:8],
+                                   True)
+    with probe.swapped("no_fused_merge_norm"):
+        assert library_paths() == (*library[:8], True)
     with probe.swapped("no_triton_attention"):
         assert library_paths() == (*library[:3], attention._masked_attention, attention._packed_masked_attention,
                                    *library[5:])
     with probe.swapped("no_fused_plan"):
-        assert library_paths() == (*library[:5], merge.plan_merge, merge.size_weights, merge.plan_layer)
+        assert library_paths() == (*library[:5], merge.plan_merge, merge.size_weights, merge.plan_layer, False)
     with probe.swapped("no_fused_layer"):
-        assert library_paths() == (*library[:7], merge.plan_layer)
+        assert library_paths() == (*library[:7], merge.plan_layer, False)
     with probe.swapped("torch_ops_only"):
         assert kernels.FastestPath.enabled is False
     assert library_paths() == library and kernels.FastestPath.enabled
