@@ -114,12 +114,15 @@ def layer_calls(batch: int, tokens: int, heads: int, head_dim: int, r: int, dtyp
     branch = torch.zeros_like(rows, dtype=dtype)
     perm = torch.arange(batch * tokens)
     weight = torch.ones(batch * tokens, 1)
+    norm = torch.ones(heads * head_dim)
     kept = batch * (tokens - r)
     out = torch.zeros(batch, heads, tokens, head_dim, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)
     lse = torch.zeros(batch, heads, tokens)
     return {
         "plan_layer": lambda: triton_kernels.fused_plan_layer(k, size.reshape(-1), r, 1, torch.float32),
         "merge": lambda: triton_kernels.fused_merge(rows, perm, perm, weight, kept, branch),
+        "merge_norm": lambda: triton_kernels.fused_merge_norm(rows, perm, perm, weight, kept, branch, norm, norm, 1e-6,
+                                                              dtype, batch),
         "merge_backward": lambda: triton_kernels.fused_merge_backward(rows[:kept], perm, perm, weight),
         "attention": lambda: triton_attention.size_biased_attention(q, k, v, size),
         "attention_forward": lambda: triton_attention.size_biased_attention_forward(qkv, heads, size),
