@@ -543,7 +543,7 @@ def merge_wavg(
 def merges_into_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None = None) -> bool:
     """Whether :func:`merge_wavg_norm` may merge ``x`` (and ``branch``) and apply ``norm`` in one step: without a
     gradient, eagerly (not traced, not compiled), on a device where the one-kernel version may be chosen, for a layer
-    norm over the last dim with weight and bias in fp32 (timm's ``fast_norm``, which norms in half precision, aside)."""
+    norm over the last dim with weight and bias (timm's ``fast_norm``, which norms in half precision, aside)."""
     needs_grad = x.requires_grad or (branch is not None and branch.requires_grad)
     return (not (torch.is_grad_enabled() and needs_grad) and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and x.device.type in _merge_norm_rows.device_types
