@@ -94,12 +94,10 @@ def test_benchmark_compiles_both_sides_with_inductor(tmp_path):
     assert row["tome_first_s"] > 10 * row["tome_ms"] / 1e3 and row["baseline_first_s"] > 10 * row["baseline_ms"] / 1e3
 
 
-def test_compile_tome_regions_match_eager_and_never_recompile():
-    """compile_tome: attention and MLP halves compiled once (dynamic token count) for every block, merging
-    eager between them. Three graphs at most (attention with and without sizes, MLP), then none for other
-    batch sizes, later calls or the training step; logits and gradients as eager."""
+def _compiled_regions_infer_as_eager():
+    """A model under compile_tome and an eager copy: logits as eager's in inference, in at most three graphs,
+    none added by other batch sizes or later calls. Returns both models."""
     import copy
-    import pickle
 
     from torch._dynamo.utils import counters
 
@@ -111,14 +109,27 @@ def test_compile_tome_regions_match_eager_and_never_recompile():
     dynamo.reset()
     counters.clear()
     assert compile_tome(model) is model
-    images = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
+        images = torch.randn(4, 3, 64, 64)
         assert (model(images) - eager(images)).abs().max() <= 1e-5
         assert counters["stats"]["unique_graphs"] <= 3
         with dynamo.config.patch(error_on_recompile=True):
             for batch in (4, 3, 6):
                 x = torch.randn(batch, 3, 64, 64)
                 assert (model(x) - eager(x)).abs().max() <= 1e-5
+    return model, eager
+
+
+def test_compile_tome_regions_match_eager_and_never_recompile():
+    """compile_tome: attention and MLP halves compiled once (dynamic token count) for every block, merging
+    eager between them. Three graphs at most (attention with and without sizes, MLP), then none for other
+    batch sizes, later calls or the training step; logits and gradients as eager."""
+    import pickle
+
+    from tome_train.tome import compile_tome
+
+    model, eager = _compiled_regions_infer_as_eager()
+    images = torch.randn(4, 3, 64, 64)
     model.train()
     eager.train()
     model(images).square().mean().backward()
@@ -130,6 +141,20 @@ def test_compile_tome_regions_match_eager_and_never_recompile():
     assert clone._tome_state.compile_mode == "default" and clone._tome_state._compiled == {}
     compile_tome(model, None)
     assert model._tome_state.regions()[0].__name__ == "attention_branch"
+
+
+def test_compile_tome_takes_the_norm_from_the_merge_without_recompiling(monkeypatch):
+    """Where the merge hands the MLP its norm (on a GPU, in inference; here on the CPU, through the path's reference:
+    the merge, then the norm), the compiled MLP region starts from it: every merging block's norm comes from the
+    merge, still in at most three graphs, none added by other batch sizes, logits as eager's."""
+    from tome_train.tome import merge, timm_patch
+
+    monkeypatch.setattr(merge._merge_norm_rows, "device_types", ("cpu",))
+    monkeypatch.setattr(merge._merge_norm_rows, "broken", True)  # no kernel to choose: its reference
+    calls = []
+    monkeypatch.setattr(timm_patch, "merge_wavg_norm", lambda *args: calls.append(1) or merge.merge_wavg_norm(*args))
+    _compiled_regions_infer_as_eager()
+    assert len(calls) == 2 * 4 * 4  # compiled and eager, four blocks, four forwards
 
 
 def test_compile_tome_rejects_unknown_mode():
