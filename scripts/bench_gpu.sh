@@ -142,9 +142,12 @@ step infer_l_graphs "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmu
 # ToMe's own work in one layer at ViT-B's shape (matching, merge, merge backward): PyTorch's ops against fused
 # Triton kernels.
 want merge && run_step merge 90 python3 scripts/merge_probe.py --device cuda --output "$steps_dir/merge.json" && gather
-# ViT-L's first half of a merging layer as a CUDA graph: would the plan hide behind attention on a second stream?
+# The first half of a merging layer as a CUDA graph, ViT-L's and ViT-B's: would the plan hide behind attention on a
+# second stream?
 want overlap && run_step overlap 60 python3 scripts/overlap_probe.py --heads 16 --r 8 --tokens 189 125 61 \
     --output "$steps_dir/overlap.json" && gather
+want overlap_b && run_step overlap_b 60 python3 scripts/overlap_probe.py --heads 12 --r 16 --tokens 181 117 37 \
+    --output "$steps_dir/overlap_b.json" && gather
 # One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
 # plain attention, at 197, 117 and 37 tokens; the Triton kernels also with other blocks than the library's
 # (forward 64x32, backward 128x32): the forward's earlier 128x64 and 64x64, the backward at 64 rows per program.
