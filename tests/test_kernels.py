@@ -600,3 +600,86 @@ def test_a_model_merging_into_its_norm_infers_as_with_pytorchs_ops(monkeypatch):
     monkeypatch.setattr(_merge_norm_rows, "choices", {})
     model(images).sum().backward()
     assert _merge_norm_rows.choices == {}
+
+
+def test_a_model_planning_beside_attention_infers_as_it_would_one_after_the_other(monkeypatch):
+    """ViT-Ti (4 blocks at 64 px, r 2) in inference with the plan queued on a second stream as soon as the keys exist
+    (here on the CPU, the streams recorded instead: the order is what a GPU would be given), timed as the faster: in
+    every merging block the plan is queued before attention and awaited after it, before the merge; the logits and
+    merges are those of the plan after attention; training, compiled regions and CUDA-graph captures never take it."""
+    import contextlib
+
+    import timm
+
+    from tome_train.tome import apply_tome, attention, compile_tome, timm_patch, tome_state
+
+    path = timm_patch._merging_first_half
+    monkeypatch.setattr(path, "device_types", ("cpu",))
+    monkeypatch.setattr(path, "choices", {})
+    order = []
+
+    @contextlib.contextmanager
+    def side_stream(device):
+        order.append("fork")
+        yield
+        order.append("planned")
+
+    monkeypatch.setattr(kernels, "on_side_stream", side_stream)
+    monkeypatch.setattr(kernels, "join_side_stream", lambda device: order.append("join"))
+    proportional_attention = attention.proportional_attention
+    monkeypatch.setattr(attention, "proportional_attention",
+                        lambda *args, **kwargs: order.append("attention") or proportional_attention(*args, **kwargs))
+    monkeypatch.setattr(kernels, "seconds_per_call",
+        lambda fn, device, args: 0.0 if fn.__name__.endswith("plan_beside") else 1.0)
+    torch.manual_seed(0)
+    model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10), 2).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with kernels.pytorch_ops_only(), torch.no_grad():
+        expected, expected_size = model(images), tome_state(model).size
+    assert order == ["attention"] * 4
+    order.clear()
+    with torch.no_grad():
+        logits = model(images)
+    assert len(path.choices) == 4 and all(c is path.candidate for c in path.choices.values())
+    assert all(key[2] is timm_patch.ToMeBlock for key in path.choices)  # the block by its type: no model held
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tome_state(model).size, expected_size)
+    order.clear()
+    with torch.no_grad():
+        model(images)  # chosen: each block runs the candidate once
+    assert order == ["fork", "planned", "attention", "join"] * 4
+    order.clear()
+    model(images).sum().backward()
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(kernels, "capturing", lambda device: True)
+        model(images)
+    compile_tome(model, "default")
+    assert not timm_patch.plans_beside_attention(tome_state(model), images)
+    assert order == ["attention"] * 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
+def test_on_a_gpu_planning_beside_attention_gives_the_plan_after_it(monkeypatch):
+    """On a GPU, the plan on a second stream (kept here whatever its time): the logits and merges of the plan after
+    attention, over repeated forwards (a stream left unjoined, or memory reused too early, would show as a
+    difference)."""
+    import timm
+
+    from tome_train.tome import apply_tome, timm_patch, tome_state
+
+    path = timm_patch._merging_first_half
+    monkeypatch.setattr(path, "choices", {})
+    monkeypatch.setattr(kernels, "seconds_per_call",
+        lambda fn, device, args: 0.0 if fn.__name__.endswith("plan_beside") else 1.0)
+    torch.manual_seed(0)
+    model = apply_tome(timm.create_model("vit_base_patch16_224", num_classes=10), 16).eval().cuda()
+    images = torch.randn(64, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        with monkeypatch.context() as patch:
+            patch.setattr(path, "broken", True)  # its reference: the plan after attention, the same kernels
+            expected, expected_size = model(images), tome_state(model).size.clone()
+        for _ in range(3):
+            logits = model(images)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(tome_state(model).size, expected_size)
+    assert path.choices and all(c is path.candidate for c in path.choices.values())

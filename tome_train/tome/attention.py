@@ -14,6 +14,8 @@ and with one an op and its backward op (:func:`compiled_trained_size_biased_atte
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -226,9 +228,11 @@ class ToMeAttention(Attention):
         x: torch.Tensor,
         attn_bias: torch.Tensor | None = None,
         size: torch.Tensor | None = None,
+        while_attending: Callable[[torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[B, N, C]``, ``attn_bias`` broadcastable to ``[B, H, N, N]``, ``size`` ``[B, N, 1]``
-        for proportional attention.
+        for proportional attention; ``while_attending`` is called with the keys as soon as they exist, before
+        attention is queued (a merging block may plan its merge on them on a second stream meanwhile).
 
         Returns the attention output ``[B, N, C]`` and the keys ``[B, H, N, Dh]`` (a view: a layer
         that merges averages them over heads, one that does not pays nothing for them).
@@ -238,6 +242,8 @@ class ToMeAttention(Attention):
         qkv = self.qkv(x)
         q, k, v = packed_heads(qkv, self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
+        if while_attending is not None:
+            while_attending(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
         unnormed = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
         x = proportional_attention(q, k, v, size, attn_bias, dropout_p, qkv if unnormed else None)

@@ -138,6 +138,28 @@ def device_seconds_per_call(fn: Callable, device: torch.device, args: tuple, cal
     return statistics.median(times)
 
 
+@functools.cache
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device)
+
+
+@contextlib.contextmanager
+def on_side_stream(device: torch.device) -> Iterator[None]:
+    """Work queued inside runs on a second CUDA stream of ``device``, after the work queued so far on the current
+    one, and so alongside what the current stream is given next, until :func:`join_side_stream`. Memory stays
+    safe without ``record_stream`` as long as every fork is joined before its results are used: the side stream's
+    allocations are reused only by later side work, which starts after the current stream's work queued before it."""
+    side = _side_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+
+
+def join_side_stream(device: torch.device) -> None:
+    """The current stream of ``device`` waits for the work :func:`on_side_stream` queued."""
+    torch.cuda.current_stream(device).wait_stream(_side_stream(device))
+
+
 def pytorch_ops_only() -> contextlib.AbstractContextManager[None]:
     """Every :class:`FastestPath` runs its reference, PyTorch's ops, inside: the implementation that the tests hold
     to float64, to check a run of the kernels against."""
@@ -191,7 +213,8 @@ class FastestPath:
     ``agree(args, expected, candidate)`` (default :func:`same_result`), times both and remembers the
     faster; later calls with those shapes take it directly, also while a CUDA graph is captured (a shape
     first met during a capture gets the reference: timing there would synchronize). The first argument
-    is a tensor on the device. With ``differentiable``, both are checked and timed through their
+    is a tensor on the device; a module argument counts by its type (a choice goes by shapes, and holds no model). With
+    ``differentiable``, both are checked and timed through their
     backward too (:func:`through_backward`): the result is then the output and the input gradients. A candidate
     that is not ``deterministic`` (its result may vary in the last place from run to run, as atomic adds do) is
     never taken under ``torch.use_deterministic_algorithms``.
@@ -231,7 +254,8 @@ class FastestPath:
         device = args[0].device
         if not self._applies(device):
             return self.reference
-        key = (device, *((a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args))
+        key = (device, *((a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor)
+                         else type(a) if isinstance(a, torch.nn.Module) else a for a in args))
         choice = self.choices.get(key)
         if choice is None:
             if capturing(device):

@@ -17,6 +17,7 @@ from timm.models import VisionTransformer
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
+from . import kernels
 from .attention import ToMeAttention, additive_mask
 from .merge import Merge, match_keys, merge_wavg, merge_wavg_norm, merges_into_norm, unmerge_tokens
 from .schedule import Schedule, parse_schedule
@@ -31,12 +32,14 @@ GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # the modes that re
 
 
 def attention_branch(
-    block: Block, x: torch.Tensor, attn_bias: torch.Tensor | None, size: torch.Tensor | None, with_keys: bool
+    block: Block, x: torch.Tensor, attn_bias: torch.Tensor | None, size: torch.Tensor | None, with_keys: bool,
+    while_attending: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The residual branch of a block's first half, ``attention(norm1(x))`` ``[B, N, C]`` (the block adds
     it to ``x``, or the merge does, reading both), and with ``with_keys`` the attention keys ``[B, H, N, Dh]``
-    for the matching (:func:`.merge.match_keys` averages them over heads)."""
-    x_attn, keys = block.attn(block.norm1(x), attn_bias, size)
+    for the matching (:func:`.merge.match_keys` averages them over heads). ``while_attending``: see
+    :class:`.attention.ToMeAttention`."""
+    x_attn, keys = block.attn(block.norm1(x), attn_bias, size, while_attending)
     # the matching takes no gradient: detached, it adds no node to the autograd graph
     return block.drop_path1(block.ls1(x_attn)), keys.detach() if with_keys else None
 
@@ -45,6 +48,58 @@ def mlp_residual(block: Block, x: torch.Tensor, normed: torch.Tensor | None = No
     """The second half of a block: ``x + mlp(norm2(x))`` ``[B, N, C]``, or with ``normed``, ``norm2(x)`` as the
     merge made it along (:func:`.merge.merge_wavg_norm`), ``x + mlp(normed)``."""
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x) if normed is None else normed)))
+
+
+def merging_first_half(
+    x: torch.Tensor, block: Block, attn_bias: torch.Tensor | None, size: torch.Tensor | None, r: int,
+    merge_size: torch.Tensor | None,
+) -> tuple[torch.Tensor, Merge | None]:
+    """A merging block's first half, eagerly: the attention branch ``[B, N, C]`` (``size``: for proportional
+    attention), then the merge of ``r`` tokens its keys plan (:func:`.merge.match_keys`, weighted by ``merge_size``)."""
+    branch, keys = attention_branch(block, x, attn_bias, size, True)
+    return branch, match_keys(keys, r, block._tome_state.num_protected, merge_size, x.dtype)
+
+
+def merging_first_half_plan_beside(
+    x: torch.Tensor, block: Block, attn_bias: torch.Tensor | None, size: torch.Tensor | None, r: int,
+    merge_size: torch.Tensor | None,
+) -> tuple[torch.Tensor, Merge | None]:
+    """:func:`merging_first_half` with the plan on a second CUDA stream, queued as soon as the keys exist and awaited
+    before the merge: the plan is latency-bound (one program per image, ViT-B 0.9 ms over its layers at batch 256 on
+    an H100) and may run on what attention and the output projection leave of the GPU."""
+    merges = []
+
+    def plan(keys: torch.Tensor) -> None:
+        with kernels.on_side_stream(x.device):
+            merges.append(match_keys(keys, r, block._tome_state.num_protected, merge_size, x.dtype))
+
+    branch, _ = attention_branch(block, x, attn_bias, size, False, plan)
+    kernels.join_side_stream(x.device)
+    return branch, merges[0]
+
+
+def _merge_rows_of(merge: Merge | None) -> tuple[torch.Tensor, ...]:
+    return () if merge is None else (merge.perm, merge.dest, *merge.known_weights)
+
+
+def same_first_half(args: tuple, expected: tuple, candidate: tuple) -> bool:
+    """Whether two first halves give the same branch (to rounding) and exactly the same merge."""
+    (branch, merge), (other_branch, other_merge) = expected, candidate
+    return (kernels.same_to_rounding(args, branch, other_branch)
+            and kernels.identical(args, _merge_rows_of(merge), _merge_rows_of(other_merge)))
+
+
+# On a GPU, in inference, the plan beside attention where that measures faster for the layer's shapes (see .kernels)
+_merging_first_half = kernels.FastestPath(merging_first_half, merging_first_half_plan_beside, agree=same_first_half)
+
+
+def plans_beside_attention(state: "ToMeState", x: torch.Tensor) -> bool:
+    """Whether a merging block may plan its merge on a second stream while attention runs: eagerly (no compiled
+    regions, no ``torch.compile``, no tracer, no CUDA-graph capture: a capture runs the default), without a gradient,
+    on a device the choice is made on."""
+    return (state.compile_mode is None and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and x.device.type in _merging_first_half.device_types
+            and not kernels.capturing(x.device))
 
 
 @dataclass
@@ -121,8 +176,11 @@ class ToMeBlock(Block):
         attend, feed_forward = state.regions()
         size = state.size if state.prop_attn else None
         r = state.schedule[self._tome_layer] if state.merging else 0
-        branch, keys = attend(self, x, state.attn_mask, size, r > 0)
-        merge = match_keys(keys, r, state.num_protected, state.size, x.dtype) if r > 0 else None
+        if r > 0 and plans_beside_attention(state, x):
+            branch, merge = _merging_first_half(x, self, state.attn_mask, size, r, state.size)
+        else:
+            branch, keys = attend(self, x, state.attn_mask, size, r > 0)
+            merge = match_keys(keys, r, state.num_protected, state.size, x.dtype) if r > 0 else None
         normed = None
         if merge is None:
             x = x + branch
