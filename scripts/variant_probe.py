@@ -44,7 +44,7 @@ SWAPS = {
     "no_fused_merge": {(merge, "_merge_rows"): merge._weighted_merge,
                        (merge, "_merge_rows_backward"): merge._weighted_merge_backward,
                        (merge._merge_norm_rows, "broken"): True},
-    # the path stays (the merge asks it where it may choose), always taking its reference
+    # held broken, the path is not taken: the merge hands the MLP no norm, as before the kernel
     "no_fused_merge_norm": {(merge._merge_norm_rows, "broken"): True},
     "no_triton_attention": {(attention, "_size_biased_attention"): attention._masked_attention,
                             (attention, "_trained_size_biased_attention"): attention._packed_masked_attention},

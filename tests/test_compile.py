@@ -144,13 +144,18 @@ def test_compile_tome_regions_match_eager_and_never_recompile():
 
 
 def test_compile_tome_takes_the_norm_from_the_merge_without_recompiling(monkeypatch):
-    """Where the merge hands the MLP its norm (on a GPU, in inference; here on the CPU, through the path's reference:
-    the merge, then the norm), the compiled MLP region starts from it: every merging block's norm comes from the
+    """Where the merge hands the MLP its norm (on a GPU, in inference; here on the CPU, with a candidate that is the
+    path's reference: the merge, then the norm), the compiled MLP region starts from it: every merging block's norm comes from the
     merge, still in at most three graphs, none added by other batch sizes, logits as eager's."""
     from tome_train.tome import merge, timm_patch
 
     monkeypatch.setattr(merge._merge_norm_rows, "device_types", ("cpu",))
-    monkeypatch.setattr(merge._merge_norm_rows, "broken", True)  # no kernel to choose: its reference
+    monkeypatch.setattr(merge._merge_norm_rows, "choices", {})
+
+    def same_as_reference(*args):  # no kernel to run here: a candidate that is the reference
+        return merge._weighted_merge_norm(*args)
+
+    monkeypatch.setattr(merge._merge_norm_rows, "candidate", same_as_reference)
     calls = []
     monkeypatch.setattr(timm_patch, "merge_wavg_norm", lambda *args: calls.append(1) or merge.merge_wavg_norm(*args))
     _compiled_regions_infer_as_eager()

@@ -238,7 +238,10 @@ class FastestPath:
         self.choosing_s = 0.0  # the time its choices took: loading, first runs (Triton's compilation), checks, timing
         self.broken = False
 
-    def _applies(self, device: torch.device) -> bool:
+    def applies(self, device: torch.device) -> bool:
+        """Whether a call on ``device`` may take the candidate: the paths enabled and this one not broken, a device
+        it chooses on, no tracer, no compiler, and deterministic algorithms not ruling it out. A caller that would
+        rather not take a path's detour where it cannot take the candidate asks this first."""
         if not FastestPath.enabled or self.broken or device.type not in self.device_types:
             return False
         if torch.jit.is_tracing() or (not self.deterministic and torch.are_deterministic_algorithms_enabled()):
@@ -252,7 +255,7 @@ class FastestPath:
         """The function that runs for ``args``: the reference or the candidate, choosing first if these
         shapes are new (which runs both on ``args``)."""
         device = args[0].device
-        if not self._applies(device):
+        if not self.applies(device):
             return self.reference
         key = (device, *((a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor)
                          else type(a) if isinstance(a, torch.nn.Module) else a for a in args))

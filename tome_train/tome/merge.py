@@ -542,11 +542,11 @@ def merge_wavg(
 
 def merges_into_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None = None) -> bool:
     """Whether :func:`merge_wavg_norm` may merge ``x`` (and ``branch``) and apply ``norm`` in one step: without a
-    gradient, eagerly (not traced, not compiled), on a device where the one-kernel version may be chosen, for a layer
-    norm over the last dim with weight and bias (timm's ``fast_norm``, which norms in half precision, aside)."""
+    gradient, where the one-kernel version may be chosen (:meth:`kernels.FastestPath.applies`: eagerly, on a GPU), for
+    a layer norm over the last dim with weight and bias (timm's ``fast_norm``, which norms in half precision, aside).
+    Elsewhere the norm stays the MLP's, as in timm's block."""
     needs_grad = x.requires_grad or (branch is not None and branch.requires_grad)
-    return (not (torch.is_grad_enabled() and needs_grad) and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and x.device.type in _merge_norm_rows.device_types
+    return (not (torch.is_grad_enabled() and needs_grad) and _merge_norm_rows.applies(x.device)
             and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None
             and norm.bias is not None and not getattr(norm, "fast_norm", False))
 

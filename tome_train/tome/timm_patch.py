@@ -94,11 +94,10 @@ _merging_first_half = kernels.FastestPath(merging_first_half, merging_first_half
 
 
 def plans_beside_attention(state: "ToMeState", x: torch.Tensor) -> bool:
-    """Whether a merging block may plan its merge on a second stream while attention runs: eagerly (no compiled
-    regions, no ``torch.compile``, no tracer, no CUDA-graph capture: a capture runs the default), without a gradient,
-    on a device the choice is made on."""
-    return (state.compile_mode is None and not torch.is_grad_enabled() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and x.device.type in _merging_first_half.device_types
+    """Whether a merging block may plan its merge on a second stream while attention runs: without a gradient, where
+    that may be chosen (:meth:`kernels.FastestPath.applies`: eagerly, on a GPU), outside compiled regions and
+    CUDA-graph captures (a capture runs the plan after attention)."""
+    return (state.compile_mode is None and not torch.is_grad_enabled() and _merging_first_half.applies(x.device)
             and not kernels.capturing(x.device))
 
 
