@@ -15,7 +15,8 @@ Seven parts, as ``tome_train.tome.merge`` does them:
   (``merge.plan_layer``); fused, one kernel per image for all four (``triton``, set A in blocks of up to 128 in
   its matching, the keys of four heads loaded at once; ``triton_a64``: set A in blocks of 64, which reads set B
   twice at ViT-B's first layers; ``triton_heads1``: each head's keys waited for before the next head's are
-  loaded), or the mean and the three kernels above (``triton_parts``).
+  loaded), or the mean and the three kernels above (``triton_parts``); ``triton_ieee``: ``match`` and ``layer``
+  with their similarity products as fp32 FMAs instead of three TF32 tensor-core products each.
 - ``merge``: every token row read in a permuted order, scaled, and the merged-away rows added onto their
   destinations (``index_select``, ``mul_``, ``scatter_add_``: three kernels, about four passes over the
   rows); fused, two kernels and two passes (the kept rows stored, the merged-away rows added atomically,
@@ -100,6 +101,9 @@ VARIANTS = {
     "triton_a64": {"layer": functools.partial(fused_plan_layer, block_match=64)},
     # the heads' keys loaded one at a time, each waited for (the library's before: now four at a time)
     "triton_heads1": {"layer": functools.partial(fused_plan_layer, heads_per_step=1)},
+    # the similarity products as fp32 FMAs on the CUDA cores (the library's before: now three TF32 products each)
+    "triton_ieee": {"match": functools.partial(fused_most_similar, products="ieee"),
+                    "layer": functools.partial(fused_plan_layer, products="ieee")},
     "triton_then_norm": {"add_merge_norm": kernels_then_norm},
 }
 

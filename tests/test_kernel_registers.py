@@ -21,8 +21,8 @@ def run_script(*args: str, interpret: str = "0") -> subprocess.CompletedProcess:
 def test_the_plan_and_merge_kernels_build_for_sm90_without_spilling(tmp_path):
     """ViT-B's first merging layer (181 tokens, 12 heads of 64) in fp16 and bf16: every launch of the one-kernel
     plan, of the merge and of the merge with the norm builds, within the 255 registers a thread may hold and with no
-    spill, the plan with the blocks the library picks for the keys' dtype (set A in one matching block of 128 for
-    fp16, in blocks of 64 for bf16, where 128 took 255 registers and spilled)."""
+    spill, the plan with set A in one matching block of 128 for both key dtypes (with fp32 FMAs for its similarity
+    products bf16 keys took 255 registers and spilled there; with three TF32 products each, 104)."""
     rows = []
     for dtype in ("fp16", "bf16"):
         out = tmp_path / f"{dtype}.json"
@@ -35,8 +35,8 @@ def test_the_plan_and_merge_kernels_build_for_sm90_without_spilling(tmp_path):
         for kernel in ("_plan_layer", "_scaled_row_copy", "_scaled_row_copy", "_merged_row_norm")]
     assert all(0 < row["registers"] <= 255 and row["spill_bytes"] == 0 for row in rows), rows
     plans = {row["dtype"]: row["constexprs"] for row in rows if row["kernel"] == "_plan_layer"}
-    assert plans["fp16"]["BLOCK_MATCH"] == 128 and plans["bf16"]["BLOCK_MATCH"] == 64
-    assert plans["fp16"]["HEADS_PER_STEP"] == 4
+    assert plans["fp16"]["BLOCK_MATCH"] == plans["bf16"]["BLOCK_MATCH"] == 128
+    assert plans["fp16"]["HEADS_PER_STEP"] == 4 and plans["fp16"]["PRODUCTS"] == "tf32x3"
 
 
 def test_an_unknown_kernel_name_exits_2_naming_the_choices():

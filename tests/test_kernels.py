@@ -187,26 +187,53 @@ LAYERS = [(2, 197, 1, 16, 3, 64), (3, 23, 1, 6, 2, 40), (2, 37, 1, 8, 2, 80), (2
           (2, 17, 0, 8, 1, 16)]
 
 
-@pytest.mark.parametrize("n,t,p,r,heads,dim,block_match,heads_per_step",
-                         [(*layer, 128, 4) for layer in LAYERS] + [(*LAYERS[0], 64, 4), (*LAYERS[0], 128, 1),
-                                                                   (*LAYERS[0], 128, 2)])
-def test_fused_layer_plan_is_the_layer_plan(n, t, p, r, heads, dim, block_match, heads_per_step):
+@pytest.mark.parametrize("n,t,p,r,heads,dim,block_match,heads_per_step,products",
+                         [(*layer, 128, 4, "tf32x3") for layer in LAYERS]
+                         + [(*LAYERS[0], 64, 4, "tf32x3"), (*LAYERS[0], 128, 1, "tf32x3"),
+                            (*LAYERS[0], 128, 2, "tf32x3"), (*LAYERS[0], 128, 4, "ieee")])
+def test_fused_layer_plan_is_the_layer_plan(n, t, p, r, heads, dim, block_match, heads_per_step, products):
     """The one-kernel layer against the ops: the same matches, rows and weights (random keys, so no near-ties),
     for fp32 and fp16 keys, with and without sizes; and :func:`same_layer_plan` says so. The heads summed four at
     a time (of one to three: steps with heads past the last); ViT-B's first layer also with set A in two matching
-    blocks, and with its three heads summed one and two at a time."""
+    blocks, with its three heads summed one and two at a time, and with the similarity products in fp32 FMAs
+    instead of three TF32 products each."""
     sizes = torch.randint(1, 9, (n * t,), generator=torch.Generator().manual_seed(2)).float()
     for keys_dtype, size, dtype in ((torch.float32, None, torch.float32), (torch.float16, sizes, torch.float16),
                                     (torch.float32, sizes, torch.float32)):
         keys = layer_keys(n, t, heads, dim, seed=t, dtype=keys_dtype)
         args = (keys, size, r, p, dtype)
         expected, fused = plan_layer(*args), fused_plan_layer(*args, block_match=block_match,
-                                                             heads_per_step=heads_per_step)
+                                                             heads_per_step=heads_per_step, products=products)
         assert kernels.identical(args, expected[:2], fused[:2])  # perm, dest
         assert kernels.identical(args, expected[2:4], fused[2:4])  # weight, new size
         assert torch.equal(fused[5], expected[5])
         torch.testing.assert_close(fused[4], expected[4], rtol=1e-5, atol=1e-6)
         assert same_layer_plan(args, expected, fused)
+
+
+def test_three_tf32_products_per_fp32_one_pass_the_matchings_check_and_one_does_not():
+    """The kernels' similarity dots take three TF32 tensor-core products per fp32 product (``products="tf32x3"``:
+    each factor split into its TF32 part and the TF32 part of the rest, the rests' product dropped). Triton's
+    interpreter computes those dots in fp32, so here the split is written out: on ViT-B's first layer of unit-length
+    features the scores stay within 1e-6 of float64's (fp32's own error: about 1.5e-7) and :func:`same_matches`
+    accepts the maxima and argmax they give; TF32 alone, off by about 5e-4, it refuses."""
+    from tome_train.tome.merge import _unit_sets
+
+    metric = torch.randn(4, 197, 64, generator=torch.Generator().manual_seed(0))
+    a, b = _unit_sets(metric, 1)
+
+    def tf32(x):  # the top 10 of fp32's 23 mantissa bits
+        return (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+    a_hi, b_hi = tf32(a), tf32(b)
+    a_lo, b_lo = tf32(a - a_hi), tf32(b - b_hi)
+    three = a_hi @ b_hi.transpose(1, 2) + a_hi @ b_lo.transpose(1, 2) + a_lo @ b_hi.transpose(1, 2)
+    one = a_hi @ b_hi.transpose(1, 2)
+    exact = a.double() @ b.double().transpose(1, 2)
+    assert (three.double() - exact).abs().max() < 1e-6 < 1e-4 < (one.double() - exact).abs().max()
+    expected = most_similar(metric, 1)
+    assert same_matches((metric, 1), expected, three.max(-1))
+    assert not same_matches((metric, 1), expected, one.max(-1))
 
 
 def test_same_layer_plan_takes_ties_either_way_and_nothing_else():

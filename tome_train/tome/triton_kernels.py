@@ -148,7 +148,8 @@ def _unit_features(ptr, rows, row_ok, stride_n, stride_h, num_heads, dim, BLOCK_
 
 @triton.jit
 def _match_block(ptr, stride_n, stride_h, num_heads, dim, ia, a_start, b_start, num_a, num_b, node_max_ptr,
-                 node_idx_ptr, BLOCK_DIM: tl.constexpr, BLOCK_B: tl.constexpr, HEADS_PER_STEP: tl.constexpr):
+                 node_idx_ptr, BLOCK_DIM: tl.constexpr, BLOCK_B: tl.constexpr, HEADS_PER_STEP: tl.constexpr,
+                 PRODUCTS: tl.constexpr):
     """For the set-A tokens ``ia`` of one image (every second token from ``a_start``; ``ptr`` at its first
     token, the pointers at its first set-A token): the max over set B (every second token from ``b_start``)
     of the cosine similarity, and where it is."""
@@ -161,8 +162,9 @@ def _match_block(ptr, stride_n, stride_h, num_heads, dim, ia, a_start, b_start, 
         b_ok = jb < num_b
         b = _unit_features(ptr, b_start + 2 * jb, b_ok, stride_n, stride_h, num_heads, dim, BLOCK_DIM,
                            HEADS_PER_STEP)
-        # fp32 products without TF32: the library's scores (TF32's 10-bit mantissa flips near-tied matches)
-        scores = tl.where(b_ok[None, :], tl.dot(a, tl.trans(b), input_precision="ieee"), float("-inf"))
+        # fp32 products to fp32's accuracy or near it (PRODUCTS, see fused_plan_layer): TF32's alone, a 10-bit
+        # mantissa, flip near-tied matches
+        scores = tl.where(b_ok[None, :], tl.dot(a, tl.trans(b), input_precision=PRODUCTS), float("-inf"))
         block_max = tl.max(scores, axis=1)
         block_idx = tl.argmax(scores, axis=1).to(tl.int64) + start
         better = block_max > best  # strict: the first of equal maxima wins, as in torch.max on the CPU
@@ -174,13 +176,13 @@ def _match_block(ptr, stride_n, stride_h, num_heads, dim, ia, a_start, b_start, 
 
 @triton.jit
 def _match_rows(metric_ptr, node_max_ptr, node_idx_ptr, num_tokens, dim, a_start, b_start, num_a, num_b,
-                BLOCK_DIM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+                BLOCK_DIM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PRODUCTS: tl.constexpr):
     """:func:`.merge.most_similar` for image ``program_id(0)`` and its set-A tokens in block ``program_id(1)``
     (``metric`` ``[B, N, dim]`` contiguous)."""
     image = tl.program_id(0)
     ia = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     _match_block(metric_ptr + image * num_tokens * dim, dim, 0, 1, dim, ia, a_start, b_start, num_a, num_b,
-                 node_max_ptr + image * num_a, node_idx_ptr + image * num_a, BLOCK_DIM, BLOCK_B, 1)
+                 node_max_ptr + image * num_a, node_idx_ptr + image * num_a, BLOCK_DIM, BLOCK_B, 1, PRODUCTS)
 
 
 def _sets(num_tokens: int, num_protected: int) -> tuple[int, int, int, int]:
@@ -204,9 +206,11 @@ def _block_dim(dim: int) -> int:
     return max(triton.next_power_of_2(dim), 16)
 
 
-def fused_most_similar(metric: torch.Tensor, num_protected: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_most_similar(metric: torch.Tensor, num_protected: int, block: int = 32, products: str = "tf32x3"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`.merge.most_similar` in one kernel (norms, scores and their row max; no ``[B, Na, Nb]`` score
-    matrix): ``metric`` ``[B, N, C]`` fp32 -> maxima and indices ``[B, Na]``."""
+    matrix): ``metric`` ``[B, N, C]`` fp32 -> maxima and indices ``[B, Na]``. ``products``: see
+    :func:`fused_plan_layer`."""
     metric = metric.contiguous()
     n, t, dim = metric.shape
     num_a, a_start, num_b, b_start = _sets(t, num_protected)
@@ -214,7 +218,7 @@ def fused_most_similar(metric: torch.Tensor, num_protected: int, block: int = 32
     node_idx = torch.empty(n, num_a, dtype=torch.long, device=metric.device)
     _match_rows[(n, triton.cdiv(num_a, block))](
         metric, node_max, node_idx, t, dim, a_start, b_start, num_a, num_b, BLOCK_DIM=_block_dim(dim), BLOCK_A=block,
-        BLOCK_B=block, num_stages=1)  # ptxas for sm_90: pipelined (3 stages) it spills at 255 registers; unpipelined, 72
+        BLOCK_B=block, PRODUCTS=products, num_stages=1)  # ptxas for sm_90: pipelined (3 stages) it spills at 255 registers; unpipelined, 72
     return node_max, node_idx
 
 
@@ -366,7 +370,7 @@ def _plan_layer(keys_ptr, size_ptr, node_max_ptr, node_idx_ptr, perm_ptr, dest_p
                 stride_b, stride_h, stride_n, num_heads, dim, r, num_protected, num_tokens, num_a, a_start, num_b,
                 b_start, num_kept_total, HAS_SIZE: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_MATCH: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_S: tl.constexpr, HEADS_PER_STEP: tl.constexpr):
+                BLOCK_S: tl.constexpr, HEADS_PER_STEP: tl.constexpr, PRODUCTS: tl.constexpr):
     """A layer's whole merge for image ``program_id(0)``, from its keys to the size weights: the matching on the
     keys summed over heads (:func:`_match_block`, set A in blocks of ``BLOCK_MATCH``), then
     :func:`_plan_image` and :func:`_size_weights_image`, each reading back what the one before stored."""
@@ -374,7 +378,7 @@ def _plan_layer(keys_ptr, size_ptr, node_max_ptr, node_idx_ptr, perm_ptr, dest_p
     for start in range(0, num_a, BLOCK_MATCH):
         _match_block(keys_ptr + image * stride_b, stride_n, stride_h, num_heads, dim, start + tl.arange(0, BLOCK_MATCH),
                      a_start, b_start, num_a, num_b, node_max_ptr + image * num_a, node_idx_ptr + image * num_a,
-                     BLOCK_DIM, BLOCK_B, HEADS_PER_STEP)
+                     BLOCK_DIM, BLOCK_B, HEADS_PER_STEP, PRODUCTS)
     # what one thread stored, others read: the barrier orders the program's global stores before its loads
     tl.debug_barrier()
     _plan_image(image, node_max_ptr, node_idx_ptr, perm_ptr, dest_ptr, r, num_protected, num_tokens, num_a, a_start,
@@ -385,20 +389,28 @@ def _plan_layer(keys_ptr, size_ptr, node_max_ptr, node_idx_ptr, perm_ptr, dest_p
 
 
 def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype,
-                     block_match: int | None = None, heads_per_step: int | None = None) -> tuple[torch.Tensor, ...]:
+                     block_match: int = 128, heads_per_step: int | None = None, products: str = "tf32x3"
+                     ) -> tuple[torch.Tensor, ...]:
     """:func:`.merge.plan_layer` in one kernel, one program per image (the three kernels above and the key mean
     in one launch): ``keys`` ``[B, H, N, Dh]``, read where they lie (timm's packed qkv), sizes ``[B * N]`` or
     ``None`` -> ``perm``, ``dest``, ``weight``, ``new_size``, ``node_max``, ``node_idx``.
 
     The matching takes set A in blocks of at most ``block_match`` tokens and reads (and sums over heads) set B
     once per block: on an H100 (ViT-B's keys, batch 256, fp16), set A's 98 tokens at 197 in one block took
-    0.116 ms, in two of 64 0.146 ms. ``None``: 128, or 64 for bf16 keys, which in blocks of 128 take 255 registers
-    and spill (8 bytes at head dim 64, 324 at 80) where fp16 and fp32 keys take 114-202 and do not. The heads are
-    summed ``heads_per_step`` at a time (:func:`_unit_features`; the same sums whatever the step; ``None``: four up
-    to head dim 64, else one): four heads issue 16 loads back to back where one head issues 4 and waits, in 125
-    registers against 114 at head dim 64 (fp16, two programs per SM either way), 148 against 106 at head dim 80
-    (one program per SM instead of two); not yet timed. Registers from builds for sm_90 with a launch's
-    specializations (Triton 3.8, 181-197 tokens, docs/performance.md)."""
+    0.116 ms, in two of 64 0.146 ms. The heads are summed ``heads_per_step`` at a time (:func:`_unit_features`;
+    the same sums whatever the step; ``None``: four up to head dim 64, else one): four heads issue 16 loads back to
+    back where one head issues 4 and waits.
+
+    ``products``: Triton's ``input_precision`` of the similarity dots. ``"tf32x3"``, three TF32 tensor-core products
+    per fp32 one (each factor split into a TF32 part and its TF32 remainder; the remainders' product dropped):
+    about 2^-21 relative error against fp32's 2^-24, well inside the choice's check on the maxima (rtol 1e-5, atol
+    1e-6; a near-tie it breaks the other way is accepted, :func:`.merge.same_matches`), where TF32 alone (2^-11)
+    flips near-tied matches. ``"ieee"``: fp32 fused multiply-adds on the CUDA cores, the library's before; its
+    build for sm_90 is 1044 FMA instructions where tf32x3's is 33 ``wgmma``, and in run f2 the matching kernel,
+    which runs the same dot, took 0.087 ms at 197 tokens for 0.5 GFLOP of padded products. Builds for sm_90 with a
+    launch's specializations (Triton 3.8, 197 tokens, blocks of 128, docs/performance.md): tf32x3 102 registers
+    (fp16 keys), 104 (bf16), 148 (fp32), none spilled, against ieee's 125 and, for bf16, 255 with 8 bytes spilled
+    (hence blocks of 64 for bf16 before); at head dim 80 (one head at a time) 208-215, one program per SM."""
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     n, heads, t, dim = keys.shape
@@ -413,8 +425,6 @@ def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_
     new_size = torch.empty(n * kept, 1, dtype=dtype, device=device)
     (block_a, block_j), (block_k, block_s) = _whole(num_a), _whole(kept)
     block_dim = _block_dim(dim)
-    if block_match is None:
-        block_match = 64 if keys.dtype == torch.bfloat16 else 128
     if heads_per_step is None:
         heads_per_step = 4 if block_dim <= 64 else 1
     # ptxas for sm_90 (Triton 3.8): at head dim 80 (padded to 128) with bf16, set B in blocks of 32 spills 330 bytes
@@ -422,6 +432,7 @@ def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_
                       new_size, keys.stride(0), keys.stride(1), keys.stride(2), heads, dim, r, num_protected, t, num_a,
                       a_start, num_b, b_start, n * kept, HAS_SIZE=size is not None, BLOCK_DIM=block_dim,
                       BLOCK_MATCH=min(block_a, block_match), BLOCK_B=32 if block_dim <= 64 else 16, BLOCK_A=block_a,
-                      BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_S=block_s, HEADS_PER_STEP=heads_per_step, num_warps=8,
+                      BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_S=block_s, HEADS_PER_STEP=heads_per_step,
+                      PRODUCTS=products, num_warps=8,
                       num_stages=1)
     return perm, dest, weight, new_size, node_max, node_idx
