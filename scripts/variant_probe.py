@@ -16,6 +16,7 @@ worth is measured end to end (on a host-bound step, launches count as much as th
 - ``no_fused_merge``: PyTorch's ops for the merge (and the norm after it) and its backward, the other kernels
   where they measure faster;
 - ``no_fused_merge_norm``: in inference the merge kernels, then PyTorch's norm, not the one kernel for both;
+- ``no_plan_beside``: in inference the plan after attention, not on a second stream beside it;
 - ``no_triton_attention``: SDPA's mask for proportional attention, the other kernels where they measure
   faster.
 
@@ -31,7 +32,7 @@ import sys
 import torch
 
 from tome_train import bench
-from tome_train.tome import attention, kernels, merge
+from tome_train.tome import attention, kernels, merge, timm_patch
 
 
 SWAPS = {
@@ -46,6 +47,7 @@ SWAPS = {
                        (merge._merge_norm_rows, "broken"): True},
     # held broken, the path is not taken: the merge hands the MLP no norm, as before the kernel
     "no_fused_merge_norm": {(merge._merge_norm_rows, "broken"): True},
+    "no_plan_beside": {(timm_patch._merging_first_half, "broken"): True},
     "no_triton_attention": {(attention, "_size_biased_attention"): attention._masked_attention,
                             (attention, "_trained_size_biased_attention"): attention._packed_masked_attention},
 }

@@ -268,7 +268,7 @@ def test_sdpa_preference_sets_the_backend_order(tmp_path):
 def test_variant_probe_swaps_the_candidates_in_for_one_run_each(load_script, tmp_path):
     """scripts/variant_probe.py: the bench once per variant, each run with the variant's functions standing
     in for the library's and the library restored after (on the CPU every variant runs PyTorch's ops)."""
-    from tome_train.tome import attention, kernels, merge
+    from tome_train.tome import attention, kernels, merge, timm_patch
 
     probe = load_script("variant_probe")
 
@@ -284,6 +284,9 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(load_script, tmp
                                    True)
     with probe.swapped("no_fused_merge_norm"):
         assert library_paths() == (*library[:8], True)
+    with probe.swapped("no_plan_beside"):
+        assert timm_patch._merging_first_half.broken and library_paths() == library
+    assert not timm_patch._merging_first_half.broken
     with probe.swapped("no_triton_attention"):
         assert library_paths() == (*library[:3], attention._masked_attention, attention._packed_masked_attention,
                                    *library[5:])
