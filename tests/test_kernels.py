@@ -601,23 +601,30 @@ def test_a_model_with_every_merge_kernel_chosen_trains_as_with_pytorchs_ops(monk
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_a_model_merging_into_its_norm_infers_as_with_pytorchs_ops(monkeypatch):
-    """ViT-Ti (4 blocks at 64 px, r 2) in inference with the one-kernel merge and norm standing in on the CPU (timed
-    as the faster): it is kept in every merging layer, the logits and merges are PyTorch's ops'; a training step
-    never asks for it (the merge's gradient goes through the merge kernels)."""
+def tiny_model_preferring(monkeypatch, path: FastestPath):
+    """ViT-Ti (4 blocks at 64 px, r 2, in eval mode) with ``path`` choosing on the CPU and its candidate timed as the
+    faster, three images, and the logits and token sizes PyTorch's ops give them."""
     import timm
 
     from tome_train.tome import apply_tome, tome_state
 
-    monkeypatch.setattr(_merge_norm_rows, "device_types", ("cpu",))
-    monkeypatch.setattr(_merge_norm_rows, "choices", {})
-    monkeypatch.setattr(kernels, "seconds_per_call",
-        lambda fn, device, args: 0.0 if fn.__name__.startswith("fused_") else 1.0)
+    monkeypatch.setattr(path, "device_types", ("cpu",))
+    monkeypatch.setattr(path, "choices", {})
+    monkeypatch.setattr(kernels, "seconds_per_call", lambda fn, device, args: 0.0 if fn is path.candidate else 1.0)
     torch.manual_seed(0)
     model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10), 2).eval()
     images = torch.randn(3, 3, 64, 64)
     with kernels.pytorch_ops_only(), torch.no_grad():
-        expected, expected_size = model(images), tome_state(model).size
+        return model, images, model(images), tome_state(model).size
+
+
+def test_a_model_merging_into_its_norm_infers_as_with_pytorchs_ops(monkeypatch):
+    """ViT-Ti (4 blocks at 64 px, r 2) in inference with the one-kernel merge and norm standing in on the CPU (timed
+    as the faster): it is kept in every merging layer, the logits and merges are PyTorch's ops'; a training step
+    never asks for it (the merge's gradient goes through the merge kernels)."""
+    from tome_train.tome import tome_state
+
+    model, images, expected, expected_size = tiny_model_preferring(monkeypatch, _merge_norm_rows)
     with torch.no_grad():
         logits = model(images)
     assert len(_merge_norm_rows.choices) == 4
@@ -636,13 +643,9 @@ def test_a_model_planning_beside_attention_infers_as_it_would_one_after_the_othe
     merges are those of the plan after attention; training, compiled regions and CUDA-graph captures never take it."""
     import contextlib
 
-    import timm
-
-    from tome_train.tome import apply_tome, attention, compile_tome, timm_patch, tome_state
+    from tome_train.tome import attention, compile_tome, timm_patch, tome_state
 
     path = timm_patch._merging_first_half
-    monkeypatch.setattr(path, "device_types", ("cpu",))
-    monkeypatch.setattr(path, "choices", {})
     order = []
 
     @contextlib.contextmanager
@@ -656,13 +659,7 @@ def test_a_model_planning_beside_attention_infers_as_it_would_one_after_the_othe
     proportional_attention = attention.proportional_attention
     monkeypatch.setattr(attention, "proportional_attention",
                         lambda *args, **kwargs: order.append("attention") or proportional_attention(*args, **kwargs))
-    monkeypatch.setattr(kernels, "seconds_per_call",
-        lambda fn, device, args: 0.0 if fn.__name__.endswith("plan_beside") else 1.0)
-    torch.manual_seed(0)
-    model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10), 2).eval()
-    images = torch.randn(3, 3, 64, 64)
-    with kernels.pytorch_ops_only(), torch.no_grad():
-        expected, expected_size = model(images), tome_state(model).size
+    model, images, expected, expected_size = tiny_model_preferring(monkeypatch, path)
     assert order == ["attention"] * 4
     order.clear()
     with torch.no_grad():
