@@ -148,6 +148,10 @@ want overlap && run_step overlap 60 python3 scripts/overlap_probe.py --heads 16 
     --output "$steps_dir/overlap.json" && gather
 want overlap_b && run_step overlap_b 60 python3 scripts/overlap_probe.py --heads 12 --r 16 --tokens 181 117 37 \
     --output "$steps_dir/overlap_b.json" && gather
+# The tests that need a GPU, on kernels compiled as the library runs them (not Triton's interpreter): the device
+# timer, CUDA graphs and compiled CUDA graphs, the plan beside attention on real streams.
+want gpu_tests && run_step gpu_tests 240 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_kernels.py tests/test_bench.py -k "on_a_gpu or cuda_graphs or reduce_overhead"
 # One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
 # plain attention, at 197, 117 and 37 tokens; the Triton kernels also with other blocks than the library's
 # (forward 64x32, backward 128x32): the forward's earlier 128x64 and 64x64, the backward at 64 rows per program.
