@@ -707,3 +707,30 @@ def test_on_a_gpu_planning_beside_attention_gives_the_plan_after_it(monkeypatch)
             torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
             assert torch.equal(tome_state(model).size, expected_size)
     assert path.choices and all(c is path.candidate for c in path.choices.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a GPU")
+@pytest.mark.parametrize("keys_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_on_a_gpu_the_compiled_plan_and_merge_norm_kernels_pass_their_checks(keys_dtype):
+    """On a GPU the kernels are compiled, not interpreted: the one-kernel plan with its dots as three TF32 products
+    passes the plan's check at ViT-B's first layer (batch 64, 12 heads) for each key dtype, and the merge-and-norm
+    kernel gives the merge and ``F.layer_norm`` in float64 to fp32 rounding, and to two units of fp16's last place
+    in the dtype autocast hands the MLP."""
+    keys = layer_keys(64, 197, 12, 64, seed=0, dtype=keys_dtype).cuda()
+    sizes = torch.randint(1, 9, (64 * 197,), generator=torch.Generator().manual_seed(1)).float().cuda()
+    args = (keys, sizes, 16, 1, torch.float32)
+    planned = fused_plan_layer(*args)
+    assert same_layer_plan(args, plan_layer(*args), planned)
+    perm, dest, weight, _, _, _ = planned
+    g = torch.Generator("cuda").manual_seed(2)
+    rows = torch.randn(64 * 197, 768, generator=g, device="cuda")
+    branch = torch.randn(rows.shape, generator=g, device="cuda").half()
+    scale, shift = torch.randn(768, generator=g, device="cuda"), torch.randn(768, generator=g, device="cuda")
+    num_kept = 64 * (197 - 16)
+    double = _weighted_merge(rows.double(), perm, dest, weight.double(), num_kept, branch.double())
+    expected_norm = torch.nn.functional.layer_norm(double, (768,), scale.double(), shift.double(), 1e-6)
+    for normed_dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        merged, normed = fused_merge_norm(rows, perm, dest, weight, num_kept, branch, scale, shift, 1e-6, normed_dtype,
+                                          64)
+        torch.testing.assert_close(merged.double(), double, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(normed.double(), expected_norm, rtol=tolerance, atol=tolerance)
