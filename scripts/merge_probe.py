@@ -96,7 +96,7 @@ VARIANTS = {
                "layer": fused_plan_layer, "merge": fused_merge, "add_merge": fused_merge,
                "add_merge_norm": fused_merge_norm, "merge_backward": fused_merge_backward},
     "triton_parts": {"layer": kernels_layer},
-    # set A in blocks of 64 in the matching (the library's for fp16 keys before run f; for bf16 keys still):
+    # set A in blocks of 64 in the matching (the library's for fp16 keys before run f, for bf16 keys before tf32x3):
     # set B read once per block
     "triton_a64": {"layer": functools.partial(fused_plan_layer, block_match=64)},
     # the heads' keys loaded one at a time, each waited for (the library's before: now four at a time)
