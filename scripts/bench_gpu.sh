@@ -148,6 +148,12 @@ want overlap && run_step overlap 60 python3 scripts/overlap_probe.py --heads 16 
     --output "$steps_dir/overlap.json" && gather
 want overlap_b && run_step overlap_b 60 python3 scripts/overlap_probe.py --heads 12 --r 16 --tokens 181 117 37 \
     --output "$steps_dir/overlap_b.json" && gather
+# A first step's Triton builds, one after another and in a pool of 16 threads, each from an empty cache (the steps
+# above share one): ViT-B and ViT-L inference, batch 256, fp16.
+want builds_b && run_step builds_b 120 python3 scripts/build_probe.py "${B[@]}" --batch-size 256 --workers 1 16 \
+    --output "$steps_dir/builds_b.json" && gather
+want builds_l && run_step builds_l 120 python3 scripts/build_probe.py "${L[@]}" --batch-size 256 --workers 1 16 \
+    --output "$steps_dir/builds_l.json" && gather
 # The tests that need a GPU, on kernels compiled as the library runs them (not Triton's interpreter): the device
 # timer, CUDA graphs and compiled CUDA graphs, the plan beside attention on real streams.
 want gpu_tests && run_step gpu_tests 240 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider \

@@ -14,51 +14,25 @@ One row per launch: ``kernel``, ``tokens``, ``dtype``, the launch's constexprs, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tome_train.tome import triton_attention, triton_kernels
+from tome_train.tome import triton_attention, triton_builds, triton_kernels
 from tome_train.tome.attention import packed_heads
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64",
                  torch.int32: "*i32"}
-
-
-@contextlib.contextmanager
-def launches_recorded(modules) -> Iterator[list]:
-    """Inside, a launch ``kernel[grid](*args, **kwargs)`` of a ``@triton.jit`` kernel in ``modules`` is appended to
-    the yielded list as ``(kernel, args, kwargs)`` and not run (the wrappers' outputs stay uninitialized)."""
-    launches, saved = [], []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-    for module in modules:
-        for name, value in vars(module).items():
-            if isinstance(value, triton.runtime.jit.JITFunction):
-                saved.append((module, name, value))
-                setattr(module, name, Recorder(value))
-    try:
-        yield launches
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def specialized(kernel, args: tuple, kwargs: dict) -> tuple[ASTSource, dict]:
@@ -152,7 +126,7 @@ def main(argv=None):
         if unknown:
             p.error(f"--kernels {' '.join(sorted(unknown))}: not a wrapper; choose from {', '.join(calls)}")
         for wrapper in args.kernels or calls:
-            with launches_recorded([triton_kernels, triton_attention]) as launches:
+            with triton_builds.launches_recorded() as launches:
                 calls[wrapper]()
             for kernel, kernel_args, kwargs in launches:
                 regs, spilled = registers(kernel, kernel_args, kwargs, args.arch)

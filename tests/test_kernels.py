@@ -682,6 +682,89 @@ def test_a_model_planning_beside_attention_infers_as_it_would_one_after_the_othe
     assert order == ["attention"] * 8
 
 
+@pytest.fixture
+def builds_recorded(monkeypatch) -> list[str]:
+    """Triton taken to build kernels ahead (here it interprets them, and so has nothing to build): each kernel a build
+    ahead would start, by name, in the order met."""
+    from triton.runtime.jit import KernelInterface
+
+    from tome_train.tome import triton_builds
+
+    built = []
+    monkeypatch.setattr(triton_builds, "can_build_ahead", lambda: True)
+    monkeypatch.setattr(KernelInterface, "warmup", lambda kernel, *args, grid, **kwargs: built.append(kernel.__name__))
+    return built
+
+
+def test_a_first_step_builds_its_kernels_ahead_then_chooses_them(monkeypatch, builds_recorded):
+    """ViT-Ti (4 blocks at 64 px, r 2) in inference with the merge-and-norm kernel choosing on the CPU: the first
+    forward first runs a pass that starts the kernel's build for each merging layer's shapes and runs none of it (its
+    launches only build), then chooses the kernel in every layer, giving PyTorch's ops' logits; a second forward
+    builds nothing more; nor does a step where nothing may choose."""
+    from tome_train.tome import tome_state
+
+    built_before_choosing = []
+    choose = FastestPath._choose
+
+    def counted_choice(path, *args):
+        built_before_choosing.append(len(builds_recorded))
+        return choose(path, *args)
+
+    monkeypatch.setattr(FastestPath, "_choose", counted_choice)
+    model, images, expected, expected_size = tiny_model_preferring(monkeypatch, _merge_norm_rows)
+    assert builds_recorded == []  # PyTorch's ops only: nothing may choose
+    with torch.no_grad():
+        logits = model(images)
+    # 17, 15, 13 and 11 tokens: four shapes, all four built before the first choice
+    assert builds_recorded == ["_merged_row_norm"] * 4 and built_before_choosing == [4] * 4
+    assert all(c is fused_merge_norm for c in _merge_norm_rows.choices.values())
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tome_state(model).size, expected_size)
+    with torch.no_grad():
+        model(images)
+    assert builds_recorded == ["_merged_row_norm"] * 4
+
+
+def test_a_first_training_step_builds_the_backwards_kernels_too_and_leaves_gradients_and_randomness_alone(
+        monkeypatch, builds_recorded):
+    """ViT-Ti (4 blocks at 64 px, r 2, drop path 0.1) training with the merge kernels choosing on the CPU: the pass
+    ahead of the first step builds the merge's forward and, through a backward to a copy of the images, its
+    backward's kernel, gives no parameter a gradient, and leaves the random streams as they were: the step's logits and
+    gradients are those of the same step run again, without the pass."""
+    import timm
+
+    from tome_train.tome import apply_tome
+
+    for path in (_merge_rows, _merge_rows_backward):
+        monkeypatch.setattr(path, "device_types", ("cpu",))
+        monkeypatch.setattr(path, "choices", {})
+    monkeypatch.setattr(kernels, "seconds_per_call",
+        lambda fn, device, args: 0.0 if fn.__name__.startswith("fused_") else 1.0)
+    torch.manual_seed(0)
+    model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10,
+                                         drop_path_rate=0.1), 2)
+    images = torch.randn(3, 3, 64, 64)
+
+    def step():
+        torch.manual_seed(1)
+        model.zero_grad()
+        logits = model(images)
+        gradients_before_backward = [p.grad for p in model.parameters()]
+        logits.square().sum().backward()
+        return logits.detach(), gradients_before_backward, [p.grad.clone() for p in model.parameters()]
+
+    logits, before, grads = step()
+    # per layer the merge's two launches (kept rows, then merged-away rows), then its backward's one, layer 4 first
+    assert builds_recorded == ["_scaled_row_copy"] * 12
+    assert all(g is None for g in before)
+    assert _merge_rows_backward.choices and all(c is fused_merge_backward
+                                                 for c in _merge_rows_backward.choices.values())
+    expected_logits, _, expected_grads = step()  # built ahead already: no pass
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
 def test_on_a_gpu_planning_beside_attention_gives_the_plan_after_it(monkeypatch):
     """On a GPU, the plan on a second stream (kept here whatever its time): the logits and merges of the plan after
@@ -707,6 +790,39 @@ def test_on_a_gpu_planning_beside_attention_gives_the_plan_after_it(monkeypatch)
             torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
             assert torch.equal(tome_state(model).size, expected_size)
     assert path.choices and all(c is path.candidate for c in path.choices.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a GPU")
+def test_on_a_gpu_a_first_step_finds_its_kernels_built_ahead(monkeypatch):
+    """On a GPU (kernels compiled), ViT-B r12 at batch 48 in fp16 inference, every choice to make anew: the pass ahead
+    of the first forward builds what its choices then launch (nothing builds after it), and they take kernels."""
+    import timm
+    from triton.runtime.jit import JITFunction
+
+    from tome_train.tome import apply_tome, triton_builds
+
+    def kernels_built() -> int:
+        return sum(len(caches[0]) for module in triton_builds.KERNEL_MODULES for kernel in vars(module).values()
+                   if isinstance(kernel, JITFunction) for caches in kernel.device_caches.values())
+
+    for path in list(FastestPath.paths):
+        monkeypatch.setattr(path, "choices", {})
+    built_ahead = []
+    build_ahead = kernels.build_ahead
+
+    def counted(step, device):
+        ran = build_ahead(step, device)
+        built_ahead.append(kernels_built())
+        return ran
+
+    monkeypatch.setattr(kernels, "build_ahead", counted)
+    torch.manual_seed(0)
+    model = apply_tome(timm.create_model("vit_base_patch16_224", num_classes=10), 12).eval().cuda()
+    images = torch.randn(48, 3, 224, 224, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.float16):
+        model(images)
+    assert built_ahead == [kernels_built()]
+    assert any(c is not p.reference for p in FastestPath.paths for c in p.choices.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a GPU")

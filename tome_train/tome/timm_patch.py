@@ -125,13 +125,14 @@ class ToMeState:
     attn_mask: torch.Tensor | None = None
     layer_sources: list | None = field(default=None, repr=False)
     _compiled: dict = field(default_factory=dict, repr=False)
+    _built_ahead: set = field(default_factory=set, repr=False)  # the first steps whose kernels were built ahead
 
     def __getstate__(self) -> dict:
         """Copies (``copy.deepcopy``, e.g. an EMA model) and pickles keep the settings only: the
         per-forward tensors belong to the last forward pass (and may hold its autograd graph), the
         compiled regions to this process."""
         state = dict(self.__dict__)
-        state.update(size=None, source=None, attn_mask=None, layer_sources=None, _compiled={})
+        state.update(size=None, source=None, attn_mask=None, layer_sources=None, _compiled={}, _built_ahead=set())
         return state
 
     def regions(self) -> tuple[Callable, Callable]:
@@ -221,8 +222,37 @@ class ToMeVisionTransformerMixin:
         if state.merging and self.grad_checkpointing and torch.is_grad_enabled():
             raise ValueError("gradient checkpointing re-runs blocks and cannot carry merge state; disable it or use r=0")
 
+    def _tome_build_ahead(self, images: torch.Tensor) -> bool:
+        """Before the first step of its kind (input shape and dtype, autocast dtype, gradient or not, schedule) on a
+        device where the fused kernels are chosen, the kernels that step's choices will build are built in parallel
+        (:func:`.kernels.build_ahead`): one more pass of the step, forward and, where a gradient is on, backward to a
+        copy of the images (no parameter gets a gradient), running PyTorch's ops. Forward hooks see it too. Returns
+        whether it ran (not where the kernels are interpreted: nothing to build)."""
+        state = self._tome_state
+        device = images.device
+        if torch.compiler.is_compiling() or not state.merging or not kernels.may_choose(device):
+            return False
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        step = (device, tuple(images.shape), images.dtype, autocast, torch.is_grad_enabled(), tuple(state.schedule),
+                state.prop_attn)
+        if step in state._built_ahead:
+            return False
+        state._built_ahead.add(step)
+        features = super().forward_features
+
+        def first_pass() -> None:
+            if torch.is_grad_enabled():
+                leaf = images.detach().requires_grad_()
+                torch.autograd.grad(features(leaf).float().sum(), leaf)
+            else:
+                features(images)
+
+        return kernels.build_ahead(first_pass, device)
+
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         self._tome_begin(x, attn_mask, is_causal)
+        if self._tome_build_ahead(x):
+            self._tome_begin(x, attn_mask, is_causal)  # afresh: the pass ahead merged along
         return super().forward_features(x)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
