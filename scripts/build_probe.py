@@ -36,19 +36,7 @@ def one_run(args) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        from triton.backends.compiler import GPUTarget
-
-        class Target:
-            def get_current_device(self):
-                return 0
-
-            def get_current_stream(self, device):
-                return 0
-
-            def get_current_target(self):
-                return GPUTarget("cuda", args.arch, 32)
-
-        driver.set_active(Target())
+        triton_builds.build_for(args.arch)
         for path in list(kernels.FastestPath.paths):
             path.device_types = (*path.device_types, "cpu")
     workers = args.workers[0]

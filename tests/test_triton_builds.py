@@ -1,6 +1,6 @@
 """tome_train.tome.triton_builds: the library's Triton kernels built ahead of their launches in a pool of threads, for
 an H100's target (sm_90) on this CPU. A subprocess: the tests run Triton interpreted (conftest.py), builds need it
-compiled; Triton is told the device is an sm_90 one (building needs no GPU, only the target)."""
+compiled; Triton builds for sm_90 (``build_for``: a build needs no GPU, only the target)."""
 from __future__ import annotations
 
 import json
@@ -13,24 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BUILD_THEN_LAUNCH = """
 import json, torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-
-
-class SM90:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-
-driver.set_active(SM90())
 from tome_train.tome import triton_builds, triton_kernels
 from tome_train.tome.triton_builds import launches_redirected
+
+triton_builds.build_for(90)
 
 keys = torch.zeros(16, 181, 3 * 768, dtype=torch.float16)[..., 768:1536].unflatten(-1, (12, 64)).transpose(1, 2)
 rows, branch = torch.zeros(16 * 181, 768), torch.zeros(16 * 181, 768, dtype=torch.float16)

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
 from triton.runtime.jit import JITFunction, KernelInterface
 
 from . import triton_attention, triton_kernels
@@ -26,6 +28,23 @@ def can_build_ahead() -> bool:
     """Whether the library's kernels are built (not interpreted: ``TRITON_INTERPRET``) and this Triton builds in a
     pool of threads (``triton.AsyncCompileMode``, Triton 3.4 on)."""
     return isinstance(triton_kernels._plan_layer, JITFunction) and hasattr(triton, "AsyncCompileMode")
+
+
+def build_for(arch: int) -> None:
+    """From now on in this process Triton builds for an NVIDIA ``sm_<arch>`` device, whatever the machine has (a build
+    needs only the target; nothing can launch): to build, and time builds, on a machine without that GPU."""
+
+    class Target:
+        def get_current_device(self) -> int:
+            return 0
+
+        def get_current_stream(self, device: int) -> int:
+            return 0
+
+        def get_current_target(self) -> GPUTarget:
+            return GPUTarget("cuda", arch, 32)
+
+    driver.set_active(Target())
 
 
 @contextlib.contextmanager
