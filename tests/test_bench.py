@@ -48,6 +48,7 @@ def test_json_has_one_row_per_case_and_mode(both_modes):
         assert row["recompiles"] == 0 and row["min_batch"] == 1 and row["merging"] == (row["r"] != "0")
         # eager on a CPU: nothing compiled, no kernel to choose
         assert row["baseline_first_graphs"] == row["tome_first_graphs"] == 0 and row["tome_first_choosing_s"] == 0.0
+        assert row["tome_first_building_s"] == 0.0
         if row["mode"] == "infer":  # fp32 eager on both sides of the check: the very same computation
             assert row["baseline_max_diff"] == row["tome_max_diff"] == row["ops_max_diff"] == 0.0
             assert row["same_merges"] == row["same_merges_as_ops"] == 1.0

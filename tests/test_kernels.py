@@ -699,8 +699,8 @@ def builds_recorded(monkeypatch) -> list[str]:
 def test_a_first_step_builds_its_kernels_ahead_then_chooses_them(monkeypatch, builds_recorded):
     """ViT-Ti (4 blocks at 64 px, r 2) in inference with the merge-and-norm kernel choosing on the CPU: the first
     forward first runs a pass that starts the kernel's build for each merging layer's shapes and runs none of it (its
-    launches only build), then chooses the kernel in every layer, giving PyTorch's ops' logits; a second forward
-    builds nothing more; nor does a step where nothing may choose."""
+    launches only build; its time counted by ``kernels.building_seconds``), then chooses the kernel in every layer,
+    giving PyTorch's ops' logits; a second forward builds nothing more; nor does a step where nothing may choose."""
     from tome_train.tome import tome_state
 
     built_before_choosing = []
@@ -713,8 +713,10 @@ def test_a_first_step_builds_its_kernels_ahead_then_chooses_them(monkeypatch, bu
     monkeypatch.setattr(FastestPath, "_choose", counted_choice)
     model, images, expected, expected_size = tiny_model_preferring(monkeypatch, _merge_norm_rows)
     assert builds_recorded == []  # PyTorch's ops only: nothing may choose
+    building_before = kernels.building_seconds()
     with torch.no_grad():
         logits = model(images)
+    assert kernels.building_seconds() > building_before
     # 17, 15, 13 and 11 tokens: four shapes, all four built before the first choice
     assert builds_recorded == ["_merged_row_norm"] * 4 and built_before_choosing == [4] * 4
     assert all(c is fused_merge_norm for c in _merge_norm_rows.choices.values())

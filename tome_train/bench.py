@@ -55,7 +55,7 @@ FIELDS = (
     "compile_scope", "cuda_graphs", "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
     "baseline_first_s", "tome_first_s", "first_ratio", "baseline_first_graphs", "tome_first_graphs",
-    "tome_first_choosing_s", "recompiles",
+    "tome_first_choosing_s", "tome_first_building_s", "recompiles",
     "sdpa", "fused_kernels", "min_batch", "merging", "baseline_max_diff", "tome_max_diff", "same_merges",
     "ops_max_diff", "same_merges_as_ops",
     "warmup", "steps", "timer", "stat", "other_cpus",
@@ -313,6 +313,7 @@ class _Runner:
         self.first_s: float | None = None
         self.first_graphs: int | None = None  # graphs compiled in the first step
         self.first_choosing_s: float | None = None  # of the first step, the kernels' choices (kernels.choosing_seconds)
+        self.first_building_s: float | None = None  # of the first step, the pass building them ahead (building_seconds)
         self.cuda_graph = cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         model.train(mode == "train")
@@ -381,11 +382,12 @@ class _Runner:
         """The first call on its own: with ``torch.compile`` it holds the compilation, with CUDA graphs
         the eager warm-up and the capture; either way the kernels' choices (by the device's time alone where the
         step replays as CUDA graphs)."""
-        graphs, choosing = _compiled_graphs(), kernels.choosing_seconds()
+        graphs, choosing, building = _compiled_graphs(), kernels.choosing_seconds(), kernels.building_seconds()
         with kernels.choosing_for_graphs() if self.graphed else nullcontext():
             self.first_s = self._timed(self._capture if self.cuda_graph else None)
         self.first_graphs = _compiled_graphs() - graphs
         self.first_choosing_s = kernels.choosing_seconds() - choosing
+        self.first_building_s = kernels.building_seconds() - building
 
     def timed_step(self) -> None:
         self.times.append(self._timed())
@@ -530,7 +532,8 @@ def run_benchmark(
     """Measure every case in every mode; one result row (see :data:`FIELDS`) per case and mode.
 
     Every row also holds each side's first step (``*_first_s``: with ``compile`` the compilation; the graphs
-    compiled in it, ``*_first_graphs``; on the ToMe side the time its kernels' choices took, ``tome_first_choosing_s``),
+    compiled in it, ``*_first_graphs``; on the ToMe side the time its kernels' choices took, ``tome_first_choosing_s``, and the pass before them that
+    built their kernels, ``tome_first_building_s``),
     the graphs compiled during the timed steps (``recompiles``), and for inference the check of
     :func:`check_outputs`. ``auto_min_batch`` first runs :func:`calibrate_min_batch` (eager, up to
     ``batch_size``) on the ToMe side, which then merges only if that pays off at ``batch_size``.
@@ -619,7 +622,7 @@ def run_benchmark(
             checks = check_outputs(a, b) if mode == "infer" else {}
             firsts = {"baseline_first_s": a.first_s, "tome_first_s": b.first_s, "first_ratio": b.first_s / a.first_s,
                       "baseline_first_graphs": a.first_graphs, "tome_first_graphs": b.first_graphs,
-                      "tome_first_choosing_s": b.first_choosing_s}
+                      "tome_first_choosing_s": b.first_choosing_s, "tome_first_building_s": b.first_building_s}
             del a, b
             ims_base, ims_tome = batch_size / t_base, batch_size / t_tome
             ratio = ims_tome / ims_base

@@ -388,9 +388,14 @@ def choice_times() -> dict[str, list[dict]]:
 
 
 def choosing_seconds() -> float:
-    """The time every live path's choices took so far in this process, with the builds ahead of them
-    (:func:`build_ahead`; a model's first step on a GPU makes them)."""
-    return FastestPath._building_ahead_s + sum(path.choosing_s for path in FastestPath.paths)
+    """The time every live path's choices took so far in this process (a model's first step on a GPU makes them)."""
+    return sum(path.choosing_s for path in FastestPath.paths)
+
+
+def building_seconds() -> float:
+    """The time the passes of :func:`build_ahead` took so far in this process (before a model's first step of each
+    kind on a GPU)."""
+    return FastestPath._building_ahead_s
 
 
 def report() -> dict[str, str]:
