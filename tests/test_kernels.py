@@ -700,7 +700,10 @@ def test_a_first_step_builds_its_kernels_ahead_then_chooses_them(monkeypatch, bu
     """ViT-Ti (4 blocks at 64 px, r 2) in inference with the merge-and-norm kernel choosing on the CPU: the first
     forward first runs a pass that starts the kernel's build for each merging layer's shapes and runs none of it (its
     launches only build; its time counted by ``kernels.building_seconds``), then chooses the kernel in every layer,
-    giving PyTorch's ops' logits; a second forward builds nothing more; nor does a step where nothing may choose."""
+    giving PyTorch's ops' logits; a second forward builds nothing more; nor does a step where nothing may choose. A
+    pass ahead of another first step with these shapes (say, of a model's copy) runs PyTorch's ops where kernels were
+    chosen: a kernel launched there only builds, and its unwritten output would feed the ops after it (on a GPU, as
+    indices out of range)."""
     from tome_train.tome import tome_state
 
     built_before_choosing = []
@@ -725,6 +728,19 @@ def test_a_first_step_builds_its_kernels_ahead_then_chooses_them(monkeypatch, bu
     with torch.no_grad():
         model(images)
     assert builds_recorded == ["_merged_row_norm"] * 4
+    # another first step with the same layer shapes (a model's copy, say): its pass runs PyTorch's ops throughout, not
+    # the chosen kernel, whose launches would only build and leave its output unwritten
+    def chosen(*args):
+        assert not FastestPath.building_ahead, "a chosen kernel ran in the pass ahead"
+        return fused_merge_norm(*args)
+
+    tome_state(model)._built_ahead.clear()
+    building_before = kernels.building_seconds()
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(_merge_norm_rows, "choices", dict.fromkeys(_merge_norm_rows.choices, chosen))
+        logits = model(images)
+    assert kernels.building_seconds() > building_before and builds_recorded == ["_merged_row_norm"] * 4
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_first_training_step_builds_the_backwards_kernels_too_and_leaves_gradients_and_randomness_alone(

@@ -532,8 +532,8 @@ def run_benchmark(
     """Measure every case in every mode; one result row (see :data:`FIELDS`) per case and mode.
 
     Every row also holds each side's first step (``*_first_s``: with ``compile`` the compilation; the graphs
-    compiled in it, ``*_first_graphs``; on the ToMe side the time its kernels' choices took, ``tome_first_choosing_s``, and the pass before them that
-    built their kernels, ``tome_first_building_s``),
+    compiled in it, ``*_first_graphs``; on the ToMe side the time its kernels' choices took, ``tome_first_choosing_s``,
+    and the pass before them that built their kernels, ``tome_first_building_s``),
     the graphs compiled during the timed steps (``recompiles``), and for inference the check of
     :func:`check_outputs`. ``auto_min_batch`` first runs :func:`calibrate_min_batch` (eager, up to
     ``batch_size``) on the ToMe side, which then merges only if that pays off at ``batch_size``.

@@ -262,11 +262,13 @@ class FastestPath:
         key = (device, *((a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor)
                          else type(a) if isinstance(a, torch.nn.Module) else a for a in args))
         choice = self.choices.get(key)
+        if FastestPath.building_ahead:
+            # a kernel launched in the pass ahead only builds: its output would be garbage for the ops after it
+            if choice is None:
+                self._build(args)
+            return self.reference
         if choice is None:
             if capturing(device):
-                return self.reference
-            if FastestPath.building_ahead:
-                self._build(args)
                 return self.reference
             started, chosen_before = time.perf_counter(), FastestPath._choosing_s_all
             choice = self.choices[key] = self._choose(device, args, key)
