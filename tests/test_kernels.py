@@ -743,6 +743,27 @@ def test_a_first_step_builds_its_kernels_ahead_then_chooses_them(monkeypatch, bu
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_pass_ahead_that_fails_warns_and_the_step_goes_on_without_it(monkeypatch, builds_recorded):
+    """A pass ahead that fails (here the pool of builds refuses to start, as a Triton with another API might) warns
+    and leaves the first step as it would be without it: the kernel chosen in every layer, PyTorch's ops' logits."""
+    import contextlib
+
+    from tome_train.tome import triton_builds
+
+    @contextlib.contextmanager
+    def refused(workers=None):
+        raise TypeError("AsyncCompileMode() takes no arguments")
+        yield
+
+    monkeypatch.setattr(triton_builds, "built_not_run", refused)
+    model, images, expected, _ = tiny_model_preferring(monkeypatch, _merge_norm_rows)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="building kernels ahead failed .AsyncCompileMode"):
+        logits = model(images)
+    assert builds_recorded == [] and len(_merge_norm_rows.choices) == 4
+    assert all(c is fused_merge_norm for c in _merge_norm_rows.choices.values())
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_first_training_step_builds_the_backwards_kernels_too_and_leaves_gradients_and_randomness_alone(
         monkeypatch, builds_recorded):
     """ViT-Ti (4 blocks at 64 px, r 2, drop path 0.1) training with the merge kernels choosing on the CPU: the pass

@@ -362,8 +362,9 @@ def build_ahead(step: Callable[[], object], device: torch.device) -> bool:
     threads, not run (:func:`.triton_builds.built_not_run`). The same step then makes its choices without waiting
     for one build after another (on an H100, run f2, most of a first step's choices: ViT-L inference 21.9 s with
     Triton's cache empty, 4.9 s with it filled). The random streams of the CPU and ``device`` come out as they went
-    in. Returns whether it ran: not without triton, nor where it interprets the kernels (nothing to build) or cannot
-    build in a pool."""
+    in. A pass that fails warns and leaves the kernels to build at their first launch, as without it. Returns
+    whether it ran: not without triton, nor where it interprets the kernels (nothing to build) or cannot build in a
+    pool."""
     try:
         builds = importlib.import_module(".triton_builds", __package__)
     except ImportError:
@@ -373,8 +374,12 @@ def build_ahead(step: Callable[[], object], device: torch.device) -> bool:
     started = time.perf_counter()
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()
                     ] if device.type == "cuda" else []
-    with torch.random.fork_rng(cuda_devices), builds.built_not_run(), _paths_set("building_ahead", True):
-        step()
+    try:
+        with torch.random.fork_rng(cuda_devices), builds.built_not_run(), _paths_set("building_ahead", True):
+            step()
+    except Exception as err:  # a Triton whose building in a pool differs from the one this was written for, say
+        warnings.warn(f"building kernels ahead failed ({str(err).splitlines()[0][:200]}); they build at their first "
+                      "launch", RuntimeWarning, stacklevel=2)
     FastestPath._building_ahead_s += time.perf_counter() - started
     return True
 
