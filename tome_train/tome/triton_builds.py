@@ -26,7 +26,8 @@ Launch = Callable[[KernelInterface, object, tuple, dict], object]
 
 def can_build_ahead() -> bool:
     """Whether the library's kernels are built (not interpreted: ``TRITON_INTERPRET``) and this Triton builds in a
-    pool of threads (``triton.AsyncCompileMode``, Triton 3.4 on)."""
+    pool of threads (``triton.AsyncCompileMode``, Triton 3.4 on; with the ``ignore_errors`` of 3.6 and 3.8, without which
+    :func:`built_not_run` raises and :func:`.kernels.build_ahead` warns)."""
     return isinstance(triton_kernels._plan_layer, JITFunction) and hasattr(triton, "AsyncCompileMode")
 
 
@@ -83,14 +84,9 @@ def built_not_run(workers: int | None = None) -> Iterator[None]:
     the CPUs this process may use) and is not run (the wrappers' outputs stay uninitialized); leaving waits for
     every build, after which the launches find their kernels built. Interpreted kernels have nothing to build."""
     workers = workers or len(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(workers, thread_name_prefix="triton-build") as pool:
-        builds = triton.AsyncCompileMode(pool)
-        builds.__enter__()
-        try:
-            with launches_redirected(lambda kernel, grid, args, kwargs: kernel.warmup(*args, grid=grid, **kwargs)):
-                yield
-        finally:
-            try:
-                builds.__exit__(None, None, None)
-            except Exception:  # a build that failed fails again at its launch, where the choice drops it and says why
-                pass
+    # a build that fails is left out (ignore_errors): its launch builds it again and fails there, where the choice drops
+    # the kernel and says why
+    with (ThreadPoolExecutor(workers, thread_name_prefix="triton-build") as pool,
+          triton.AsyncCompileMode(pool, ignore_errors=True),
+          launches_redirected(lambda kernel, grid, args, kwargs: kernel.warmup(*args, grid=grid, **kwargs))):
+        yield
