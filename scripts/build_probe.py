@@ -75,6 +75,12 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off"):
         p.exit(2, f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}: nothing builds with Triton interpreting the "
                   "kernels; unset it or set it to 0\n")
+    import timm
+
+    if args.model not in timm.list_models():
+        p.exit(2, f"--model {args.model}: not a timm model (timm.list_models() names them)\n")
+    if min(args.workers) < 1:
+        p.exit(2, f"--workers {' '.join(map(str, args.workers))}: build threads are counted from 1\n")
     if args.one_run:
         print(json.dumps(one_run(args)))
         return

@@ -58,3 +58,14 @@ def test_a_layers_kernels_build_in_a_pool_and_their_launches_find_them_built():
     assert result["built"] == {"_plan_layer": ["CompiledKernel"], "_merged_row_norm": ["CompiledKernel"]}
     assert all(size > 1000 for size in result["cubin_bytes"])
     assert result["found"] == result["found_built"] == ["_plan_layer", "_merged_row_norm"]
+
+
+def test_the_build_probe_refuses_an_unknown_model_and_no_threads_in_one_line():
+    """``scripts/build_probe.py`` with a model timm does not have, or zero build threads: exit code 2, one line naming
+    the value, before any build."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    for args, named in ((["--model", "vit_nope"], "--model vit_nope"), (["--workers", "0", "2"], "--workers 0 2")):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_probe.py"), *args], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith(named)
