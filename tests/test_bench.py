@@ -3,6 +3,7 @@
 Timings are never asserted: only that the numbers agree with each other and with the FLOP model.
 The tiny model at 64 px (16 patches + class token) keeps every run to a few seconds on a CPU.
 """
+import argparse
 import csv
 import json
 import math
@@ -159,8 +160,11 @@ def test_output_check_under_autocast_compares_with_fp32():
 
     row, = bench.run_benchmark([("vit_tiny_patch16_224", 4)], device="cpu", img_size=64, batch_size=3, dtype="bf16",
                                warmup=0, steps=1, modes=["infer"])
-    assert 0 < row["tome_max_diff"] < 1 and 0 < row["baseline_max_diff"] < 1
-    assert row["same_merges"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    # logits of about 1 in size; bf16 keeps 8 bits: 7.8e-3 and 7.9e-3 measured, not 0 (that would be fp32 against itself)
+    assert 1e-3 < row["tome_max_diff"] < 5e-2 and 1e-3 < row["baseline_max_diff"] < 5e-2
+    # a fraction of 3 images: all 3 merged as in fp32 here (2026-11-27); one near-tied match may flip elsewhere
+    assert round(row["same_merges"] * 3) == pytest.approx(row["same_merges"] * 3) and row["same_merges"] > 0.5
+    assert row["ops_max_diff"] == 0.0 and row["same_merges_as_ops"] == 1.0  # on a CPU the ops are all there is
     model = apply_tome(bench._create("vit_tiny_patch16_224", 64, "cpu"), r=4)
     x = torch.randn(3, 3, 64, 64)
     runner = bench._Runner(model, "infer", x, None, torch.device("cpu"), torch.float32, False)
@@ -365,19 +369,19 @@ def gpu_script() -> str:
     return (SCRIPTS / "bench_gpu.sh").read_text().replace("\\\n", " ")
 
 
+def gpu_script_words(args: str) -> list[str]:
+    """A command line of scripts/bench_gpu.sh as the shell passes it on, its model arrays (``"${B[@]}"``) expanded."""
+    arrays = {name: shlex.split(body) for name, body in re.findall(r"^(\w+)=\((.*)\)$", gpu_script(), re.M)}
+    words = []
+    for word in shlex.split(args):
+        array = re.fullmatch(r"\$\{(\w+)\[@\]\}", word)
+        words += arrays[array.group(1)] if array else [word]
+    return words
+
+
 def gpu_script_steps() -> dict[str, list[str]]:
-    """Each ``step NAME ARGS...`` of scripts/bench_gpu.sh (its model arrays expanded): the benchmark command lines
-    a GPU run will make."""
-    text = gpu_script()
-    arrays = {name: shlex.split(body) for name, body in re.findall(r"^(\w+)=\((.*)\)$", text, re.M)}
-    steps = {}
-    for line in re.findall(r"^step (.*)$", text, re.M):
-        name, *words = shlex.split(line)
-        steps[name] = []
-        for word in words:
-            array = re.fullmatch(r"\$\{(\w+)\[@\]\}", word)
-            steps[name] += arrays[array.group(1)] if array else [word]
-    return steps
+    """Each ``step NAME ARGS...`` of scripts/bench_gpu.sh: the benchmark command lines a GPU run will make."""
+    return {name: words for name, *words in map(gpu_script_words, re.findall(r"^step (.*)$", gpu_script(), re.M))}
 
 
 class _SettingsAccepted(Exception):
@@ -401,19 +405,24 @@ def test_every_gpu_script_step_passes_the_benchmarks_checks(name, monkeypatch):
 def gpu_script_probes() -> dict[str, tuple[str, list[str]]]:
     """Each probe a step of scripts/bench_gpu.sh runs (``run_step NAME LIMIT python3 scripts/PROBE.py ARGS``):
     the probe's name and its arguments."""
-    return {name: (probe, shlex.split(args))
+    return {name: (probe, gpu_script_words(args))
             for name, probe, args in re.findall(r"run_step (\w+) \d+ python3 scripts/(\w+)\.py (.*?)(?: && gather)?$",
                                                 gpu_script(), re.M)}
 
 
 @pytest.mark.parametrize("name", sorted(gpu_script_probes()))
-def test_every_gpu_script_probe_call_parses(name, load_script):
-    """Each probe's arguments in scripts/bench_gpu.sh are ones the probe takes (``--help`` after them exits 0 only
-    if argparse accepted everything before it)."""
+def test_every_gpu_script_probe_call_parses(name, load_script, monkeypatch):
+    """Each probe's arguments in scripts/bench_gpu.sh are ones the probe takes: its parser accepts them all (an
+    unknown option or a bad value would exit 2 there), and the probe is stopped right after."""
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parsed(parser, args=None, namespace=None):
+        raise _SettingsAccepted(parse_args(parser, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parsed)
     probe, args = gpu_script_probes()[name]
-    with pytest.raises(SystemExit) as stop:
-        load_script(probe).main([*args, "--help"])
-    assert stop.value.code == 0
+    with pytest.raises(_SettingsAccepted):
+        load_script(probe).main(args)
 
 
 def test_the_gpu_scripts_profile_step_is_valid_python():
