@@ -17,7 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parent.parent
 
 # A short schedule on the default recipe: enough to learn digits well above chance.
-SHORT_FIT = ["trainer.epochs=8", "optim.warmup_epochs=1", "tradeoff.r_values=[0,4,8]", "tradeoff.bench_steps=2", "tradeoff.num_vis_images=2"]
+SHORT_FIT = ["trainer.epochs=8", "optim.warmup_epochs=1", "tradeoff.r_values=[0,6,8]", "tradeoff.bench_steps=2", "tradeoff.num_vis_images=2"]
 
 
 @pytest.fixture(autouse=True)

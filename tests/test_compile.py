@@ -1,4 +1,6 @@
 """torch.compile sees a ToMe model as one graph: no graph break, no recompilation between calls."""
+import re
+
 import timm
 import torch
 import torch._dynamo as dynamo
@@ -41,7 +43,8 @@ def test_the_merge_is_two_ops_in_the_graph():
     targets = [node.target for node in graph.graph.nodes if node.op in ("call_function", "call_method")]
     assert targets.count(torch.ops.tome_train.plan_layer.default) == 4  # every layer merges
     assert targets.count(torch.ops.tome_train.weighted_merge.default) == 4
-    assert not {torch.sort, torch.argsort, "sort", "argsort", "index_select", "scatter_add_"} & set(targets)
+    names = [target if isinstance(target, str) else getattr(target, "__name__", str(target)) for target in targets]
+    assert not [name for name in names if re.search(r"sort|gather|index_select|scatter|index_add|take_along", name)]
     keys = torch.randn(2, 3, 17, 8)
     torch.library.opcheck(compiled_plan_layer, (keys, None, 4, 1, torch.float32))
     torch.library.opcheck(compiled_plan_layer, (keys, torch.randint(1, 4, (34,)).half(), 8, 1, torch.float16))

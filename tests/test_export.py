@@ -35,7 +35,7 @@ def test_export_writes_weights_configs_and_onnx(exported, digits_run):
     assert config["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
     tome = json.loads((exported / "tome.json").read_text())
     assert tome["schedule"] == [6] * 6 and tome["prop_attn"] is True and tome["trained_r"] == 6
-    assert [row["r"] for row in tome["tradeoff"]] == [0, 4, 8]
+    assert [row["r"] for row in tome["tradeoff"]] == [0, 6, 8]
 
 
 def test_plain_timm_without_tome_train_matches_at_r0(exported, trained, tmp_path):

@@ -47,13 +47,14 @@ def test_wandb_offline_run_holds_history_config_and_table(digits_run):
 def test_tradeoff_table_plot_and_merge_pictures(digits_run, capsys):
     with open(digits_run.run_dir / "tradeoff.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["r"]) for r in rows] == [0, 4, 8]
-    assert [int(r["tokens_final"]) for r in rows] == [65, token_counts([4] * 6, 65, 1)[-1], token_counts([8] * 6, 65, 1)[-1]]
+    assert [int(r["r"]) for r in rows] == [0, 6, 8]
+    assert [int(r["tokens_final"]) for r in rows] == [65, token_counts([6] * 6, 65, 1)[-1], token_counts([8] * 6, 65, 1)[-1]]
     assert float(rows[0]["speedup"]) == 1.0 and float(rows[0]["flop_bound"]) == 1.0
     assert float(rows[2]["flop_bound"]) > float(rows[1]["flop_bound"]) > 1.0
-    assert all(0 <= float(r["top1"]) <= 100 for r in rows)
-    r6 = float(rows[0]["top1"])
-    assert abs(r6 - digits_run.result["tradeoff"][0]["top1"]) < 1e-6
+    # at the r it was trained with, the sweep validates the trained model as the last epoch did
+    assert float(rows[1]["top1"]) == pytest.approx(digits_run.result["val_top1"], abs=1e-4)
+    assert float(rows[0]["top1"]) > 50.0  # unmerged, the same weights still classify (chance is 10%)
+    assert [float(r["top1"]) for r in rows] == pytest.approx([row["top1"] for row in digits_run.result["tradeoff"]], abs=1e-4)
     for name in ("tradeoff.png", "merge_vis.png"):
         with Image.open(digits_run.run_dir / name) as image:
             assert image.size[0] > 100 and image.size[1] > 100
@@ -120,7 +121,7 @@ def test_compiled_training_in_a_compile_mode(tmp_path, monkeypatch):
     cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                              "model.timm_kwargs.depth=2", "trainer.compile=reduce-overhead", "tradeoff.enabled=false",
                              f"output_dir={tmp_path}"])
-    assert train(cfg)["val_top1"] >= 0
+    train(cfg)
     assert fits == [True] and not kernels.FastestPath.device_time_only
     assert counters["stats"]["unique_graphs"] > graphs
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
