@@ -181,9 +181,10 @@ def test_repeated_augmentation_in_the_stream(shards):
     # emitted back to back every image's copies would span 2 positions; the 24-item buffer spreads them
     back_to_back = sum(s == 2 for s in spreads) / len(spreads)
     assert back_to_back < 0.1 and sorted(spreads)[len(spreads) // 2] >= 8, (back_to_back, sorted(spreads))
-    copies = next(p for p in positions.values() if len(p) == 3)
     x = torch.cat([b[0] for b in batches])
-    assert not torch.equal(x[copies[0]], x[copies[1]])  # independent augmentations of one decode
+    # independent augmentations of one decode (one crop and flip in a few hundred may come out the same)
+    alike = [torch.equal(x[p[0]], x[p[1]]) for p in positions.values() if len(p) == 3]
+    assert sum(alike) / len(alike) < 0.1, sum(alike)
 
 
 def test_assign_covers_every_sample_once():
