@@ -117,6 +117,24 @@ def test_quoting_survives_spaces(tmp_path):
     assert f"output_dir={run_dir}" in argv and "wandb.name=a b" in argv
 
 
+def test_slurm_runs_the_recipes_layout_unless_told_otherwise(tmp_path, capsys):
+    """``train.py --slurm`` without ``--nodes`` or ``--gpus-per-node`` asks for the recipe's published layout (MAE
+    ViT-L: 4 nodes of 8 GPUs); either flag replaces its part; ``trainer.devices=auto`` is refused, writing nothing."""
+    from tome_train.cli import main
+
+    for flags, (nodes, gpus) in (([], (4, 8)), (["--nodes", "2"], (2, 8)), (["--gpus-per-node", "4"], (4, 4))):
+        run_dir = tmp_path / f"run{nodes}x{gpus}"
+        assert main(["--recipe", "mae_vitl_r8", "--slurm", "--dry-run", "--output-dir", str(run_dir), *flags]) == 0
+        text = capsys.readouterr().out
+        assert {f"--nodes={nodes}", f"--ntasks-per-node={gpus}", f"--gpus-per-node={gpus}"} <= set(_header(text))
+        argv = _srun_argv(text)
+        assert f"trainer.num_nodes={nodes}" in argv and f"trainer.devices={gpus}" in argv
+    assert main(["--slurm", "--dry-run", "--output-dir", str(tmp_path / "auto"), "trainer.devices=auto"]) == 2
+    assert capsys.readouterr().err == ("error: trainer.devices=auto is not allowed with --slurm: pass --gpus-per-node N "
+                                       "(one task per GPU)\n")
+    assert not (tmp_path / "auto").exists()
+
+
 def test_submit_without_sbatch_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SlurmError) as e:

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<recipe>)")
     s = p.add_argument_group("SLURM")
     s.add_argument("--slurm", action="store_true", help="write an sbatch script into the run dir and submit it")
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--gpus-per-node", type=int, default=1)
+    s.add_argument("--nodes", type=int, help="default: the recipe's trainer.num_nodes (its published layout)")
+    s.add_argument("--gpus-per-node", type=int, help="default: the recipe's trainer.devices (its published layout)")
     for flag in ("--partition", "--time", "--account", "--qos", "--mem", "--constraint"):
         s.add_argument(flag)
     s.add_argument("--cpus-per-task", type=int)
@@ -54,7 +54,8 @@ def resolve(args: argparse.Namespace) -> DictConfig:
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     if args.slurm:
-        overrides += [f"trainer.num_nodes={args.nodes}", f"trainer.devices={args.gpus_per_node}"]
+        overrides += [f"{key}={value}" for key, value in (("trainer.num_nodes", args.nodes),
+                                                          ("trainer.devices", args.gpus_per_node)) if value is not None]
     return load_config(args.recipe, overrides)
 
 
@@ -176,7 +177,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
 
 def dry_run(cfg: DictConfig) -> str:
     """The plan of a run: batch, lr, steps, schedule and FLOPs, data found, checkpoint loaded."""
-    from .config import schedule_of
+    from .config import eval_schedule, global_batch, peak_lr, schedule_of
     from .data import ImageDataModule
     from .models import build_model, checkpoint_summary
     from .tome import ViTDims, apply_tome, token_counts, vit_flops
@@ -184,8 +185,7 @@ def dry_run(cfg: DictConfig) -> str:
     t = cfg.trainer
     devices = t.devices if isinstance(t.devices, int) else 1
     world = devices * t.num_nodes
-    global_batch = cfg.data.batch_size * world * t.accumulate_grad_batches
-    lr = cfg.optim.blr * global_batch / cfg.optim.lr_base_batch
+    batch = global_batch(cfg, world, t.accumulate_grad_batches)
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
     datamodule.check()
     steps = datamodule.steps_per_epoch(world) // t.accumulate_grad_batches
@@ -193,15 +193,15 @@ def dry_run(cfg: DictConfig) -> str:
     dims = ViTDims.from_timm(model)
     lines = [
         f"recipe {cfg.name}: {cfg.model.arch} on {cfg.data.source}, {t.num_nodes} node(s) x {devices} device(s)",
-        f"global batch {global_batch} = {cfg.data.batch_size} per device x {world} x accumulate {t.accumulate_grad_batches}"
+        f"global batch {batch} = {cfg.data.batch_size} per device x {world} x accumulate {t.accumulate_grad_batches}"
         f" (recipe layout {cfg.layout.nodes}x{cfg.layout.gpus_per_node})",
-        f"peak lr {lr:.4g} = {cfg.optim.blr:g} x {global_batch} / {cfg.optim.lr_base_batch}; "
+        f"peak lr {peak_lr(cfg, batch):.4g} = {cfg.optim.blr:g} x {batch} / {cfg.optim.lr_base_batch}; "
         f"warmup {cfg.optim.warmup_epochs:g} epochs from {cfg.optim.warmup_lr:g}, cosine to {cfg.optim.min_lr:g}",
         f"steps: {steps} per epoch x {t.epochs} epochs = {steps * t.epochs}",
     ]
     base = vit_flops(dims)
     for key in ("r_train", "r_eval"):
-        r = schedule_of(cfg.tome[key] if cfg.tome[key] is not None else cfg.tome.r_train)
+        r = schedule_of(cfg.tome.r_train) if key == "r_train" else eval_schedule(cfg.tome)
         apply_tome(model, r=r, prop_attn=cfg.tome.prop_attn)
         schedule = model._tome_state.schedule
         counts = token_counts(schedule, dims.num_patches + dims.num_protected, dims.num_protected)
@@ -224,15 +224,18 @@ def dry_run(cfg: DictConfig) -> str:
 def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
     from .slurm import SlurmOptions, submit, write_sbatch
 
+    nodes, gpus_per_node = cfg.trainer.num_nodes, cfg.trainer.devices
+    if gpus_per_node == "auto":
+        raise ConfigError("trainer.devices=auto is not allowed with --slurm: pass --gpus-per-node N (one task per GPU)")
     run_dir = Path(cfg.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     train_argv = [
         "--recipe", args.recipe or cfg.name, *args.overrides,
         f"output_dir={run_dir}", f"wandb.id={wandb_run_id(cfg, run_dir)}",
-        f"trainer.num_nodes={args.nodes}", f"trainer.devices={args.gpus_per_node}",
+        f"trainer.num_nodes={nodes}", f"trainer.devices={gpus_per_node}",
     ]
     opts = SlurmOptions(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
+        nodes=nodes, gpus_per_node=gpus_per_node, partition=args.partition, time=args.time,
         account=args.account, qos=args.qos, cpus_per_task=args.cpus_per_task, mem=args.mem,
         constraint=args.constraint,
     )

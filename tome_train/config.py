@@ -283,6 +283,21 @@ def schedule_of(value) -> Any:
     return value
 
 
+def eval_schedule(tome: DictConfig) -> Any:
+    """The schedule a trained model runs at by default: ``tome.r_eval``, or ``tome.r_train`` where it is unset."""
+    return schedule_of(tome.r_eval if tome.r_eval is not None else tome.r_train)
+
+
+def global_batch(cfg: DictConfig, world_size: int, accumulate: int) -> int:
+    """Images per optimizer step: ``data.batch_size`` per device, ``world_size`` devices, ``accumulate`` batches."""
+    return cfg.data.batch_size * world_size * accumulate
+
+
+def peak_lr(cfg: DictConfig, batch: int) -> float:
+    """The recipe's scaling rule at a global batch of ``batch``: ``optim.blr * batch / optim.lr_base_batch``."""
+    return cfg.optim.blr * batch / cfg.optim.lr_base_batch
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks a schema cannot express; each failure is one ConfigError line."""
     from .tome.schedule import ScheduleError, parse_schedule

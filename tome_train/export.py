@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .config import schedule_of
+from .config import eval_schedule
 from .models import build_model
 from .tome import ScheduleError, UnsupportedModelError, apply_tome, parse_schedule
 from .tome.schedule import schedule_from_text
@@ -105,7 +105,7 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
     """Export ``checkpoint`` into ``out``; returns what was written and checked."""
     config, state = read_checkpoint(checkpoint, ema)
     cfg, model = build_trained_model(config, state, checkpoint)
-    run_r = r if r is not None else schedule_of(cfg.tome.r_eval if cfg.tome.r_eval is not None else cfg.tome.r_train)
+    run_r = r if r is not None else eval_schedule(cfg.tome)
     try:
         schedule = parse_schedule(run_r, len(model.blocks))
     except ScheduleError as e:

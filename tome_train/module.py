@@ -19,7 +19,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torchmetrics.classification import MulticlassAccuracy
 
-from .config import schedule_of
+from .config import eval_schedule, global_batch, peak_lr, schedule_of
 from .models import build_model
 from .tome import ViTDims, apply_tome, set_r, token_counts
 
@@ -51,7 +51,7 @@ class ToMeClassifier(pl.LightningModule):
         model_cfg = cfg.model if pretrained else OmegaConf.merge(cfg.model, {"checkpoint": None})
         self.model = build_model(model_cfg)
         self.train_r = schedule_of(cfg.tome.r_train)
-        self.eval_r = schedule_of(cfg.tome.r_eval) if cfg.tome.r_eval is not None else self.train_r
+        self.eval_r = eval_schedule(cfg.tome)
         apply_tome(self.model, r=self.train_r, prop_attn=cfg.tome.prop_attn)
         self.dims = ViTDims.from_timm(self.model)
 
@@ -157,11 +157,11 @@ class ToMeClassifier(pl.LightningModule):
     # ---- optimization ------------------------------------------------------------------
     def global_batch(self) -> int:
         """Images per optimizer step across every device of every node, at run time."""
-        return self.cfg.data.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return global_batch(self.cfg, self.trainer.world_size, self.trainer.accumulate_grad_batches)
 
     def peak_lr(self) -> float:
-        """The scaling rule of the recipe: ``blr * global_batch / lr_base_batch``."""
-        return self.cfg.optim.blr * self.global_batch() / self.cfg.optim.lr_base_batch
+        """The recipe's scaling rule at the run's global batch."""
+        return peak_lr(self.cfg, self.global_batch())
 
     def configure_optimizers(self):
         opt = self.cfg.optim
@@ -190,12 +190,11 @@ class ToMeClassifier(pl.LightningModule):
         intended = layout.nodes * layout.gpus_per_node
         if self.trainer.world_size != intended:
             actual_batch = self.global_batch()
-            intended_batch = self.cfg.data.batch_size * intended * self.trainer.accumulate_grad_batches
+            intended_batch = global_batch(self.cfg, intended, self.trainer.accumulate_grad_batches)
             msg = (
                 f"world size {self.trainer.world_size} differs from the recipe's layout "
                 f"{layout.nodes}x{layout.gpus_per_node}: global batch {actual_batch} instead of {intended_batch}, "
-                f"peak lr {self.peak_lr():.3g} instead of "
-                f"{self.cfg.optim.blr * intended_batch / self.cfg.optim.lr_base_batch:.3g}"
+                f"peak lr {self.peak_lr():.3g} instead of {peak_lr(self.cfg, intended_batch):.3g}"
             )
             if self.trainer.is_global_zero:
                 print(f"note: {msg}")

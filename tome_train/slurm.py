@@ -3,11 +3,13 @@
 Lightning (``SLURMEnvironment``) takes over process management when the job runs under
 ``srun`` with one task per device: ``--ntasks-per-node`` must equal ``trainer.devices`` and
 ``--nodes`` must equal ``trainer.num_nodes``. For auto-requeue, SLURM sends ``SIGUSR1`` to
-the tasks 90 s before the time limit (``--signal=SIGUSR1@90``); Lightning then saves
-``hpc_ckpt_N.ckpt`` into ``default_root_dir`` and calls ``scontrol requeue``. The restarted
-job must find that checkpoint and continue the same wandb run, so the script fixes both the
-run directory and the wandb run id in the training command line: every restart of the job
-runs exactly the same command.
+the tasks 90 s before the time limit (``--signal=SIGUSR1@90``); at the next step boundary the
+ranks save ``hpc_ckpt_N.ckpt`` into the run directory together and rank 0 calls ``scontrol
+requeue`` (:class:`tome_train.requeue.SlurmRequeue`, in place of Lightning's handler). The
+restarted job must find that checkpoint (:func:`tome_train.cli.find_resume_checkpoint`: the
+newest in the run directory) and continue the same wandb run, so the script fixes both the run
+directory and the wandb run id in the training command line: every restart of the job runs
+exactly the same command.
 
 The script, for ``nodes=2, gpus_per_node=4``::
 
@@ -64,7 +66,7 @@ class SlurmOptions:
     constraint: Optional[str] = None
     extra_sbatch: list[str] = field(default_factory=list)  # more header lines: "--exclusive" or "#SBATCH --exclusive"
     setup: list[str] = field(default_factory=list)  # shell lines run before srun, e.g. "module load cuda"
-    signal_seconds: int = 90  # SIGUSR1 this long before the time limit: Lightning checkpoints and requeues
+    signal_seconds: int = 90  # SIGUSR1 this long before the time limit: the ranks checkpoint, rank 0 requeues
     requeue: bool = True
 
 
@@ -139,7 +141,7 @@ def render_sbatch(
     header += ["--requeue"] if opts.requeue else ["--no-requeue"]
     header += [
         f"--output={run_dir}/slurm-%j.out",
-        f"--open-mode=append",  # a requeued job appends to the same log
+        "--open-mode=append",  # a requeued job appends to the same log
         f"--chdir={workdir}",
     ]
     for line in opts.extra_sbatch:
@@ -149,9 +151,9 @@ def render_sbatch(
     lines = ["#!/bin/bash"] + [f"#SBATCH {h}" for h in header] + [
         "",
         "# Written by tome_train.slurm. Every restart of this job (requeue after SIGUSR1 or preemption)",
-        "# runs the same command: the run directory and the wandb run id are fixed below, and Lightning",
-        "# resumes from the newest hpc_ckpt_N.ckpt in the run directory.",
-        f"echo \"job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST at $(date -Is)\"",
+        "# runs the same command: the run directory and the wandb run id are fixed below, and training",
+        "# resumes from the newest checkpoint in the run directory.",
+        "echo \"job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST at $(date -Is)\"",
         *opts.setup,
         "srun " + shlex.join(command),
         "",
