@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tome_train.tome import (
-    ScheduleError, ViTDims, apply_tome, parse_schedule, remove_tome, tome_state, token_counts, vit_flops,
+    ScheduleError, ViTDims, apply_tome, flop_bound, parse_schedule, remove_tome, tome_state, token_counts, vit_flops,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,7 +118,8 @@ def test_deit_s_tome_flops_match_published():
 def test_flop_bound_ratios(dims, r, bound):
     sched = parse_schedule(r, dims.depth)
     blocks = vit_flops(dims, blocks_only=True) / vit_flops(dims, sched, blocks_only=True)
-    assert blocks == pytest.approx(bound, abs=0.005)
+    assert blocks == pytest.approx(bound, abs=0.005) and flop_bound(dims, sched) == blocks
+    assert dims.tokens_per_layer(sched) == token_counts(sched, dims.num_patches + dims.num_protected, dims.num_protected)
     whole = vit_flops(dims) / vit_flops(dims, sched)  # patch embedding and head do not shrink
     assert bound - 0.03 < whole < blocks
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .tome import (
     COMPILE_MODES, GRAPHED_COMPILE_MODES, ScheduleError, UnsupportedModelError, ViTDims, apply_tome, compile_tome,
-    is_patched, token_counts, tome_state, vit_flops,
+    flop_bound, is_patched, tome_state, vit_flops,
 )
 from .tome import kernels
 from .tome.schedule import schedule_from_text
@@ -600,8 +600,8 @@ def run_benchmark(
         base, tome, schedule = build_pair(case, img_size=img_size, prop_attn=prop_attn, device=dev)
         dims = ViTDims.from_timm(base)
         flops_base, flops_tome = vit_flops(dims), vit_flops(dims, schedule)
-        bound = vit_flops(dims, blocks_only=True) / vit_flops(dims, schedule, blocks_only=True)
-        counts = token_counts(schedule, dims.num_patches + dims.num_protected, dims.num_protected)
+        bound = flop_bound(dims, schedule)
+        counts = dims.tokens_per_layer(schedule)
         size = img_size or base.patch_embed.img_size[0]
         if auto_min_batch:
             log(f"{case.model} r={case.r_label}: calibrating min_batch up to batch {batch_size}")

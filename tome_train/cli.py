@@ -180,7 +180,7 @@ def dry_run(cfg: DictConfig) -> str:
     from .config import eval_schedule, global_batch, peak_lr, schedule_of
     from .data import ImageDataModule
     from .models import build_model, checkpoint_summary
-    from .tome import ViTDims, apply_tome, token_counts, vit_flops
+    from .tome import ViTDims, apply_tome, flop_bound, vit_flops
 
     t = cfg.trainer
     devices = t.devices if isinstance(t.devices, int) else 1
@@ -204,9 +204,9 @@ def dry_run(cfg: DictConfig) -> str:
         r = schedule_of(cfg.tome.r_train) if key == "r_train" else eval_schedule(cfg.tome)
         apply_tome(model, r=r, prop_attn=cfg.tome.prop_attn)
         schedule = model._tome_state.schedule
-        counts = token_counts(schedule, dims.num_patches + dims.num_protected, dims.num_protected)
+        counts = dims.tokens_per_layer(schedule)
         flops = vit_flops(dims, schedule)
-        bound = vit_flops(dims, blocks_only=True) / vit_flops(dims, schedule, blocks_only=True)
+        bound = flop_bound(dims, schedule)
         lines.append(
             f"{key} {r}: merges per layer {schedule}; tokens {counts}; "
             f"{flops / 1e9:.2f} GFLOPs vs {base / 1e9:.2f} baseline ({bound:.2f}x bound)"

@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .config import eval_schedule, global_batch, peak_lr, schedule_of
 from .models import build_model
-from .tome import ViTDims, apply_tome, set_r, token_counts
+from .tome import ViTDims, apply_tome, set_r
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,7 +87,7 @@ class ToMeClassifier(pl.LightningModule):
     def tokens_per_layer(self) -> list[int]:
         """Tokens entering each block at the current schedule, and after the last one."""
         schedule = self.model._tome_state.schedule
-        return token_counts(schedule, self.dims.num_patches + self.dims.num_protected, self.dims.num_protected)
+        return self.dims.tokens_per_layer(schedule)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from .tome import max_merges, token_counts, vit_flops
+from .tome import flop_bound, max_merges, vit_flops
 
 COLUMNS = ["r", "tokens_final", "gflops", "flop_bound", "top1", "top5", "images_per_s", "speedup"]
 
@@ -60,8 +60,7 @@ def measure_tradeoff(trainer, module, datamodule) -> list[dict]:
     validates its share; throughput is measured where it runs)."""
     cfg = module.cfg
     dims = module.dims
-    num_tokens = dims.num_patches + dims.num_protected
-    values = sweep_values(cfg, num_tokens, dims.num_protected, module.train_r)
+    values = sweep_values(cfg, dims.num_tokens, dims.num_protected, module.train_r)
     saved = trainer.loggers, trainer.limit_val_batches, module.eval_r
     trainer.loggers = []  # the sweep must not rewrite the run's val/top1 history
     bar = trainer.progress_bar_callback
@@ -70,7 +69,6 @@ def measure_tradeoff(trainer, module, datamodule) -> list[dict]:
     if cfg.tradeoff.limit_val_batches is not None:
         trainer.limit_val_batches = cfg.tradeoff.limit_val_batches
     images = torch.randn(cfg.tradeoff.batch_size, 3, cfg.model.img_size, cfg.model.img_size, device=module.device)
-    baseline_block_flops = vit_flops(dims, blocks_only=True)
     rows = []
     try:
         for r in values:
@@ -80,10 +78,9 @@ def measure_tradeoff(trainer, module, datamodule) -> list[dict]:
             row["images_per_s"] = images_per_s(
                 module.model, images, cfg.tradeoff.bench_steps, _autocast_dtype(cfg.trainer.precision)
             )
-            row["tokens_final"] = token_counts(schedule, num_tokens, dims.num_protected)[-1]
+            row["tokens_final"] = dims.tokens_per_layer(schedule)[-1]
             row["gflops"] = vit_flops(dims, schedule) / 1e9
-            # the bound counts the blocks only, as the paper's speed-up bounds do
-            row["flop_bound"] = baseline_block_flops / vit_flops(dims, schedule, blocks_only=True)
+            row["flop_bound"] = flop_bound(dims, schedule)
             rows.append(row)
     finally:
         trainer.loggers, trainer.limit_val_batches, module.eval_r = saved

@@ -8,7 +8,8 @@ import importlib
 
 _MODULE_OF = {
     **dict.fromkeys(("Merge", "bipartite_soft_matching", "merge_wavg", "unmerge_tokens"), "merge"),
-    **dict.fromkeys(("ScheduleError", "ViTDims", "max_merges", "parse_schedule", "token_counts", "vit_flops"),
+    **dict.fromkeys(("ScheduleError", "ViTDims", "flop_bound", "max_merges", "parse_schedule", "token_counts",
+                     "vit_flops"),
                     "schedule"),
     **dict.fromkeys(("COMPILE_MODES", "GRAPHED_COMPILE_MODES", "UnsupportedModelError", "apply_tome", "compile_tome",
                      "is_patched", "remove_tome", "set_r", "tome_state"), "timm_patch"),
