@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .schedule import max_merges
+from .schedule import bipartite_sets, max_merges
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,12 @@ class Merge:
     known_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
-    def a_offset(self) -> int:
-        """Where set A starts among the unprotected tokens: 0 or 1."""
-        return self.num_protected % 2
+    def a_start(self) -> int:
+        return bipartite_sets(self.num_tokens, self.num_protected).a_start
 
     @property
     def num_a(self) -> int:
-        return (self.num_tokens - self.num_protected + 1 - self.a_offset) // 2
+        return bipartite_sets(self.num_tokens, self.num_protected).num_a
 
     @property
     def num_images(self) -> int:
@@ -74,7 +73,7 @@ class Merge:
         return self.dest[self.num_kept:]
 
     def _in_set_a(self, rows: torch.Tensor) -> torch.Tensor:
-        return (rows % self.num_tokens - (self.num_protected + self.a_offset)) // 2
+        return (rows % self.num_tokens - self.a_start) // 2
 
     @property
     def unm_idx(self) -> torch.Tensor:
@@ -117,7 +116,7 @@ class Merge:
 
         Every token that was merged away gets the value of the token it merged into.
         """
-        p, a0, num_a = self.num_protected, self.a_offset, self.num_a
+        p, a0, num_a = self.num_protected, self.a_start - self.num_protected, self.num_a
         n, _, c = x.shape
         num_unm = num_a - self.r
         prefix, unm, b = x[:, :p], x[:, p:p + num_unm], x[:, p + num_unm:]
@@ -150,16 +149,15 @@ class RowLayout:
 
 
 def _build_row_layout(n: int, t: int, r: int, num_protected: int, device: torch.device) -> RowLayout:
-    a_offset = num_protected % 2
-    num_a = (t - num_protected + 1 - a_offset) // 2
+    num_a, a_start, _, b_start = bipartite_sets(t, num_protected)
     # inference_mode(False): the cache outlives an evaluation pass, and inference tensors cannot be
     # saved for the backward pass of a later training step
     with torch.inference_mode(False):
         first = torch.arange(0, n * t, t, device=device)[:, None]
         return RowLayout(
             prefix_rows=first + torch.arange(num_protected, device=device),
-            b_rows=first + torch.arange(num_protected + 1 - a_offset, t, 2, device=device),
-            first_a=first + (num_protected + a_offset),
+            b_rows=first + torch.arange(b_start, t, 2, device=device),
+            first_a=first + a_start,
             first_dst=torch.arange(num_protected + num_a - r, n * (t - r), t - r, device=device)[:, None],
             kept_dest=torch.arange(n * (t - r), device=device),
         )
@@ -187,9 +185,9 @@ def row_layout(n: int, t: int, r: int, num_protected: int, device: torch.device)
 
 def _unit_sets(metric: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The unit-length features of set A ``[B, Na, C]`` and set B ``[B, Nb, C]`` (views of one normalized copy)."""
-    a_offset = num_protected % 2
+    sets = bipartite_sets(metric.shape[1], num_protected)
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    return metric[:, num_protected + a_offset::2], metric[:, num_protected + 1 - a_offset::2]
+    return metric[:, sets.a_start::2], metric[:, sets.b_start::2]
 
 
 def most_similar(metric: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:

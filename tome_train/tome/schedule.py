@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence as AbcSequence
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 Schedule = Union[int, Sequence[int], tuple]
 
@@ -19,6 +19,24 @@ Schedule = Union[int, Sequence[int], tuple]
 def max_merges(num_tokens: int, num_protected: int) -> int:
     """The 50% cap: at most half of the unprotected tokens can merge in one layer."""
     return max((num_tokens - num_protected) // 2, 0)
+
+
+class BipartiteSets(NamedTuple):
+    """The two sets of a layer's matching over ``num_tokens`` tokens: the tokens at even positions (set A, ``num_a``
+    of them from ``a_start``) and at odd positions (set B, ``num_b`` from ``b_start``), as the paper's code splits
+    them (``a, b = x[::2], x[1::2]``), the protected prefix in neither."""
+
+    num_a: int
+    a_start: int
+    num_b: int
+    b_start: int
+
+
+def bipartite_sets(num_tokens: int, num_protected: int) -> BipartiteSets:
+    """:class:`BipartiteSets` of a layer of ``num_tokens`` tokens whose first ``num_protected`` never merge."""
+    a_start = num_protected + num_protected % 2
+    num_a = (num_tokens - a_start + 1) // 2
+    return BipartiteSets(num_a, a_start, num_tokens - num_protected - num_a, num_protected + 1 - num_protected % 2)
 
 
 class ScheduleError(ValueError):

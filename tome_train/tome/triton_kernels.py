@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .schedule import bipartite_sets
+
 
 @triton.jit
 def _scaled_row_copy(src_ptr, branch_ptr, src_index_ptr, dst_ptr, dst_index_ptr, weight_ptr, start, count,
@@ -185,13 +187,6 @@ def _match_rows(metric_ptr, node_max_ptr, node_idx_ptr, num_tokens, dim, a_start
                  node_max_ptr + image * num_a, node_idx_ptr + image * num_a, BLOCK_DIM, BLOCK_B, 1, PRODUCTS)
 
 
-def _sets(num_tokens: int, num_protected: int) -> tuple[int, int, int, int]:
-    """Set A's size and first token, set B's size and first token (the sets alternate after the prefix)."""
-    a_offset = num_protected % 2
-    num_a = (num_tokens - num_protected + 1 - a_offset) // 2
-    return num_a, num_protected + a_offset, num_tokens - num_protected - num_a, num_protected + 1 - a_offset
-
-
 def _whole(count: int) -> tuple[int, int]:
     """A block that covers ``count`` rows (a power of two, at least 64) and the other side of a comparison tile
     of at most 2048 entries with it. Each block size is a build of its own, the first time a shape needs it
@@ -213,7 +208,7 @@ def fused_most_similar(metric: torch.Tensor, num_protected: int, block: int = 32
     :func:`fused_plan_layer`."""
     metric = metric.contiguous()
     n, t, dim = metric.shape
-    num_a, a_start, num_b, b_start = _sets(t, num_protected)
+    num_a, a_start, num_b, b_start = bipartite_sets(t, num_protected)
     node_max = metric.new_empty(n, num_a)
     node_idx = torch.empty(n, num_a, dtype=torch.long, device=metric.device)
     _match_rows[(n, triton.cdiv(num_a, block))](
@@ -285,7 +280,7 @@ def fused_plan_merge(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, num
     ``[B * N]``."""
     node_max, node_idx = node_max.contiguous(), node_idx.contiguous()
     n, num_a = node_max.shape
-    _, a_start, _, b_start = _sets(num_tokens, num_protected)
+    _, a_start, _, b_start = bipartite_sets(num_tokens, num_protected)
     perm = torch.empty(n * num_tokens, dtype=torch.long, device=node_max.device)
     dest = torch.empty_like(perm)
     block_a, block_j = _whole(num_a)
@@ -414,7 +409,7 @@ def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     n, heads, t, dim = keys.shape
-    num_a, a_start, num_b, b_start = _sets(t, num_protected)
+    num_a, a_start, num_b, b_start = bipartite_sets(t, num_protected)
     kept = t - r
     device = keys.device
     node_max = torch.empty(n, num_a, dtype=torch.float32, device=device)
