@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tome_train.config import DataConfig
+from tome_train.config import DataConfig, load_config
 from tome_train.data import DataError, ImageDataModule, write_digits_shards
 from tome_train.data.digits import digits_labels, digits_split
 from tome_train.data.shards import main as shards_main
@@ -268,6 +268,21 @@ def test_missing_data_raises_one_line_data_error(tmp_path, shards):
     with pytest.raises(DataError, match="data.root is required"):
         ImageDataModule(data_cfg(source="webdataset"), IMG, 0).describe()
     assert issubclass(DataError, ValueError)
+
+
+def test_digit_shards_hold_the_digits_sources_split(tmp_path, capsys):
+    """``--digits`` with no size or split given: the default recipe's image size and validation split (the digits
+    source's 1,437 / 360), 180 and 90 per shard."""
+    assert shards_main(["--digits", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "data.train_samples=1437 data.val_samples=360" in printed and "imagenet1k-train-{0000..0007}.tar" in printed
+    info = {"train": {"pattern": "imagenet1k-train-{0000..0007}.tar", "samples": 1437},
+            "val": {"pattern": "imagenet1k-validation-{00..03}.tar", "samples": 360}}
+    shards = ImageDataModule(shard_cfg(tmp_path, info, batch_size=120), IMG, 0, with_meta=True)
+    images = next(iter(shards.val_dataloader()))[0]
+    assert images.shape[-2:] == (load_config().model.img_size,) * 2
+    keys = {key for _, _, meta in shards.val_dataloader() for key in meta["key"]}
+    assert keys == {f"digits_{i:04d}" for i in digits_split(data_cfg().val_fraction)[1]}
 
 
 def test_shard_writer_cli(tree, tmp_path, capsys):

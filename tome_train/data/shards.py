@@ -117,16 +117,23 @@ def _digits_sample(item: tuple[int, Any, int]) -> dict:
     }
 
 
-def write_digits_shards(out_dir: str, img_size: int = 32, train_per_shard: int = 180, val_per_shard: int = 90,
-                        val_fraction: float = 0.2, corrupt: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """The bundled digits (the same fixed split as the digits source) as JPEG shards in the public layout.
+def write_digits_shards(out_dir: str, img_size: Optional[int] = None, train_per_shard: int = 180,
+                        val_per_shard: int = 90, val_fraction: Optional[float] = None,
+                        corrupt: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """The bundled digits as JPEG shards in the public layout; ``img_size`` and ``val_fraction`` default to the
+    default recipe's (``model.img_size``, ``data.val_fraction``), so that the shards hold the digits source's split.
 
     ``corrupt`` lists sample keys (``digits_0005``) whose image is written as undecodable bytes, for
     tests of the skip-and-count path. Returns ``{"train": SplitInfo.as_dict(), "val": ...}``; the keys of
     the samples are ``digits_<index into load_digits()>``.
     """
+    from ..config import load_config
     from .digits import digits_labels, digits_images, digits_split
 
+    if img_size is None or val_fraction is None:
+        recipe = load_config()
+        img_size = recipe.model.img_size if img_size is None else img_size
+        val_fraction = recipe.data.val_fraction if val_fraction is None else val_fraction
     bad = set(corrupt or ())
     result = {}
     for split, indices, per_shard in zip(("train", "val"), digits_split(float(val_fraction)),
@@ -215,18 +222,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     source.add_argument("--imagefolder", metavar="ROOT", help="tree with train/<class>/ and val/<class>/")
     source.add_argument("--digits", action="store_true", help="the bundled scikit-learn digits")
     parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--train-per-shard", type=int, default=1251)
-    parser.add_argument("--val-per-shard", type=int, default=781)
+    parser.add_argument("--train-per-shard", type=int, help="default: 1251 (ImageNet's 1024 shards); --digits 180")
+    parser.add_argument("--val-per-shard", type=int, help="default: 781 (ImageNet's 64 shards); --digits 90")
     parser.add_argument("--seed", type=int, default=0, help="order of the training samples")
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards")
-    parser.add_argument("--img-size", type=int, default=32, help="--digits: image size")
+    parser.add_argument("--img-size", type=int, help="--digits: image size (default: the default recipe's)")
     args = parser.parse_args(argv)
+    per_shard = {key: value for key, value in (("train_per_shard", args.train_per_shard),
+                                               ("val_per_shard", args.val_per_shard)) if value is not None}
     try:
         if args.digits:
-            result = write_digits_shards(args.out, args.img_size, args.train_per_shard, args.val_per_shard)
+            result = write_digits_shards(args.out, args.img_size, **per_shard)
         else:
-            result = write_imagefolder_shards(args.imagefolder, args.out, args.train_per_shard,
-                                              args.val_per_shard, args.seed, args.workers)
+            result = write_imagefolder_shards(args.imagefolder, args.out, seed=args.seed, workers=args.workers,
+                                              **per_shard)
     except (DataError, OSError) as exn:
         print(f"error: {str(exn).splitlines()[0]}", file=sys.stderr)
         return 2
