@@ -104,11 +104,11 @@ class OptimConfig:
 class TrainerConfig:
     epochs: int = MISSING
     accelerator: str = "auto"
-    devices: Any = 1  # int or "auto"
-    num_nodes: int = 1
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    devices: Any = MISSING  # int or "auto"
+    num_nodes: int = MISSING
+    precision: str = MISSING  # 32-true | bf16-mixed | 16-mixed
     accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = MISSING
     compile: Any = False  # false, true, or a torch.compile mode (reduce-overhead: CUDA graphs on a GPU)
     channels_last: bool = False
     limit_train_batches: Optional[float] = None
@@ -139,10 +139,10 @@ class ReferenceConfig:
 @dataclass
 class TradeoffConfig:
     enabled: bool = True
-    r_values: Optional[list[int]] = None  # None: 0 up to the largest r the model takes, num_points apart
+    r_values: Optional[list[int]] = None  # None: num_points values from 0 to the largest r the model takes
     num_points: int = 5
-    batch_size: int = 64
-    bench_steps: int = 5
+    batch_size: int = MISSING
+    bench_steps: int = MISSING
     limit_val_batches: Optional[int] = None
     num_vis_images: int = 4
 
