@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,17 +49,6 @@ def make_jpegs(root: Path, images: int, classes: int = 10, size=(400, 350), seed
             img = Image.fromarray(small).resize(size, Image.BICUBIC)
             noisy = np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, (size[1], size[0], 3))
             Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(folder / f"{split}_{i:05d}.jpg", quality=90)
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def measure(make_loader: Callable[[], Iterable], measure_images: int, warmup_batches: int = 2) -> float:
@@ -175,6 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the table shows the best")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
+    from ..bench import cpu_name
+
     print(f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} cores usable; python {platform.python_version()}; "
           f"batch {args.batch_size}, {args.measure} images timed per run, best of {args.repeats}")
     rows = run(Path(args.dir), args.images, args.measure, args.batch_size, args.workers, args.repeats)
