@@ -2,11 +2,11 @@
 
     python scripts/merge_probe.py --device cuda --output merge.json
 
-Seven parts, as ``tome_train.tome.merge`` does them:
+Eight parts, as ``tome_train.tome.merge`` does them:
 
 - ``match``: cosine similarity of every set-A key to every set-B key and its row max and argmax (norm,
   divide, bmm, max: four kernels and a ``[B, Na, Nb]`` score matrix); fused, one kernel that keeps the
-  running max per row (scores in fp32 without TF32, as the library's).
+  running max per row (scores as three TF32 products per fp32 one, as the library's: ``triton_ieee`` below).
 - ``plan``: from the row maxima to the merge's rows (a stable argsort, a sort of the unmerged, a gather, three
   adds and three concatenations); fused, one kernel per image that ranks the maxima by comparing every pair.
 - ``weights``: each row's share of its destination's new size (two ``index_select``, ``scatter_add``,

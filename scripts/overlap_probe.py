@@ -1,9 +1,10 @@
 """Would a layer's merge plan hide behind its attention on a second CUDA stream? One merging layer's first half at
 ViT-B's (or ViT-L's) shape, fp16, as CUDA graphs replay it: the qkv projection, then proportional attention (the
 library's Triton kernel) and the output projection, and the one-kernel plan on the keys (``fused_plan_layer``)
-either after them on the same stream, as the library runs it (``serial``), or on a side stream forked after the qkv
-projection and joined before the merge would read it (``overlapped``). The plan is latency-bound (one program per
-image), so the attention's kernels may fill the SMs it leaves idle.
+either after them on the same stream (``serial``: as the library runs it under a CUDA-graph capture), or on a side
+stream forked after the qkv projection and joined before the merge would read it (``overlapped``: what the library
+may choose per layer in eager inference, ``timm_patch.merging_first_half_plan_beside``). The plan is latency-bound
+(one program per image), so the attention's kernels may fill the SMs it leaves idle.
 
     python scripts/overlap_probe.py --tokens 181 117 37 --heads 12 --head-dim 64 --output overlap.json
 

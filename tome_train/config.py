@@ -324,4 +324,5 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"tome.{key}: {e}") from None
     for key in ("batch_size", "num_workers"):
         if cfg.data[key] < (1 if key == "batch_size" else 0):
-            raise ConfigError(f"data.{key}={cfg.data[key]} is not allowed: use a positive integer")
+            allowed = "a positive integer" if key == "batch_size" else "an integer >= 0"
+            raise ConfigError(f"data.{key}={cfg.data[key]} is not allowed: use {allowed}")
