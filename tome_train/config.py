@@ -37,7 +37,7 @@ class ModelConfig:
     global_pool: str = MISSING  # token | avg
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # any other timm.create_model argument
     checkpoint: Optional[str] = None  # local pretrained weights: MAE .pth, timm state dict or safetensors
-    head_init_std: Optional[float] = None  # re-initialise the classifier (MAE fine-tuning: 2e-5)
+    head_init_std: Optional[float] = None  # re-initialise the classifier (the MAE model fragments set it)
 
 
 @dataclass
@@ -72,7 +72,7 @@ class DataConfig:
     crop_pct: float = MISSING
     mean: list[float] = MISSING
     std: list[float] = MISSING
-    repeated_aug: int = 1  # DeiT: 3
+    repeated_aug: int = 1  # copies of each decoded image per epoch (configs/optim/deit.yaml sets DeiT's)
 
 
 @dataclass
@@ -88,7 +88,7 @@ class MixupConfig:
 @dataclass
 class OptimConfig:
     blr: float = MISSING  # peak lr = blr * global_batch / lr_base_batch
-    lr_base_batch: int = MISSING  # DeiT 512, MAE 256
+    lr_base_batch: int = MISSING  # the global batch blr is quoted for (configs/optim/*.yaml)
     weight_decay: float = MISSING
     betas: list[float] = MISSING
     eps: float = MISSING

@@ -2,8 +2,8 @@
 
 Generates a few hundred JPEGs (~400x350, smooth random content) under a scratch directory, writes
 them as an ImageFolder tree and as shards in the public layout, and times the training loaders with
-the DeiT augmentation (RandomResizedCrop 224 bicubic, hflip, rand-m9-mstd0.5-inc1, random erasing 0.25
-pixel mode, ImageNet mean/std):
+the DeiT recipes' augmentation and image size as their config fragments hold them (``configs/data/imagenet_wds.yaml``:
+random resized crops, flips, RandAugment, random erasing; ``configs/model/deit_small.yaml``):
 
 * tome-train webdataset, tome-train webdataset with repeated augmentation x3 (one decode per 3 samples),
 * tome-train imagefolder,
@@ -23,15 +23,16 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-def deit_augmentation():
-    """The recipes' ImageNet training augmentation, read from its config fragment."""
+def deit_augmentation() -> tuple[dict, int]:
+    """The recipes' ImageNet training augmentation and DeiT's image size, read from their config fragments."""
     from omegaconf import OmegaConf
 
     from ..config import FRAGMENT_DIR
 
     data = OmegaConf.load(FRAGMENT_DIR / "data" / "imagenet_wds.yaml").data
+    img_size = OmegaConf.load(FRAGMENT_DIR / "model" / "deit_small.yaml").model.img_size
     return {k: data[k] for k in ("scale", "ratio", "hflip", "color_jitter", "auto_augment", "interpolation",
-                                 "re_prob", "re_mode", "re_count", "crop_pct", "mean", "std")}
+                                 "re_prob", "re_mode", "re_count", "crop_pct", "mean", "std")}, img_size
 
 
 def make_jpegs(root: Path, images: int, classes: int = 10, size=(400, 350), seed: int = 0) -> None:
@@ -71,8 +72,8 @@ def measure(make_loader: Callable[[], Iterable], measure_images: int, warmup_bat
     return seen / (time.perf_counter() - start)
 
 
-def run(workdir: Path, images: int, measure_images: int, batch_size: int, cores: int, repeats: int = 3,
-        img_size: int = 224) -> list[dict]:
+def run(workdir: Path, images: int, measure_images: int, batch_size: int, cores: int, repeats: int = 3
+        ) -> list[dict]:
     """One row per (pipeline, workers): the best of ``repeats`` interleaved measurements."""
     import torch
     from omegaconf import OmegaConf
@@ -89,7 +90,7 @@ def run(workdir: Path, images: int, measure_images: int, batch_size: int, cores:
     written = write_imagefolder_shards(str(tree), str(shard_dir), train_per_shard=max(1, images // 8),
                                        val_per_shard=images)
     pattern, val_pattern = written["train"]["pattern"], written["val"]["pattern"]
-    aug = deit_augmentation()
+    aug, img_size = deit_augmentation()
 
     def ours(source: str, workers: int, repeated_aug: int = 1):
         cfg = OmegaConf.structured(DataConfig)
