@@ -183,7 +183,8 @@ def read_checkpoint(path: Union[str, Path], meta: bool = False) -> tuple[dict[st
 
 
 def init_head(model: nn.Module, std: float) -> bool:
-    """Re-initialise the classifier: weight trunc_normal(std), bias 0 (MAE's fine-tuning does, ``model.head_init_std``)."""
+    """Re-initialise the classifier: weight trunc_normal(std), bias 0 (as MAE's fine-tuning does:
+    ``model.head_init_std``)."""
     done = False
     for name in ("head", "head_dist"):
         head = getattr(model, name, None)
