@@ -22,6 +22,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPE_DIR = PROJECT_ROOT / "recipes"
 FRAGMENT_DIR = PROJECT_ROOT / "configs"
 DEFAULT_RECIPE = "digits_vit_r6"
+DATA_SOURCES = ("digits", "imagefolder", "webdataset")  # what tome_train.data reads
 
 
 class ConfigError(ValueError):
@@ -302,7 +303,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks a schema cannot express; each failure is one ConfigError line."""
     from .tome.schedule import ScheduleError, parse_schedule
 
-    _choice(cfg.data.source, ["digits", "imagefolder", "webdataset"], "data.source")
+    _choice(cfg.data.source, DATA_SOURCES, "data.source")
     _choice(cfg.trainer.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"], "trainer.precision")
     _choice(cfg.model.global_pool, ["token", "avg"], "model.global_pool")
     if not isinstance(cfg.trainer.compile, bool):  # a mode: named by the ToMe core, which imports torch

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
 
+from ..config import DATA_SOURCES
 from . import digits, imagefolder, stream
 from .common import (
     DataError,
@@ -22,9 +23,6 @@ from .common import (
     seed_worker,
     train_transform,
 )
-
-SOURCES = ("digits", "imagefolder", "webdataset")
-
 
 class ImageDataModule(pl.LightningDataModule):
     """Batches of (images float32 [B, 3, S, S] normalized with data.mean/std, labels int64 [B]).
@@ -42,8 +40,8 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(self, data_cfg: Any, img_size: int, seed: int = 0, *, with_meta: bool = False):
         super().__init__()
         self.cfg = as_config(data_cfg)
-        if self.cfg.source not in SOURCES:
-            raise DataError(f"data.source={self.cfg.source!r} is not one of {', '.join(SOURCES)}")
+        if self.cfg.source not in DATA_SOURCES:
+            raise DataError(f"data.source={self.cfg.source!r} is not one of {', '.join(DATA_SOURCES)}")
         self.img_size = int(img_size)
         self.seed = int(seed)
         self.with_meta = with_meta
