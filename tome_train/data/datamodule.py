@@ -24,6 +24,7 @@ from .common import (
     train_transform,
 )
 
+
 class ImageDataModule(pl.LightningDataModule):
     """Batches of (images float32 [B, 3, S, S] normalized with data.mean/std, labels int64 [B]).
 
