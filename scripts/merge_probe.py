@@ -16,7 +16,8 @@ Eight parts, as ``tome_train.tome.merge`` does them:
   its matching, the keys of four heads loaded at once; ``triton_a64``: set A in blocks of 64, which reads set B
   twice at ViT-B's first layers; ``triton_heads1``: each head's keys waited for before the next head's are
   loaded), or the mean and the three kernels above (``triton_parts``); ``triton_ieee``: ``match`` and ``layer``
-  with their similarity products as fp32 FMAs instead of three TF32 tensor-core products each.
+  with their similarity products as fp32 FMAs instead of three TF32 tensor-core products each; ``triton_warps4`` and
+  ``triton_warps16``: ``layer`` with each image's program in 4 or 16 warps instead of 8.
 - ``merge``: every token row read in a permuted order, scaled, and the merged-away rows added onto their
   destinations (``index_select``, ``mul_``, ``scatter_add_``: three kernels, about four passes over the
   rows); fused, two kernels and two passes (the kept rows stored, the merged-away rows added atomically,
@@ -104,6 +105,9 @@ VARIANTS = {
     # the similarity products as fp32 FMAs on the CUDA cores (the library's before: now three TF32 products each)
     "triton_ieee": {"match": functools.partial(fused_most_similar, products="ieee"),
                     "layer": functools.partial(fused_plan_layer, products="ieee")},
+    # an image's program in 4 or 16 warps instead of 8: the plan is latency-bound, one program per image
+    "triton_warps4": {"layer": functools.partial(fused_plan_layer, num_warps=4)},
+    "triton_warps16": {"layer": functools.partial(fused_plan_layer, num_warps=16)},
     "triton_then_norm": {"add_merge_norm": kernels_then_norm},
 }
 

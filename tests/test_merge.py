@@ -454,6 +454,7 @@ def test_probe_writes_each_part_of_each_variant(merge_probe, tmp_path):
         (v, n, part) for n in (17, 9) for v, v_parts in (("torch", parts), ("triton", parts), ("triton_parts", ["layer"]),
                                                     ("triton_a64", ["layer"]), ("triton_heads1", ["layer"]),
                                                     ("triton_ieee", ["match", "layer"]),
+                                                    ("triton_warps4", ["layer"]), ("triton_warps16", ["layer"]),
                                                     ("triton_then_norm", ["add_merge_norm"]))
         for part in v_parts]
     assert all(row["ms"] > 0 and row["host_us"] > 0 and row["vs_torch"] > 0 and row["max_diff"] <= 1e-6 for row in rows)

@@ -384,8 +384,8 @@ def _plan_layer(keys_ptr, size_ptr, node_max_ptr, node_idx_ptr, perm_ptr, dest_p
 
 
 def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype,
-                     block_match: int = 128, heads_per_step: int | None = None, products: str = "tf32x3"
-                     ) -> tuple[torch.Tensor, ...]:
+                     block_match: int = 128, heads_per_step: int | None = None, products: str = "tf32x3",
+                     num_warps: int = 8) -> tuple[torch.Tensor, ...]:
     """:func:`.merge.plan_layer` in one kernel, one program per image (the three kernels above and the key mean
     in one launch): ``keys`` ``[B, H, N, Dh]``, read where they lie (timm's packed qkv), sizes ``[B * N]`` or
     ``None`` -> ``perm``, ``dest``, ``weight``, ``new_size``, ``node_max``, ``node_idx``.
@@ -405,7 +405,11 @@ def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_
     which runs the same dot, took 0.087 ms at 197 tokens for 0.5 GFLOP of padded products. Builds for sm_90 with a
     launch's specializations (Triton 3.8, 197 tokens, blocks of 128, docs/performance.md): tf32x3 102 registers
     (fp16 keys), 104 (bf16), 148 (fp32), none spilled, against ieee's 125 and, for bf16, 255 with 8 bytes spilled
-    (hence blocks of 64 for bf16 before); at head dim 80 (one head at a time) 208-215, one program per SM."""
+    (hence blocks of 64 for bf16 before); at head dim 80 (one head at a time) 208-215, one program per SM.
+
+    ``num_warps``: the warps of an image's program. The plan is latency-bound (one program per image: 256 programs
+    over an H100's 132 SMs at batch 256), so more warps split each image's work finer; 8 until measured otherwise
+    (``merge_probe.py``'s ``triton_warps4`` and ``triton_warps16``)."""
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     n, heads, t, dim = keys.shape
@@ -428,6 +432,5 @@ def fused_plan_layer(keys: torch.Tensor, size: torch.Tensor | None, r: int, num_
                       a_start, num_b, b_start, n * kept, HAS_SIZE=size is not None, BLOCK_DIM=block_dim,
                       BLOCK_MATCH=min(block_a, block_match), BLOCK_B=32 if block_dim <= 64 else 16, BLOCK_A=block_a,
                       BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_S=block_s, HEADS_PER_STEP=heads_per_step,
-                      PRODUCTS=products, num_warps=8,
-                      num_stages=1)
+                      PRODUCTS=products, num_warps=num_warps, num_stages=1)
     return perm, dest, weight, new_size, node_max, node_idx
