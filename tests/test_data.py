@@ -304,3 +304,15 @@ def test_shard_writer_cli(tree, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         shards_main(["--out", str(out)])
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("args, said", [(["--images", "8"], "--images 8: one training image per class at least"),
+                                        (["--repeats", "0"], "--repeats 0: at least 1")])
+def test_data_benchmark_refuses_what_it_cannot_run_in_one_line(args, said, tmp_path, capsys):
+    from tome_train.data.bench import main as data_bench_main
+
+    with pytest.raises(SystemExit) as stop:
+        data_bench_main(["--dir", str(tmp_path / "scratch"), *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(f"error: {said}") and err.count("\n") == 1
+    assert not (tmp_path / "scratch").exists()

@@ -35,7 +35,10 @@ def deit_augmentation() -> tuple[dict, int]:
                                  "re_prob", "re_mode", "re_count", "crop_pct", "mean", "std")}, img_size
 
 
-def make_jpegs(root: Path, images: int, classes: int = 10, size=(400, 350), seed: int = 0) -> None:
+CLASSES = 10
+
+
+def make_jpegs(root: Path, images: int, classes: int = CLASSES, size=(400, 350), seed: int = 0) -> None:
     """``root/{train,val}/cNN/*.jpg``: smooth random pictures (JPEG sizes like photos, not like noise)."""
     import numpy as np
     from PIL import Image
@@ -164,6 +167,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the table shows the best")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
+    for flag, value, low in (("--images", args.images, CLASSES), ("--measure", args.measure, 1),
+                             ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 1),
+                             ("--repeats", args.repeats, 1)):
+        if value < low:
+            why = f"one training image per class at least ({CLASSES} classes)" if flag == "--images" else "at least 1"
+            parser.exit(2, f"error: {flag} {value}: {why}\n")
     from ..bench import cpu_name
 
     print(f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} cores usable; python {platform.python_version()}; "
