@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-DTYPES = ("fp16", "bf16", "fp32")
+from tome_train.bench import DTYPES
 
 
 def one_run(args) -> dict:
@@ -44,7 +44,7 @@ def one_run(args) -> dict:
     model = apply_tome(timm.create_model(args.model, num_classes=10), args.r).to(device)
     model.train(args.mode == "train")
     images = torch.randn(args.batch_size, 3, 224, 224, device=device)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     started = time.perf_counter()
     with (torch.autocast(device.type, dtype, enabled=dtype != torch.float32),
           torch.no_grad() if args.mode == "infer" else contextlib.nullcontext()):
@@ -65,7 +65,7 @@ def main(argv=None):
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--mode", choices=("infer", "train"), default="infer")
-    p.add_argument("--dtype", choices=DTYPES, default="fp16")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[1, len(os.sched_getaffinity(0))])
     p.add_argument("--arch", type=int, default=90, help="the target built for without a GPU")

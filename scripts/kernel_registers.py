@@ -27,10 +27,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from tome_train.bench import DTYPES
 from tome_train.tome import triton_attention, triton_builds, triton_kernels
 from tome_train.tome.attention import packed_heads
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64",
                  torch.int32: "*i32"}
 
