@@ -128,6 +128,10 @@ def test_make_cases_cross_product_and_pair():
     (["--cuda-graphs", "--dtype", "fp16"], ["cuda_graphs training needs bf16 or fp32"]),
     (["--cuda-graphs", "--compile"], ["cuda_graphs needs a CUDA device, not cpu"]),  # the mode itself is allowed
     (["--output", "/nonexistent-dir/bench.json"], ["/nonexistent-dir"]),
+    (["--runtime", "tensorrt"], ["--runtime"]),
+    (["--runtime", "onnxruntime", "--mode", "both", "--dtype", "bf16"],
+     ["runtime=onnxruntime times fp32 inference on the CPU: mode train, dtype bf16 cannot apply"]),
+    (["--runtime", "onnxruntime", "--compile", "--auto-min-batch"], ["compile, auto_min_batch cannot apply"]),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(args, words, capsys):
     defaults = ["--model", "vit_tiny_patch16_224", "--device", "cpu", "--steps", "1", "--warmup", "0", "--quiet"]
@@ -152,6 +156,33 @@ def test_cpu_timer_min_stat_and_threads_restored(tmp_path):
     assert data["machine"]["torch_threads"] == 1
     row = data["results"][0]
     assert row["timer"] == "cpu" and row["stat"] == "min" and row["tome_ims"] > 0
+
+
+def test_onnxruntime_times_both_exported_models_and_checks_their_logits(tmp_path, capsys):
+    """Both sides exported as ``train.py export --onnx`` writes them and run by onnxruntime: inference only by
+    default, the logits of each within export's tolerance of its eager model, the merges in the exported graph
+    (its logits are the patched model's, far from timm's)."""
+    out = tmp_path / "onnx.json"
+    rc = bench.main(["--model", "vit_tiny_patch16_224", "--img-size", "64", "--device", "cpu", "--batch-size", "3",
+                     "--steps", "2", "--warmup", "1", "--r", "2", "--runtime", "onnxruntime", "--output", str(out),
+                     "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime" in printed.splitlines()[0]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["runtime"] == "onnxruntime" and row["mode"] == "infer" and row["schedule"] == [2] * 12
+    assert row["tokens_in"] == 17 and row["tokens_out"] < row["tokens_in"]
+    assert row["baseline_max_diff"] < 1e-4 and row["tome_max_diff"] < 1e-4
+    assert row["same_merges"] is None and row["recompiles"] == 0
+    assert row["tome_ims"] > 0 and row["baseline_first_s"] > 0 and row["tome_first_s"] > 0
+    assert f"{row['baseline_max_diff']:.1e} / {row['tome_max_diff']:.1e}" in printed
+
+    torch.manual_seed(0)
+    base, tome, _ = bench.build_pair(bench.BenchCase("vit_tiny_patch16_224", 2), img_size=64, prop_attn=True,
+                                     device=torch.device("cpu"))
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert (base.eval()(images) - tome.eval()(images)).abs().max() > 100 * 1e-4
 
 
 def test_output_check_under_autocast_compares_with_fp32():

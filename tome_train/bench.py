@@ -6,7 +6,9 @@ the copy with :func:`tome_train.tome.apply_tome` and measures both on the same i
 
 - inference: ``model(x)`` under ``torch.inference_mode`` (images/s, and the step time, which at
   ``--batch-size 1`` is the latency);
-- training: forward, cross-entropy, backward and an AdamW step (images/s).
+- training: forward, cross-entropy, backward and an AdamW step (images/s);
+- with ``--runtime onnxruntime``, inference of both models exported to ONNX as ``train.py export --onnx``
+  writes them, run by onnxruntime on the CPU: what an exported model gains outside PyTorch.
 
 Repetitions alternate between the two sides (ABBA order) and each side reports the median step
 time, so drift of a noisy machine (thermal, other processes) hits both alike. Next to the measured
@@ -31,9 +33,11 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -47,11 +51,12 @@ from .tome import kernels
 from .tome.schedule import schedule_from_text
 
 MODES = ("infer", "train")
+RUNTIMES = ("torch", "onnxruntime")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Column order of the CSV file and of every result row.
 FIELDS = (
-    "model", "r", "schedule", "mode", "prop_attn", "batch_size", "img_size", "dtype", "device", "compile",
+    "model", "r", "schedule", "mode", "prop_attn", "batch_size", "img_size", "dtype", "device", "runtime", "compile",
     "compile_scope", "cuda_graphs", "baseline_ims", "tome_ims", "ratio", "flop_bound", "ratio_of_bound",
     "baseline_ms", "tome_ms", "baseline_gflops", "tome_gflops", "tokens_in", "tokens_out",
     "baseline_first_s", "tome_first_s", "first_ratio", "baseline_first_graphs", "tome_first_graphs",
@@ -393,6 +398,41 @@ class _Runner:
         self.times.append(self._timed())
 
 
+class _OnnxRunner:
+    """One side in onnxruntime (CPU): the model exported to ONNX as ``train.py export --onnx`` writes it
+    (:func:`tome_train.export.write_onnx`, fp32), then inference on the same images as the other side. Its first
+    step holds the export, the session's creation (onnxruntime's graph optimizations) and the first run."""
+
+    first_graphs, first_choosing_s, first_building_s = 0, 0.0, 0.0  # nothing of torch's compiler or kernels
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, path: Path, timer: Callable[[], float]):
+        self.model, self.x, self.path, self.timer = model.eval(), x, path, timer
+        self.device = x.device
+        self.times: list[float] = []
+        self.first_s: float | None = None
+        self.session = None
+
+    def forward(self) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"images": self.x.numpy()})[0])
+
+    def step(self) -> None:
+        self.forward()
+
+    def first_step(self) -> None:
+        from .export import onnx_session, write_onnx
+
+        t0 = self.timer()
+        write_onnx(self.model, torch.randn(2, *self.x.shape[1:]), self.path)
+        self.session = onnx_session(self.path, threads=torch.get_num_threads())
+        self.forward()
+        self.first_s = self.timer() - t0
+
+    def timed_step(self) -> None:
+        t0 = self.timer()
+        self.step()
+        self.times.append(self.timer() - t0)
+
+
 def time_pair(
     baseline: _Runner, tome: _Runner, warmup: int, steps: int, stat: Callable = statistics.median
 ) -> tuple[float, float, int]:
@@ -450,6 +490,16 @@ def check_outputs(baseline: _Runner, tome: _Runner) -> dict:
                         ops = runner.model(runner.x).float()
                     result["ops_max_diff"] = (fast - ops).abs().max().item()
                     result["same_merges_as_ops"] = _same_merges(size, tome_state(runner.model).size)
+    return result
+
+
+def check_onnx_outputs(baseline: _OnnxRunner, tome: _OnnxRunner) -> dict:
+    """Each side's onnxruntime logits against the eager fp32 forward of the same model on the same images
+    through PyTorch's ops (``*_max_diff``). Which tokens merged cannot be read from the exported graph."""
+    result = {}
+    with torch.inference_mode(), kernels.pytorch_ops_only():
+        for name, runner in (("baseline", baseline), ("tome", tome)):
+            result[f"{name}_max_diff"] = (runner.forward() - runner.model(runner.x)).abs().max().item()
     return result
 
 
@@ -527,6 +577,7 @@ def run_benchmark(
     seed: int = 0,
     auto_min_batch: bool = False,
     sdpa: str | None = None,
+    runtime: str = "torch",
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure every case in every mode; one result row (see :data:`FIELDS`) per case and mode.
@@ -545,7 +596,8 @@ def run_benchmark(
     one CUDA graph, so that the host no longer sets the pace; the first step then holds three eager
     steps (with ``compile``: the compilation) and the capture. With ``compile`` it needs a mode without
     graphs of its own (not :data:`GRAPHED_COMPILE_MODES`); with ``compile_scope="regions"`` the ToMe
-    side's compiled regions and eager merges between them then replay as one graph.
+    side's compiled regions and eager merges between them then replay as one graph. ``runtime="onnxruntime"``
+    times both models exported to ONNX in onnxruntime on the CPU (fp32 inference only; see :class:`_OnnxRunner`).
 
     ``cases`` holds :class:`BenchCase` or ``(model_name, r)`` tuples. Raises :class:`BenchError`
     for bad input, before any measurement when it can be seen from the arguments alone.
@@ -579,6 +631,9 @@ def run_benchmark(
             raise BenchError(f"cuda_graphs needs a CUDA device, not {dev.type}")
     if sdpa is not None:
         _check_choice("sdpa", sdpa, SDPA_BACKENDS)
+    _check_choice("runtime", runtime, RUNTIMES)
+    if runtime == "onnxruntime":
+        _check_onnxruntime(dev, dtype, modes, compile, cuda_graphs, auto_min_batch, sdpa)
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes or not modes:
         raise BenchError(f"mode={bad_modes or list(modes)!r} is not allowed: use infer, train or both")
@@ -611,15 +666,24 @@ def run_benchmark(
         x = torch.randn(batch_size, 3, *base.patch_embed.img_size, device=dev)
         target = torch.randint(0, max(base.num_classes, 1), (batch_size,), device=dev)
         for mode in modes:
-            log(f"{case.model} r={case.r_label} {mode}: warmup {warmup}, {steps} interleaved steps per side")
-            a = _Runner(base, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa,
-                        cuda_graph=cuda_graphs)
-            b = _Runner(tome, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa,
-                        compile_scope=compile_scope, cuda_graph=cuda_graphs)
-            meter = OtherLoad().start()
-            t_base, t_tome, recompiles = time_pair(a, b, warmup, steps, STATS[stat])
-            other_cpus = meter.stop() if dev.type == "cpu" else None
-            checks = check_outputs(a, b) if mode == "infer" else {}
+            log(f"{case.model} r={case.r_label} {mode}: warmup {warmup}, {steps} interleaved steps per side"
+                + (" in onnxruntime" if runtime == "onnxruntime" else ""))
+            with tempfile.TemporaryDirectory(prefix="tome-bench-") as onnx_dir:
+                if runtime == "onnxruntime":
+                    a, b = (_OnnxRunner(m, x, Path(onnx_dir) / f"{side}.onnx", TIMERS[timer])
+                            for m, side in ((base, "timm"), (tome, "tome")))
+                else:
+                    a = _Runner(base, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa,
+                                cuda_graph=cuda_graphs)
+                    b = _Runner(tome, mode, x, target, dev, torch_dtype, compile, timer=TIMERS[timer], sdpa=sdpa,
+                                compile_scope=compile_scope, cuda_graph=cuda_graphs)
+                meter = OtherLoad().start()
+                t_base, t_tome, recompiles = time_pair(a, b, warmup, steps, STATS[stat])
+                other_cpus = meter.stop() if dev.type == "cpu" else None
+            if runtime == "onnxruntime":
+                checks = check_onnx_outputs(a, b)
+            else:
+                checks = check_outputs(a, b) if mode == "infer" else {}
             firsts = {"baseline_first_s": a.first_s, "tome_first_s": b.first_s, "first_ratio": b.first_s / a.first_s,
                       "baseline_first_graphs": a.first_graphs, "tome_first_graphs": b.first_graphs,
                       "tome_first_choosing_s": b.first_choosing_s, "tome_first_building_s": b.first_building_s}
@@ -636,6 +700,7 @@ def run_benchmark(
                 "img_size": size,
                 "dtype": dtype,
                 "device": str(dev),
+                "runtime": runtime,
                 "compile": compile or False,
                 "compile_scope": compile_scope if compile else None,
                 "cuda_graphs": cuda_graphs,
@@ -711,14 +776,14 @@ def format_table(rows: list[dict]) -> str:
               "1st step", "same merges: ops / fp32", "max diff: ops", "fp32 timm / ToMe")
     lines = [header]
     for row in rows:
-        checked = row["same_merges"] is not None
+        checked, diffed = row["same_merges"] is not None, row["tome_max_diff"] is not None
         lines.append((
             row["model"], row["r"] + ("" if row["merging"] or row["r"] == "0" else " (off)"), row["mode"],
             str(row["batch_size"]), f"{row['baseline_ims']:.1f}", f"{row['tome_ims']:.1f}", f"{row['ratio']:.2f}x",
             f"{row['flop_bound']:.2f}x", f"{100 * row['ratio_of_bound']:.0f}%", f"{row['first_ratio']:.2f}x",
             f"{100 * row['same_merges_as_ops']:.0f}% / {100 * row['same_merges']:.0f}%" if checked else "-",
             f"{row['ops_max_diff']:.1e}" if checked else "-",
-            f"{row['baseline_max_diff']:.1e} / {row['tome_max_diff']:.1e}" if checked else "-",
+            f"{row['baseline_max_diff']:.1e} / {row['tome_max_diff']:.1e}" if diffed else "-",
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
@@ -736,6 +801,21 @@ def write_csv(path: str, rows: list[dict]) -> None:
         for row in rows:
             writer.writerow({**row, "schedule": " ".join(str(v) for v in row["schedule"]),
                              "fused_kernels": " ".join(f"{k}={v}" for k, v in row["fused_kernels"].items())})
+
+
+def _check_onnxruntime(device: torch.device, dtype: str, modes: Sequence[str], compile: str | None,
+                       cuda_graphs: bool, auto_min_batch: bool, sdpa: str | None) -> None:
+    """The settings ``runtime="onnxruntime"`` can measure, and onnxruntime installed, or :class:`BenchError`."""
+    given = {"mode train": "train" in modes, f"dtype {dtype}": dtype != "fp32", f"device {device.type}":
+             device.type != "cpu", "compile": compile is not None, "cuda_graphs": cuda_graphs,
+             "auto_min_batch": auto_min_batch, "sdpa": sdpa is not None}
+    if any(given.values()):
+        raise BenchError(f"runtime=onnxruntime times fp32 inference on the CPU: "
+                         f"{', '.join(name for name, on in given.items() if on)} cannot apply")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise BenchError("runtime=onnxruntime needs onnxruntime: pip install 'tome-train[export]'") from None
 
 
 def _parent_ok(path: str) -> None:
@@ -766,7 +846,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side and mode")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side and mode (median reported)")
-    p.add_argument("--mode", nargs="+", choices=["infer", "train", "both"], default=["both"])
+    p.add_argument("--mode", nargs="+", choices=["infer", "train", "both"], default=None,
+                   help="default: both (with --runtime onnxruntime: infer)")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help=f"torch.compile both sides, in mode MODE ({', '.join(COMPILE_MODES)}; default: default)")
     p.add_argument("--compile-scope", choices=list(COMPILE_SCOPES), default="model",
@@ -780,6 +861,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="attention backend both sides try first (default: PyTorch's order)")
     p.add_argument("--auto-min-batch", action="store_true",
                    help="first measure from which batch size merging pays off; smaller batches run unmerged")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="torch",
+                   help="torch (default) or onnxruntime: both models exported to ONNX, fp32 inference on the CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--timer", choices=list(TIMERS), default="wall",
                    help="wall clock (default) or process CPU time (CPU only; robust to other load with --threads 1)")
@@ -817,7 +900,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    modes = list(MODES) if "both" in args.mode else args.mode
+    mode = args.mode or (["infer"] if args.runtime == "onnxruntime" else ["both"])
+    modes = list(MODES) if "both" in mode else mode
     cases = make_cases(args.model, [parse_r(t) for t in args.r], args.pair)
     device = resolve_device(args.device)
     if args.threads is not None:
@@ -831,14 +915,16 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
         warmup=args.warmup, steps=args.steps, modes=modes, prop_attn=args.prop_attn,
         compile=args.compile, compile_scope=args.compile_scope, cuda_graphs=args.cuda_graphs, timer=args.timer,
-        stat=args.stat, seed=args.seed, auto_min_batch=args.auto_min_batch, sdpa=args.sdpa, log=log,
+        stat=args.stat, seed=args.seed, auto_min_batch=args.auto_min_batch, sdpa=args.sdpa, runtime=args.runtime,
+        log=log,
     )
 
     machine = machine_info(device)
     print(f"{machine['host_cpu']}" + (f" / {machine['gpu']}" if "gpu" in machine else "")
           + f", torch {machine['torch']}, threads={machine['torch_threads']}, {args.dtype}, "
           + f"prop_attn={'on' if args.prop_attn else 'off'}{f', compiled ({args.compile}, ToMe by {args.compile_scope})' if args.compile else ''}"
-          + f"{', CUDA graphs' if args.cuda_graphs else ''}, "
+          + f"{', CUDA graphs' if args.cuda_graphs else ''}"
+          + f"{', onnxruntime' if args.runtime == 'onnxruntime' else ''}, "
           + f"{args.stat} of {args.steps} steps, {args.timer} clock")
     others = max((row["other_cpus"] for row in rows if row["other_cpus"] is not None), default=None)
     if others is not None and others > 0.25 and args.timer == "wall":

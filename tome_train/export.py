@@ -77,12 +77,9 @@ def read_tradeoff(checkpoint: Path) -> list[dict] | None:
     return None
 
 
-def export_onnx(model, img_size: int, path: Path, batch_size: int = 2) -> float:
-    """Write ``model.onnx`` (batch dimension dynamic) and return the max abs difference
-    between onnxruntime and PyTorch on random inputs."""
-    import onnxruntime as ort
-
-    example = torch.randn(batch_size, 3, img_size, img_size)
+def write_onnx(model, example: torch.Tensor, path: Path) -> None:
+    """Write ``model`` to ``path`` as ONNX, traced on ``example`` ``[B, 3, H, W]`` (B >= 2), the batch dimension
+    dynamic."""
     with warnings.catch_warnings():
         # the tracer notes that token counts become constants: they are, for a fixed input size
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -91,9 +88,25 @@ def export_onnx(model, img_size: int, path: Path, batch_size: int = 2) -> float:
             model, (example,), str(path), input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False,
         )
+
+
+def onnx_session(path: Path, threads: int | None = None):
+    """An onnxruntime session of ``path`` on the CPU (``threads`` intra-op threads; ``None``: onnxruntime's
+    choice)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3  # intermediate shapes are symbolic in the graph; not a problem
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(model, img_size: int, path: Path, batch_size: int = 2) -> float:
+    """Write ``model.onnx`` (batch dimension dynamic) and return the max abs difference
+    between onnxruntime and PyTorch on random inputs."""
+    write_onnx(model, torch.randn(batch_size, 3, img_size, img_size), path)
+    session = onnx_session(path)
     check = torch.randn(batch_size + 1, 3, img_size, img_size)
     with torch.no_grad():
         expected = model(check).numpy()
