@@ -649,6 +649,7 @@ def run_benchmark(
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    onnx = runtime == "onnxruntime"
     rows = []
     for case in cases:
         torch.manual_seed(seed)
@@ -667,9 +668,9 @@ def run_benchmark(
         target = torch.randint(0, max(base.num_classes, 1), (batch_size,), device=dev)
         for mode in modes:
             log(f"{case.model} r={case.r_label} {mode}: warmup {warmup}, {steps} interleaved steps per side"
-                + (" in onnxruntime" if runtime == "onnxruntime" else ""))
-            with tempfile.TemporaryDirectory(prefix="tome-bench-") as onnx_dir:
-                if runtime == "onnxruntime":
+                + (" in onnxruntime" if onnx else ""))
+            with tempfile.TemporaryDirectory(prefix="tome-bench-") if onnx else nullcontext() as onnx_dir:
+                if onnx:
                     a, b = (_OnnxRunner(m, x, Path(onnx_dir) / f"{side}.onnx", TIMERS[timer])
                             for m, side in ((base, "timm"), (tome, "tome")))
                 else:
@@ -680,7 +681,7 @@ def run_benchmark(
                 meter = OtherLoad().start()
                 t_base, t_tome, recompiles = time_pair(a, b, warmup, steps, STATS[stat])
                 other_cpus = meter.stop() if dev.type == "cpu" else None
-            if runtime == "onnxruntime":
+            if onnx:
                 checks = check_onnx_outputs(a, b)
             else:
                 checks = check_outputs(a, b) if mode == "infer" else {}
