@@ -92,6 +92,20 @@ def test_onnx_runtime_matches(exported, trained):
         assert abs(got - expected).max() <= 1e-4
 
 
+def test_torch_export_records_pytorchs_ops_not_the_librarys(trained):
+    """``torch.export`` (AOTInductor, ExecuTorch, ONNX's dynamo exporter) records the matching and the merge as
+    PyTorch's ops: the custom ops that ``torch.compile``'s graphs call run tome_train's Python, which an exported
+    program does not have. The program computes the trained model's logits, merges included."""
+    images = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(trained, (images,))
+    graphs = [m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    targets = {str(node.target) for graph in graphs for node in graph.nodes if node.op == "call_function"}
+    assert not [t for t in targets if "tome_train" in t]
+    assert {"aten.max.dim", "aten.argsort.stable", "aten.scatter_add_.default", "aten.index_select.default"} <= targets
+    with torch.no_grad():
+        assert torch.allclose(program.module()(images), trained(images), atol=1e-6)
+
+
 def test_export_at_another_r_and_ema_flag(digits_run, tmp_path):
     result = export(digits_run.last, tmp_path / "r2", r=2)
     assert json.loads((tmp_path / "r2" / "tome.json").read_text())["schedule"] == [2] * 6

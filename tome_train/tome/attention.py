@@ -123,7 +123,7 @@ _trained_size_biased_attention = kernels.FastestPath(
 def _as_op(path: kernels.FastestPath, q: torch.Tensor) -> bool:
     """Whether ``torch.compile`` gets attention as a custom op running ``path``'s eager choice: on the devices
     where the path may choose a kernel (elsewhere inductor's own lowering of the mask loses nothing)."""
-    return torch.compiler.is_compiling() and q.device.type in path.device_types
+    return kernels.compiling_with_ops() and q.device.type in path.device_types
 
 
 @torch.library.custom_op("tome_train::size_biased_attention", mutates_args=())

@@ -35,6 +35,13 @@ def recorded_into_graph(device: torch.device) -> bool:
     return torch.compiler.is_compiling() or capturing(device)
 
 
+def compiling_with_ops() -> bool:
+    """Whether ``torch.compile`` is tracing, and so a merging layer reaches the graph as the library's custom ops
+    (which run the eager choice). Not under ``torch.export``: an exported program runs without Python (ONNX, AOTInductor),
+    so it records PyTorch's ops."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
 @contextlib.contextmanager
 def autograd_recording() -> Iterator[None]:
     """Autograd records, also where it would not: under ``no_grad``, and inside a custom op's implementation,

@@ -334,7 +334,7 @@ def match_keys(
         return None
     with torch.no_grad(), torch.autocast(keys.device.type, enabled=False):
         sizes = size.reshape(-1) if size is not None else None
-        if torch.compiler.is_compiling():
+        if kernels.compiling_with_ops():
             perm, dest, weight, new_size = compiled_plan_layer(keys, sizes, r, num_protected, dtype)
         else:
             perm, dest, weight, new_size, _, _ = _plan_layer(keys, sizes, r, num_protected, dtype)
@@ -531,7 +531,7 @@ def merge_wavg(
     # the tracer (ONNX export) records k as a tensor, to keep the batch size dynamic: the plain ops take it
     needs_grad = x.requires_grad or (branch is not None and branch.requires_grad)
     differentiable = torch.is_grad_enabled() and needs_grad and not torch.jit.is_tracing()
-    if torch.compiler.is_compiling():
+    if kernels.compiling_with_ops():
         out = compiled_weighted_merge(*args)
     else:
         out = _WeightedMerge.apply(*args) if differentiable else _merge_rows(*args)
