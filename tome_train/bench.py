@@ -632,7 +632,8 @@ def run_benchmark(
     if sdpa is not None:
         _check_choice("sdpa", sdpa, SDPA_BACKENDS)
     _check_choice("runtime", runtime, RUNTIMES)
-    if runtime == "onnxruntime":
+    onnx = runtime == "onnxruntime"
+    if onnx:
         _check_onnxruntime(dev, dtype, modes, compile, cuda_graphs, auto_min_batch, sdpa)
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes or not modes:
@@ -649,7 +650,6 @@ def run_benchmark(
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    onnx = runtime == "onnxruntime"
     rows = []
     for case in cases:
         torch.manual_seed(seed)
