@@ -95,15 +95,17 @@ def test_onnx_runtime_matches(exported, trained):
 def test_torch_export_records_pytorchs_ops_not_the_librarys(trained):
     """``torch.export`` (AOTInductor, ExecuTorch, ONNX's dynamo exporter) records the matching and the merge as
     PyTorch's ops: the custom ops that ``torch.compile``'s graphs call run tome_train's Python, which an exported
-    program does not have. The program computes the trained model's logits, merges included."""
+    program does not have. The program computes the trained model's logits, merges included, at any batch size."""
     images = torch.randn(2, 3, 32, 32)
-    program = torch.export.export(trained, (images,))
+    program = torch.export.export(trained, (images,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
     graphs = [m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
     targets = {str(node.target) for graph in graphs for node in graph.nodes if node.op == "call_function"}
     assert not [t for t in targets if "tome_train" in t]
     assert {"aten.max.dim", "aten.argsort.stable", "aten.scatter_add_.default", "aten.index_select.default"} <= targets
     with torch.no_grad():
-        assert torch.allclose(program.module()(images), trained(images), atol=1e-6)
+        for batch in (1, 3):  # any batch size, as a server sends them
+            images = torch.randn(batch, 3, 32, 32)
+            assert torch.allclose(program.module()(images), trained(images), atol=1e-6)
 
 
 def test_export_at_another_r_and_ema_flag(digits_run, tmp_path):
