@@ -13,7 +13,7 @@
 # tested with into .whl/ beforehand (`pip download --no-deps --only-binary=:all: timm==1.0.31 -d .whl`)
 # and it is installed into /tmp/site first. Steps run in order of importance; each adds its rows to
 # results.json (keyed by step) as soon as it ends, and a failing step does not stop the next, so a
-# cut-short run still returns what it had, in three files.
+# cut-short run still returns what it had, in three files (and targets.md: the issue's targets, met or not).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-gpu}
@@ -197,4 +197,7 @@ step compile_b_train "${B[@]}" --mode train --dtype bf16 --batch-size 128 --warm
 # min_batch calibrated as in the eager latency step.
 step latency_cudagraphs "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 \
     --compile reduce-overhead --auto-min-batch
+# Last, what the run says of issue 7's targets (no GPU, a second): targets.md.
+[ -s "$out/results.json" ] && python3 scripts/speed_targets.py "$out/results.json" --markdown "$out/targets.md" \
+    | tee -a "$out/log"
 echo "== done" | tee -a "$out/log"

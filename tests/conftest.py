@@ -1,6 +1,7 @@
 """Shared fixtures: one short real training run on the bundled digits, reused by the tests
 that need a trained checkpoint, a wandb offline run or a trade-off report."""
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,6 +39,7 @@ def load_script(monkeypatch):
     def load(name: str):
         spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
 
