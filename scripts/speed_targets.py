@@ -3,7 +3,7 @@ target and whether they meet it; then, for each target, the latest run that meas
 target's ratio over the runs, against its threshold.
 
     python scripts/speed_targets.py docs/gpu-runs/*/results.json docs/gpu-runs/*/*/results.json \
-        --markdown targets.md --plot docs/gpu-runs/targets.png
+        docs/cpu-runs/*/*.json --markdown docs/targets.md --plot docs/targets.png
 
 A file is either one ``python -m tome_train.bench --output`` file or ``scripts/bench_gpu.sh``'s ``results.json``
 (that file per step). A run is one file, named by its folder and dated by its first row's machine; within a run
@@ -40,7 +40,8 @@ class Target:
                 and row.get("batch_size") == self.batch_size and row.get("dtype") == self.dtype
                 and row.get("img_size") == 224
                 and str(row.get("device", "")).split(":")[0] == self.device
-                and row.get("prop_attn") is True and bool(row.get("compile")) == self.compiled)
+                and row.get("prop_attn") is True and row.get("runtime", "torch") == "torch"
+                and bool(row.get("compile")) == self.compiled)
 
     @property
     def needs(self) -> str:
@@ -63,8 +64,7 @@ class Target:
 
 
 MAX_FIRST_RATIO = 1.5
-B, L = ("vit_base_patch16_224", "16"), ("vit_large_patch16_224", "8")
-S_CPU, B_CPU = ("vit_small_patch16_224", "13"), ("vit_base_patch16_224", "16")
+S, B, L = ("vit_small_patch16_224", "13"), ("vit_base_patch16_224", "16"), ("vit_large_patch16_224", "8")
 TARGETS = (
     Target("ViT-B/16 r16 inference, fp16, batch 256", *B, "infer", 256, "fp16", "cuda", min_ratio=1.8),
     Target("ViT-L/16 r8 inference, fp16, batch 256", *L, "infer", 256, "fp16", "cuda", min_ratio=1.8),
@@ -75,10 +75,10 @@ TARGETS = (
     Target("compiled ViT-B/16 r16 training", *B, "train", 128, "bf16", "cuda", min_ratio=1.7, compiled=True),
     Target("compiled ViT-L/16 r8 training", *L, "train", 64, "bf16", "cuda", min_ratio=1.7, compiled=True),
     Target("ViT-B/16 r16 batch-1 latency, fp16", *B, "infer", 1, "fp16", "cuda", min_ratio=1.0),
-    Target("CPU ViT-S/16 r13 inference, fp32, batch 32", *S_CPU, "infer", 32, "fp32", "cpu", min_of_bound=0.95),
-    Target("CPU ViT-B/16 r16 inference, fp32, batch 32", *B_CPU, "infer", 32, "fp32", "cpu", min_of_bound=0.95),
-    Target("CPU ViT-S/16 r13 training, fp32, batch 32", *S_CPU, "train", 32, "fp32", "cpu", min_of_bound=0.95),
-    Target("CPU ViT-B/16 r16 training, fp32, batch 32", *B_CPU, "train", 32, "fp32", "cpu", min_of_bound=0.95),
+    Target("CPU ViT-S/16 r13 inference, fp32, batch 32", *S, "infer", 32, "fp32", "cpu", min_of_bound=0.95),
+    Target("CPU ViT-B/16 r16 inference, fp32, batch 32", *B, "infer", 32, "fp32", "cpu", min_of_bound=0.95),
+    Target("CPU ViT-S/16 r13 training, fp32, batch 32", *S, "train", 32, "fp32", "cpu", min_of_bound=0.95),
+    Target("CPU ViT-B/16 r16 training, fp32, batch 32", *B, "train", 32, "fp32", "cpu", min_of_bound=0.95),
 )
 
 
@@ -98,7 +98,8 @@ def read_run(path: Path, name: str) -> Run | None:
     rows, dates = [], []
     for step, out in outputs.items():
         bench_rows = [row for row in out.get("results", []) if isinstance(row, dict) and "ratio" in row]
-        rows += [{**row, "step": step or path.stem} for row in bench_rows]
+        threads = out.get("machine", {}).get("torch_threads")
+        rows += [{**row, "step": step, "threads": threads} for row in bench_rows]
         if bench_rows and "date" in out.get("machine", {}):
             dates.append(out["machine"]["date"])
     return Run(name, min(dates, default=""), rows) if rows else None
@@ -120,6 +121,11 @@ def setting(row: dict) -> str:
     parts = [f"compiled ({row['compile']}, {row.get('compile_scope') or 'model'})" if row.get("compile") else "uncompiled"]
     if row.get("cuda_graphs"):
         parts.append("each step one CUDA graph")
+    if str(row.get("device")) == "cpu":
+        threads = row.get("threads")
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}, "
+                     f"{'process CPU time' if row.get('timer') == 'cpu' else 'wall clock'}")
+    parts.append(f"{row.get('stat', 'median')} of {row.get('steps')} steps")
     if row.get("merging") is False:
         parts.append(f"merging off (min_batch {row.get('min_batch')})")
     return ", ".join(parts)
@@ -151,6 +157,10 @@ def _figure(verdict: dict, target: Target) -> str:
     return text
 
 
+def _where(verdict: dict) -> str:
+    return f"{verdict['run']} ({verdict['step']})" if verdict["step"] else verdict["run"]
+
+
 def markdown(runs: list[Run]) -> str:
     """The latest verdict per target (unmeasured ones named too), then every run's."""
     rows = verdicts(runs)
@@ -162,12 +172,12 @@ def markdown(runs: list[Run]) -> str:
             lines.append(f"| {target.name} | {target.needs} | not measured | | | |")
             continue
         v = max(measured, key=lambda v: v["date"])
-        lines.append(f"| {target.name} | {target.needs} | {v['run']} ({v['step']}) | {v['setting']} | "
+        lines.append(f"| {target.name} | {target.needs} | {_where(v)} | {v['setting']} | "
                      f"{_figure(v, target)} | {'**met**' if v['met'] else 'not met'} |")
     lines += ["", "Every run, oldest first:", "", "| run | target | step | setting | measured | met |",
               "|---|---|---|---|---|---|"]
     for v in sorted(rows, key=lambda v: v["date"]):
-        lines.append(f"| {v['run']} | {v['target']} | {v['step']} | {v['setting']} | "
+        lines.append(f"| {v['run']} | {v['target']} | {v['step'] or '-'} | {v['setting']} | "
                      f"{_figure(v, by_name[v['target']])} | {'yes' if v['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -180,19 +190,19 @@ def plot(runs: list[Run], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = verdicts(sorted(runs, key=lambda run: run.date))
+    on_gpu = {t.name for t in TARGETS if t.device == "cuda"}
+    rows = [v for v in verdicts(sorted(runs, key=lambda run: run.date)) if v["target"] in on_gpu]
     names = list(dict.fromkeys(v["run"] for v in rows))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     for ax, mode in zip(axes, ("infer", "train")):
-        for target in TARGETS:
-            if target.mode != mode or target.device != "cuda" or target.batch_size == 1:
-                continue
+        shown = [t for t in TARGETS if t.mode == mode and t.device == "cuda" and t.batch_size > 1]
+        for target in shown:
             points = [(names.index(v["run"]), v["ratio"]) for v in rows if v["target"] == target.name]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", linestyle="--" if target.compiled else "-", label=target.name)
-        threshold = 1.8 if mode == "infer" else 1.7
-        ax.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"target {threshold}x")
+        for threshold in sorted({t.min_ratio for t in shown}):
+            ax.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"target {threshold}x")
         ax.axhline(1.0, color="grey", linewidth=0.5)
         ax.set_title("inference" if mode == "infer" else "training")
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)

@@ -78,7 +78,7 @@ def test_a_row_meets_a_target_at_its_threshold(targets, name, changes, met):
 
 
 @pytest.mark.parametrize("changes", [{"prop_attn": False}, {"img_size": 64}, {"r": "8"}, {"compile": "default"},
-                                     {"device": "cpu"}, {"dtype": "bf16"}])
+                                     {"device": "cpu"}, {"dtype": "bf16"}, {"runtime": "onnxruntime"}])
 def test_a_row_at_other_settings_measures_no_target_of_its_model(targets, changes):
     assert not _target(targets, "ViT-B/16 r16 inference, fp16, batch 256").measures(_row(**changes))
 
@@ -94,7 +94,7 @@ def test_the_command_writes_the_table_and_the_chart(targets, tmp_path, capsys):
                                "2026-11-27-h100-device-time/run-f2 (infer_b_graphs) |")
     assert "| compiled ViT-L/16 r8 inference | >= 1.80x, compile <= 1.5x, 0 recompiles | not measured |" in table
     assert "| 2026-11-27-h100-kernels (compile_b_train_regions_graphs) | compiled (default, regions), each step one " \
-           "CUDA graph | 1.46x, compile 1.58x, 0 recompiles | not met |" in table
+           "CUDA graph, median of 10 steps | 1.46x, compile 1.58x, 0 recompiles | not met |" in table
     import matplotlib.image
 
     assert matplotlib.image.imread(tmp_path / "targets.png").shape[:2] == (528, 1430)
@@ -112,3 +112,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
                                 capture_output=True, text=True)
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.startswith("error: ") and needle in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_the_kept_table_is_what_the_kept_runs_make(targets, tmp_path, capsys):
+    """docs/targets.md, made by the command docs/performance.md gives, stays in step with the runs kept beside it."""
+    files = [*sorted(RUNS.glob("*/results.json")), *sorted(RUNS.glob("*/*/results.json")),
+             *sorted((ROOT / "docs" / "cpu-runs").glob("*/*.json"))]
+    assert targets.main([*map(str, files), "--markdown", str(tmp_path / "targets.md")]) == 0
+    assert (tmp_path / "targets.md").read_text() == (ROOT / "docs" / "targets.md").read_text(), (
+        "regenerate docs/targets.md with the command in docs/performance.md")
