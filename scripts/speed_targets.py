@@ -45,7 +45,8 @@ class Target:
 
     @property
     def needs(self) -> str:
-        parts = [f">= {self.min_ratio:.2f}x" if self.min_ratio is not None else f">= {self.min_of_bound:.0%} of the bound"]
+        parts = [f">= {self.min_ratio:.2f}x" if self.min_ratio is not None
+                 else f">= {self.min_of_bound:.0%} of the bound"]
         if self.compiled:
             parts.append(f"compile <= {MAX_FIRST_RATIO}x, 0 recompiles")
         return ", ".join(parts)
@@ -118,7 +119,8 @@ def run_names(paths: list[Path]) -> list[str]:
 
 
 def setting(row: dict) -> str:
-    parts = [f"compiled ({row['compile']}, {row.get('compile_scope') or 'model'})" if row.get("compile") else "uncompiled"]
+    compiled = row.get("compile")
+    parts = [f"compiled ({compiled}, {row.get('compile_scope') or 'model'})" if compiled else "uncompiled"]
     if row.get("cuda_graphs"):
         parts.append("each step one CUDA graph")
     if str(row.get("device")) == "cpu":
