@@ -148,6 +148,11 @@ want overlap && run_step overlap 60 python3 scripts/overlap_probe.py --heads 16 
     --output "$steps_dir/overlap.json" && gather
 want overlap_b && run_step overlap_b 60 python3 scripts/overlap_probe.py --heads 12 --r 16 --tokens 181 117 37 \
     --output "$steps_dir/overlap_b.json" && gather
+# ViT-B inference under whole-step CUDA graphs, the plan beside attention inside the capture too (the library plans
+# after attention there): does the second stream capture and replay, and is the step faster than the library's?
+want variants_b_graphs && run_step variants_b_graphs 150 python3 scripts/variant_probe.py --device cuda --mode infer \
+    --cuda-graphs --variants library plan_beside_in_graphs --warmup 3 --steps 10 \
+    --output "$steps_dir/variants_b_graphs.json" && gather
 # A first step's Triton builds, one after another and in a pool of 16 threads, each from an empty cache (the steps
 # above share one): ViT-B and ViT-L inference, batch 256, fp16.
 want builds_b && run_step builds_b 120 python3 scripts/build_probe.py "${B[@]}" --batch-size 256 --workers 1 16 \

@@ -17,8 +17,13 @@ worth is measured end to end (on a host-bound step, launches count as much as th
   where they measure faster;
 - ``no_fused_merge_norm``: in inference the merge kernels, then PyTorch's norm, not the one kernel for both;
 - ``no_plan_beside``: in inference the plan after attention, not on a second stream beside it;
+- ``plan_beside_in_graphs``: the plan beside attention wherever it was chosen, inside CUDA-graph captures too (the
+  library plans after attention there until a GPU run shows the two streams capture and replay as they run
+  eagerly: with ``--cuda-graphs``, this variant's row, or its error);
 - ``no_triton_attention``: SDPA's mask for proportional attention, the other kernels where they measure
   faster.
+
+``--cuda-graphs`` captures each side's whole step as one CUDA graph (``bench --cuda-graphs``; a GPU).
 
 Rows: the bench's rows (``ratio`` against timm, both sides' images/s, the output check) with ``variant``.
 """
@@ -35,6 +40,12 @@ from tome_train import bench
 from tome_train.tome import attention, kernels, merge, timm_patch
 
 
+def plans_beside_attention_in_graphs(state: "timm_patch.ToMeState", x: torch.Tensor) -> bool:
+    """:func:`timm_patch.plans_beside_attention` without its rule against CUDA-graph captures."""
+    return (state.compile_mode is None and not torch.is_grad_enabled()
+            and timm_patch._merging_first_half.applies(x.device))
+
+
 SWAPS = {
     "library": {},
     "torch_ops_only": {(kernels.FastestPath, "enabled"): False},
@@ -48,6 +59,7 @@ SWAPS = {
     # held broken, the path is not taken: the merge hands the MLP no norm, as before the kernel
     "no_fused_merge_norm": {(merge._merge_norm_rows, "broken"): True},
     "no_plan_beside": {(timm_patch._merging_first_half, "broken"): True},
+    "plan_beside_in_graphs": {(timm_patch, "plans_beside_attention"): plans_beside_attention_in_graphs},
     "no_triton_attention": {(attention, "_size_biased_attention"): attention._masked_attention,
                             (attention, "_trained_size_biased_attention"): attention._packed_masked_attention},
 }
@@ -78,6 +90,7 @@ def main(argv=None):
     p.add_argument("--train-batch-size", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cuda-graphs", action="store_true", help="each side's whole step as one CUDA graph")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
@@ -91,7 +104,7 @@ def main(argv=None):
                 with swapped(variant):
                     results = bench.run_benchmark([(args.model, args.r)], device=args.device, dtype=dtype,
                                                   batch_size=batch_size, img_size=args.img_size, warmup=args.warmup,
-                                                  steps=args.steps, modes=[mode])
+                                                  steps=args.steps, modes=[mode], cuda_graphs=args.cuda_graphs)
             except Exception as err:  # a kernel that does not build or run here: said in its row
                 results = [{"model": args.model, "r": args.r, "mode": mode, "error": str(err).splitlines()[0][:200]}]
             for row in results:

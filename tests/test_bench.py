@@ -324,6 +324,11 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(load_script, tmp
     with probe.swapped("no_plan_beside"):
         assert timm_patch._merging_first_half.broken and library_paths() == library
     assert not timm_patch._merging_first_half.broken
+    library_rule = timm_patch.plans_beside_attention
+    with probe.swapped("plan_beside_in_graphs"):
+        assert timm_patch.plans_beside_attention is probe.plans_beside_attention_in_graphs
+        assert library_paths() == library
+    assert timm_patch.plans_beside_attention is library_rule
     with probe.swapped("no_triton_attention"):
         assert library_paths() == (*library[:3], attention._masked_attention, attention._packed_masked_attention,
                                    *library[5:])
@@ -347,6 +352,12 @@ def test_variant_probe_swaps_the_candidates_in_for_one_run_each(load_script, tmp
         if row["mode"] == "infer":  # the candidate's forward against its own eager fp32 forward
             assert row["same_merges"] == 1.0 and row["tome_max_diff"] <= 1e-5
     assert library_paths() == library
+
+    # --cuda-graphs reaches the bench, which refuses it without a GPU: said in each variant's row
+    probe.main(["--device", "cpu", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--r", "2", "--mode", "infer",
+                "--variants", "plan_beside_in_graphs", "--cuda-graphs", "--output", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["variant"] == "plan_beside_in_graphs" and row["error"] == "cuda_graphs needs a CUDA device, not cpu", row
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
