@@ -77,6 +77,11 @@ step compile_b_infer_regions_graphs "${B[@]}" --mode infer --dtype fp16 --batch-
     --compile --compile-scope regions --cuda-graphs
 # Batch 1 latency; the ToMe side first measures from which batch merging pays off (--auto-min-batch).
 step latency "${B[@]}" --mode infer --dtype fp16 --batch-size 1 --warmup 10 --steps 50 --auto-min-batch
+# The compiled targets for ViT-L too (the issue asks the same ratios of both models), after ViT-B's.
+step compile_l_train_regions_graphs "${L[@]}" --mode train --dtype bf16 --batch-size 64 --warmup 3 --steps 10 \
+    --compile --compile-scope regions --cuda-graphs
+step compile_l_infer_regions_graphs "${L[@]}" --mode infer --dtype fp16 --batch-size 256 --warmup 3 --steps 10 \
+    --compile --compile-scope regions --cuda-graphs
 # Where each model spends its GPU time (ViT-B r16; inference: batch 256, fp16; training: forward and
 # backward, batch 128, bf16): top kernels as JSON.
 want profile && run_step profile 150 python3 - "$out/profile.json" <<'EOF'
