@@ -39,7 +39,9 @@ def compiling_with_ops() -> bool:
     """Whether ``torch.compile`` is tracing, and so a merging layer reaches the graph as the library's custom ops
     (which run the eager choice). Not under ``torch.export``: an exported program runs without Python (ONNX, AOTInductor),
     so it records PyTorch's ops."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    # the flag torch.export sets around its trace, read directly: Dynamo in torch 2.11 (the GPU machine's) folds
+    # torch.compiler.is_exporting() to True inside every trace, torch.compile's included
+    return torch.compiler.is_compiling() and not torch.compiler._is_exporting_flag
 
 
 @contextlib.contextmanager
