@@ -165,9 +165,11 @@ want builds_b && run_step builds_b 120 python3 scripts/build_probe.py "${B[@]}" 
 want builds_l && run_step builds_l 120 python3 scripts/build_probe.py "${L[@]}" --batch-size 256 --workers 1 16 \
     --output "$steps_dir/builds_l.json" && gather
 # The tests that need a GPU, on kernels compiled as the library runs them (not Triton's interpreter): the device
-# timer, CUDA graphs and compiled CUDA graphs, the plan beside attention on real streams.
+# timer, CUDA graphs and compiled CUDA graphs, the plan beside attention on real streams; and, on this machine's
+# torch, that a compiled graph calls the library's plan and merge ops (torch 2.11's Dynamo once hid them).
 want gpu_tests && run_step gpu_tests 240 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_kernels.py tests/test_bench.py -k "on_a_gpu or cuda_graphs or reduce_overhead"
+    tests/test_kernels.py tests/test_bench.py tests/test_compile.py \
+    -k "on_a_gpu or cuda_graphs or reduce_overhead or two_ops_in_the_graph"
 # One attention layer at ViT-B's shape: every way onto the fused kernels (backends, mask layouts) against
 # plain attention, at 197, 117 and 37 tokens; the Triton kernels also with other blocks than the library's
 # (forward 64x32, backward 128x32): the forward's earlier 128x64 and 64x64, the backward at 64 rows per program.
