@@ -95,14 +95,25 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_bad_config_is_refused_before_torch_is_imported(tmp_path):
-    """A typo costs a fraction of a second, not the seconds torch, timm and Lightning take to import."""
-    script = ("import sys; from tome_train.cli import main; "
-              "rc = main(['--recipe', 'digits_vit_r6', 'tome.r_train=-1', 'trainer.compile=false']); "
-              "print(rc, 'torch' in sys.modules)")
+@pytest.mark.parametrize("args, error", [
+    (["--recipe", "digits_vit_r6", "tome.r_train=-1", "trainer.compile=false"],
+     "tome.r_train: r=-1 is not allowed: use a non-negative integer"),
+    (["--recipe", "deit_small_r13"], "data.root is required for data.source=webdataset"),
+    (["--recipe", "mae_vitl_r8", "--dry-run", "data.root=/does/not/exist"],
+     "webdataset root /does/not/exist is not a directory"),
+    (["--recipe", "deit_small_r13", "data.source=imagefolder", "data.root=."],
+     "imagefolder train directory ./train does not exist"),
+    (["model.checkpoint=missing.pth"], "model.checkpoint=missing.pth: no such file"),
+    (["--resume", "missing.ckpt"], "--resume missing.ckpt: no such checkpoint file"),
+])
+def test_bad_config_or_missing_path_is_refused_before_torch_is_imported(tmp_path, args, error):
+    """A typo or a missing data or checkpoint path costs a fraction of a second, not the seconds torch, timm and
+    Lightning take to import."""
+    script = f"import sys; from tome_train.cli import main; rc = main({args!r}); print(rc, 'torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert result.stdout.split() == ["2", "False"], result.stderr
-    assert result.stderr == "error: tome.r_train: r=-1 is not allowed: use a non-negative integer\n"
+    assert result.stderr == f"error: {error}\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_lists_and_prints_config(tmp_path):

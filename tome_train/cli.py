@@ -17,14 +17,18 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, list_recipes, load_config
+from .data import DataError, check_locations
+
+EARLY_USER_ERRORS = (ConfigError, DataError, FileNotFoundError)  # bad input said before torch is imported
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Every error type that means bad input (one line, exit 2), not a bug."""
-    from .data import DataError
+    """The error types that mean bad input (one line, exit 2), not a bug, besides those of :data:`EARLY_USER_ERRORS`:
+    their modules import torch."""
     from .models import CheckpointError
     from .tome import ScheduleError, UnsupportedModelError
 
-    return (ConfigError, DataError, CheckpointError, ScheduleError, UnsupportedModelError, FileNotFoundError)
+    return (CheckpointError, ScheduleError, UnsupportedModelError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,8 +127,22 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     )
 
 
+def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
+    """The paths a run reads, checked before torch and Lightning are imported (which takes seconds): the data
+    (:func:`.data.check_locations`), the checkpoint it resumes (``resume``, else the newest in its run directory)
+    and, where it resumes none, the one it starts from (``model.checkpoint``). Returns the checkpoint to resume."""
+    check_locations(cfg.data)
+    ckpt = Path(resume) if resume else find_resume_checkpoint(Path(cfg.output_dir).resolve())
+    if ckpt is not None and not ckpt.is_file():
+        raise FileNotFoundError(f"--resume {ckpt}: no such checkpoint file")
+    if cfg.model.checkpoint and ckpt is None and not Path(cfg.model.checkpoint).is_file():
+        raise FileNotFoundError(f"model.checkpoint={cfg.model.checkpoint}: no such file")
+    return ckpt
+
+
 def train(cfg: DictConfig, resume: str | None = None) -> dict:
     """Fit the recipe, then measure and log the accuracy/throughput trade-off."""
+    ckpt = check_run_inputs(cfg, resume)
     import pytorch_lightning as pl
 
     from .data import ImageDataModule
@@ -137,11 +155,6 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     run_dir = Path(cfg.output_dir).resolve()
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
     datamodule.check()
-    ckpt = Path(resume) if resume else find_resume_checkpoint(run_dir)
-    if ckpt is not None and not ckpt.is_file():
-        raise FileNotFoundError(f"--resume {ckpt}: no such checkpoint file")
-    if cfg.model.checkpoint and ckpt is None and not Path(cfg.model.checkpoint).is_file():
-        raise FileNotFoundError(f"model.checkpoint={cfg.model.checkpoint}: no such file")
 
     pl.seed_everything(cfg.seed, workers=True)
     module = ToMeClassifier(cfg, pretrained=ckpt is None and cfg.model.checkpoint is not None)
@@ -178,6 +191,8 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
 def dry_run(cfg: DictConfig) -> str:
     """The plan of a run: batch, lr, steps, schedule and FLOPs, data found, checkpoint loaded."""
     from .config import eval_schedule, global_batch, peak_lr, schedule_of
+
+    check_run_inputs(cfg)
     from .data import ImageDataModule
     from .models import build_model, checkpoint_summary
     from .tome import ViTDims, apply_tome, flop_bound, vit_flops
@@ -269,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(cfg))
         else:
             train(cfg, resume=args.resume)
-    except ConfigError as e:  # most bad input: refused before torch is imported
+    except EARLY_USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

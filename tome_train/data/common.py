@@ -12,9 +12,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-class DataError(ValueError):
-    """Missing or unusable data; the message is one line naming the path or pattern."""
-
 
 def as_config(data_cfg: Any) -> DictConfig:
     """Accept a DictConfig, a DataConfig dataclass or a plain dict."""

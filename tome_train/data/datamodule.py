@@ -10,10 +10,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DATA_SOURCES
-from . import digits, imagefolder, stream
+from . import digits, imagefolder, locations, stream
 from .common import (
-    DataError,
     EpochDataLoader,
     ExactSampler,
     TrainSampler,
@@ -41,8 +39,7 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(self, data_cfg: Any, img_size: int, seed: int = 0, *, with_meta: bool = False):
         super().__init__()
         self.cfg = as_config(data_cfg)
-        if self.cfg.source not in DATA_SOURCES:
-            raise DataError(f"data.source={self.cfg.source!r} is not one of {', '.join(DATA_SOURCES)}")
+        locations.check_source(self.cfg)
         self.img_size = int(img_size)
         self.seed = int(seed)
         self.with_meta = with_meta
@@ -57,26 +54,17 @@ class ImageDataModule(pl.LightningDataModule):
         return self.cfg.source
 
     def check(self) -> None:
-        """Raise DataError (one line naming the missing path or pattern) unless the data is there."""
+        """Raise DataError (one line naming the missing path or pattern) unless the data is there and readable."""
+        locations.check_locations(self.cfg)
         if self.source == "digits":
             digits.digits_split(float(self.cfg.val_fraction))
         elif self.source == "imagefolder":
-            imagefolder.check_tree(self.cfg.root)
             self._dataset("train")  # an empty or unreadable tree fails here, with its path
             self._dataset("val")
-        else:
-            self._shards("train")
-            self._shards("val")
 
     def _shards(self, split: str) -> list[str]:
         if split not in self._urls:
-            if not self.cfg.root:
-                raise DataError("data.root is required for data.source=webdataset")
-            for key in (f"{split}_shards", f"{split}_samples"):
-                if self.cfg[key] is None:
-                    raise DataError(f"data.{key} is required for data.source=webdataset (see configs/data/imagenet_wds.yaml)")
-            pattern = self.cfg.train_shards if split == "train" else self.cfg.val_shards
-            self._urls[split] = stream.check_shards(self.cfg.root, pattern, split)
+            self._urls[split] = locations.webdataset_shards(self.cfg, split)
         return self._urls[split]
 
     @property
@@ -154,9 +142,7 @@ class ImageDataModule(pl.LightningDataModule):
             if self.source == "digits":
                 ds = digits.DigitsDataset(self.cfg, self.img_size, train=train, with_meta=self.with_meta)
             elif self.source == "imagefolder":
-                if not self.cfg.root:
-                    raise DataError("data.root is required for data.source=imagefolder")
-                imagefolder.check_tree(self.cfg.root)
+                locations.check_locations(self.cfg)
                 tf = train_transform(self.cfg, self.img_size) if train else eval_transform(self.cfg, self.img_size)
                 ds = imagefolder.Folder(self.cfg.root, split, tf, with_meta=self.with_meta)
             else:

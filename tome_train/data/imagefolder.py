@@ -6,25 +6,7 @@ import os
 from torch.utils.data import get_worker_info
 from torchvision.datasets import ImageFolder
 
-from .common import DataError
-
-SPLITS = {"train": "train", "val": "val"}
-
-
-def split_dir(root: str, split: str) -> str:
-    return os.path.join(root, SPLITS[split])
-
-
-def check_tree(root: str) -> None:
-    """Both split directories exist and hold at least one class directory."""
-    if not root or not os.path.isdir(root):
-        raise DataError(f"imagefolder root {root} is not a directory")
-    for split in SPLITS:
-        path = split_dir(root, split)
-        if not os.path.isdir(path):
-            raise DataError(f"imagefolder {split} directory {path} does not exist")
-        if not any(entry.is_dir() for entry in os.scandir(path)):
-            raise DataError(f"imagefolder {split} directory {path} has no class directories")
+from .locations import DataError, split_dir
 
 
 class Folder(ImageFolder):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 
-from .common import DataError
+from .locations import DataError
 
 PREFIX = {"train": "imagenet1k-train", "val": "imagenet1k-validation"}
 INDEX_DIGITS = {"train": 4, "val": 2}  # the public layout's shard numbering

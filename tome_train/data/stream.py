@@ -22,53 +22,18 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing as mp
-import os
 import random
 from typing import Callable, Iterator, Optional
-from urllib.parse import urlparse
 
-import braceexpand
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .common import DataError, derive_seed
+from .common import derive_seed
+from .locations import DataError
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-def is_local(root: str) -> bool:
-    scheme = urlparse(root).scheme
-    return scheme in ("", "file") and not root.startswith("pipe:")
-
-
-def local_path(url: str) -> str:
-    return urlparse(url).path if url.startswith("file:") else url
-
-
-def shard_urls(root: str, pattern: str) -> list[str]:
-    """Brace-expand ``pattern`` under ``root`` (a directory, file:, http(s):, pipe:... prefix)."""
-    base = root.rstrip("/") + "/" if root else ""
-    return [base + p for p in braceexpand.braceexpand(pattern)]
-
-
-def check_shards(root: str, pattern: str, split: str) -> list[str]:
-    """Expanded shard URLs; local shards must all exist (else one DataError line naming them)."""
-    urls = shard_urls(root, pattern)
-    if not urls:
-        raise DataError(f"webdataset {split} shards: pattern {pattern!r} expands to nothing")
-    if is_local(root):
-        rootdir = local_path(root)
-        if not os.path.isdir(rootdir):
-            raise DataError(f"webdataset root {rootdir} is not a directory")
-        missing = [u for u in urls if not os.path.isfile(local_path(u))]
-        if missing:
-            raise DataError(
-                f"webdataset {split} shards: {len(missing)} of {len(urls)} missing for "
-                f"{os.path.join(rootdir, pattern)} (first: {local_path(missing[0])})"
-            )
-    return urls
 
 
 def assign(n_items: int, slot: int, n_slots: int) -> list[tuple[int, int, int]]:
