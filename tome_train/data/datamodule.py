@@ -55,12 +55,14 @@ class ImageDataModule(pl.LightningDataModule):
 
     def check(self) -> None:
         """Raise DataError (one line naming the missing path or pattern) unless the data is there and readable."""
-        locations.check_locations(self.cfg)
         if self.source == "digits":
             digits.digits_split(float(self.cfg.val_fraction))
         elif self.source == "imagefolder":
             self._dataset("train")  # an empty or unreadable tree fails here, with its path
             self._dataset("val")
+        else:
+            self._shards("train")  # kept for the loaders: a shard list is checked once
+            self._shards("val")
 
     def _shards(self, split: str) -> list[str]:
         if split not in self._urls:
