@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 
-from .locations import DataError
+from .locations import DataError, split_dir
 
 PREFIX = {"train": "imagenet1k-train", "val": "imagenet1k-validation"}
 INDEX_DIGITS = {"train": 4, "val": 2}  # the public layout's shard numbering
@@ -157,9 +157,8 @@ def write_digits_shards(out_dir: str, img_size: Optional[int] = None, train_per_
 # -- an ImageNet-style tree ---------------------------------------------------------------------------
 
 
-def list_tree(root: str, split_dir: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """(sorted (path, label) pairs, class names) of ``root/split_dir/<class>/<image>``."""
-    path = os.path.join(root, split_dir)
+def list_tree(path: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(sorted (path, label) pairs, class names) of ``path/<class>/<image>``."""
     if not os.path.isdir(path):
         raise DataError(f"{path} is not a directory")
     classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
@@ -197,14 +196,14 @@ def write_imagefolder_shards(root: str, out_dir: str, train_per_shard: int = 125
     """``root/train`` and ``root/val`` (ImageFolder trees with the same classes) as shards in ``out_dir``."""
     if not os.path.isdir(root):
         raise DataError(f"{root} is not a directory")
-    train, classes = list_tree(root, "train")
-    val, val_classes = list_tree(root, "val")
+    train, classes = list_tree(split_dir(root, "train"))
+    val, val_classes = list_tree(split_dir(root, "val"))
     if val_classes != classes:
         raise DataError(f"{root}: train/ has {len(classes)} classes, val/ has {len(val_classes)} different ones")
     random.Random(seed).shuffle(train)
     result = {}
     for split, items, per_shard in (("train", train, train_per_shard), ("val", val, val_per_shard)):
-        to_sample = partial(_file_sample, root=os.path.join(root, split), classes=classes)
+        to_sample = partial(_file_sample, root=split_dir(root, split), classes=classes)
         result[split] = write_split(out_dir, split, items, to_sample, per_shard, workers).as_dict()
     result["classes"] = len(classes)
     return result
