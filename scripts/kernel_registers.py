@@ -6,7 +6,7 @@ recorded instead of run. Each launch is then compiled for a GPU target with the 
 gives it (pointers and integers divisible by 16 marked so, integers equal to 1 made constants: without them a
 build misleads, docs/performance.md), and the wheel's ``ptxas -v`` reports its registers and spill bytes.
 
-    python scripts/kernel_registers.py --tokens 197 117 37 --heads 12 --head-dim 64 --dtype fp16
+    python scripts/kernel_registers.py --tokens 197 117 37 --heads 12 --head-dim 64 --dtype fp16 bf16
 
 One row per launch: ``kernel``, ``tokens``, ``dtype``, the launch's constexprs, ``registers``, ``spill_bytes``
 (stores). Needs triton compiled, not interpreted (``TRITON_INTERPRET`` unset or 0).
@@ -111,7 +111,7 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--r", type=int, default=16)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp16"])
     p.add_argument("--kernels", nargs="+", default=None, help="wrappers to build (default: all)")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--output", default=None)
@@ -120,21 +120,22 @@ def main(argv=None):
         p.exit(2, f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}: the kernels build only with Triton compiling "
                   "them; unset it or set it to 0\n")
     rows = []
-    for tokens in args.tokens:
-        calls = layer_calls(args.batch_size, tokens, args.heads, args.head_dim, args.r, DTYPES[args.dtype])
-        unknown = set(args.kernels or ()) - set(calls)
-        if unknown:
-            p.error(f"--kernels {' '.join(sorted(unknown))}: not a wrapper; choose from {', '.join(calls)}")
-        for wrapper in args.kernels or calls:
-            with triton_builds.launches_recorded() as launches:
-                calls[wrapper]()
-            for kernel, kernel_args, kwargs in launches:
-                regs, spilled = registers(kernel, kernel_args, kwargs, args.arch)
-                row = {"wrapper": wrapper, "kernel": kernel.__name__, "tokens": tokens, "dtype": args.dtype,
-                       "constexprs": {k: v for k, v in kwargs.items() if k.isupper()}, "registers": regs,
-                       "spill_bytes": spilled}
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
+    for dtype in args.dtype:
+        for tokens in args.tokens:
+            calls = layer_calls(args.batch_size, tokens, args.heads, args.head_dim, args.r, DTYPES[dtype])
+            unknown = set(args.kernels or ()) - set(calls)
+            if unknown:
+                p.error(f"--kernels {' '.join(sorted(unknown))}: not a wrapper; choose from {', '.join(calls)}")
+            for wrapper in args.kernels or calls:
+                with triton_builds.launches_recorded() as launches:
+                    calls[wrapper]()
+                for kernel, kernel_args, kwargs in launches:
+                    regs, spilled = registers(kernel, kernel_args, kwargs, args.arch)
+                    row = {"wrapper": wrapper, "kernel": kernel.__name__, "tokens": tokens, "dtype": dtype,
+                           "constexprs": {k: v for k, v in kwargs.items() if k.isupper()}, "registers": regs,
+                           "spill_bytes": spilled}
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr)
     if args.output:
         json.dump({"triton": triton.__version__, "arch": args.arch, "rows": rows}, open(args.output, "w"), indent=1)
 

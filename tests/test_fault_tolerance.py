@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from tome_train.cli import train
+from tome_train.cli import main, train
 from tome_train.config import load_config
 
 from conftest import ROOT
@@ -21,7 +21,9 @@ def _command(run_dir, *overrides):
 
 def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = _command(run_dir, "trainer.epochs=2", "trainer.checkpoint_every_n_steps=4")
+    steps_per_epoch = 12  # of the 22 a digits epoch has (1,437 // 64): enough to be killed mid-epoch
+    cmd = _command(run_dir, "trainer.epochs=2", f"trainer.limit_train_batches={steps_per_epoch}",
+                   "trainer.checkpoint_every_n_steps=4")
     env = {**os.environ, "WANDB_SILENT": "true"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -42,20 +44,19 @@ def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from {last}" in again.stdout
     final = torch.load(last, map_location="cpu", weights_only=False)
-    steps_per_epoch = 22  # 1,437 training digits // 64
     assert final["global_step"] == 2 * steps_per_epoch
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, "the restarted run continues the same wandb run id"
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
     # A learning rate this large sends the weights to inf within a few steps.
-    blown = subprocess.run(_command(run_dir, "trainer.epochs=1", "optim.blr=1e30", "optim.warmup_epochs=0",
-                                    "optim.clip_grad=null", "trainer.checkpoint_every_n_steps=1"),
-                           capture_output=True, text=True)
-    assert blown.returncode == 1, blown.stderr[-2000:]
-    error = blown.stderr.strip().splitlines()[-1]
+    code = main(["--output-dir", str(run_dir), *QUICK, "trainer.epochs=1", "optim.blr=1e30", "optim.warmup_epochs=0",
+                 "optim.clip_grad=null", "trainer.checkpoint_every_n_steps=1"])
+    stderr = capsys.readouterr().err
+    assert code == 1, stderr[-2000:]
+    error = stderr.strip().splitlines()[-1]
     assert error.startswith("error: non-finite loss") and "at global step" in error
     step = int(error.split("at global step ")[1].split(";")[0])
     assert step >= 1

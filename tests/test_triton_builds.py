@@ -1,6 +1,6 @@
 """tome_train.tome.triton_builds: the library's Triton kernels built ahead of their launches in a pool of threads, for
-an H100's target (sm_90) on this CPU. A subprocess: the tests run Triton interpreted (conftest.py), builds need it
-compiled; Triton builds for sm_90 (``build_for``: a build needs no GPU, only the target)."""
+an H100's target (sm_90) on this CPU. Builds run in a subprocess: the tests run Triton interpreted (conftest.py),
+builds need it compiled; Triton builds for sm_90 (``build_for``: a build needs no GPU, only the target)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,12 +62,14 @@ def test_a_layers_kernels_build_in_a_pool_and_their_launches_find_them_built():
     assert result["found"] == result["found_built"] == ["_plan_layer", "_merged_row_norm"]
 
 
-def test_the_build_probe_refuses_an_unknown_model_and_no_threads_in_one_line():
+def test_the_build_probe_refuses_an_unknown_model_and_no_threads_in_one_line(load_script, monkeypatch, capsys):
     """``scripts/build_probe.py`` with a model timm does not have, or zero build threads: exit code 2, one line naming
-    the value, before any build."""
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    the value, before any build (so in this process, which runs Triton interpreted)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    probe = load_script("build_probe")
     for args, named in ((["--model", "vit_nope"], "--model vit_nope"), (["--workers", "0", "2"], "--workers 0 2")):
-        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_probe.py"), *args], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and done.stdout == ""
-        assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith(named)
+        with pytest.raises(SystemExit) as stop:
+            probe.main(args)
+        done = capsys.readouterr()
+        assert stop.value.code == 2 and done.out == ""
+        assert done.err.splitlines() == [done.err.strip()] and done.err.startswith(named)
