@@ -54,3 +54,11 @@ def run_config(path: Path) -> dict:
         if record.WhichOneof("record_type") == "run":
             return {item.key: json.loads(item.value_json) for item in record.run.config.update}
     raise AssertionError(f"{path} holds no run record")
+
+
+def exit_code(path: Path) -> int | None:
+    """The exit code the run ended with, ``None`` while it has not ended."""
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "exit":
+            return record.exit.exit_code
+    return None

@@ -140,6 +140,20 @@ def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
     return ckpt
 
 
+@contextlib.contextmanager
+def _wandb_run_failed_on_error():
+    """A run that raises ends its wandb run as failed, so that the next run in this process (a notebook, the tests)
+    starts its own instead of logging into this one."""
+    try:
+        yield
+    except BaseException:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish(exit_code=1)
+        raise
+
+
 def train(cfg: DictConfig, resume: str | None = None) -> dict:
     """Fit the recipe, then measure and log the accuracy/throughput trade-off."""
     ckpt = check_run_inputs(cfg, resume)
@@ -148,7 +162,6 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     from .data import ImageDataModule
     from .module import ToMeClassifier
     from .tome import GRAPHED_COMPILE_MODES, kernels
-    from .tradeoff import report_tradeoff
 
     # Lightning's hint that srun exists but is unused: a local run on a SLURM login node is intended.
     warnings.filterwarnings("ignore", message="The `srun` command is available")
@@ -166,8 +179,15 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
         print(f"resuming from {ckpt}")
     # compiled graphs replayed as CUDA graphs: the kernels are chosen by the device's time alone
     graphed = cfg.trainer.compile in GRAPHED_COMPILE_MODES
-    with kernels.choosing_for_graphs() if graphed else contextlib.nullcontext():
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    with _wandb_run_failed_on_error():
+        with kernels.choosing_for_graphs() if graphed else contextlib.nullcontext():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        return _after_fit(cfg, trainer, module, datamodule, run_dir)
+
+
+def _after_fit(cfg: DictConfig, trainer, module, datamodule, run_dir: Path) -> dict:
+    """The fitted run's result: its top-1 (validating a run that had already finished) and trade-off report."""
+    from .tradeoff import report_tradeoff
 
     if any(getattr(cb, "requeued", False) for cb in trainer.callbacks):
         return {"run_dir": str(run_dir), "requeued": True}  # SLURM restarts the job from its checkpoint
