@@ -142,15 +142,17 @@ def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
 
 @contextlib.contextmanager
 def _wandb_run_failed_on_error():
-    """A run that raises ends its wandb run as failed, so that the next run in this process (a notebook, the tests)
-    starts its own instead of logging into this one."""
+    """A run that raises an error ends its wandb run as failed, so that the next run in this process (a notebook, the
+    tests) starts its own instead of logging into this one. Signals and exits (SLURM's SIGTERM on a requeue, which is
+    Lightning's ``SIGTERMException``, a ``SystemExit``) end the process, and wandb's exit hook ends the run."""
     try:
         yield
-    except BaseException:
+    except Exception:
         import wandb
 
         if wandb.run is not None:
-            wandb.run.finish(exit_code=1)
+            with contextlib.suppress(Exception):  # wandb's service may have gone down with the error, which is the news
+                wandb.run.finish(exit_code=1)
         raise
 
 
