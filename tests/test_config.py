@@ -105,6 +105,9 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
      "imagefolder train directory ./train does not exist"),
     (["model.checkpoint=missing.pth"], "model.checkpoint=missing.pth: no such file"),
     (["--resume", "missing.ckpt"], "--resume missing.ckpt: no such checkpoint file"),
+    (["export", "--checkpoint", "missing.ckpt", "--out", "out"], "--checkpoint missing.ckpt: no such file"),
+    (["export", "--checkpoint", "missing.ckpt", "--out", "out", "--r", "8;8"],
+     "r='8;8' is not allowed: use a non-negative integer (13), r@inflect (16@-1) or a per-layer list (8,8,4)"),
 ])
 def test_bad_config_or_missing_path_is_refused_before_torch_is_imported(tmp_path, args, error):
     """A typo or a missing data or checkpoint path costs a fraction of a second, not the seconds torch, timm and

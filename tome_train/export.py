@@ -21,14 +21,15 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import OmegaConf
 
 from .config import eval_schedule
-from .models import build_model
-from .tome import ScheduleError, UnsupportedModelError, apply_tome, parse_schedule
-from .tome.schedule import schedule_from_text
+from .tome.schedule import ScheduleError, parse_schedule, schedule_from_text
+
+if TYPE_CHECKING:
+    import torch
 
 ONNX_TOLERANCE = 1e-4
 
@@ -42,6 +43,8 @@ def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict]:
     (``best-*.ckpt``, ``last.ckpt`` or a SLURM ``hpc_ckpt_N.ckpt``)."""
     if not path.is_file():
         raise ExportError(f"--checkpoint {path}: no such file")
+    import torch  # after the checks that need none: a mistyped path is refused at once
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -57,6 +60,8 @@ def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict]:
 
 
 def build_trained_model(config: dict, state: dict, path: Path):
+    from .models import build_model
+
     cfg = OmegaConf.create(config)
     model = build_model(OmegaConf.merge(cfg.model, {"checkpoint": None}))
     try:
@@ -80,6 +85,8 @@ def read_tradeoff(checkpoint: Path) -> list[dict] | None:
 def write_onnx(model, example: torch.Tensor, path: Path) -> None:
     """Write ``model`` to ``path`` as ONNX, traced on ``example`` ``[B, 3, H, W]`` (B >= 2), the batch dimension
     dynamic."""
+    import torch
+
     with warnings.catch_warnings():
         # the tracer notes that token counts become constants: they are, for a fixed input size
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -105,6 +112,8 @@ def onnx_session(path: Path, threads: int | None = None):
 def export_onnx(model, img_size: int, path: Path, batch_size: int = 2) -> float:
     """Write ``model.onnx`` (batch dimension dynamic) and return the max abs difference
     between onnxruntime and PyTorch on random inputs."""
+    import torch
+
     write_onnx(model, torch.randn(batch_size, 3, img_size, img_size), path)
     session = onnx_session(path)
     check = torch.randn(batch_size + 1, 3, img_size, img_size)
@@ -147,7 +156,12 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
         (staging / "tome.json").write_text(json.dumps(tome, indent=2))
         result = {"out": str(out), "files": ["model.safetensors", "config.json", "tome.json"]}
         if onnx:
-            patched = apply_tome(model, r=schedule, prop_attn=cfg.tome.prop_attn)
+            from .tome import UnsupportedModelError, apply_tome
+
+            try:
+                patched = apply_tome(model, r=schedule, prop_attn=cfg.tome.prop_attn)
+            except UnsupportedModelError as e:
+                raise ExportError(f"--onnx: {e}") from None
             diff = export_onnx(patched, cfg.model.img_size, staging / "model.onnx")
             if diff > ONNX_TOLERANCE:
                 raise ExportError(f"ONNX check failed: max abs diff {diff:.2e} > {ONNX_TOLERANCE:g}")
@@ -170,6 +184,8 @@ def load_exported(path: str | Path, r=None):
     """The exported model, ToMe-patched at its stored r (or ``r``), in eval mode."""
     import timm
 
+    from .tome import apply_tome
+
     path = Path(path)
     tome = json.loads((path / "tome.json").read_text())
     model = timm.create_model(f"local-dir:{path}", pretrained=True)
@@ -188,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = schedule_from_text(args.r) if args.r is not None else None
         result = export(args.checkpoint, args.out, ema=args.ema, r=r, onnx=args.onnx)
-    except (ExportError, ScheduleError, UnsupportedModelError) as e:
+    except (ExportError, ScheduleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported to {result['out']}: {', '.join(result['files'])}")
