@@ -12,7 +12,7 @@ from tome_train.cli import main, train
 from tome_train.config import load_config
 
 from conftest import ROOT
-from wandb_records import exit_code
+from wandb_records import exit_code, written_run_file
 
 QUICK = ["trainer.log_every_n_steps=1", "tradeoff.enabled=false", "trainer.limit_val_batches=2"]
 
@@ -64,7 +64,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_
     assert step >= 1
     # its wandb run ended as failed: the next run in this process starts its own
     assert wandb.run is None
-    assert exit_code(next((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert exit_code(written_run_file(run_dir)) == 1
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] <= step
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())

@@ -10,7 +10,7 @@ from tome_train.config import load_config
 from tome_train.tome import token_counts
 
 from conftest import SHORT_FIT
-from wandb_records import history, run_config
+from wandb_records import history, run_config, written_run_file
 
 
 def test_short_fit_beats_chance_by_a_wide_margin(digits_run):
@@ -29,7 +29,8 @@ def test_wandb_offline_run_holds_history_config_and_table(digits_run):
     runs = list((digits_run.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "no API key: the run must be offline, in one run directory"
     run = runs[0]
-    rows = history(next(run.glob("run-*.wandb")))
+    run_file = written_run_file(digits_run.run_dir)
+    rows = history(run_file)
     keys = set().union(*rows)
     for key in ("train/loss", "train/lr", "train/images_per_s", "tokens/final", "tokens/layer_00", "val/top1", "val/top5"):
         assert key in keys, key
@@ -39,7 +40,7 @@ def test_wandb_offline_run_holds_history_config_and_table(digits_run):
     tokens = [row["tokens/final"] for row in rows if "tokens/final" in row]
     assert set(tokens) == {token_counts([6] * 6, 65, 1)[-1]}
     assert list(run.glob("files/media/table/tradeoff/table_*.table.json"))
-    config = run_config(next(run.glob("run-*.wandb")))
+    config = run_config(run_file)
     assert config["name"] == "digits_vit_r6" and config["tome"]["r_train"] == 6
     assert config["trainer"]["epochs"] == 8  # the resolved config, overrides included
 
@@ -93,8 +94,7 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path):
     raw = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     assert len(ema) == len(raw) > 0
     assert any(not torch.equal(ema["ema.module." + k[6:]], v) for k, v in raw.items() if v.is_floating_point())
-    run = next((tmp_path / "wandb").glob("offline-run-*"))
-    assert any("val/ema_top1" in row for row in history(next(run.glob("run-*.wandb"))))
+    assert any("val/ema_top1" in row for row in history(written_run_file(tmp_path)))
 
 
 def test_compiled_training_in_a_compile_mode(tmp_path, monkeypatch):

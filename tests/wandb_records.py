@@ -9,10 +9,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import wandb
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32768
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def written_run_file(run_dir: Path) -> Path:
+    """The one ``run-ID.wandb`` under ``run_dir/wandb``, once every record of it is on disk.
+
+    wandb's service writes the file on a thread of its own: a finished run's last records (its exit code) may land
+    after ``finish`` returns. Tearing the service down waits for them; the next ``wandb.init`` starts a new one.
+    """
+    wandb.teardown()
+    (path,) = Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb")
+    return path
 
 
 def read_records(path: Path) -> list:
