@@ -35,6 +35,10 @@ def test_overrides_are_typed_and_applied():
     assert list(cfg.wandb.tags) == ["a", "b"]
     assert load_config("mae_vitl_r8", ["trainer.compile=reduce-overhead"]).trainer.compile == "reduce-overhead"
     assert load_config("mae_vitl_r8", ["trainer.compile=true"]).trainer.compile is True
+    # Lightning's meaning: an int counts batches, a float is a fraction of the epoch
+    assert load_config("mae_vitl_r8", ["trainer.limit_train_batches=1"]).trainer.limit_train_batches == 1
+    assert isinstance(load_config("mae_vitl_r8", ["trainer.limit_train_batches=1"]).trainer.limit_train_batches, int)
+    assert load_config("mae_vitl_r8", ["trainer.limit_val_batches=0.25"]).trainer.limit_val_batches == 0.25
     inflect = load_config("mae_vitl_r8", ["tome.r_train={r: 8, inflect: -1}"])
     assert schedule_of(inflect.tome.r_train) == (8, -1.0)
 
@@ -65,6 +69,10 @@ def test_recipe_path_and_fragment_order(tmp_path):
         ("mae_vitl_r8", ["trainer.compile=fast"], "trainer.compile='fast' is not allowed: use one of False, True, default, "
                                                   "reduce-overhead"),
         ("mae_vitl_r8", ["trainer.compile=1"], "trainer.compile=1 is not allowed: use one of False, True, default"),
+        ("mae_vitl_r8", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is not allowed: use a "
+                                                             "number of batches (an integer >= 0), a fraction"),
+        ("mae_vitl_r8", ["trainer.limit_val_batches=-1"], "trainer.limit_val_batches=-1 is not allowed"),
+        ("mae_vitl_r8", ["trainer.limit_val_batches=some"], "trainer.limit_val_batches='some' is not allowed"),
     ],
 )
 def test_bad_input_is_one_clear_error(recipe, overrides, needle):

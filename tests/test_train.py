@@ -118,11 +118,12 @@ def test_compiled_training_in_a_compile_mode(tmp_path, monkeypatch):
 
     monkeypatch.setattr(kernels, "choosing_for_graphs", recorded)
     graphs = counters["stats"]["unique_graphs"]
-    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
                              "model.timm_kwargs.depth=2", "trainer.compile=reduce-overhead", "tradeoff.enabled=false",
                              f"output_dir={tmp_path}"])
     train(cfg)
     assert fits == [True] and not kernels.FastestPath.device_time_only
     assert counters["stats"]["unique_graphs"] > graphs
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1  # an int limit counts batches, as Lightning's does, even at 1
     assert ckpt["state_dict"] and not any("_orig_mod" in key for key in ckpt["state_dict"])

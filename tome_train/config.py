@@ -112,8 +112,9 @@ class TrainerConfig:
     log_every_n_steps: int = MISSING
     compile: Any = False  # false, true, or a torch.compile mode (reduce-overhead: CUDA graphs on a GPU)
     channels_last: bool = False
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
+    # as Lightning takes them: an int counts batches, a float in [0, 1] is a fraction of the epoch
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
     checkpoint_every_n_steps: Optional[int] = None  # besides every epoch end
     deterministic: bool = False
 
@@ -315,6 +316,12 @@ def validate(cfg: DictConfig) -> None:
     devices = cfg.trainer.devices
     if devices != "auto" and not (isinstance(devices, int) and not isinstance(devices, bool) and devices > 0):
         raise ConfigError(f"trainer.devices={devices!r} is not allowed: use a positive integer or auto")
+    for key in ("limit_train_batches", "limit_val_batches"):
+        limit = cfg.trainer[key]
+        batches = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0
+        if not (limit is None or batches or (isinstance(limit, float) and 0.0 <= limit <= 1.0)):
+            raise ConfigError(f"trainer.{key}={limit!r} is not allowed: use a number of batches (an integer >= 0), "
+                              "a fraction of the epoch (a float in [0, 1]) or null")
     for key in ("r_train", "r_eval"):
         value = cfg.tome[key]
         if value is None:
