@@ -69,6 +69,25 @@ def test_recipe_path_and_fragment_order(tmp_path):
         ("mae_vitl_r8", ["trainer.compile=fast"], "trainer.compile='fast' is not allowed: use one of False, True, default, "
                                                   "reduce-overhead"),
         ("mae_vitl_r8", ["trainer.compile=1"], "trainer.compile=1 is not allowed: use one of False, True, default"),
+        ("digits_vit_r6", ["wandb.mode=offlien"], "wandb.mode='offlien' is not allowed: use one of null, online, "
+                                                   "offline, disabled"),
+        ("digits_vit_r6", ["data.interpolation=cubic"], "data.interpolation='cubic' is not allowed: use one of nearest, "
+                                                        "bilinear, bicubic"),
+        ("digits_vit_r6", ["mixup.mode=pair2"], "mixup.mode='pair2' is not allowed: use one of batch, pair, elem"),
+        ("digits_vit_r6", ["data.re_mode=foo"], "data.re_mode='foo' is not allowed: use one of const, rand, pixel"),
+        ("digits_vit_r6", ["trainer.epochs=0"], "trainer.epochs=0 is not allowed: use a positive integer"),
+        ("digits_vit_r6", ["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is not allowed"),
+        ("digits_vit_r6", ["trainer.num_nodes=0"], "trainer.num_nodes=0 is not allowed: use a positive integer"),
+        ("digits_vit_r6", ["data.val_fraction=1.5"], "data.val_fraction=1.5 is not allowed: use a number in (0, 1)"),
+        ("digits_vit_r6", ["data.repeated_aug=0"], "data.repeated_aug=0 is not allowed: use a positive integer"),
+        ("digits_vit_r6", ["data.hflip=2"], "data.hflip=2.0 is not allowed: use a number in [0, 1]"),
+        ("digits_vit_r6", ["optim.ema_decay=1"], "optim.ema_decay=1.0 is not allowed: use a number in (0, 1)"),
+        ("digits_vit_r6", ["tradeoff.batch_size=0"], "tradeoff.batch_size=0 is not allowed: use a positive integer"),
+        ("digits_vit_r6", ["data.scale=[0.5]"], "data.scale=[0.5] is not allowed: use two numbers 0 < min <= max <= 1"),
+        ("digits_vit_r6", ["data.scale=[0.9,0.5]"], "data.scale=[0.9, 0.5] is not allowed"),
+        ("digits_vit_r6", ["optim.betas=[0.9]"], "optim.betas=[0.9] is not allowed: use two numbers in [0, 1)"),
+        ("digits_vit_r6", ["data.mean=[0.5]"], "data.mean=[0.5] is not allowed: use three numbers, one per RGB channel"),
+        ("digits_vit_r6", ["data.std=[0.5,0,0.5]"], "data.std=[0.5, 0.0, 0.5] is not allowed: use three numbers > 0"),
         ("mae_vitl_r8", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is not allowed: use a "
                                                              "number of batches (an integer >= 0), a fraction"),
         ("mae_vitl_r8", ["trainer.limit_val_batches=-1"], "trainer.limit_val_batches=-1 is not allowed"),
@@ -80,6 +99,14 @@ def test_bad_input_is_one_clear_error(recipe, overrides, needle):
         load_config(recipe, overrides)
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_interpolation_choices_are_timms():
+    from timm.data.transforms import _str_to_torch_interpolation
+
+    from tome_train.config import _CHOICES
+
+    assert set(_CHOICES["data.interpolation"]) == set(_str_to_torch_interpolation)
 
 
 def test_unknown_fragment_is_named(tmp_path):
@@ -100,6 +127,17 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_refused_after_the_imports_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    """What only the built model shows (here: an image that does not tile into patches) is refused before the run
+    directory is made."""
+    from tome_train.cli import main
+
+    assert main(["--output-dir", str(tmp_path / "run"), "model.img_size=30"]) == 2
+    assert capsys.readouterr().err == ("error: model.img_size=30 is not allowed for vit_tiny_patch16_224 with 4x4 patches: "
+                                       "use a multiple of the patch size\n")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
+from tome_train.config import ConfigError
 from tome_train.models import (
     ALLOWED_MISSING,
     CheckpointError,
@@ -227,3 +228,19 @@ def test_head_init_without_checkpoint_and_allowed_set():
     assert 1.8e-5 < model.head.weight.std().item() < 2.2e-5
     assert torch.equal(model.head.bias, torch.zeros(200))
     assert ALLOWED_MISSING >= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+
+
+@pytest.mark.parametrize("over, error", [
+    ({"arch": "vit_base_patch16_2244"}, "model.arch='vit_base_patch16_2244' is not a timm model (did you mean "
+                                        "'vit_base_patch16_224'?)"),
+    ({"img_size": 36}, "model.img_size=36 is not allowed for vit_base_patch16_224 with 8x8 patches: use a multiple of the "
+                       "patch size"),
+    ({"timm_kwargs": {**TINY, "depht": 2}}, "vit_base_patch16_224 does not take them (VisionTransformer.__init__() got "
+                                            "an unexpected keyword argument 'depht')"),
+])
+def test_a_model_timm_would_refuse_later_is_one_config_error(over, error):
+    """timm builds a model for any image size and fails at its first forward; here the config is refused at once."""
+    with pytest.raises(ConfigError) as refused:
+        build_model(cfg(**over), device="meta")
+    assert error in str(refused.value) and "\n" not in str(refused.value)
+    assert build_model(cfg(img_size=40), device="meta").patch_embed.grid_size == (5, 5)  # any multiple is a model

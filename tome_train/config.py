@@ -181,7 +181,7 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def _closest(value: str, allowed: list[str]) -> str:
+def did_you_mean(value: str, allowed: list[str]) -> str:
     match = difflib.get_close_matches(value, allowed, n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
@@ -211,7 +211,7 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         if "Key" in type(e).__name__ and key:
-            hint = _closest(key, _dotted_keys())
+            hint = did_you_mean(key, _dotted_keys())
             raise ConfigError(f"{origin}: unknown key {key!r}{hint}") from None
         value = getattr(e, "value", None)
         msg = str(e).splitlines()[0]
@@ -225,7 +225,7 @@ def _read_recipe(name_or_path: str) -> tuple[str, DictConfig]:
     if not path.is_file():
         allowed = list_recipes()
         raise ConfigError(
-            f"unknown recipe {name_or_path!r}{_closest(name_or_path, allowed)}; recipes: {', '.join(allowed)}"
+            f"unknown recipe {name_or_path!r}{did_you_mean(name_or_path, allowed)}; recipes: {', '.join(allowed)}"
         )
     return path.stem, _load_yaml(path)
 
@@ -237,7 +237,7 @@ def _fragments(node: DictConfig, origin: str) -> list[tuple[str, DictConfig]]:
         path = FRAGMENT_DIR / f"{ref}.yaml"
         if not path.is_file():
             allowed = sorted(str(p.relative_to(FRAGMENT_DIR).with_suffix("")) for p in FRAGMENT_DIR.rglob("*.yaml"))
-            raise ConfigError(f"{origin}: unknown config fragment {ref!r}{_closest(str(ref), allowed)}")
+            raise ConfigError(f"{origin}: unknown config fragment {ref!r}{did_you_mean(str(ref), allowed)}")
         fragment = _load_yaml(path)
         layers += _fragments(fragment, f"configs/{ref}.yaml")
         layers.append((f"configs/{ref}.yaml", fragment))
@@ -273,7 +273,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
 
 def _choice(value, allowed, key: str) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed: use one of {', '.join(map(str, allowed))}")
+        names = ("null" if choice is None else str(choice) for choice in allowed)
+        raise ConfigError(f"{key}={value!r} is not allowed: use one of {', '.join(names)}")
 
 
 def schedule_of(value) -> Any:
@@ -300,13 +301,69 @@ def peak_lr(cfg: DictConfig, batch: int) -> float:
     return cfg.optim.blr * batch / cfg.optim.lr_base_batch
 
 
+# The choices a string key takes. data.interpolation: timm's names (timm.data.transforms), for training and evaluation.
+_CHOICES = {
+    "data.source": DATA_SOURCES,
+    "data.interpolation": ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"),
+    "data.re_mode": ("const", "rand", "pixel"),  # timm's RandomErasing
+    "mixup.mode": ("batch", "pair", "elem"),  # timm's Mixup
+    "model.global_pool": ("token", "avg"),
+    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
+    "wandb.mode": (None, "online", "offline", "disabled"),
+}
+
+# The range of each number a schema can only type: (test, what is allowed); a null optional value is always allowed.
+_POSITIVE_INT = (lambda v: v >= 1, "a positive integer")
+_NON_NEGATIVE_INT = (lambda v: v >= 0, "an integer >= 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_PROBABILITY = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_FRACTION = (lambda v: 0 < v < 1, "a number in (0, 1)")
+_BELOW_ONE = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+_RANGES = {
+    "model.img_size": _POSITIVE_INT, "model.num_classes": _POSITIVE_INT, "model.drop_path_rate": _BELOW_ONE,
+    "model.head_init_std": _POSITIVE,
+    "data.batch_size": _POSITIVE_INT, "data.num_workers": _NON_NEGATIVE_INT, "data.val_fraction": _FRACTION,
+    "data.train_samples": _POSITIVE_INT, "data.val_samples": _POSITIVE_INT, "data.shuffle_buffer": _NON_NEGATIVE_INT,
+    "data.hflip": _PROBABILITY, "data.color_jitter": _NON_NEGATIVE, "data.re_prob": _PROBABILITY,
+    "data.re_count": _POSITIVE_INT, "data.crop_pct": _POSITIVE, "data.repeated_aug": _POSITIVE_INT,
+    "mixup.mixup_alpha": _NON_NEGATIVE, "mixup.cutmix_alpha": _NON_NEGATIVE, "mixup.prob": _PROBABILITY,
+    "mixup.switch_prob": _PROBABILITY, "mixup.label_smoothing": _BELOW_ONE,
+    "optim.blr": _POSITIVE, "optim.lr_base_batch": _POSITIVE_INT, "optim.weight_decay": _NON_NEGATIVE,
+    "optim.eps": _POSITIVE, "optim.layer_decay": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "optim.warmup_epochs": _NON_NEGATIVE, "optim.warmup_lr": _NON_NEGATIVE, "optim.min_lr": _NON_NEGATIVE,
+    "optim.clip_grad": _POSITIVE, "optim.ema_decay": _FRACTION,
+    "trainer.epochs": _POSITIVE_INT, "trainer.num_nodes": _POSITIVE_INT, "trainer.accumulate_grad_batches": _POSITIVE_INT,
+    "trainer.log_every_n_steps": _POSITIVE_INT, "trainer.checkpoint_every_n_steps": _POSITIVE_INT,
+    "layout.nodes": _POSITIVE_INT, "layout.gpus_per_node": _POSITIVE_INT,
+    "tradeoff.num_points": _POSITIVE_INT, "tradeoff.batch_size": _POSITIVE_INT, "tradeoff.bench_steps": _POSITIVE_INT,
+    "tradeoff.limit_val_batches": _POSITIVE_INT, "tradeoff.num_vis_images": _NON_NEGATIVE_INT,
+}
+
+# Lists of numbers with a fixed length: (length, test of the list, what is allowed).
+_SHAPES = {
+    "data.scale": (2, lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < min <= max <= 1"),
+    "data.ratio": (2, lambda v: 0 < v[0] <= v[1], "two numbers 0 < min <= max"),
+    "data.mean": (3, lambda v: True, "three numbers, one per RGB channel"),
+    "data.std": (3, lambda v: min(v) > 0, "three numbers > 0, one per RGB channel"),
+    "optim.betas": (2, lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+}
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks a schema cannot express; each failure is one ConfigError line."""
     from .tome.schedule import ScheduleError, parse_schedule
 
-    _choice(cfg.data.source, DATA_SOURCES, "data.source")
-    _choice(cfg.trainer.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"], "trainer.precision")
-    _choice(cfg.model.global_pool, ["token", "avg"], "model.global_pool")
+    for key, allowed in _CHOICES.items():
+        _choice(OmegaConf.select(cfg, key), allowed, key)
+    for key, (test, allowed) in _RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not test(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: use {allowed}")
+    for key, (length, test, allowed) in _SHAPES.items():
+        value = list(OmegaConf.select(cfg, key))
+        if len(value) != length or not test(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: use {allowed}")
     if not isinstance(cfg.trainer.compile, bool):  # a mode: named by the ToMe core, which imports torch
         from .tome import COMPILE_MODES
 
@@ -330,7 +387,3 @@ def validate(cfg: DictConfig) -> None:
             parse_schedule(schedule_of(value), 10**6)
         except (ScheduleError, TypeError, KeyError) as e:
             raise ConfigError(f"tome.{key}: {e}") from None
-    for key in ("batch_size", "num_workers"):
-        if cfg.data[key] < (1 if key == "batch_size" else 0):
-            allowed = "a positive integer" if key == "batch_size" else "an integer >= 0"
-            raise ConfigError(f"data.{key}={cfg.data[key]} is not allowed: use {allowed}")

@@ -20,6 +20,7 @@ missing, any key the model does not have, or any shape that does not fit raises
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import pickle
@@ -35,6 +36,8 @@ from timm.layers import trunc_normal_
 from timm.models import VisionTransformer, clean_state_dict
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
+
+from .config import ConfigError, did_you_mean
 
 __all__ = [
     "CheckpointError",
@@ -313,6 +316,17 @@ def _as_dict(x: Any) -> dict:
     return dict(x)
 
 
+def _check_patch_grid(model: nn.Module, model_cfg: DictConfig) -> None:
+    """The image must tile into whole patches: timm builds the model for any size and fails at the first forward."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or getattr(embed, "dynamic_img_pad", False) or getattr(embed, "img_size", None) is None:
+        return
+    if any(size % patch for size, patch in zip(embed.img_size, embed.patch_size)):
+        height, width = embed.patch_size
+        raise ConfigError(f"model.img_size={model_cfg.img_size} is not allowed for {model_cfg.arch} with {height}x{width} "
+                          "patches: use a multiple of the patch size")
+
+
 def build_model(
     model_cfg: DictConfig,
     device: Union[str, torch.device, None] = None,
@@ -335,11 +349,14 @@ def build_model(
     )
     create.update(kwargs)
     create["pretrained"] = False
-    if meta:
-        with torch.device("meta"):
+    if not timm.is_model(model_cfg.arch):
+        raise ConfigError(f"model.arch={model_cfg.arch!r} is not a timm model{did_you_mean(model_cfg.arch, timm.list_models())}")
+    try:
+        with torch.device("meta") if meta else contextlib.nullcontext():
             model = timm.create_model(model_cfg.arch, **create)
-    else:
-        model = timm.create_model(model_cfg.arch, **create)
+    except TypeError as e:  # an argument the model's constructor does not take: a typo in model.timm_kwargs
+        raise ConfigError(f"model.timm_kwargs={kwargs}: {model_cfg.arch} does not take them ({e})") from None
+    _check_patch_grid(model, model_cfg)
 
     checkpoint = getattr(model_cfg, "checkpoint", None)
     head_init_std = getattr(model_cfg, "head_init_std", None)
