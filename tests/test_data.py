@@ -267,6 +267,10 @@ def test_missing_data_raises_one_line_data_error(tmp_path, shards):
         assert named in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(DataError, match="data.root is required"):
         ImageDataModule(data_cfg(source="webdataset"), IMG, 0).describe()
+    with pytest.raises(DataError) as err:
+        ImageDataModule(shard_cfg(root, info, auto_augment="rand-x9"), IMG, 0).check()
+    assert str(err.value).startswith("data.auto_augment='rand-x9' is not allowed: Unknown RandAugment config section")
+    ImageDataModule(shard_cfg(root, info, auto_augment="rand-m9-mstd0.5-inc1"), IMG, 0).check()
     assert issubclass(DataError, ValueError)
 
 

@@ -54,7 +54,8 @@ class ImageDataModule(pl.LightningDataModule):
         return self.cfg.source
 
     def check(self) -> None:
-        """Raise DataError (one line naming the missing path or pattern) unless the data is there and readable."""
+        """Raise DataError (one line naming the missing path or pattern, or the bad augmentation policy) unless the
+        data is there and readable."""
         if self.source == "digits":
             digits.digits_split(float(self.cfg.val_fraction))
         elif self.source == "imagefolder":
@@ -63,6 +64,17 @@ class ImageDataModule(pl.LightningDataModule):
         else:
             self._shards("train")  # kept for the loaders: a shard list is checked once
             self._shards("val")
+        if self.source != "digits" and self.cfg.auto_augment:
+            self._check_auto_augment()
+
+    def _check_auto_augment(self) -> None:
+        """timm reads the policy string when it builds the training transform, in each worker: built once here, a
+        bad one is one line, before the run starts."""
+        try:
+            train_transform(self.cfg, self.img_size)
+        except (AssertionError, ValueError, KeyError) as e:  # timm's parser asserts
+            raise locations.DataError(f"data.auto_augment={self.cfg.auto_augment!r} is not allowed: {e} (timm's "
+                                      "policies, e.g. rand-m9-mstd0.5-inc1, augmix-m5, original)") from None
 
     def _shards(self, split: str) -> list[str]:
         if split not in self._urls:
