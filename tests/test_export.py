@@ -129,6 +129,7 @@ def test_bad_input_is_one_line_exit_2_and_keeps_dir(digits_run, tmp_path, capsys
     torch.save(ckpt, other)
     cases = [
         (["--checkpoint", str(tmp_path / "missing.ckpt")], "no such file"),
+        (["--checkpoint", str(tmp_path)], "is a folder; pass a checkpoint file (a run's checkpoints/last.ckpt)"),
         (["--checkpoint", str(not_ckpt)], "not a checkpoint"),
         (["--checkpoint", str(other)], "weights do not fit"),
         (["--checkpoint", str(digits_run.last), "--r", "-3"], "r=-3 is not allowed"),
@@ -139,4 +140,12 @@ def test_bad_input_is_one_line_exit_2_and_keeps_dir(digits_run, tmp_path, capsys
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    # a folder or file of the user's is never replaced by an export; an empty folder is filled
+    for out, needle in ((not_ckpt, "is a file; pass a folder"), (tmp_path, "holds files that are not an export")):
+        assert main(["--checkpoint", str(digits_run.last), "--out", str(out)]) == 2
+        assert needle in capsys.readouterr().err
+    assert not_ckpt.read_text() == "hello"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "notes.ckpt", "other.ckpt"]
+    (tmp_path / "empty").mkdir()
+    assert main(["--checkpoint", str(digits_run.last), "--out", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "tome.json").is_file()

@@ -41,6 +41,8 @@ class ExportError(ValueError):
 def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict]:
     """The run config and the timm state dict (raw or EMA) of a Lightning checkpoint
     (``best-*.ckpt``, ``last.ckpt`` or a SLURM ``hpc_ckpt_N.ckpt``)."""
+    if path.is_dir():
+        raise ExportError(f"--checkpoint {path}: is a folder; pass a checkpoint file (a run's checkpoints/last.ckpt)")
     if not path.is_file():
         raise ExportError(f"--checkpoint {path}: no such file")
     import torch  # after the checks that need none: a mistyped path is refused at once
@@ -123,8 +125,21 @@ def export_onnx(model, img_size: int, path: Path, batch_size: int = 2) -> float:
     return float(abs(got - expected).max())
 
 
+def check_out(out: Path) -> None:
+    """An export replaces an earlier export at ``out`` (which has its ``tome.json``) or fills an empty folder; a file
+    or a folder of anything else there is the user's, and is refused, not replaced."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out}: is a file; pass a folder (new, empty, or an earlier export)")
+    if not (out / "tome.json").is_file() and any(out.iterdir()):
+        raise ExportError(f"--out {out}: holds files that are not an export; pass a new or empty folder or an earlier "
+                          "export")
+
+
 def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = False) -> dict:
-    """Export ``checkpoint`` into ``out``; returns what was written and checked."""
+    """Export ``checkpoint`` into ``out`` (see :func:`check_out`); returns what was written and checked."""
+    check_out(out)
     config, state = read_checkpoint(checkpoint, ema)
     cfg, model = build_trained_model(config, state, checkpoint)
     run_r = r if r is not None else eval_schedule(cfg.tome)
