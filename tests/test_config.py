@@ -122,7 +122,8 @@ def _cli(*args, cwd):
 
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     for args in (["--recipe", "nope"], ["trainer.epoch=3"], ["tome.r_train=-1"],
-                 ["--recipe", "mae_vitl_r8", "--dry-run", "data.root=/does/not/exist"]):
+                 ["--recipe", "mae_vitl_r8", "--dry-run", "data.root=/does/not/exist"],
+                 ["--slurm", "--dry-run", "--cpus-per-task", "0"], ["--slurm", "--dry-run", "--time", "forever"]):
         result = _cli(*args, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr

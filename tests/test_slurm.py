@@ -98,6 +98,15 @@ def test_write_sbatch_refuses_a_layout_lightning_would_reject(tmp_path):
         write_sbatch(tmp_path, "x", SlurmOptions(nodes=0), [])
     with pytest.raises(SlurmError, match="accelerator"):
         write_sbatch(tmp_path, "x", SlurmOptions(accelerator="tpu"), [])
+    with pytest.raises(SlurmError, match=r"slurm time='3 days' is not allowed: use minutes, \[days-\]hours:minutes:seconds"):
+        write_sbatch(tmp_path, "x", SlurmOptions(time="3 days"), [])
+    with pytest.raises(SlurmError, match="slurm mem='lots' is not allowed: use a size per node"):
+        write_sbatch(tmp_path, "x", SlurmOptions(mem="lots"), [])
+    assert list(tmp_path.iterdir()) == []
+    for time_limit, mem in (("30", "0"), ("72:00:00", "400G"), ("2-12", "512000M"), ("2-12:00:00", "8g"),
+                            ("UNLIMITED", "64T")):
+        header = render_sbatch(tmp_path, "x", SlurmOptions(time=time_limit, mem=mem), [])
+        assert f"#SBATCH --time={time_limit}" in header and f"#SBATCH --mem={mem}" in header
     assert not (tmp_path / "job.sbatch").exists()
 
 

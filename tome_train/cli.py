@@ -259,17 +259,15 @@ def dry_run(cfg: DictConfig) -> str:
 
 
 def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
-    from .slurm import SlurmOptions, submit, write_sbatch
+    from .slurm import SlurmOptions, check_job, submit, write_sbatch
 
     nodes, gpus_per_node = cfg.trainer.num_nodes, cfg.trainer.devices
     if gpus_per_node == "auto":
         raise ConfigError("trainer.devices=auto is not allowed with --slurm: pass --gpus-per-node N (one task per GPU)")
     run_dir = Path(cfg.output_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     train_argv = [
         "--recipe", args.recipe or cfg.name, *args.overrides,
-        f"output_dir={run_dir}", f"wandb.id={wandb_run_id(cfg, run_dir)}",
-        f"trainer.num_nodes={nodes}", f"trainer.devices={gpus_per_node}",
+        f"output_dir={run_dir}", f"trainer.num_nodes={nodes}", f"trainer.devices={gpus_per_node}",
     ]
     opts = SlurmOptions(
         nodes=nodes, gpus_per_node=gpus_per_node, partition=args.partition, time=args.time,
@@ -277,6 +275,9 @@ def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
         constraint=args.constraint,
     )
     accelerator = "cpu" if cfg.trainer.accelerator == "cpu" else "gpu"
+    check_job(opts, accelerator, train_argv)  # before the run directory and its wandb id are made
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_argv.append(f"wandb.id={wandb_run_id(cfg, run_dir)}")
     script = write_sbatch(run_dir, f"tome-{cfg.name}", opts, train_argv, accelerator=accelerator)
     if args.dry_run:
         return script.read_text()

@@ -84,7 +84,14 @@ def _argv_value(argv: list[str], key: str) -> Optional[str]:
     return value
 
 
-def _check(opts: SlurmOptions, accelerator: str, train_argv: list[str]) -> None:
+# sbatch's --time formats ("minutes", "minutes:seconds", "hours:minutes:seconds", "days-hours",
+# "days-hours:minutes", "days-hours:minutes:seconds", or no limit) and --mem's size with an optional unit.
+_TIME = re.compile(r"(\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite)", re.IGNORECASE)
+_MEM = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
+
+
+def check_job(opts: SlurmOptions, accelerator: str, train_argv: list[str]) -> None:
+    """Raise :class:`SlurmError` for options sbatch or Lightning would refuse, before anything is written."""
     for name in ("nodes", "gpus_per_node"):
         value = getattr(opts, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -104,6 +111,11 @@ def _check(opts: SlurmOptions, accelerator: str, train_argv: list[str]) -> None:
     for value in (opts.partition, opts.time, opts.account, opts.qos, opts.mem, opts.constraint):
         if value is not None and ("\n" in str(value) or str(value).strip() == ""):
             raise SlurmError(f"slurm option {value!r}: empty or multi-line value")
+    if opts.time is not None and not _TIME.fullmatch(opts.time):
+        raise SlurmError(f"slurm time={opts.time!r} is not allowed: use minutes, [days-]hours:minutes:seconds "
+                         "(e.g. 72:00:00, 2-12:00:00) or unlimited")
+    if opts.mem is not None and not _MEM.fullmatch(opts.mem):
+        raise SlurmError(f"slurm mem={opts.mem!r} is not allowed: use a size per node, e.g. 400G, 512000M")
 
 
 def render_sbatch(
@@ -120,7 +132,7 @@ def render_sbatch(
     accelerator = (accelerator or opts.accelerator).lower()
     if accelerator in ("cuda", "auto"):
         accelerator = "gpu"
-    _check(opts, accelerator, list(train_argv))
+    check_job(opts, accelerator, list(train_argv))
     run_dir = Path(run_dir).resolve()
     train_script = Path(train_script or TRAIN_SCRIPT).resolve()
     workdir = Path(workdir or os.getcwd()).resolve()
