@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tome_train.cli import train
+from tome_train.cli import main, train
 from tome_train.config import load_config
 from tome_train.tome import token_counts
 
@@ -69,6 +69,18 @@ def test_resume_continues_the_global_step(digits_run, tmp_path):
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 9 * steps_per_epoch
     assert resumed["epoch"] == first["epoch"] + 1
+
+
+def test_resuming_another_models_checkpoint_is_one_line_exit_2_and_writes_nothing(digits_run, tmp_path, capsys):
+    """Lightning would find the mismatch when it restores, after the run directory and the wandb run are made."""
+    for override, said in (("model.num_classes=12", "model.head.weight is [10, 96] in the checkpoint and [12, 96] in "
+                                                    "this model; resume with the config of the run that wrote it"),
+                           ("optim.ema_decay=0.9", "(and 79 more) is in this model, not in the checkpoint")):
+        code = main(["--output-dir", str(tmp_path / "run"), "--resume", str(digits_run.last), override])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: cannot resume from {digits_run.last}: ") and said in err, err
+        assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rerunning_a_finished_run_reports_its_accuracy(digits_run, tmp_path, capsys):

@@ -26,3 +26,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot resume this run; the message is one line for the user."""
+
+
+def check_resume_fits(path: Path, module: torch.nn.Module) -> None:
+    """Raise :class:`ResumeError` unless the Lightning checkpoint at ``path`` holds ``module``'s weights, key for key
+    and shape for shape. Lightning finds a mismatch only when it restores, after the run directory and the wandb run
+    are made; the file is mapped here, not read whole."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("state_dict")
+    except Exception as e:
+        raise ResumeError(f"cannot resume from {path}: not a checkpoint ({type(e).__name__})") from None
+    if state is None:
+        raise ResumeError(f"cannot resume from {path}: not a Lightning checkpoint (no state_dict)")
+    fix = "resume with the config of the run that wrote it"
+    own = module.state_dict()
+    for absent, there, here in ((sorted(own.keys() - state.keys()), "this model", "the checkpoint"),
+                                (sorted(state.keys() - own.keys()), "the checkpoint", "this model")):
+        if absent:
+            raise ResumeError(f"cannot resume from {path}: {absent[0]} (and {len(absent) - 1} more) is in {there}, not in "
+                              f"{here}; {fix}")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ResumeError(f"cannot resume from {path}: {key} is {list(value.shape)} in the checkpoint and "
+                              f"{list(own[key].shape)} in this model; {fix}")

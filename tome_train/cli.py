@@ -25,10 +25,11 @@ EARLY_USER_ERRORS = (ConfigError, DataError, FileNotFoundError)  # bad input sai
 def _user_errors() -> tuple[type[Exception], ...]:
     """The error types that mean bad input (one line, exit 2), not a bug, besides those of :data:`EARLY_USER_ERRORS`:
     their modules import torch."""
+    from .checkpoint_io import ResumeError
     from .models import CheckpointError
     from .tome import ScheduleError, UnsupportedModelError
 
-    return (CheckpointError, ScheduleError, UnsupportedModelError)
+    return (CheckpointError, ResumeError, ScheduleError, UnsupportedModelError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +162,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     ckpt = check_run_inputs(cfg, resume)
     import pytorch_lightning as pl
 
+    from .checkpoint_io import check_resume_fits
     from .data import ImageDataModule
     from .module import ToMeClassifier
     from .tome import GRAPHED_COMPILE_MODES, kernels
@@ -171,8 +173,10 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
     datamodule.check()
 
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the run's config; bad input stays one line
     module = ToMeClassifier(cfg, pretrained=ckpt is None and cfg.model.checkpoint is not None)
+    if ckpt is not None:
+        check_resume_fits(ckpt, module)
     if cfg.trainer.compile:
         module.model.compile(mode=None if cfg.trainer.compile is True else cfg.trainer.compile)
     run_dir.mkdir(parents=True, exist_ok=True)
