@@ -131,14 +131,19 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_model_refused_after_the_imports_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
-    """What only the built model shows (here: an image that does not tile into patches) is refused before the run
-    directory is made."""
+@pytest.mark.parametrize("override, error", [
+    ("model.img_size=30", "model.img_size=30 is not allowed for vit_tiny_patch16_224 with 4x4 patches: use a multiple of "
+                          "the patch size"),
+    ("trainer.accelerator=tpuu", "trainer.accelerator=tpuu, devices=1, precision=32-true: You selected an invalid "
+                                 "accelerator name: `accelerator='tpuu'`. Available names are:"),
+])
+def test_what_the_imports_refuse_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, override, error):
+    """What only the built model or Lightning's Trainer shows is refused before the run directory is made."""
     from tome_train.cli import main
 
-    assert main(["--output-dir", str(tmp_path / "run"), "model.img_size=30"]) == 2
-    assert capsys.readouterr().err == ("error: model.img_size=30 is not allowed for vit_tiny_patch16_224 with 4x4 patches: "
-                                       "use a multiple of the patch size\n")
+    assert main(["--output-dir", str(tmp_path / "run"), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {error}") and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
 
 

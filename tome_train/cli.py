@@ -20,6 +20,7 @@ from .config import ConfigError, list_recipes, load_config
 from .data import DataError, check_locations
 
 EARLY_USER_ERRORS = (ConfigError, DataError, FileNotFoundError)  # bad input said before torch is imported
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -71,15 +72,20 @@ def find_resume_checkpoint(run_dir: Path) -> Path | None:
 
 
 def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
-    """The recipe's fixed id, else one made once per run dir so a restarted run continues it."""
+    """The recipe's fixed id, else the run dir's (:func:`keep_wandb_run_id`), else a new one."""
     if cfg.wandb.id:
         return cfg.wandb.id
-    id_file = run_dir / "wandb_run_id"
+    id_file = run_dir / WANDB_ID_FILE
     if id_file.is_file():
         return id_file.read_text().strip()
-    run_id = uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
-    return run_id
+    return uuid.uuid4().hex[:12]
+
+
+def keep_wandb_run_id(cfg: DictConfig, run_dir: Path, run_id: str) -> None:
+    """Write a new ``run_id`` into ``run_dir`` (which must exist), so that a restarted run continues the same run."""
+    id_file = run_dir / WANDB_ID_FILE
+    if not cfg.wandb.id and not id_file.is_file():
+        id_file.write_text(run_id)
 
 
 def _wandb_mode(cfg: DictConfig) -> str:
@@ -93,18 +99,21 @@ def _wandb_mode(cfg: DictConfig) -> str:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path):
+    """The run's Lightning Trainer; ``run_dir`` and its wandb id are made once Lightning has taken the config."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import WandbLogger
     from pytorch_lightning.plugins.environments import SLURMEnvironment
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from .checkpoint_io import AtomicCheckpointIO
     from .requeue import SlurmRequeue
 
     t = cfg.trainer
+    run_id = wandb_run_id(cfg, run_dir)
     logger = WandbLogger(
         project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name or cfg.name,
-        tags=list(cfg.wandb.tags), id=wandb_run_id(cfg, run_dir), resume="allow",
+        tags=list(cfg.wandb.tags), id=run_id, resume="allow",
         save_dir=str(run_dir), mode=_wandb_mode(cfg), config=OmegaConf.to_container(cfg, resolve=True),
     )
     ckpt_dir = run_dir / "checkpoints"
@@ -118,14 +127,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(SlurmRequeue())
     distributed = t.num_nodes > 1 or (isinstance(t.devices, int) and t.devices > 1)
-    return pl.Trainer(
-        default_root_dir=str(run_dir), max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
-        log_every_n_steps=t.log_every_n_steps, limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, callbacks=callbacks,
-        logger=logger, plugins=plugins, strategy="ddp" if distributed else "auto",
-        use_distributed_sampler=False,  # the data module splits by rank and worker itself
-    )
+    try:
+        trainer = pl.Trainer(
+            default_root_dir=str(run_dir), max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices,
+            num_nodes=t.num_nodes, precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
+            log_every_n_steps=t.log_every_n_steps, limit_train_batches=t.limit_train_batches,
+            limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, callbacks=callbacks,
+            logger=logger, plugins=plugins, strategy="ddp" if distributed else "auto",
+            use_distributed_sampler=False,  # the data module splits by rank and worker itself
+        )
+    except (MisconfigurationException, ValueError) as e:  # an accelerator, device count or precision it cannot run
+        raise ConfigError(f"trainer.accelerator={t.accelerator}, devices={t.devices}, precision={t.precision}: "
+                          f"{str(e).splitlines()[0]}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: Lightning may refuse the trainer config above
+    keep_wandb_run_id(cfg, run_dir, run_id)
+    return trainer
 
 
 def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
@@ -179,7 +195,6 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
         check_resume_fits(ckpt, module)
     if cfg.trainer.compile:
         module.model.compile(mode=None if cfg.trainer.compile is True else cfg.trainer.compile)
-    run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, run_dir)
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt}")
@@ -281,7 +296,9 @@ def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
     accelerator = "cpu" if cfg.trainer.accelerator == "cpu" else "gpu"
     check_job(opts, accelerator, train_argv)  # before the run directory and its wandb id are made
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_argv.append(f"wandb.id={wandb_run_id(cfg, run_dir)}")
+    run_id = wandb_run_id(cfg, run_dir)
+    keep_wandb_run_id(cfg, run_dir, run_id)
+    train_argv.append(f"wandb.id={run_id}")
     script = write_sbatch(run_dir, f"tome-{cfg.name}", opts, train_argv, accelerator=accelerator)
     if args.dry_run:
         return script.read_text()
