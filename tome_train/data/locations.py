@@ -86,6 +86,8 @@ def check_locations(cfg: DictConfig) -> None:
     """Raise DataError unless the ``data`` section's source is known and its root, split directories or shards are
     there (the digits come with scikit-learn)."""
     check_source(cfg)
+    if cfg.source == "digits" and cfg.val_fraction is None:
+        raise DataError("data.val_fraction is required for data.source=digits: the held-out share, in (0, 1)")
     if cfg.source == "imagefolder":
         if not cfg.root:
             raise DataError("data.root is required for data.source=imagefolder")
