@@ -305,6 +305,9 @@ def test_shard_writer_cli(tree, tmp_path, capsys):
     assert shards_main(["--imagefolder", str(tmp_path / "missing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "missing") in err and err.count("\n") == 1
+    assert shards_main(["--digits", "--out", str(tmp_path / "digits"), "--img-size", "0"]) == 2
+    assert capsys.readouterr().err == "error: img_size=0 is not allowed: use a positive integer\n"
+    assert not (tmp_path / "digits").exists()
     with pytest.raises(SystemExit) as exit_:
         shards_main(["--out", str(out)])
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: ")

@@ -134,6 +134,8 @@ def write_digits_shards(out_dir: str, img_size: Optional[int] = None, train_per_
         recipe = load_config()
         img_size = recipe.model.img_size if img_size is None else img_size
         val_fraction = recipe.data.val_fraction if val_fraction is None else val_fraction
+    if img_size < 1:
+        raise DataError(f"img_size={img_size} is not allowed: use a positive integer")
     bad = set(corrupt or ())
     result = {}
     for split, indices, per_shard in zip(("train", "val"), digits_split(float(val_fraction)),
