@@ -140,9 +140,10 @@ class SlurmCluster:
         self._procs: dict[str, subprocess.Popen] = {}
         self._made_ns: list[str] = []
         self._started = False
-        # unix socket paths are limited to 107 bytes: keep munge's short
-        self._munge_dir = Path(tempfile.mkdtemp(prefix=f"{tag}-munge-"))
-        self.munge_socket = self._munge_dir / "munge.sock"
+        # unix socket paths are limited to 107 bytes: munge's socket and slurmd's spool, where each job step
+        # makes one, go in a short folder, whatever the length of ``workdir`` (pytest-xdist's are long)
+        self._socket_dir = Path(tempfile.mkdtemp(prefix=f"{tag}-"))
+        self.munge_socket = self._socket_dir / "munge.sock"
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "SlurmCluster":
@@ -210,7 +211,7 @@ class SlurmCluster:
         for ns in reversed(self._made_ns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._made_ns.clear()
-        shutil.rmtree(self._munge_dir, ignore_errors=True)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
         self._started = False
         atexit.unregister(self.stop)
 
@@ -256,10 +257,10 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ setup pieces
     def _write_files(self) -> None:
-        for sub in ("etc", "bin", "log", "state", "spool", "run"):
+        for sub in ("etc", "bin", "log", "state", "run"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         for name in self.node_names:
-            (self.workdir / "spool" / name).mkdir()
+            (self._socket_dir / "spool" / name).mkdir(parents=True)
         hosts = ["127.0.0.1 localhost", "::1 localhost", f"{self.ctl_addr} {self.ctl_name}"]
         hosts += [f"{a} {n}" for a, n in zip(self.node_addrs, self.node_names)]
         (self.workdir / "etc" / "hosts").write_text("\n".join(hosts) + "\n")
@@ -275,7 +276,7 @@ class SlurmCluster:
             "SlurmctldPort=6817",
             "SlurmdPort=6818",
             f"StateSaveLocation={w}/state",
-            f"SlurmdSpoolDir={w}/spool/%n",
+            f"SlurmdSpoolDir={self._socket_dir}/spool/%n",
             f"SlurmctldPidFile={w}/run/slurmctld.pid",
             f"SlurmdPidFile={w}/run/slurmd-%n.pid",
             f"SlurmctldLogFile={w}/log/slurmctld.log",
@@ -356,7 +357,7 @@ class SlurmCluster:
             self._ip("link", "set", "eth0", "up", ns=ns)
 
     def _start_munge(self) -> None:
-        d = self._munge_dir
+        d = self._socket_dir
         os.chmod(d, 0o755)  # the key inside stays 0400; clients need to reach the socket
         key = d / "munge.key"
         key.write_bytes(os.urandom(1024))
