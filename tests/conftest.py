@@ -1,5 +1,6 @@
 """Shared fixtures: one short real training run on the bundled digits, reused by the tests
 that need a trained checkpoint, a wandb offline run or a trade-off report."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,10 @@ os.environ.pop("WANDB_API_KEY", None)
 # anything imports triton, whose library functions are wrapped for one mode or the other at import. On a GPU,
 # TRITON_INTERPRET=0 runs the GPU-only tests on compiled kernels, as the library runs them.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # one worker per core (make test: -n auto): one intra-op thread each, in every process a test starts too;
+    # torch's default of a thread per core in every worker oversubscribes the cores many times over
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,10 +64,20 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
+    """The short fit, trained once per test run: under pytest-xdist its workers share their run's base folder,
+    and the first worker to need the fit trains it while any other waits on the lock, then reads it."""
+    from filelock import FileLock
+
     from tome_train.cli import train
     from tome_train.config import load_config
 
-    run_dir = tmp_path_factory.mktemp("digits_run")
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+    run_dir, result_file = shared / "digits_run", shared / "digits_run.json"
     cfg = load_config(None, [*SHORT_FIT, f"output_dir={run_dir}"])
-    result = train(cfg)
+    with FileLock(shared / "digits_run.lock"):
+        if not result_file.is_file():
+            result_file.write_text(json.dumps(train(cfg)))
+    result = json.loads(result_file.read_text())
     return SimpleNamespace(cfg=cfg, run_dir=run_dir, result=result, last=run_dir / "checkpoints" / "last.ckpt")
+
