@@ -1,5 +1,6 @@
 """The training framework end to end on the bundled digits: fit, metrics, wandb, trade-off, resume."""
 import csv
+import warnings
 
 import pytest
 import torch
@@ -100,7 +101,10 @@ def test_rerunning_a_finished_run_reports_its_accuracy(digits_run, tmp_path, cap
 def test_ema_is_evaluated_and_checkpointed(tmp_path):
     cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
                              "optim.ema_decay=0.9", "tradeoff.enabled=false", f"output_dir={tmp_path}"])
-    train(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    assert not [w for w in caught if "eval mode" in str(w.message)]  # the EMA copy is no mistake to warn of
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     ema = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.module.")}
     raw = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
