@@ -323,3 +323,17 @@ def test_data_benchmark_refuses_what_it_cannot_run_in_one_line(args, said, tmp_p
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(f"error: {said}") and err.count("\n") == 1
     assert not (tmp_path / "scratch").exists()
+
+
+def test_data_benchmark_refuses_a_scratch_dir_it_cannot_use_in_one_line(tmp_path, capsys):
+    from tome_train.data.bench import main as data_bench_main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    blocked = a_file / "scratch"  # its parent is a file: cannot be made
+    for scratch, said in ((a_file, "not a directory"), (blocked, "cannot make it")):
+        with pytest.raises(SystemExit) as stop:
+            data_bench_main(["--dir", str(scratch)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(f"error: --dir {scratch}: {said}") and err.count("\n") == 1
+    assert a_file.read_text() == "kept"

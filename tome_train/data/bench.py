@@ -173,11 +173,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if value < low:
             why = f"one training image per class at least ({CLASSES} classes)" if flag == "--images" else "at least 1"
             parser.exit(2, f"error: {flag} {value}: {why}\n")
+    scratch = Path(args.dir)
+    if scratch.exists() and not scratch.is_dir():
+        parser.exit(2, f"error: --dir {scratch}: not a directory\n")
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.exit(2, f"error: --dir {scratch}: cannot make it ({e.strerror})\n")
     from ..bench import cpu_name
 
     print(f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} cores usable; python {platform.python_version()}; "
           f"batch {args.batch_size}, {args.measure} images timed per run, best of {args.repeats}")
-    rows = run(Path(args.dir), args.images, args.measure, args.batch_size, args.workers, args.repeats)
+    rows = run(scratch, args.images, args.measure, args.batch_size, args.workers, args.repeats)
     print(table(rows, args.markdown))
     return 0
 
