@@ -127,7 +127,8 @@ def test_make_cases_cross_product_and_pair():
     (["--cuda-graphs", "--compile", "max-autotune"], ["'max-autotune'", "max-autotune-no-cudagraphs"]),
     (["--cuda-graphs", "--dtype", "fp16"], ["cuda_graphs training needs bf16 or fp32"]),
     (["--cuda-graphs", "--compile"], ["cuda_graphs needs a CUDA device, not cpu"]),  # the mode itself is allowed
-    (["--output", "/nonexistent-dir/bench.json"], ["/nonexistent-dir"]),
+    (["--output", "/nonexistent-dir/bench.json"], ["/nonexistent-dir", "does not exist"]),
+    (["--output", __file__ + "/bench.json"], [f"'{__file__}' is not a directory"]),
     (["--runtime", "tensorrt"], ["--runtime"]),
     (["--runtime", "onnxruntime", "--mode", "both", "--dtype", "bf16"],
      ["runtime=onnxruntime times fp32 inference on the CPU: mode train, dtype bf16 cannot apply"]),

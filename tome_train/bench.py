@@ -822,7 +822,8 @@ def _check_onnxruntime(device: torch.device, dtype: str, modes: Sequence[str], c
 def _parent_ok(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise BenchError(f"cannot write {path!r}: directory {parent!r} does not exist")
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise BenchError(f"cannot write {path!r}: {parent!r} {what}")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
