@@ -80,4 +80,3 @@ def digits_run(tmp_path_factory):
             result_file.write_text(json.dumps(train(cfg)))
     result = json.loads(result_file.read_text())
     return SimpleNamespace(cfg=cfg, run_dir=run_dir, result=result, last=run_dir / "checkpoints" / "last.ckpt")
-

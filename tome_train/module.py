@@ -70,14 +70,13 @@ class ToMeClassifier(pl.LightningModule):
             self.train_loss = torch.nn.CrossEntropyLoss()
 
         self.ema = ModelEmaV3(self.model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
-        if self.ema is not None:
-            # timm leaves its copy in eval mode; Lightning puts every module in eval mode for validation itself, and
-            # the copy, never run in training, need not set off its warning about modules left in eval mode
-            self.ema.train()
         n = cfg.model.num_classes
         self.val_top1, self.val_top5 = _accuracy(n, 1), _accuracy(n, 5)
         if self.ema is not None:
             self.ema_top1, self.ema_top5 = _accuracy(n, 1), _accuracy(n, 5)
+            # timm leaves its copy in eval mode; Lightning puts every module in eval mode for validation itself, and
+            # the copy, never run in training, need not set off its warning about modules left in eval mode
+            self.ema.train()
         self._step_started: float | None = None
 
     # ---- ToMe schedule ---------------------------------------------------------------
