@@ -3,12 +3,14 @@ import csv
 import warnings
 
 import pytest
+import timm
 import torch
 from PIL import Image
 
 from tome_train.cli import main, train
 from tome_train.config import load_config
-from tome_train.tome import token_counts
+from tome_train.tome import apply_tome, set_r, token_counts
+from tome_train.tradeoff import images_per_s
 
 from conftest import SHORT_FIT
 from wandb_records import history, run_config, written_run_file
@@ -62,6 +64,24 @@ def test_tradeoff_table_plot_and_merge_pictures(digits_run, capsys):
             assert image.size[0] > 100 and image.size[1] > 100
 
 
+def test_throughput_sweep_times_every_r_in_turn_at_its_own_token_count():
+    model = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=3,
+                                         num_heads=2, num_classes=10), r=0).eval()
+    tokens_out = []
+    model.blocks[-1].register_forward_hook(lambda block, args, out: tokens_out.append(out.shape[1]))
+    order = []
+
+    def set_and_record(r):
+        order.append(r)
+        set_r(model, r)
+
+    measured = images_per_s(model, torch.randn(4, 3, 32, 32), set_and_record, [0, 6, 8], steps=3)
+    assert order == [0, 6, 8] + [0, 6, 8] + [8, 6, 0] + [0, 6, 8]  # a warm-up pass each, then rounds both ways
+    final = {r: token_counts([r] * 3, 65, 1)[-1] for r in (0, 6, 8)}
+    assert tokens_out == [final[r] for r in order] and len(set(final.values())) == 3
+    assert sorted(measured) == [0, 6, 8] and all(v > 0 for v in measured.values())
+
+
 def test_resume_continues_the_global_step(digits_run, tmp_path):
     first = torch.load(digits_run.last, map_location="cpu", weights_only=False)
     steps_per_epoch = first["global_step"] // 8
@@ -105,6 +125,7 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path):
         warnings.simplefilter("always")
         train(cfg)
     assert not [w for w in caught if "eval mode" in str(w.message)]  # the EMA copy is no mistake to warn of
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]  # Lightning's, of torch's LeafSpec
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     ema = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.module.")}
     raw = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

@@ -185,6 +185,9 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
 
     # Lightning's hint that srun exists but is unused: a local run on a SLURM login node is intended.
     warnings.filterwarnings("ignore", message="The `srun` command is available")
+    # Lightning 2.6's own use of torch 2.14's deprecated LeafSpec (its pytree helper): nothing a run can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"pytorch_lightning\.")
     run_dir = Path(cfg.output_dir).resolve()
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
     datamodule.check()

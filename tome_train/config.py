@@ -144,7 +144,7 @@ class TradeoffConfig:
     r_values: Optional[list[int]] = None  # None: num_points values from 0 to the largest r the model takes
     num_points: int = 5
     batch_size: int = MISSING
-    bench_steps: int = MISSING
+    bench_steps: int = MISSING  # timed rounds over every r of the sweep; an r's images/s is from its median step
     limit_val_batches: Optional[int] = None
     num_vis_images: int = 4
 

@@ -7,7 +7,9 @@ directory, and logs the same to wandb as a Table, a line plot and images.
 from __future__ import annotations
 
 import csv
+import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +32,30 @@ def sweep_values(cfg: DictConfig, num_tokens: int, num_protected: int, train_r) 
     return sorted(values)
 
 
-@torch.no_grad()
-def images_per_s(model: torch.nn.Module, images: torch.Tensor, steps: int, autocast_dtype=None) -> float:
-    """Inference throughput of ``model`` on one batch, after one warm-up pass."""
+@torch.inference_mode()
+def images_per_s(
+    model: torch.nn.Module, images: torch.Tensor, set_r: Callable[[int], object], values: Sequence[int], steps: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[int, float]:
+    """Inference throughput of ``model`` on one batch at each r of ``values``: one warm-up pass at each, then
+    ``steps`` rounds that run every r once, in alternating order, and the median step of each r. Interleaved, a
+    machine's drift (a neighbour's load, clocks) falls on every r alike instead of on the ones timed last."""
     device_type = images.device.type
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    step_seconds: dict[int, list[float]] = {r: [] for r in values}
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        model(images)
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
+        for r in values:
+            set_r(r)
             model(images)
-        sync()
-    return steps * images.shape[0] / (time.perf_counter() - start)
+        for step in range(steps):
+            for r in values if step % 2 == 0 else reversed(values):
+                set_r(r)
+                sync()
+                start = time.perf_counter()
+                model(images)
+                sync()
+                step_seconds[r].append(time.perf_counter() - start)
+    return {r: images.shape[0] / statistics.median(seconds) for r, seconds in step_seconds.items()}
 
 
 def _autocast_dtype(precision: str):
@@ -74,19 +87,20 @@ def measure_tradeoff(trainer, module, datamodule) -> list[dict]:
         for r in values:
             row = {"r": r, **_validate_at(trainer, module, datamodule, r)}
             schedule = module.set_schedule(r)
-            module.model.eval()
-            row["images_per_s"] = images_per_s(
-                module.model, images, cfg.tradeoff.bench_steps, _autocast_dtype(cfg.trainer.precision)
-            )
             row["tokens_final"] = dims.tokens_per_layer(schedule)[-1]
             row["gflops"] = vit_flops(dims, schedule) / 1e9
             row["flop_bound"] = flop_bound(dims, schedule)
             rows.append(row)
+        module.model.eval()
+        measured = images_per_s(module.model, images, module.set_schedule, values, cfg.tradeoff.bench_steps,
+                                _autocast_dtype(cfg.trainer.precision))
     finally:
         trainer.loggers, trainer.limit_val_batches, module.eval_r = saved
         module.set_schedule(module.train_r)
         if bar is not None:
             bar.enable()
+    for row in rows:
+        row["images_per_s"] = measured[row["r"]]
     base = next((row["images_per_s"] for row in rows if row["r"] == 0), rows[0]["images_per_s"])
     for row in rows:
         row["speedup"] = row["images_per_s"] / base
