@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tome_train import bench
 from tome_train.tome import ViTDims, apply_tome, parse_schedule, vit_flops
@@ -26,7 +27,7 @@ def both_modes(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     json_path, csv_path = out / "bench.json", out / "bench.csv"
     rc = bench.main(TINY + ["--r", "0", "2", "--mode", "both", "--output", str(json_path), "--csv", str(csv_path),
-                            "--quiet"])
+                            "--plot", str(out / "bench.png"), "--quiet"])
     return rc, json.loads(json_path.read_text()), list(csv.DictReader(csv_path.open()))
 
 
@@ -83,6 +84,21 @@ def test_csv_matches_json(both_modes):
         assert row["schedule"] == " ".join(str(v) for v in ref["schedule"])
 
 
+def test_plot_draws_each_model_and_mode_against_the_flop_bound(both_modes):
+    rows, argv = both_modes[1]["results"], both_modes[1]["argv"]
+    with Image.open(argv[argv.index("--plot") + 1]) as image:
+        assert image.format == "PNG" and image.size == (720, 540)
+    lines = {line.get_label(): line for line in bench.plot_ratios(rows, "title").axes[0].lines}
+    assert {label for label in lines if not label.startswith("_")} == {
+        "vit_tiny_patch16_224, infer", "vit_tiny_patch16_224, train", "the FLOP bound"}
+    xs, ys = lines["the FLOP bound"].get_data()
+    assert xs[0] == ys[0] == 1.0 and xs[1] == ys[1] >= max(max(row["ratio"], row["flop_bound"]) for row in rows)
+    for mode in ("infer", "train"):
+        xs, ys = lines[f"vit_tiny_patch16_224, {mode}"].get_data()
+        assert list(xs) == [row["flop_bound"] for row in rows if row["mode"] == mode]  # r=0 first: bound 1.0
+        assert list(ys) == [row["ratio"] for row in rows if row["mode"] == mode]
+
+
 def test_pair_zips_and_table_prints(capsys):
     rc = bench.main(TINY + ["--r", "1", "3@-1", "--pair", "--mode", "infer", "--no-prop-attn", "--quiet"])
     assert rc == 0
@@ -129,6 +145,7 @@ def test_make_cases_cross_product_and_pair():
     (["--cuda-graphs", "--compile"], ["cuda_graphs needs a CUDA device, not cpu"]),  # the mode itself is allowed
     (["--output", "/nonexistent-dir/bench.json"], ["/nonexistent-dir", "does not exist"]),
     (["--output", __file__ + "/bench.json"], [f"'{__file__}' is not a directory"]),
+    (["--plot", "/nonexistent-dir/bench.png"], ["/nonexistent-dir", "does not exist"]),
     (["--runtime", "tensorrt"], ["--runtime"]),
     (["--runtime", "onnxruntime", "--mode", "both", "--dtype", "bf16"],
      ["runtime=onnxruntime times fp32 inference on the CPU: mode train, dtype bf16 cannot apply"]),

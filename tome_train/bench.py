@@ -18,6 +18,8 @@ over the same with the schedule, the speedup ToMe would give if time were propor
 counted). ``*_gflops`` are whole-model forward GFLOPs per image, patch embedding and head included,
 counted as the paper does (one multiply-add is one FLOP).
 
+``--plot FILE.png`` draws each measured speedup against its FLOP bound (:func:`plot_ratios`).
+
 :func:`run_benchmark` is the importable core; :func:`main` is the command line that
 ``train.py bench ...`` hands its arguments to.
 """
@@ -34,6 +36,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -804,6 +807,35 @@ def write_csv(path: str, rows: list[dict]) -> None:
                              "fused_kernels": " ".join(f"{k}={v}" for k, v in row["fused_kernels"].items())})
 
 
+def plot_ratios(rows: list[dict], title: str):
+    """ToMe's speedup over timm against the FLOP bound of its schedule, a line per model and mode (one point per r,
+    labelled), with the bound itself as the diagonal: how much of what merging removes each schedule turned into
+    time. Returns the matplotlib figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), dpi=120)
+    ax = fig.subplots()
+    series: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        series.setdefault((row["model"], row["mode"]), []).append(row)
+    for (model, mode), points in series.items():
+        points = sorted(points, key=lambda row: row["flop_bound"])
+        ax.plot([row["flop_bound"] for row in points], [row["ratio"] for row in points], "o-", label=f"{model}, {mode}")
+        for row in points:
+            ax.annotate(f"r={row['r']}", (row["flop_bound"], row["ratio"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7)
+    top = max(max(row["flop_bound"], row["ratio"]) for row in rows) * 1.05
+    ax.plot([1.0, top], [1.0, top], "--", color="gray", label="the FLOP bound")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("FLOP bound of the schedule (timm FLOPs / ToMe FLOPs, blocks)")
+    ax.set_ylabel("measured speedup (ToMe images/s / timm images/s)")
+    ax.set_title(textwrap.fill(title, 100), fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _check_onnxruntime(device: torch.device, dtype: str, modes: Sequence[str], compile: str | None,
                        cuda_graphs: bool, auto_min_batch: bool, sdpa: str | None) -> None:
     """The settings ``runtime="onnxruntime"`` can measure, and onnxruntime installed, or :class:`BenchError`."""
@@ -872,6 +904,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, metavar="JSON", help="write results and machine info as JSON")
     p.add_argument("--csv", default=None, metavar="PATH", help="also write the result rows as CSV")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also plot each speedup against its FLOP bound")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -909,7 +942,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.threads is not None:
         _check_int("threads", args.threads, 1)
         torch.set_num_threads(args.threads)
-    for path in (args.output, args.csv):
+    for path in (args.output, args.csv, args.plot):
         if path:
             _parent_ok(path)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -922,12 +955,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     )
 
     machine = machine_info(device)
-    print(f"{machine['host_cpu']}" + (f" / {machine['gpu']}" if "gpu" in machine else "")
-          + f", torch {machine['torch']}, threads={machine['torch_threads']}, {args.dtype}, "
-          + f"prop_attn={'on' if args.prop_attn else 'off'}{f', compiled ({args.compile}, ToMe by {args.compile_scope})' if args.compile else ''}"
-          + f"{', CUDA graphs' if args.cuda_graphs else ''}"
-          + f"{', onnxruntime' if args.runtime == 'onnxruntime' else ''}, "
-          + f"{args.stat} of {args.steps} steps, {args.timer} clock")
+    setting = (f"{machine['host_cpu']}" + (f" / {machine['gpu']}" if "gpu" in machine else "")
+               + f", torch {machine['torch']}, threads={machine['torch_threads']}, {args.dtype}, "
+               + f"prop_attn={'on' if args.prop_attn else 'off'}{f', compiled ({args.compile}, ToMe by {args.compile_scope})' if args.compile else ''}"
+               + f"{', CUDA graphs' if args.cuda_graphs else ''}"
+               + f"{', onnxruntime' if args.runtime == 'onnxruntime' else ''}, "
+               + f"{args.stat} of {args.steps} steps, {args.timer} clock")
+    print(setting)
     others = max((row["other_cpus"] for row in rows if row["other_cpus"] is not None), default=None)
     if others is not None and others > 0.25 and args.timer == "wall":
         print(f"warning: other processes kept {others:.1f} of {os.cpu_count()} CPUs busy during the run: "
@@ -940,6 +974,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             f.write("\n")
     if args.csv:
         write_csv(args.csv, rows)
+    if args.plot:
+        plot_ratios(rows, f"batch {args.batch_size}, {setting}").savefig(args.plot)
     return 0
 
 
