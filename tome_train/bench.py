@@ -851,11 +851,23 @@ def _check_onnxruntime(device: torch.device, dtype: str, modes: Sequence[str], c
         raise BenchError("runtime=onnxruntime needs onnxruntime: pip install 'tome-train[export]'") from None
 
 
-def _parent_ok(path: str) -> None:
+def _check_output_file(path: str) -> None:
+    """A file the run may write at its end, or :class:`BenchError` before the run."""
+    if os.path.isdir(path):
+        raise BenchError(f"cannot write {path!r}: it is a directory, name a file in it")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         what = "is not a directory" if os.path.exists(parent) else "does not exist"
         raise BenchError(f"cannot write {path!r}: {parent!r} {what}")
+
+
+def _check_plot_file(path: str) -> None:
+    """A file name whose extension matplotlib writes (it would otherwise add ``.png`` or fail after the run)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if os.path.splitext(path)[1].lower().lstrip(".") not in formats:
+        raise BenchError(f"--plot {path!r}: name a file ending in one of {', '.join('.' + f for f in formats)}")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -944,7 +956,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     for path in (args.output, args.csv, args.plot):
         if path:
-            _parent_ok(path)
+            _check_output_file(path)
+    if args.plot:
+        _check_plot_file(args.plot)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     rows = run_benchmark(
         cases, device=device, dtype=args.dtype, batch_size=args.batch_size, img_size=args.img_size,
