@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tome_train.config import DEFAULT_RECIPE, ConfigError, list_recipes, load_config, schedule_of
+from tome_train.config import DEFAULT_RECIPE, ConfigError, list_recipes, load_config, schedule_of, training_changes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -180,3 +180,15 @@ def test_cli_lists_and_prints_config(tmp_path):
     cfg = OmegaConf.create(printed.stdout)
     assert cfg.trainer.epochs == 7 and cfg.tome.r_train == 13 and cfg.optim.blr == 5e-4
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_changes_name_what_is_trained_otherwise_and_pass_over_where_and_how_it_runs():
+    saved = OmegaConf.to_container(load_config(None, []), resolve=True)
+    same_training = load_config(None, ["trainer.epochs=3", "data.num_workers=2", "tome.r_eval=2", "wandb.tags=[a]",
+                                       "tradeoff.r_values=[0,4]", "output_dir=elsewhere"])
+    assert training_changes(saved, same_training) == []
+    other = load_config(None, ["tome.r_train=8", "optim.betas=[0.9,0.95]", "seed=1", "trainer.epochs=3"])
+    assert training_changes(saved, other) == [
+        "optim.betas: [0.9, 0.999] -> [0.9, 0.95]", "seed: 0 -> 1", "tome.r_train: 6 -> 8"]
+    del saved["tome"]["r_train"]  # a key one version of the schema has and the other not: nothing to compare
+    assert training_changes(saved, other) == ["optim.betas: [0.9, 0.999] -> [0.9, 0.95]", "seed: 0 -> 1"]

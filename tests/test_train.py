@@ -118,6 +118,24 @@ def test_rerunning_a_finished_run_reports_its_accuracy(digits_run, tmp_path, cap
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == last
 
 
+def test_a_run_directory_holding_a_run_of_other_settings_is_resumed_only_when_chosen(digits_run, tmp_path, capsys):
+    """``python train.py tome.r_train=8`` after the default run must not continue that r=6 run in its directory as if
+    it were this one (and overwrite its checkpoints); ``--resume`` continues it with the change, saying so."""
+    import shutil
+
+    shutil.copytree(digits_run.run_dir / "checkpoints", tmp_path / "checkpoints")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    written = last.read_bytes()
+    args = ["--output-dir", str(tmp_path), *SHORT_FIT, "tradeoff.enabled=false", "tome.r_train=8"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot resume from {last}: its run was trained with other settings (tome.r_train: 6 -> 8); rerun "
+        f"with them, start a new run with --output-dir DIR, or continue this one with these by --resume {last}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoints"] and last.read_bytes() == written
+    assert main([*args, "trainer.epochs=12", "--resume", str(last)]) == 0  # a change of trainer.* is no other run
+    assert f"resuming from {last} with changes: tome.r_train: 6 -> 8\n" in capsys.readouterr().out
+
+
 def test_ema_is_evaluated_and_checkpointed(tmp_path):
     cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
                              "optim.ema_decay=0.9", "tradeoff.enabled=false", f"output_dir={tmp_path}"])

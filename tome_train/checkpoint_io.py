@@ -32,14 +32,20 @@ class ResumeError(ValueError):
     """A checkpoint that cannot resume this run; the message is one line for the user."""
 
 
-def check_resume_fits(path: Path, module: torch.nn.Module) -> None:
+def check_resume_fits(path: Path, module: torch.nn.Module, cfg, chosen: bool) -> list[str]:
     """Raise :class:`ResumeError` unless the Lightning checkpoint at ``path`` holds ``module``'s weights, key for key
-    and shape for shape. Lightning finds a mismatch only when it restores, after the run directory and the wandb run
-    are made; the file is mapped here, not read whole."""
+    and shape for shape, and, unless the user ``chosen`` it (``--resume``), was trained with the config ``cfg``
+    trains with (:func:`.config.training_changes`: a run's directory found with another run's checkpoint in it is
+    not continued as if it were this one). Returns the changes a chosen checkpoint resumes with. Lightning finds a
+    mismatch only when it restores, after the run directory and the wandb run are made; the file is mapped here,
+    not read whole."""
+    from .config import training_changes
+
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("state_dict")
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:
         raise ResumeError(f"cannot resume from {path}: not a checkpoint ({type(e).__name__})") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if state is None:
         raise ResumeError(f"cannot resume from {path}: not a Lightning checkpoint (no state_dict)")
     fix = "resume with the config of the run that wrote it"
@@ -53,3 +59,11 @@ def check_resume_fits(path: Path, module: torch.nn.Module) -> None:
         if value.shape != own[key].shape:
             raise ResumeError(f"cannot resume from {path}: {key} is {list(value.shape)} in the checkpoint and "
                               f"{list(own[key].shape)} in this model; {fix}")
+    saved = checkpoint.get("hyper_parameters", {}).get("config")
+    changes = training_changes(saved, cfg) if isinstance(saved, dict) else []
+    if changes and not chosen:
+        more = f" and {len(changes) - 1} more" if len(changes) > 1 else ""
+        raise ResumeError(f"cannot resume from {path}: its run was trained with other settings ({changes[0]}{more}); "
+                          f"rerun with them, start a new run with --output-dir DIR, or continue this one with these "
+                          f"by --resume {path}")
+    return changes

@@ -194,13 +194,12 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the run's config; bad input stays one line
     module = ToMeClassifier(cfg, pretrained=ckpt is None and cfg.model.checkpoint is not None)
-    if ckpt is not None:
-        check_resume_fits(ckpt, module)
+    changes = check_resume_fits(ckpt, module, cfg, chosen=resume is not None) if ckpt is not None else []
     if cfg.trainer.compile:
         module.model.compile(mode=None if cfg.trainer.compile is True else cfg.trainer.compile)
     trainer = build_trainer(cfg, run_dir)
     if ckpt is not None and trainer.is_global_zero:
-        print(f"resuming from {ckpt}")
+        print(f"resuming from {ckpt}" + (f" with changes: {'; '.join(changes)}" if changes else ""))
     # compiled graphs replayed as CUDA graphs: the kernels are chosen by the device's time alone
     graphed = cfg.trainer.compile in GRAPHED_COMPILE_MODES
     with _wandb_run_failed_on_error():

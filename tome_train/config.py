@@ -301,6 +301,30 @@ def peak_lr(cfg: DictConfig, batch: int) -> float:
     return cfg.optim.blr * batch / cfg.optim.lr_base_batch
 
 
+# What a run may resume with changed: where it reads from, how it runs and what it reports, not what it trains.
+RESUMABLE_CHANGES = ("description", "output_dir", "model.checkpoint", "tome.r_eval", "data.root", "data.train_shards",
+                     "data.val_shards", "data.num_workers", "trainer", "layout", "reference", "tradeoff", "wandb")
+
+
+def _leaves(node: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{dotted key: value}`` (lists, and empty sections, are values)."""
+    leaves = {}
+    for name, child in node.items():
+        key = prefix + str(name)
+        leaves.update(_leaves(child, key + ".") if isinstance(child, dict) and child else {key: child})
+    return leaves
+
+
+def training_changes(saved: dict, cfg: DictConfig) -> list[str]:
+    """What ``cfg`` trains otherwise than the config a checkpoint was trained with (``saved``, the resolved dict the
+    checkpoint holds): ``key: saved -> now`` for each key of both whose value differs, other than those under
+    :data:`RESUMABLE_CHANGES` (keys only one of them has, from another version of the schema, are not compared)."""
+    before = _leaves(saved)
+    now = _leaves(OmegaConf.to_container(cfg, resolve=True))
+    return [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now.keys())
+            if before[key] != now[key] and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
+
+
 # The choices a string key takes. data.interpolation: timm's names (timm.data.transforms), for training and evaluation.
 _CHOICES = {
     "data.source": DATA_SOURCES,
