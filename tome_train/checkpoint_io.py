@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+from omegaconf import DictConfig
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -32,7 +33,7 @@ class ResumeError(ValueError):
     """A checkpoint that cannot resume this run; the message is one line for the user."""
 
 
-def check_resume_fits(path: Path, module: torch.nn.Module, cfg, chosen: bool) -> list[str]:
+def check_resume_fits(path: Path, module: torch.nn.Module, cfg: DictConfig, chosen: bool) -> list[str]:
     """Raise :class:`ResumeError` unless the Lightning checkpoint at ``path`` holds ``module``'s weights, key for key
     and shape for shape, and, unless the user ``chosen`` it (``--resume``), was trained with the config ``cfg``
     trains with (:func:`.config.training_changes`: a run's directory found with another run's checkpoint in it is
