@@ -132,6 +132,10 @@ def test_a_run_directory_holding_a_run_of_other_settings_is_resumed_only_when_ch
         f"error: cannot resume from {last}: its run was trained with other settings (tome.r_train: 6 -> 8); rerun "
         f"with them, start a new run with --output-dir DIR, or continue this one with these by --resume {last}\n")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoints"] and last.read_bytes() == written
+    assert main([*args, "--dry-run"]) == 2 and capsys.readouterr().err.startswith(f"error: cannot resume from {last}:")
+    assert main([*args, "--dry-run", "--resume", str(last)]) == 0
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert f"\nresumes {last} at step {step}, with changes: tome.r_train: 6 -> 8\n" in capsys.readouterr().out
     assert main([*args, "trainer.epochs=12", "--resume", str(last)]) == 0  # a change of trainer.* is no other run
     assert f"resuming from {last} with changes: tome.r_train: 6 -> 8\n" in capsys.readouterr().out
 

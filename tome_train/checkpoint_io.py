@@ -33,22 +33,23 @@ class ResumeError(ValueError):
     """A checkpoint that cannot resume this run; the message is one line for the user."""
 
 
-def check_resume_fits(path: Path, module: torch.nn.Module, cfg: DictConfig, chosen: bool) -> list[str]:
-    """Raise :class:`ResumeError` unless the Lightning checkpoint at ``path`` holds ``module``'s weights, key for key
-    and shape for shape, and, unless the user ``chosen`` it (``--resume``), was trained with the config ``cfg``
-    trains with (:func:`.config.training_changes`: a run's directory found with another run's checkpoint in it is
-    not continued as if it were this one). Returns the changes a chosen checkpoint resumes with. Lightning finds a
-    mismatch only when it restores, after the run directory and the wandb run are made; the file is mapped here,
-    not read whole."""
-    from .config import training_changes
-
+def read_resume_checkpoint(path: Path) -> dict[str, Any]:
+    """The Lightning checkpoint at ``path`` mapped, not read whole (its tensors are read where used), or
+    :class:`ResumeError`."""
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:
         raise ResumeError(f"cannot resume from {path}: not a checkpoint ({type(e).__name__})") from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if state is None:
+    if not isinstance(checkpoint, dict) or checkpoint.get("state_dict") is None:
         raise ResumeError(f"cannot resume from {path}: not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def check_weights_fit(path: Path, checkpoint: dict[str, Any], module: torch.nn.Module) -> None:
+    """Raise :class:`ResumeError` unless ``checkpoint`` (read from ``path``) holds ``module``'s weights, key for key
+    and shape for shape. Lightning finds a mismatch only when it restores, after the run directory and the wandb run
+    are made."""
+    state = checkpoint["state_dict"]
     fix = "resume with the config of the run that wrote it"
     own = module.state_dict()
     for absent, there, here in ((sorted(own.keys() - state.keys()), "this model", "the checkpoint"),
@@ -60,6 +61,14 @@ def check_resume_fits(path: Path, module: torch.nn.Module, cfg: DictConfig, chos
         if value.shape != own[key].shape:
             raise ResumeError(f"cannot resume from {path}: {key} is {list(value.shape)} in the checkpoint and "
                               f"{list(own[key].shape)} in this model; {fix}")
+
+
+def check_same_training(path: Path, checkpoint: dict[str, Any], cfg: DictConfig, chosen: bool) -> list[str]:
+    """What ``cfg`` trains otherwise than the run that wrote ``checkpoint`` (:func:`.config.training_changes`).
+    Raise :class:`ResumeError` if anything, unless the user ``chosen`` the checkpoint (``--resume``): a run
+    directory found with another run's checkpoint in it is not continued as if it were this one's."""
+    from .config import training_changes
+
     saved = checkpoint.get("hyper_parameters", {}).get("config")
     changes = training_changes(saved, cfg) if isinstance(saved, dict) else []
     if changes and not chosen:

@@ -178,7 +178,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     ckpt = check_run_inputs(cfg, resume)
     import pytorch_lightning as pl
 
-    from .checkpoint_io import check_resume_fits
+    from .checkpoint_io import check_same_training, check_weights_fit, read_resume_checkpoint
     from .data import ImageDataModule
     from .module import ToMeClassifier
     from .tome import GRAPHED_COMPILE_MODES, kernels
@@ -194,7 +194,12 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the run's config; bad input stays one line
     module = ToMeClassifier(cfg, pretrained=ckpt is None and cfg.model.checkpoint is not None)
-    changes = check_resume_fits(ckpt, module, cfg, chosen=resume is not None) if ckpt is not None else []
+    changes = []
+    if ckpt is not None:
+        checkpoint = read_resume_checkpoint(ckpt)
+        check_weights_fit(ckpt, checkpoint, module)
+        changes = check_same_training(ckpt, checkpoint, cfg, chosen=resume is not None)
+        del checkpoint  # Lightning reads it again to restore
     if cfg.trainer.compile:
         module.model.compile(mode=None if cfg.trainer.compile is True else cfg.trainer.compile)
     trainer = build_trainer(cfg, run_dir)
@@ -231,11 +236,13 @@ def _after_fit(cfg: DictConfig, trainer, module, datamodule, run_dir: Path) -> d
     return result
 
 
-def dry_run(cfg: DictConfig) -> str:
-    """The plan of a run: batch, lr, steps, schedule and FLOPs, data found, checkpoint loaded."""
+def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
+    """The plan of a run: batch, lr, steps, schedule and FLOPs, data found, the checkpoint it resumes or starts
+    from."""
+    from .checkpoint_io import check_same_training, read_resume_checkpoint
     from .config import eval_schedule, global_batch, peak_lr, schedule_of
 
-    check_run_inputs(cfg)
+    ckpt = check_run_inputs(cfg, resume)
     from .data import ImageDataModule
     from .models import build_model, checkpoint_summary
     from .tome import ViTDims, apply_tome, flop_bound, vit_flops
@@ -271,7 +278,12 @@ def dry_run(cfg: DictConfig) -> str:
         )
     found = datamodule.describe()
     lines.append("data: " + ", ".join(f"{k}={v}" for k, v in found.items()))
-    if cfg.model.checkpoint:
+    if ckpt is not None:
+        checkpoint = read_resume_checkpoint(ckpt)
+        changes = check_same_training(ckpt, checkpoint, cfg, chosen=resume is not None)
+        lines.append(f"resumes {ckpt} at step {checkpoint.get('global_step')}"
+                     + (f", with changes: {'; '.join(changes)}" if changes else ""))
+    elif cfg.model.checkpoint:
         summary = checkpoint_summary(cfg.model.checkpoint)
         lines.append(f"checkpoint {cfg.model.checkpoint}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     else:
@@ -327,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.slurm:
             print(submit_slurm(cfg, args))
         elif args.dry_run:
-            print(dry_run(cfg))
+            print(dry_run(cfg, resume=args.resume))
         else:
             train(cfg, resume=args.resume)
     except EARLY_USER_ERRORS as e:
