@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import wandb
 
@@ -21,24 +22,30 @@ def _command(run_dir, *overrides):
     return [sys.executable, str(ROOT / "train.py"), "--output-dir", str(run_dir), *QUICK, *overrides]
 
 
-def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
+STEPS_PER_EPOCH = 12  # of the 22 a digits epoch has (1,437 // 64): enough to be killed mid-epoch
+
+
+@pytest.mark.parametrize("epochs, every_n_steps, saved_at", [
+    (2, 4, 4),  # last.ckpt every 4 steps
+    (3, None, STEPS_PER_EPOCH),  # and at every epoch's end (Lightning's save_last alone wrote it only at the end)
+])
+def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path, epochs, every_n_steps, saved_at):
     run_dir = tmp_path / "run"
-    steps_per_epoch = 12  # of the 22 a digits epoch has (1,437 // 64): enough to be killed mid-epoch
-    cmd = _command(run_dir, "trainer.epochs=2", f"trainer.limit_train_batches={steps_per_epoch}",
-                   "trainer.checkpoint_every_n_steps=4")
+    cmd = _command(run_dir, f"trainer.epochs={epochs}", f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+                   f"trainer.checkpoint_every_n_steps={every_n_steps or 'null'}")
     env = {**os.environ, "WANDB_SILENT": "true"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 4:
+        if last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= saved_at:
             break
         time.sleep(0.5)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert killed_at >= 4
+    assert saved_at <= killed_at < epochs * STEPS_PER_EPOCH and killed_at % saved_at == 0  # saved mid-training
     for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
         torch.load(ckpt, map_location="cpu", weights_only=False)  # whole: writes go to .NAME.partial, then rename
 
@@ -46,9 +53,19 @@ def test_kill_9_mid_epoch_then_same_command_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from {last}" in again.stdout
     final = torch.load(last, map_location="cpu", weights_only=False)
-    assert final["global_step"] == 2 * steps_per_epoch
+    assert final["global_step"] == epochs * STEPS_PER_EPOCH
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, "the restarted run continues the same wandb run id"
+
+
+def test_last_checkpoint_holds_the_final_step_between_step_saves(tmp_path):
+    """Every 7 steps of 2 x 10: Lightning's save_last alone left last.ckpt at step 14, six steps short of the
+    trained model, which export and a rerun then took for the run's end."""
+    cfg = load_config(None, [*QUICK, "trainer.epochs=2", "trainer.limit_train_batches=10",
+                             "trainer.checkpoint_every_n_steps=7", f"output_dir={tmp_path}"])
+    train(cfg)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("last*")] == ["last.ckpt"]  # in place, no last-v1
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 20
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, capsys):

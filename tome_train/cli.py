@@ -117,10 +117,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         save_dir=str(run_dir), mode=_wandb_mode(cfg), config=OmegaConf.to_container(cfg, resolve=True),
     )
     ckpt_dir = run_dir / "checkpoints"
+
+    def newest(**trigger) -> ModelCheckpoint:
+        # last.ckpt as the one "best" by global step, rewritten in place: Lightning 2.6's save_last writes it only
+        # where a top-k file is written at the same step, and at the end of training only if it never did
+        return ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor="step", mode="max", save_top_k=1,
+                               enable_version_counter=False, **trigger)
+
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/top1", mode="max", save_top_k=1),
-        ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=t.checkpoint_every_n_steps),
+        newest(every_n_epochs=1),  # so the last epoch's end, the end of training, too
     ]
+    if t.checkpoint_every_n_steps:
+        callbacks.append(newest(every_n_train_steps=t.checkpoint_every_n_steps))
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # the requeue is ours (SlurmRequeue): Lightning's handler saves from inside the signal
