@@ -248,10 +248,10 @@ def _after_fit(cfg: DictConfig, trainer, module, datamodule, run_dir: Path) -> d
 def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
     """The plan of a run: batch, lr, steps, schedule and FLOPs, data found, the checkpoint it resumes or starts
     from."""
-    from .checkpoint_io import check_same_training, read_resume_checkpoint
     from .config import eval_schedule, global_batch, peak_lr, schedule_of
 
     ckpt = check_run_inputs(cfg, resume)
+    from .checkpoint_io import check_same_training, read_resume_checkpoint
     from .data import ImageDataModule
     from .models import build_model, checkpoint_summary
     from .tome import ViTDims, apply_tome, flop_bound, vit_flops
