@@ -82,6 +82,19 @@ def test_throughput_sweep_times_every_r_in_turn_at_its_own_token_count():
     assert sorted(measured) == [0, 6, 8] and all(v > 0 for v in measured.values())
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_the_trade_off_is_measured_in_the_precision_the_run_trained_in(tmp_path, precision):
+    """bf16-true: weights in bf16, so the sweep's images must be too (an fp32 batch was a traceback after training);
+    bf16-mixed: under autocast. Both as Lightning's precision plugin runs the steps."""
+    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+                             f"trainer.precision={precision}", "tradeoff.r_values=[0,6]", "tradeoff.bench_steps=1",
+                             "tradeoff.num_vis_images=1", "wandb.mode=disabled", f"output_dir={tmp_path}"])
+    rows = train(cfg)["tradeoff"]
+    assert [row["r"] for row in rows] == [0, 6] and all(row["images_per_s"] > 0 for row in rows)
+    with Image.open(tmp_path / "merge_vis.png") as image:
+        assert image.size[0] > 100
+
+
 def test_resume_continues_the_global_step(digits_run, tmp_path):
     first = torch.load(digits_run.last, map_location="cpu", weights_only=False)
     steps_per_epoch = first["global_step"] // 8

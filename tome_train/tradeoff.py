@@ -10,6 +10,7 @@ import csv
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +36,15 @@ def sweep_values(cfg: DictConfig, num_tokens: int, num_protected: int, train_r) 
 @torch.inference_mode()
 def images_per_s(
     model: torch.nn.Module, images: torch.Tensor, set_r: Callable[[int], object], values: Sequence[int], steps: int,
-    autocast_dtype: torch.dtype | None = None,
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> dict[int, float]:
     """Inference throughput of ``model`` on one batch at each r of ``values``: one warm-up pass at each, then
     ``steps`` rounds that run every r once, in alternating order, and the median step of each r. Interleaved, a
-    machine's drift (a neighbour's load, clocks) falls on every r alike instead of on the ones timed last."""
-    device_type = images.device.type
-    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    machine's drift (a neighbour's load, clocks) falls on every r alike instead of on the ones timed last. Every pass
+    runs in ``forward_context()`` (the run's precision: Lightning's ``precision_plugin.forward_context``)."""
+    sync = torch.cuda.synchronize if images.device.type == "cuda" else (lambda: None)
     step_seconds: dict[int, list[float]] = {r: [] for r in values}
-    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with forward_context():
         for r in values:
             set_r(r)
             model(images)
@@ -56,10 +57,6 @@ def images_per_s(
                 sync()
                 step_seconds[r].append(time.perf_counter() - start)
     return {r: images.shape[0] / statistics.median(seconds) for r, seconds in step_seconds.items()}
-
-
-def _autocast_dtype(precision: str):
-    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
 
 
 def _validate_at(trainer, module, datamodule, r) -> dict:
@@ -81,7 +78,9 @@ def measure_tradeoff(trainer, module, datamodule) -> list[dict]:
         bar.disable()
     if cfg.tradeoff.limit_val_batches is not None:
         trainer.limit_val_batches = cfg.tradeoff.limit_val_batches
-    images = torch.randn(cfg.tradeoff.batch_size, 3, cfg.model.img_size, cfg.model.img_size, device=module.device)
+    precision = trainer.precision_plugin  # the dtype and autocast the model was trained in
+    images = precision.convert_input(
+        torch.randn(cfg.tradeoff.batch_size, 3, cfg.model.img_size, cfg.model.img_size, device=module.device))
     rows = []
     try:
         for r in values:
@@ -93,7 +92,7 @@ def measure_tradeoff(trainer, module, datamodule) -> list[dict]:
             rows.append(row)
         module.model.eval()
         measured = images_per_s(module.model, images, module.set_schedule, values, cfg.tradeoff.bench_steps,
-                                _autocast_dtype(cfg.trainer.precision))
+                                precision.forward_context)
     finally:
         trainer.loggers, trainer.limit_val_batches, module.eval_r = saved
         module.set_schedule(module.train_r)
@@ -148,16 +147,19 @@ def plot_tradeoff(rows: list[dict], reference: DictConfig, title: str, path: Pat
     plt.close(fig)
 
 
-def merge_visualization(model, images: torch.Tensor, mean, std) -> np.ndarray:
+def merge_visualization(
+    model, images: torch.Tensor, mean, std, forward_context: Callable[[], AbstractContextManager] = nullcontext
+) -> np.ndarray:
     """Pairs of (input, merged) pictures as one ``uint8`` ``[H, W, 3]`` image.
 
     Every final token paints the input patches it holds with their average colour, with a
-    dark line where neighbouring patches belong to different tokens (the paper's Fig. 4).
+    dark line where neighbouring patches belong to different tokens (the paper's Fig. 4). The
+    forward runs in ``forward_context()`` (the run's precision, as in :func:`images_per_s`).
     """
     state = model._tome_state
     state.trace_source = True
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_context():
             model(images)
         source = state.source
     finally:
@@ -202,10 +204,12 @@ def report_tradeoff(trainer, module, datamodule, run_dir: Path) -> list[dict]:
     cfg = module.cfg
     write_csv(rows, run_dir / "tradeoff.csv")
     plot_tradeoff(rows, cfg.reference, f"{cfg.name}: ToMe trade-off", run_dir / "tradeoff.png")
+    precision = trainer.precision_plugin
     images = next(iter(datamodule.val_dataloader()))[0][: cfg.tradeoff.num_vis_images].to(module.device)
     module.set_schedule(module.eval_r)
     module.model.eval()
-    vis = merge_visualization(module.model, images, list(cfg.data.mean), list(cfg.data.std))
+    vis = merge_visualization(module.model, precision.convert_input(images), list(cfg.data.mean), list(cfg.data.std),
+                              precision.forward_context)
     module.set_schedule(module.train_r)
     from PIL import Image
 
