@@ -1,5 +1,8 @@
 """The training framework end to end on the bundled digits: fit, metrics, wandb, trade-off, resume."""
 import csv
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -12,7 +15,7 @@ from tome_train.config import load_config
 from tome_train.tome import apply_tome, set_r, token_counts
 from tome_train.tradeoff import images_per_s
 
-from conftest import SHORT_FIT
+from conftest import ROOT, SHORT_FIT
 from wandb_records import history, run_config, written_run_file
 
 
@@ -93,6 +96,20 @@ def test_the_trade_off_is_measured_in_the_precision_the_run_trained_in(tmp_path,
     assert [row["r"] for row in rows] == [0, 6] and all(row["images_per_s"] > 0 for row in rows)
     with Image.open(tmp_path / "merge_vis.png") as image:
         assert image.size[0] > 100
+
+
+def test_a_two_process_ddp_run_validates_and_measures_its_trade_off_on_every_rank(tmp_path):
+    """Two CPU processes (Lightning's DDP launcher starts the second as ``train.py`` again): each rank validates
+    its share of the sweep and times the model; rank 0 writes. Validation's top-1, the same on both ranks once
+    torchmetrics has synced its counts, is logged without Lightning's warning of unsynced epoch-level logs."""
+    command = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(tmp_path), "trainer.devices=2",
+               "trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+               "tradeoff.r_values=[0,6]", "tradeoff.bench_steps=1", "tradeoff.num_vis_images=1", "wandb.mode=disabled"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sync_dist" not in result.stderr
+    with open(tmp_path / "tradeoff.csv") as f:
+        assert [int(row["r"]) for row in csv.DictReader(f)] == [0, 6]
 
 
 def test_resume_continues_the_global_step(digits_run, tmp_path):

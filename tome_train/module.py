@@ -146,14 +146,15 @@ class ToMeClassifier(pl.LightningModule):
             self.ema_top5.update(ema_logits, targets)
 
     def on_validation_epoch_end(self) -> None:
-        # torchmetrics syncs its counts across ranks once here, so ranks may see unequal batch counts.
-        self.log("val/top1", self.val_top1.compute() * 100, prog_bar=True)
-        self.log("val/top5", self.val_top5.compute() * 100)
+        # torchmetrics syncs its counts across ranks once here, so ranks may see unequal batch counts; every rank then
+        # holds the same value, which sync_dist averages to itself (Lightning warns of epoch-level logs without it).
+        self.log("val/top1", self.val_top1.compute() * 100, prog_bar=True, sync_dist=True)
+        self.log("val/top5", self.val_top5.compute() * 100, sync_dist=True)
         self.val_top1.reset()
         self.val_top5.reset()
         if self.ema is not None:
-            self.log("val/ema_top1", self.ema_top1.compute() * 100)
-            self.log("val/ema_top5", self.ema_top5.compute() * 100)
+            self.log("val/ema_top1", self.ema_top1.compute() * 100, sync_dist=True)
+            self.log("val/ema_top5", self.ema_top5.compute() * 100, sync_dist=True)
             self.ema_top1.reset()
             self.ema_top5.reset()
 
