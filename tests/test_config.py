@@ -92,6 +92,9 @@ def test_recipe_path_and_fragment_order(tmp_path):
                                                              "number of batches (an integer >= 0), a fraction"),
         ("mae_vitl_r8", ["trainer.limit_val_batches=-1"], "trainer.limit_val_batches=-1 is not allowed"),
         ("mae_vitl_r8", ["trainer.limit_val_batches=some"], "trainer.limit_val_batches='some' is not allowed"),
+        ("mae_vitl_r8", ["data.batch_size=63"], "data.batch_size=63 is not allowed with mixup or cutmix (timm's Mixup "
+                                                "mixes each image with another of its batch): use an even batch size"),
+        ("digits_vit_r6", ["data.batch_size=63", "mixup.cutmix_alpha=1.0"], "data.batch_size=63 is not allowed"),
     ],
 )
 def test_bad_input_is_one_clear_error(recipe, overrides, needle):
@@ -192,3 +195,7 @@ def test_training_changes_name_what_is_trained_otherwise_and_pass_over_where_and
         "optim.betas: [0.9, 0.999] -> [0.9, 0.95]", "seed: 0 -> 1", "tome.r_train: 6 -> 8"]
     del saved["tome"]["r_train"]  # a key one version of the schema has and the other not: nothing to compare
     assert training_changes(saved, other) == ["optim.betas: [0.9, 0.999] -> [0.9, 0.95]", "seed: 0 -> 1"]
+
+
+def test_an_odd_batch_is_allowed_without_mixup():
+    assert load_config("digits_vit_r6", ["data.batch_size=63"]).data.batch_size == 63

@@ -112,6 +112,22 @@ def test_a_two_process_ddp_run_validates_and_measures_its_trade_off_on_every_ran
         assert [int(row["r"]) for row in csv.DictReader(f)] == [0, 6]
 
 
+def test_mixup_and_cutmix_train_on_soft_targets_as_the_deit_and_mae_recipes_do(tmp_path):
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    from tome_train.module import ToMeClassifier
+
+    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+                             "mixup.mixup_alpha=0.8", "mixup.cutmix_alpha=1.0", "trainer.accumulate_grad_batches=2",
+                             "trainer.log_every_n_steps=1", "tradeoff.enabled=false", f"output_dir={tmp_path}"])
+    module = ToMeClassifier(cfg)
+    assert isinstance(module.mixup, Mixup) and isinstance(module.train_loss, SoftTargetCrossEntropy)
+    train(cfg)
+    losses = [row["train/loss"] for row in history(written_run_file(tmp_path)) if "train/loss" in row]
+    assert losses and all(0 < loss < 10 for loss in losses)
+
+
 def test_resume_continues_the_global_step(digits_run, tmp_path):
     first = torch.load(digits_run.last, map_location="cpu", weights_only=False)
     steps_per_epoch = first["global_step"] // 8

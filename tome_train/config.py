@@ -403,6 +403,9 @@ def validate(cfg: DictConfig) -> None:
         if not (limit is None or batches or (isinstance(limit, float) and 0.0 <= limit <= 1.0)):
             raise ConfigError(f"trainer.{key}={limit!r} is not allowed: use a number of batches (an integer >= 0), "
                               "a fraction of the epoch (a float in [0, 1]) or null")
+    if (cfg.mixup.mixup_alpha > 0 or cfg.mixup.cutmix_alpha > 0) and cfg.data.batch_size % 2:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed with mixup or cutmix (timm's Mixup "
+                          "mixes each image with another of its batch): use an even batch size")
     for key in ("r_train", "r_eval"):
         value = cfg.tome[key]
         if value is None:
