@@ -89,8 +89,17 @@ def test_recipe_path_and_fragment_order(tmp_path):
         ("digits_vit_r6", ["data.mean=[0.5]"], "data.mean=[0.5] is not allowed: use three numbers, one per RGB channel"),
         ("digits_vit_r6", ["data.std=[0.5,0,0.5]"], "data.std=[0.5, 0.0, 0.5] is not allowed: use three numbers > 0"),
         ("mae_vitl_r8", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is not allowed: use a "
-                                                             "number of batches (an integer >= 0), a fraction"),
+                                                             "number of batches (an integer >= 1), a fraction"),
         ("mae_vitl_r8", ["trainer.limit_val_batches=-1"], "trainer.limit_val_batches=-1 is not allowed"),
+        # no validation: no best checkpoint, no top-1 (the run ended in a traceback after training)
+        ("digits_vit_r6", ["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 is not allowed"),
+        ("digits_vit_r6", ["trainer.limit_val_batches=0.0"], "trainer.limit_val_batches=0.0 is not allowed"),
+        ("digits_vit_r6", ["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 is not allowed"),
+        # the trade-off sweep after training: said before it, not after (each was a traceback or a late exit 2)
+        ("digits_vit_r6", ["tradeoff.r_values=[]"], "tradeoff.r_values=[] is not allowed: use a list of one or more "
+                                                    "integers >= 0, or null"),
+        ("digits_vit_r6", ["tradeoff.r_values=[-1,2]"], "tradeoff.r_values=[-1, 2] is not allowed"),
+        ("digits_vit_r6", ["tradeoff.num_vis_images=0"], "tradeoff.num_vis_images=0 is not allowed: use a positive"),
         ("mae_vitl_r8", ["trainer.limit_val_batches=some"], "trainer.limit_val_batches='some' is not allowed"),
         ("mae_vitl_r8", ["data.batch_size=63"], "data.batch_size=63 is not allowed with mixup or cutmix (timm's Mixup "
                                                 "mixes each image with another of its batch): use an even batch size"),

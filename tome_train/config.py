@@ -361,7 +361,7 @@ _RANGES = {
     "trainer.log_every_n_steps": _POSITIVE_INT, "trainer.checkpoint_every_n_steps": _POSITIVE_INT,
     "layout.nodes": _POSITIVE_INT, "layout.gpus_per_node": _POSITIVE_INT,
     "tradeoff.num_points": _POSITIVE_INT, "tradeoff.batch_size": _POSITIVE_INT, "tradeoff.bench_steps": _POSITIVE_INT,
-    "tradeoff.limit_val_batches": _POSITIVE_INT, "tradeoff.num_vis_images": _NON_NEGATIVE_INT,
+    "tradeoff.limit_val_batches": _POSITIVE_INT, "tradeoff.num_vis_images": _POSITIVE_INT,
 }
 
 # Lists of numbers with a fixed length: (length, test of the list, what is allowed).
@@ -397,12 +397,17 @@ def validate(cfg: DictConfig) -> None:
     devices = cfg.trainer.devices
     if devices != "auto" and not (isinstance(devices, int) and not isinstance(devices, bool) and devices > 0):
         raise ConfigError(f"trainer.devices={devices!r} is not allowed: use a positive integer or auto")
+    # None of them 0: a run trains, and validates to keep its best checkpoint and report its top-1.
     for key in ("limit_train_batches", "limit_val_batches"):
         limit = cfg.trainer[key]
-        batches = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0
-        if not (limit is None or batches or (isinstance(limit, float) and 0.0 <= limit <= 1.0)):
-            raise ConfigError(f"trainer.{key}={limit!r} is not allowed: use a number of batches (an integer >= 0), "
-                              "a fraction of the epoch (a float in [0, 1]) or null")
+        batches = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+        if not (limit is None or batches or (isinstance(limit, float) and 0.0 < limit <= 1.0)):
+            raise ConfigError(f"trainer.{key}={limit!r} is not allowed: use a number of batches (an integer >= 1), "
+                              "a fraction of the epoch (a float in (0, 1]) or null")
+    r_values = cfg.tradeoff.r_values
+    if r_values is not None and (len(r_values) == 0 or min(r_values) < 0):
+        raise ConfigError(f"tradeoff.r_values={list(r_values)!r} is not allowed: use a list of one or more integers "
+                          ">= 0, or null (tradeoff.num_points values up to the largest r)")
     if (cfg.mixup.mixup_alpha > 0 or cfg.mixup.cutmix_alpha > 0) and cfg.data.batch_size % 2:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed with mixup or cutmix (timm's Mixup "
                           "mixes each image with another of its batch): use an even batch size")
