@@ -150,6 +150,19 @@ def test_resuming_another_models_checkpoint_is_one_line_exit_2_and_writes_nothin
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args, devices, share", [
+    (["data.batch_size=2000"], 1, 1437),
+    (["data.batch_size=1000", "trainer.devices=2"], 2, 719),  # ceil(1437 / 2): the sampler pads the ranks equal
+])
+def test_a_batch_larger_than_a_devices_share_of_the_data_is_one_line_exit_2(tmp_path, capsys, args, devices, share):
+    """It trained nothing and reported the untrained model as a finished run's."""
+    assert main(["--output-dir", str(tmp_path / "run"), *args]) == 2
+    assert capsys.readouterr().err == (f"error: {args[0]} leaves no whole training batch: each of {devices} device(s) "
+                                       f"gets {share} training images an epoch; use a batch size of at most {share}\n")
+    assert list(tmp_path.iterdir()) == []
+    assert main(["--dry-run", *args]) == 2 and "leaves no whole training batch" in capsys.readouterr().err
+
+
 def test_rerunning_a_finished_run_reports_its_accuracy(digits_run, tmp_path, capsys):
     """The same command again (``make demo`` twice): nothing more to train, the same checkpoint and
     the same final accuracy, not a missing one."""

@@ -110,20 +110,28 @@ class ImageDataModule(pl.LightningDataModule):
         """Samples (or tar members) the webdataset source skipped as unreadable, over all workers."""
         return int(self._skipped) if self._skipped is not None else 0
 
-    def steps_per_epoch(self, world_size: int = 1) -> int:
-        """Training batches per rank per epoch on ``world_size`` ranks (the last partial batch dropped)."""
-        batch = int(self.cfg.batch_size)
+    def _train_samples_per_rank(self, world_size: int) -> int:
         if self.source == "webdataset":
-            return int(self.cfg.train_samples) // (world_size * batch)
+            return int(self.cfg.train_samples) // world_size
         n = self.num_train_samples
         if int(self.cfg.repeated_aug) > 1:
             from timm.data.distributed_sampler import RepeatAugSampler
 
-            per_rank = len(RepeatAugSampler(range(n), num_replicas=world_size, rank=0,
-                                            num_repeats=int(self.cfg.repeated_aug)))
-        else:
-            per_rank = math.ceil(n / world_size)  # DistributedSampler pads to equal lengths
-        return per_rank // batch
+            return len(RepeatAugSampler(range(n), num_replicas=world_size, rank=0,
+                                        num_repeats=int(self.cfg.repeated_aug)))
+        return math.ceil(n / world_size)  # DistributedSampler pads to equal lengths
+
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """Training batches per rank per epoch on ``world_size`` ranks (the last partial batch dropped)."""
+        return self._train_samples_per_rank(world_size) // int(self.cfg.batch_size)
+
+    def check_batches(self, world_size: int) -> None:
+        """Raise DataError unless each of ``world_size`` ranks gets at least one whole training batch an epoch."""
+        per_rank = self._train_samples_per_rank(world_size)
+        if per_rank < int(self.cfg.batch_size):
+            raise locations.DataError(
+                f"data.batch_size={self.cfg.batch_size} leaves no whole training batch: each of {world_size} "
+                f"device(s) gets {per_rank} training images an epoch; use a batch size of at most {per_rank}")
 
     def describe(self) -> dict[str, Any]:
         """What the data source found (for the dry run); raises DataError where data is missing."""
