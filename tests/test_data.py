@@ -213,6 +213,15 @@ def test_imagefolder_source(tree):
     assert x.shape == (4, 3, IMG, IMG) and x.dtype == torch.float32 and y.dtype == torch.int64
     val_keys = [k for _, _, m in dm.val_dataloader() for k in m["key"]]
     assert sorted(val_keys) == sorted(f"{c}/{c}{i}.jpg" for c in ("ant", "bee", "cat") for i in range(2))
+    dm.check_classes(3)
+    dm.check_classes(1000)  # a model with more outputs than the data's classes trains on them
+    with pytest.raises(DataError, match=r"^the imagefolder data has 3 classes, more than model.num_classes=2: set "
+                                        r"model.num_classes=3$"):
+        dm.check_classes(2)
+    dm.check_batches(5)  # 18 images: 4 a device (the sampler pads), one batch of 4
+    with pytest.raises(DataError, match=r"^data.batch_size=4 leaves no whole training batch: each of 6 device\(s\) "
+                                        r"gets 3 training images an epoch; use a batch size of at most 3$"):
+        dm.check_batches(6)
 
 
 def test_repeated_augmentation_sampler(tree):

@@ -163,6 +163,14 @@ def test_a_batch_larger_than_a_devices_share_of_the_data_is_one_line_exit_2(tmp_
     assert main(["--dry-run", *args]) == 2 and "leaves no whole training batch" in capsys.readouterr().err
 
 
+def test_more_classes_in_the_data_than_the_model_has_outputs_is_one_line_exit_2(tmp_path, capsys):
+    """A label past the model's outputs stopped training at its first batch, the run directory made."""
+    assert main(["--output-dir", str(tmp_path / "run"), "model.num_classes=5"]) == 2
+    assert capsys.readouterr().err == ("error: the digits data has 10 classes, more than model.num_classes=5: set "
+                                       "model.num_classes=10\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rerunning_a_finished_run_reports_its_accuracy(digits_run, tmp_path, capsys):
     """The same command again (``make demo`` twice): nothing more to train, the same checkpoint and
     the same final accuracy, not a missing one."""

@@ -200,6 +200,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     run_dir = Path(cfg.output_dir).resolve()
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
     datamodule.check()
+    datamodule.check_classes(cfg.model.num_classes)
     devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1  # "auto": at least one
     datamodule.check_batches(devices * cfg.trainer.num_nodes)
 
@@ -264,6 +265,7 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
     batch = global_batch(cfg, world, t.accumulate_grad_batches)
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
     datamodule.check()
+    datamodule.check_classes(cfg.model.num_classes)
     datamodule.check_batches(world)
     steps = datamodule.steps_per_epoch(world) // t.accumulate_grad_batches
     model = build_model(cfg.model, device="meta")  # checks a checkpoint's keys and shapes, allocates nothing

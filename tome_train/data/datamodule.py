@@ -125,6 +125,14 @@ class ImageDataModule(pl.LightningDataModule):
         """Training batches per rank per epoch on ``world_size`` ranks (the last partial batch dropped)."""
         return self._train_samples_per_rank(world_size) // int(self.cfg.batch_size)
 
+    def check_classes(self, num_classes: int) -> None:
+        """Raise DataError if the source knows more classes than the model's ``num_classes`` outputs (a label past
+        them stops training at its first batch); shards carry no class list, so they are not checked."""
+        found = self.num_classes
+        if found is not None and found > num_classes:
+            raise locations.DataError(f"the {self.source} data has {found} classes, more than model.num_classes="
+                                      f"{num_classes}: set model.num_classes={found}")
+
     def check_batches(self, world_size: int) -> None:
         """Raise DataError unless each of ``world_size`` ranks gets at least one whole training batch an epoch."""
         per_rank = self._train_samples_per_rank(world_size)
