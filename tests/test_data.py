@@ -224,6 +224,22 @@ def test_imagefolder_source(tree):
         dm.check_batches(6)
 
 
+def test_imagefolder_val_labels_are_the_train_trees_class_indices(tmp_path):
+    """A val tree without one of the train classes (bee): ImageFolder alone numbers cat 1 there, 2 in training."""
+    for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("ant", "cat"))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(np.full((36, 40, 3), 128, dtype=np.uint8)).save(tmp_path / split / c / f"{c}.jpg")
+    dm = ImageDataModule(data_cfg(source="imagefolder", root=str(tmp_path), batch_size=1), IMG, 0, with_meta=True)
+    labels = {m["key"][0].split("/")[0]: int(y) for _, y, m in dm.val_dataloader()}
+    assert labels == {"ant": 0, "cat": 2} and dm.class_names == ["ant", "bee", "cat"]
+    (tmp_path / "val" / "dog").mkdir()
+    Image.fromarray(np.full((36, 40, 3), 128, dtype=np.uint8)).save(tmp_path / "val" / "dog" / "dog.jpg")
+    with pytest.raises(DataError, match=r"imagefolder val directory .*/val: class folder 'dog' is not one of the "
+                                        r"train directory's classes$"):
+        ImageDataModule(data_cfg(source="imagefolder", root=str(tmp_path)), IMG, 0).check()
+
+
 def test_repeated_augmentation_sampler(tree):
     from tome_train.data.common import TrainSampler
 

@@ -174,7 +174,8 @@ class ImageDataModule(pl.LightningDataModule):
             elif self.source == "imagefolder":
                 locations.check_locations(self.cfg)
                 tf = train_transform(self.cfg, self.img_size) if train else eval_transform(self.cfg, self.img_size)
-                ds = imagefolder.Folder(self.cfg.root, split, tf, with_meta=self.with_meta)
+                classes = None if train else self._dataset("train").classes  # labels by the train tree's classes
+                ds = imagefolder.Folder(self.cfg.root, split, tf, with_meta=self.with_meta, classes=classes)
             else:
                 raise AssertionError("streams are built per loader")
             self._datasets[split] = ds

@@ -10,15 +10,32 @@ from .locations import DataError, split_dir
 
 
 class Folder(ImageFolder):
-    """ImageFolder whose failures are one-line DataErrors, optionally returning sample metadata."""
+    """ImageFolder whose failures are one-line DataErrors, optionally returning sample metadata.
 
-    def __init__(self, root: str, split: str, transform, with_meta: bool = False):
+    ``classes``: the class names whose indices the labels are (the train split's, for the val split): ImageFolder
+    numbers each tree's own folders, so a val tree without one of the classes would shift every label after it. A
+    class folder that is not among them is a DataError; a class without a folder here is allowed.
+    """
+
+    def __init__(self, root: str, split: str, transform, with_meta: bool = False, classes: list[str] | None = None):
         path = split_dir(root, split)
+        self.split, self.given_classes = split, classes
         try:
-            super().__init__(path, transform=transform)
+            super().__init__(path, transform=transform, allow_empty=classes is not None)
         except (FileNotFoundError, OSError) as exn:
             raise DataError(f"imagefolder {split} directory {path}: {str(exn).splitlines()[0]}") from None
         self.with_meta = with_meta
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        found, class_to_idx = super().find_classes(directory)
+        if self.given_classes is None:
+            return found, class_to_idx
+        unknown = sorted(set(found) - set(self.given_classes))
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise DataError(f"imagefolder {self.split} directory {directory}: class folder {unknown[0]!r}{more} is not "
+                            "one of the train directory's classes")
+        return list(self.given_classes), {name: index for index, name in enumerate(self.given_classes)}
 
     def __getitem__(self, index: int):
         x, label = super().__getitem__(index)
