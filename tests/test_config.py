@@ -41,6 +41,9 @@ def test_overrides_are_typed_and_applied():
     assert load_config("mae_vitl_r8", ["trainer.limit_val_batches=0.25"]).trainer.limit_val_batches == 0.25
     inflect = load_config("mae_vitl_r8", ["tome.r_train={r: 8, inflect: -1}"])
     assert schedule_of(inflect.tome.r_train) == (8, -1.0)
+    # the text forms of bench --r and export --r
+    assert schedule_of(load_config("mae_vitl_r8", ["tome.r_train=8@-1"]).tome.r_train) == (8, -1.0)
+    assert schedule_of(load_config("mae_vitl_r8", ["tome.r_eval=8,8,4"]).tome.r_eval) == [8, 8, 4]
 
 
 def test_recipe_path_and_fragment_order(tmp_path):
@@ -100,6 +103,12 @@ def test_recipe_path_and_fragment_order(tmp_path):
                                                     "integers >= 0, or null"),
         ("digits_vit_r6", ["tradeoff.r_values=[-1,2]"], "tradeoff.r_values=[-1, 2] is not allowed"),
         ("digits_vit_r6", ["tradeoff.num_vis_images=0"], "tradeoff.num_vis_images=0 is not allowed: use a positive"),
+        # YAML reads {r:6,inflect:-1} as the keys 'r:6' and 'inflect:-1' (was OmegaConf's three-line missing-key error)
+        ("digits_vit_r6", ["tome.r_train={r:6,inflect:-1}"], "tome.r_train: r={'r:6': None, 'inflect:-1': None} is not "
+                                                             "allowed: use {r: 16, inflect: -1} (a space after each "
+                                                             "colon), 16@-1, an integer (13) or a per-layer list"),
+        ("digits_vit_r6", ["tome.r_eval={r: 6}"], "tome.r_eval: r={'r': 6} is not allowed"),
+        ("digits_vit_r6", ["tome.r_train=6@x"], "tome.r_train: r='6@x' is not allowed: use a non-negative integer"),
         ("mae_vitl_r8", ["trainer.limit_val_batches=some"], "trainer.limit_val_batches='some' is not allowed"),
         ("mae_vitl_r8", ["data.batch_size=63"], "data.batch_size=63 is not allowed with mixup or cutmix (timm's Mixup "
                                                 "mixes each image with another of its batch): use an even batch size"),
@@ -202,6 +211,8 @@ def test_training_changes_name_what_is_trained_otherwise_and_pass_over_where_and
     other = load_config(None, ["tome.r_train=8", "optim.betas=[0.9,0.95]", "seed=1", "trainer.epochs=3"])
     assert training_changes(saved, other) == [
         "optim.betas: [0.9, 0.999] -> [0.9, 0.95]", "seed: 0 -> 1", "tome.r_train: 6 -> 8"]
+    assert training_changes(saved, load_config(None, ["tome.r_train={r: 6, inflect: -1}"])) == [
+        "tome.r_train: 6 -> {'r': 6, 'inflect': -1}"]  # a value against a section: the whole value
     del saved["tome"]["r_train"]  # a key one version of the schema has and the other not: nothing to compare
     assert training_changes(saved, other) == ["optim.betas: [0.9, 0.999] -> [0.9, 0.95]", "seed: 0 -> 1"]
 

@@ -278,11 +278,20 @@ def _choice(value, allowed, key: str) -> None:
 
 
 def schedule_of(value) -> Any:
-    """A config schedule as the ToMe core takes it: int, list, or (r, inflect) tuple."""
-    if isinstance(value, DictConfig) or isinstance(value, dict):
+    """A config schedule as the ToMe core takes it: an int, a per-layer list, or the (r, inflect) tuple of
+    ``{r: R, inflect: I}``; text in the command line's forms of ``bench --r`` and ``export --r`` (``16@-1``,
+    ``8,8,4``) too."""
+    from .tome.schedule import ScheduleError, schedule_from_text
+
+    if isinstance(value, (DictConfig, dict)):
+        if set(value.keys()) != {"r", "inflect"}:  # YAML reads {r:16,inflect:-1} as keys 'r:16' and 'inflect:-1'
+            raise ScheduleError(f"r={dict(value)!r} is not allowed: use {{r: 16, inflect: -1}} (a space after each "
+                                "colon), 16@-1, an integer (13) or a per-layer list ([8,8,4])")
         return (value["r"], float(value["inflect"]))
     if OmegaConf.is_list(value):
         return list(value)
+    if isinstance(value, str):
+        return schedule_from_text(value)
     return value
 
 
@@ -306,23 +315,27 @@ RESUMABLE_CHANGES = ("description", "output_dir", "model.checkpoint", "tome.r_ev
                      "data.val_shards", "data.num_workers", "trainer", "layout", "reference", "tradeoff", "wandb")
 
 
-def _leaves(node: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config as ``{dotted key: value}`` (lists, and empty sections, are values)."""
-    leaves = {}
-    for name, child in node.items():
-        key = prefix + str(name)
-        leaves.update(_leaves(child, key + ".") if isinstance(child, dict) and child else {key: child})
-    return leaves
+def _differences(before: dict, now: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, before, now)`` for each key of both nested dicts whose values differ, section by section (a
+    value that is a section on one side only, such as a schedule ``6`` against ``{r: 6, inflect: -1}``, differs as a
+    whole)."""
+    found = []
+    for name in sorted(before.keys() & now.keys()):
+        key, old, new = prefix + str(name), before[name], now[name]
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, key + ".")
+        elif old != new:
+            found.append((key, old, new))
+    return found
 
 
 def training_changes(saved: dict, cfg: DictConfig) -> list[str]:
     """What ``cfg`` trains otherwise than the config a checkpoint was trained with (``saved``, the resolved dict the
     checkpoint holds): ``key: saved -> now`` for each key of both whose value differs, other than those under
     :data:`RESUMABLE_CHANGES` (keys only one of them has, from another version of the schema, are not compared)."""
-    before = _leaves(saved)
-    now = _leaves(OmegaConf.to_container(cfg, resolve=True))
-    return [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now.keys())
-            if before[key] != now[key] and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
+    return [f"{key}: {old!r} -> {new!r}"
+            for key, old, new in _differences(saved, OmegaConf.to_container(cfg, resolve=True))
+            if not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
 
 
 # The choices a string key takes. data.interpolation: timm's names (timm.data.transforms), for training and evaluation.
