@@ -1,4 +1,5 @@
 """Recipes: parsing, composition, overrides and the one-line errors of bad input."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,29 @@ def test_bad_config_or_missing_path_is_refused_before_torch_is_imported(tmp_path
     assert result.stdout.split() == ["2", "False"], result.stderr
     assert result.stderr == f"error: {error}\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_online_wandb_run_without_an_api_key_is_refused_before_torch_is_imported(tmp_path, monkeypatch):
+    """wandb raised its UsageError once Lightning started the run, a traceback after the run directory was made."""
+    from tome_train.cli import _wandb_key_configured
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}
+    script = ("import sys; from tome_train.cli import main; rc = main(['wandb.mode=online']); "
+              "print(rc, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert result.stderr == ("error: wandb.mode=online needs an API key: set WANDB_API_KEY or run `wandb login`, or "
+                             "use wandb.mode=offline (`wandb sync` uploads the run later)\n")
+    assert list(tmp_path.iterdir()) == []
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert not _wandb_key_configured()
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert _wandb_key_configured()  # what `wandb login` writes
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    assert not _wandb_key_configured()  # a server of one's own has an entry of its own
 
 
 def test_cli_lists_and_prints_config(tmp_path):

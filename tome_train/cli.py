@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import netrc
 import os
 import sys
 import uuid
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,14 +90,24 @@ def keep_wandb_run_id(cfg: DictConfig, run_dir: Path, run_id: str) -> None:
         id_file.write_text(run_id)
 
 
+def _wandb_key_configured() -> bool:
+    """Whether wandb finds an API key: ``WANDB_API_KEY``, or ``~/.netrc``'s entry for its server (``wandb login``)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def _wandb_mode(cfg: DictConfig) -> str:
+    """``wandb.mode``, else ``WANDB_MODE``, else online where an API key is configured and offline where not."""
     if cfg.wandb.mode:
         return cfg.wandb.mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    netrc = Path.home() / ".netrc"
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
-    return "online" if has_key else "offline"
+    return "online" if _wandb_key_configured() else "offline"
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path):
@@ -155,9 +167,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
 
 def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
     """The paths a run reads, checked before torch and Lightning are imported (which takes seconds): the data
-    (:func:`.data.check_locations`), the checkpoint it resumes (``resume``, else the newest in its run directory)
-    and, where it resumes none, the one it starts from (``model.checkpoint``). Returns the checkpoint to resume."""
+    (:func:`.data.check_locations`), an online wandb run's API key, the checkpoint it resumes (``resume``, else the
+    newest in its run directory) and, where it resumes none, the one it starts from (``model.checkpoint``). Returns
+    the checkpoint to resume."""
     check_locations(cfg.data)
+    if _wandb_mode(cfg) == "online" and not _wandb_key_configured():
+        source = f"wandb.mode={cfg.wandb.mode}" if cfg.wandb.mode else "WANDB_MODE=online"
+        raise ConfigError(f"{source} needs an API key: set WANDB_API_KEY or run `wandb login`, or use "
+                          "wandb.mode=offline (`wandb sync` uploads the run later)")
     ckpt = Path(resume) if resume else find_resume_checkpoint(Path(cfg.output_dir).resolve())
     if ckpt is not None and not ckpt.is_file():
         raise FileNotFoundError(f"--resume {ckpt}: no such checkpoint file")
