@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, list_recipes, load_config
+from .config import ConfigError, list_recipes, load_config, world_size
 from .data import DataError, check_locations
 
 EARLY_USER_ERRORS = (ConfigError, DataError, FileNotFoundError)  # bad input said before torch is imported
@@ -147,7 +147,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         # the requeue is ours (SlurmRequeue): Lightning's handler saves from inside the signal
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(SlurmRequeue())
-    distributed = t.num_nodes > 1 or (isinstance(t.devices, int) and t.devices > 1)
+    distributed = world_size(t) > 1
     try:
         trainer = pl.Trainer(
             default_root_dir=str(run_dir), max_epochs=t.epochs, accelerator=t.accelerator, devices=t.devices,
@@ -216,10 +216,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
                             category=FutureWarning, module=r"pytorch_lightning\.")
     run_dir = Path(cfg.output_dir).resolve()
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
-    datamodule.check()
-    datamodule.check_classes(cfg.model.num_classes)
-    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1  # "auto": at least one
-    datamodule.check_batches(devices * cfg.trainer.num_nodes)
+    datamodule.check(cfg.model.num_classes, world_size(cfg.trainer))
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the run's config; bad input stays one line
     module = ToMeClassifier(cfg, pretrained=ckpt is None and cfg.model.checkpoint is not None)
@@ -277,18 +274,16 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
     from .tome import ViTDims, apply_tome, flop_bound, vit_flops
 
     t = cfg.trainer
-    devices = t.devices if isinstance(t.devices, int) else 1
-    world = devices * t.num_nodes
+    world = world_size(t)
     batch = global_batch(cfg, world, t.accumulate_grad_batches)
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
-    datamodule.check()
-    datamodule.check_classes(cfg.model.num_classes)
-    datamodule.check_batches(world)
+    datamodule.check(cfg.model.num_classes, world)
     steps = datamodule.steps_per_epoch(world) // t.accumulate_grad_batches
     model = build_model(cfg.model, device="meta")  # checks a checkpoint's keys and shapes, allocates nothing
     dims = ViTDims.from_timm(model)
     lines = [
-        f"recipe {cfg.name}: {cfg.model.arch} on {cfg.data.source}, {t.num_nodes} node(s) x {devices} device(s)",
+        f"recipe {cfg.name}: {cfg.model.arch} on {cfg.data.source}, {t.num_nodes} node(s) x {world // t.num_nodes} "
+        "device(s)",
         f"global batch {batch} = {cfg.data.batch_size} per device x {world} x accumulate {t.accumulate_grad_batches}"
         f" (recipe layout {cfg.layout.nodes}x{cfg.layout.gpus_per_node})",
         f"peak lr {peak_lr(cfg, batch):.4g} = {cfg.optim.blr:g} x {batch} / {cfg.optim.lr_base_batch}; "

@@ -300,6 +300,11 @@ def eval_schedule(tome: DictConfig) -> Any:
     return schedule_of(tome.r_eval if tome.r_eval is not None else tome.r_train)
 
 
+def world_size(trainer: DictConfig) -> int:
+    """Processes a trainer config runs: ``devices`` per node (``auto``: at least one) times ``num_nodes``."""
+    return (trainer.devices if isinstance(trainer.devices, int) else 1) * trainer.num_nodes
+
+
 def global_batch(cfg: DictConfig, world_size: int, accumulate: int) -> int:
     """Images per optimizer step: ``data.batch_size`` per device, ``world_size`` devices, ``accumulate`` batches."""
     return cfg.data.batch_size * world_size * accumulate

@@ -53,9 +53,10 @@ class ImageDataModule(pl.LightningDataModule):
     def source(self) -> str:
         return self.cfg.source
 
-    def check(self) -> None:
-        """Raise DataError (one line naming the missing path or pattern, or the bad augmentation policy) unless the
-        data is there and readable."""
+    def check(self, num_classes: int | None = None, world_size: int | None = None) -> None:
+        """Raise DataError (one line naming the missing path or pattern, the bad augmentation policy, or what does
+        not fit) unless the data is there and readable, holds no more classes than a model's ``num_classes``
+        outputs (:meth:`check_classes`) and gives each of ``world_size`` ranks a whole batch (:meth:`check_batches`)."""
         if self.source == "digits":
             digits.digits_split(float(self.cfg.val_fraction))
         elif self.source == "imagefolder":
@@ -66,6 +67,10 @@ class ImageDataModule(pl.LightningDataModule):
             self._shards("val")
         if self.source != "digits" and self.cfg.auto_augment:
             self._check_auto_augment()
+        if num_classes is not None:
+            self.check_classes(num_classes)
+        if world_size is not None:
+            self.check_batches(world_size)
 
     def _check_auto_augment(self) -> None:
         """timm reads the policy string when it builds the training transform, in each worker: built once here, a
