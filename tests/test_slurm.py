@@ -142,6 +142,12 @@ def test_slurm_runs_the_recipes_layout_unless_told_otherwise(tmp_path, capsys):
     assert capsys.readouterr().err == ("error: trainer.devices=auto is not allowed with --slurm: pass --gpus-per-node N "
                                        "(one task per GPU)\n")
     assert not (tmp_path / "auto").exists()
+    # it was dropped from the job's command: the job started afresh, or from whatever its directory held
+    assert main(["--slurm", "--dry-run", "--output-dir", str(tmp_path / "re"), "--resume", "x/last.ckpt"]) == 2
+    assert capsys.readouterr().err == ("error: --resume x/last.ckpt is not allowed with --slurm: a job resumes from the "
+                                       "newest checkpoint in its run directory; pass that run's directory as "
+                                       "--output-dir to continue it\n")
+    assert not (tmp_path / "re").exists()
 
 
 def test_submit_without_sbatch_is_one_line(tmp_path, monkeypatch):

@@ -323,6 +323,9 @@ def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
     nodes, gpus_per_node = cfg.trainer.num_nodes, cfg.trainer.devices
     if gpus_per_node == "auto":
         raise ConfigError("trainer.devices=auto is not allowed with --slurm: pass --gpus-per-node N (one task per GPU)")
+    if args.resume:  # each start of the job, its requeues too, takes the run directory's newest checkpoint
+        raise ConfigError(f"--resume {args.resume} is not allowed with --slurm: a job resumes from the newest checkpoint "
+                          "in its run directory; pass that run's directory as --output-dir to continue it")
     run_dir = Path(cfg.output_dir).resolve()
     train_argv = [
         "--recipe", args.recipe or cfg.name, *args.overrides,
