@@ -158,10 +158,31 @@ def test_unreadable_training_shards_fail_instead_of_spinning(tmp_path):
     train_idx, _ = digits_split(0.2)
     info = write_digits_shards(str(tmp_path), img_size=8, train_per_shard=1437, val_per_shard=360,
                                corrupt=[f"digits_{i:04d}" for i in train_idx])
-    dm = ImageDataModule(shard_cfg(tmp_path, info, num_workers=0), 8, 0)
-    with pytest.raises(DataError, match="no readable samples"):
-        next(iter(dm.train_dataloader()))
-    assert dm.num_corrupt == 1437
+    for workers in (0, 2):  # from a worker process, PyTorch re-raises it with the worker's traceback as its message
+        dm = ImageDataModule(shard_cfg(tmp_path, info, num_workers=workers), 8, 0)
+        with pytest.raises(DataError) as err:
+            next(iter(dm.train_dataloader()))
+        assert str(err.value) == f"webdataset: no readable samples in {tmp_path / 'imagenet1k-train-0000.tar'}"
+        assert dm.num_corrupt == 1437 if workers == 0 else dm.num_corrupt >= 1437 // 2  # one worker's half, at least
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_label_past_the_models_classes_stops_the_stream(shards, workers):
+    """Shards carry no class list for check() to count; a label past the outputs was an IndexError in the loss (on a
+    GPU, a device-side assert)."""
+    root, info = shards
+    dm = ImageDataModule(shard_cfg(root, info, num_workers=workers), IMG, 0, with_meta=True)
+    dm.check(num_classes=10)
+    assert sum(len(labels) for _, labels, _ in dm.val_dataloader()) == 360
+    dm.check(num_classes=5)
+    with pytest.raises(DataError) as err:
+        list(dm.val_dataloader())
+    message = str(err.value)
+    assert message.startswith("webdataset: sample digits_") and "\n" not in message
+    assert message.endswith(", not one of model.num_classes=5's 0..4")
+    key = message.split()[2]
+    label = digits_labels([int(key.removeprefix("digits_"))]).item()
+    assert label >= 5 and f" has label {label}," in message
 
 
 def test_repeated_augmentation_in_the_stream(shards):

@@ -171,6 +171,25 @@ def test_more_classes_in_the_data_than_the_model_has_outputs_is_one_line_exit_2(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_shard_label_past_the_models_outputs_is_one_line_exit_2_on_a_line_of_its_own(tmp_path, capsys):
+    """Shards carry no class list, so the label is found as the data is read: in a DataLoader worker, whose error
+    PyTorch re-raises with the worker's traceback as its message, under Lightning's progress bar."""
+    from tome_train.data import write_digits_shards
+
+    info = write_digits_shards(str(tmp_path / "shards"), img_size=32)
+    args = ["--output-dir", str(tmp_path / "run"), *SHORT_FIT, "model.img_size=32", "model.num_classes=5",
+            "wandb.mode=disabled", "data.source=webdataset", f"data.root={tmp_path / 'shards'}", "data.num_workers=2",
+            f"data.train_shards={info['train']['pattern']}", f"data.val_shards={info['val']['pattern']}",
+            f"data.train_samples={info['train']['samples']}", f"data.val_samples={info['val']['samples']}"]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    error = err.splitlines()[-1]  # after wandb's own warnings
+    assert error.startswith("error: webdataset: sample digits_") and error.endswith(
+        f" in {tmp_path / 'shards'}/imagenet1k-validation-00.tar has label 8, not one of model.num_classes=5's 0..4")
+    assert "Traceback" not in err
+    assert out.endswith(("\n", "\r")), "the progress bar the error came under is closed: the error starts a line"
+
+
 def test_rerunning_a_finished_run_reports_its_accuracy(digits_run, tmp_path, capsys):
     """The same command again (``make demo`` twice): nothing more to train, the same checkpoint and
     the same final accuracy, not a missing one."""

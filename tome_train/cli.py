@@ -184,15 +184,19 @@ def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
 
 
 @contextlib.contextmanager
-def _wandb_run_failed_on_error():
-    """A run that raises an error ends its wandb run as failed, so that the next run in this process (a notebook, the
-    tests) starts its own instead of logging into this one. Signals and exits (SLURM's SIGTERM on a requeue, which is
-    Lightning's ``SIGTERMException``, a ``SystemExit``) end the process, and wandb's exit hook ends the run."""
+def _run_ended_on_error():
+    """A run that raises an error closes its progress bars, so that the error's one line is a line of its own, and
+    ends its wandb run as failed, so that the next run in this process (a notebook, the tests) starts its own instead
+    of logging into this one. Signals and exits (SLURM's SIGTERM on a requeue, which is Lightning's
+    ``SIGTERMException``, a ``SystemExit``) end the process, and wandb's exit hook ends the run."""
     try:
         yield
     except Exception:
         import wandb
+        from tqdm import tqdm
 
+        for bar in list(tqdm._instances):  # Lightning's bars stay open mid-line when a step raises
+            bar.close()
         if wandb.run is not None:
             with contextlib.suppress(Exception):  # wandb's service may have gone down with the error, which is the news
                 wandb.run.finish(exit_code=1)
@@ -233,7 +237,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
         print(f"resuming from {ckpt}" + (f" with changes: {'; '.join(changes)}" if changes else ""))
     # compiled graphs replayed as CUDA graphs: the kernels are chosen by the device's time alone
     graphed = cfg.trainer.compile in GRAPHED_COMPILE_MODES
-    with _wandb_run_failed_on_error():
+    with _run_ended_on_error():
         with kernels.choosing_for_graphs() if graphed else contextlib.nullcontext():
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
         return _after_fit(cfg, trainer, module, datamodule, run_dir)

@@ -46,6 +46,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._datasets: dict[str, Dataset] = {}
         self._urls: dict[str, list[str]] = {}
         self._skipped: Optional[stream.SkipCounter] = None
+        self._label_limit: Optional[int] = None  # the model's num_classes, once check_classes has seen it
 
     # -- facts ------------------------------------------------------------------------------------
 
@@ -132,7 +133,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def check_classes(self, num_classes: int) -> None:
         """Raise DataError if the source knows more classes than the model's ``num_classes`` outputs (a label past
-        them stops training at its first batch); shards carry no class list, so they are not checked."""
+        them stops training at its first batch). Shards carry no class list: their streams check each label they
+        read against ``num_classes`` instead."""
+        self._label_limit = num_classes
         found = self.num_classes
         if found is not None and found > num_classes:
             raise locations.DataError(f"the {self.source} data has {found} classes, more than model.num_classes="
@@ -203,6 +206,7 @@ class ImageDataModule(pl.LightningDataModule):
             shuffle_buffer=self.cfg.shuffle_buffer,
             with_meta=self.with_meta,
             skipped=self._skipped,
+            num_classes=self._label_limit,
         )
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -15,7 +15,20 @@ IMAGEFOLDER_SPLITS = {"train": "train", "val": "val"}
 
 
 class DataError(ValueError):
-    """Missing or unusable data; the message is one line naming the path or pattern."""
+    """Missing or unusable data; the message is one line naming the path or pattern.
+
+    One raised in a DataLoader worker comes back to the main process as a DataError whose message is PyTorch's
+    "Caught DataError in DataLoader worker process N" and the worker's traceback; ``str`` of it is still the one line
+    the worker raised.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        last = text.rstrip().rsplit("\n", 1)[-1]
+        raised_as = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if text.startswith(f"Caught {type(self).__name__} in DataLoader worker") and last.startswith(raised_as):
+            return last[len(raised_as):]
+        return text
 
 
 def check_source(cfg: DictConfig) -> None:

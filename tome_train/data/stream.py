@@ -15,7 +15,8 @@ Each DataLoader worker of each rank is a *slot*; slot ``g = rank * num_workers +
 * Validation: no shuffle, no cycling, no padding; every sample is read by exactly one slot. Ranks may
   end with different batch counts, which is safe when metrics are reduced only at epoch end
   (docs/data.md).
-* Corrupt images and unreadable tar members are skipped, counted in a shared counter and logged.
+* Corrupt images and unreadable tar members are skipped, counted in a shared counter and logged; a label
+  outside ``num_classes`` stops the run (the config does not fit the data).
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         with_meta: bool = False,
         skipped: Optional[SkipCounter] = None,
+        num_classes: Optional[int] = None,
     ):
         self.urls = list(urls)
         self.transform = transform
@@ -93,6 +95,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = int(shuffle_buffer)
         self.with_meta = with_meta
         self.skipped = skipped if skipped is not None else SkipCounter()
+        self.num_classes = num_classes
         self.epoch = 0
         self.batches_per_rank = None
         if train:
@@ -137,10 +140,15 @@ class ShardStream(IterableDataset):
                 raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in the sample")
             label = int(sample["cls"])
             with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB"), label  # convert() loads: decoding errors surface here
+                image = img.convert("RGB")  # convert() loads: decoding errors surface here
         except Exception as exn:  # a bad sample must not end a week-long run
             self.skipped.add("corrupt sample", f"{sample.get('__key__')} in {sample.get('__url__')}", exn)
             return None
+        # a label past the model's outputs is a config that does not fit the data (on a GPU, a device-side assert)
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            raise DataError(f"webdataset: sample {sample.get('__key__')} in {sample.get('__url__')} has label {label}, "
+                            f"not one of model.num_classes={self.num_classes}'s 0..{self.num_classes - 1}")
+        return image, label
 
     def _output(self, x, label: int, sample: dict, worker: int):
         if not self.with_meta:
