@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import random
 from typing import Any, Callable, Optional
 
@@ -62,6 +63,7 @@ class TrainSampler(DistributedSampler):
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, repeats: int = 1):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.repeats = int(repeats)
+        self._start = 0
         self.inner = None
         if self.repeats > 1:
             from timm.data.distributed_sampler import RepeatAugSampler
@@ -76,8 +78,15 @@ class TrainSampler(DistributedSampler):
             # RepeatAugSampler seeds its permutation with the epoch alone: mix in our seed
             self.inner.set_epoch(derive_seed(self.seed, epoch))
 
+    def skip_batches(self, count: int, batch_size: int) -> None:
+        """The next pass leaves out its first ``count`` batches of ``batch_size`` (the ones a resumed run trained
+        before it stopped); its length stays the epoch's, as Lightning counts those batches as done."""
+        self._start = count * batch_size
+
     def __iter__(self):
-        return iter(self.inner) if self.inner is not None else super().__iter__()
+        indices = iter(self.inner) if self.inner is not None else super().__iter__()
+        start, self._start = self._start, 0
+        return itertools.islice(indices, start, None)
 
     def __len__(self) -> int:
         return len(self.inner) if self.inner is not None else super().__len__()
@@ -113,7 +122,8 @@ class EpochDataLoader(DataLoader):
         self.epoch_fn = epoch_fn
         self._passes = 0
 
-    def __iter__(self):
+    def _start_pass(self) -> int:
+        """Tell the sampler or dataset the epoch of the pass about to start; returns it."""
         epoch = self.epoch_fn() if self.epoch_fn is not None else None
         if epoch is None:
             epoch = self._passes
@@ -122,7 +132,43 @@ class EpochDataLoader(DataLoader):
             set_epoch = getattr(target, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(epoch)
+        return epoch
+
+    def __iter__(self):
+        self._start_pass()
         return super().__iter__()
+
+
+class TrainDataLoader(EpochDataLoader):
+    """The training loader: an :class:`EpochDataLoader` that a run resumed mid-epoch continues where it stopped.
+
+    It is Lightning's ``Stateful``: a checkpoint holds ``state_dict()``, the epoch and the batches this rank had
+    trained of it (``progress_fn``, read from the trainer at the save), and Lightning gives it back to
+    ``load_state_dict`` before the resumed run's first pass, which then leaves those batches out
+    (``skip_batches`` of the sampler or the streaming dataset). Without it the resumed epoch started its data over:
+    its permutation is seeded by the epoch, so it trained again on the batches it had trained before the stop, and
+    never on as many of its last ones.
+    """
+
+    def __init__(self, *args, progress_fn: Callable[[], tuple[int, int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress_fn = progress_fn
+        self._resume: Optional[dict[str, int]] = None
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches_done = self.progress_fn()
+        return {"epoch": int(epoch), "batches_done": int(batches_done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
+
+    def _start_pass(self) -> int:
+        epoch = super()._start_pass()
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] == epoch and resume["batches_done"] > 0:
+            target = self.sampler if hasattr(self.sampler, "skip_batches") else self.dataset
+            target.skip_batches(resume["batches_done"], self.batch_size)
+        return epoch
 
 
 def _pair(value) -> tuple[float, float]:

@@ -14,6 +14,7 @@ from . import digits, imagefolder, locations, stream
 from .common import (
     EpochDataLoader,
     ExactSampler,
+    TrainDataLoader,
     TrainSampler,
     as_config,
     dist_info,
@@ -218,10 +219,18 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.current_epoch) if trainer is not None else None
 
+    def _progress(self) -> tuple[int, int]:
+        """(epoch, batches this rank has trained of it): what a checkpoint saved now has trained."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        return int(trainer.current_epoch), int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
     def _loader(self, split: str) -> EpochDataLoader:
         world_size, rank = dist_info(getattr(self, "trainer", None))
         train = split == "train"
         workers = int(self.cfg.num_workers)
+        loader_class = partial(TrainDataLoader, progress_fn=self._progress) if train else EpochDataLoader
         kwargs: dict[str, Any] = dict(
             batch_size=int(self.cfg.batch_size),
             num_workers=workers,
@@ -235,17 +244,15 @@ class ImageDataModule(pl.LightningDataModule):
             # Lightning warns that an IterableDataset's __len__ may be off with several workers; the
             # training stream's length is exact by construction (per-worker quotas)
             warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
-            return EpochDataLoader(dataset, drop_last=False, **kwargs)
+            return loader_class(dataset, drop_last=False, **kwargs)
         dataset = self._dataset(split)
         if train:
             sampler = TrainSampler(dataset, world_size, rank, self.seed, int(self.cfg.repeated_aug))
         else:
             sampler = ExactSampler(dataset, world_size, rank)
-        return EpochDataLoader(
-            dataset, sampler=sampler, drop_last=train, persistent_workers=workers > 0, **kwargs
-        )
+        return loader_class(dataset, sampler=sampler, drop_last=train, persistent_workers=workers > 0, **kwargs)
 
-    def train_dataloader(self) -> EpochDataLoader:
+    def train_dataloader(self) -> TrainDataLoader:
         return self._loader("train")
 
     def val_dataloader(self) -> EpochDataLoader:

@@ -97,6 +97,7 @@ class ShardStream(IterableDataset):
         self.skipped = skipped if skipped is not None else SkipCounter()
         self.num_classes = num_classes
         self.epoch = 0
+        self._skip = 0
         self.batches_per_rank = None
         if train:
             if samples_per_epoch is None:
@@ -110,6 +111,16 @@ class ShardStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self._skip = 0
+
+    def skip_batches(self, count: int, batch_size: int) -> None:
+        """The next training pass (of the epoch last set) leaves out its first ``count`` batches, the ones a resumed
+        run trained before it stopped. They came round-robin from the DataLoader workers, so each worker reads past
+        the raw samples of its share of them without decoding them; with ``repeats > 1`` that is the share's images
+        (rounded up), whose copies the second shuffle buffer had spread."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"batch size {batch_size} is not the stream's {self.batch_size}")
+        self._skip = int(count)
 
     def __len__(self) -> int:
         # only the training stream has a known length: exactly batches_per_rank whole batches
@@ -174,9 +185,11 @@ class ShardStream(IterableDataset):
 
     def _train(self, worker: int, workers: int, slot: int, n_slots: int):
         n = self.batches_per_rank
-        quota = (n // workers + (1 if worker < n % workers else 0)) * self.batch_size
-        if quota == 0:
+        skipped = len(range(worker, min(self._skip, n), workers)) * self.batch_size
+        quota = (n // workers + (1 if worker < n % workers else 0)) * self.batch_size - skipped
+        if quota <= 0:
             return
+        unread = -(-skipped // self.repeats)  # raw samples to pass over
         urls = list(self.urls)
         random.Random(derive_seed(self.seed, self.epoch, "shards")).shuffle(urls)  # same on every rank
         mine = [(urls[i], k, j) for i, k, j in assign(len(urls), slot, n_slots)]
@@ -198,8 +211,12 @@ class ShardStream(IterableDataset):
                     raise DataError(f"webdataset: no readable samples in {', '.join(u for u, _, _ in mine)}")
 
         def augmented():
-            nonlocal decoded_count
+            nonlocal decoded_count, unread
             for sample in passes():
+                if unread > 0:  # counted as readable: the run that stopped here had read it
+                    unread -= 1
+                    decoded_count += 1
+                    continue
                 decoded = self._decode(sample)
                 if decoded is None:
                     continue
