@@ -147,7 +147,7 @@ def test_corrupt_jpeg_skipped_and_counted(tmp_path, caplog):
     info = write_digits_shards(str(tmp_path), img_size=IMG, train_per_shard=720, val_per_shard=180, corrupt=[bad])
     for workers in (0, 2):
         dm = ImageDataModule(shard_cfg(tmp_path, info, num_workers=workers), IMG, 0, with_meta=True)
-        with caplog.at_level("WARNING", logger="tome_train.data.stream"):
+        with caplog.at_level("WARNING", logger="tome_train.data.common"):
             keys = [k for _, _, meta in dm.val_dataloader() for k in meta["key"]]
         assert len(keys) == 359 and bad not in keys
         assert dm.num_corrupt == 1
@@ -259,6 +259,35 @@ def test_imagefolder_val_labels_are_the_train_trees_class_indices(tmp_path):
     with pytest.raises(DataError, match=r"imagefolder val directory .*/val: class folder 'dog' is not one of the "
                                         r"train directory's classes$"):
         ImageDataModule(data_cfg(source="imagefolder", root=str(tmp_path)), IMG, 0).check()
+
+
+def test_an_unreadable_imagefolder_image_is_skipped_counted_and_stood_in_for(tmp_path, caplog):
+    """A truncated JPEG and a file that is no image, in a tree of 6: the loader gives the next image in their place
+    (a traceback from a DataLoader worker, mid-run, before); a tree of nothing but unreadable files is one line."""
+    for split in ("train", "val"):
+        for c in ("ant", "bee"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((36, 40, 3), 40 * i, dtype=np.uint8)).save(tmp_path / split / c / f"{c}{i}.jpg")
+    good = (tmp_path / "train" / "ant" / "ant1.jpg").read_bytes()
+    (tmp_path / "train" / "ant" / "ant1.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "train" / "bee" / "bee2.jpg").write_text("not an image")
+    cfg = data_cfg(source="imagefolder", root=str(tmp_path), batch_size=1, hflip=0.0, scale=[1.0, 1.0],
+                   ratio=[1.0, 1.0], interpolation="bilinear")
+    for workers in (0, 2):
+        dm = ImageDataModule(OmegaConf.merge(cfg, {"num_workers": workers}), IMG, 0, with_meta=True)
+        with caplog.at_level("WARNING", logger="tome_train.data.common"):
+            keys = Counter(k for _, _, m in dm.train_dataloader() for k in m["key"])
+        assert keys == Counter({"ant/ant0.jpg": 2, "ant/ant2.jpg": 2, "bee/bee0.jpg": 1, "bee/bee1.jpg": 1})  # bee2: ant0
+        assert dm.num_corrupt == 2
+    assert any("skipped unreadable image" in r.getMessage() and r.getMessage().endswith("2 skipped so far")
+               for r in caplog.records)
+    for path in (tmp_path / "val").rglob("*.jpg"):
+        path.write_text("not an image")
+    dm = ImageDataModule(OmegaConf.merge(cfg, {"num_workers": 2}), IMG, 0)
+    with pytest.raises(DataError) as err:
+        list(dm.val_dataloader())
+    assert str(err.value) == f"imagefolder val: 50 unreadable images in a row from {tmp_path / 'val' / 'ant' / 'ant0.jpg'}"
 
 
 def test_repeated_augmentation_sampler(tree):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import logging
+import multiprocessing as mp
 import random
 from typing import Any, Callable, Optional
 
@@ -12,6 +14,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
 
 
 def as_config(data_cfg: Any) -> DictConfig:
@@ -49,6 +53,23 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+class SkipCounter:
+    """Counts the samples a source skipped as unreadable, across DataLoader worker processes (a shared integer),
+    and logs each."""
+
+    def __init__(self):
+        self.value = mp.get_context().Value("l", 0)
+
+    def add(self, what: str, where: str, exn: BaseException) -> None:
+        with self.value.get_lock():
+            self.value.value += 1
+            count = self.value.value
+        log.warning("skipped %s %s (%s: %s); %d skipped so far", what, where, type(exn).__name__, exn, count)
+
+    def __int__(self) -> int:
+        return int(self.value.value)
 
 
 class TrainSampler(DistributedSampler):

@@ -14,6 +14,7 @@ from . import digits, imagefolder, locations, stream
 from .common import (
     EpochDataLoader,
     ExactSampler,
+    SkipCounter,
     TrainDataLoader,
     TrainSampler,
     as_config,
@@ -46,7 +47,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.with_meta = with_meta
         self._datasets: dict[str, Dataset] = {}
         self._urls: dict[str, list[str]] = {}
-        self._skipped: Optional[stream.SkipCounter] = None
+        self._skipped = SkipCounter()
         self._label_limit: Optional[int] = None  # the model's num_classes, once check_classes has seen it
 
     # -- facts ------------------------------------------------------------------------------------
@@ -114,8 +115,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def num_corrupt(self) -> int:
-        """Samples (or tar members) the webdataset source skipped as unreadable, over all workers."""
-        return int(self._skipped) if self._skipped is not None else 0
+        """Images (or tar members) the imagefolder and webdataset sources skipped as unreadable, over all workers."""
+        return int(self._skipped)
 
     def _train_samples_per_rank(self, world_size: int) -> int:
         if self.source == "webdataset":
@@ -184,7 +185,8 @@ class ImageDataModule(pl.LightningDataModule):
                 locations.check_locations(self.cfg)
                 tf = train_transform(self.cfg, self.img_size) if train else eval_transform(self.cfg, self.img_size)
                 classes = None if train else self._dataset("train").classes  # labels by the train tree's classes
-                ds = imagefolder.Folder(self.cfg.root, split, tf, with_meta=self.with_meta, classes=classes)
+                ds = imagefolder.Folder(self.cfg.root, split, tf, with_meta=self.with_meta, classes=classes,
+                                        skipped=self._skipped)
             else:
                 raise AssertionError("streams are built per loader")
             self._datasets[split] = ds
@@ -192,8 +194,6 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _stream(self, split: str, world_size: int, rank: int) -> stream.ShardStream:
         train = split == "train"
-        if self._skipped is None:
-            self._skipped = stream.SkipCounter()
         return stream.ShardStream(
             self._shards(split),
             train_transform(self.cfg, self.img_size) if train else eval_transform(self.cfg, self.img_size),

@@ -21,8 +21,6 @@ Each DataLoader worker of each rank is a *slot*; slot ``g = rank * num_workers +
 from __future__ import annotations
 
 import io
-import logging
-import multiprocessing as mp
 import random
 from typing import Callable, Iterator, Optional
 
@@ -30,10 +28,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .common import derive_seed
+from .common import SkipCounter, derive_seed
 from .locations import DataError
 
-log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -47,22 +44,6 @@ def assign(n_items: int, slot: int, n_slots: int) -> list[tuple[int, int, int]]:
     item = slot % n_items
     sharers = len(range(item, n_slots, n_items))
     return [(item, sharers, slot // n_items)]
-
-
-class SkipCounter:
-    """Counts skipped samples across DataLoader worker processes (a shared integer)."""
-
-    def __init__(self):
-        self.value = mp.get_context().Value("l", 0)
-
-    def add(self, what: str, where: str, exn: BaseException) -> None:
-        with self.value.get_lock():
-            self.value.value += 1
-            count = self.value.value
-        log.warning("skipped %s %s (%s: %s); %d skipped so far", what, where, type(exn).__name__, exn, count)
-
-    def __int__(self) -> int:
-        return int(self.value.value)
 
 
 class ShardStream(IterableDataset):
