@@ -11,12 +11,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from tome_train.config import DataConfig, load_config
 from tome_train.data import DataError, ImageDataModule, write_digits_shards
 from tome_train.data.digits import digits_labels, digits_split
 from tome_train.data.shards import main as shards_main
 from tome_train.data.stream import assign
+
+from linear_fit import fit_linear
 
 REPO = Path(__file__).resolve().parent.parent
 IMG = 32
@@ -417,41 +420,6 @@ def test_data_benchmark_refuses_a_scratch_dir_it_cannot_use_in_one_line(tmp_path
 # -- resuming mid-epoch ------------------------------------------------------------------------------
 
 
-class _KeyRecorder:
-    """A real Lightning fit of a linear classifier that records the sample keys of every training batch."""
-
-    def __init__(self, cfg, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
-
-    def fit(self, max_steps: int = -1, ckpt_path: str | None = None) -> list[tuple[str, ...]]:
-        import pytorch_lightning as pl
-        import torch.nn.functional as F
-        from pytorch_lightning.callbacks import ModelCheckpoint
-
-        keys = []
-
-        class Linear(pl.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.layer = torch.nn.Linear(3 * 8 * 8, 10)
-
-            def training_step(self, batch, batch_idx):
-                images, labels, meta = batch
-                keys.append(tuple(meta["key"]))
-                return F.cross_entropy(self.layer(images.flatten(1)), labels)
-
-            def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=0.1)
-
-        trainer = pl.Trainer(
-            max_epochs=2, max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-            callbacks=[ModelCheckpoint(dirpath=self.run_dir, every_n_train_steps=4, save_top_k=-1)],
-        )
-        trainer.fit(Linear(), datamodule=ImageDataModule(self.cfg, 8, seed=0, with_meta=True), ckpt_path=ckpt_path)
-        return keys
-
-
 @pytest.mark.parametrize("source, workers, repeats", [("digits", 0, 1), ("digits", 2, 3), ("webdataset", 2, 1)])
 def test_a_run_resumed_mid_epoch_trains_on_the_batches_it_had_not(tmp_path, source, workers, repeats):
     """Stopped after step 19 of 2 epochs of 14 batches (12 with repeated augmentation) and resumed from its step-16
@@ -462,15 +430,18 @@ def test_a_run_resumed_mid_epoch_trains_on_the_batches_it_had_not(tmp_path, sour
         cfg = shard_cfg(tmp_path, write_digits_shards(str(tmp_path), img_size=8), num_workers=workers, batch_size=100)
     else:
         cfg = data_cfg(num_workers=workers, batch_size=100, repeated_aug=repeats)
-    unbroken = _KeyRecorder(cfg, tmp_path / "unbroken").fit()
+    def fit(run_dir, **kwargs):
+        every_4_steps = ModelCheckpoint(dirpath=tmp_path / run_dir, every_n_train_steps=4, save_top_k=-1)
+        return fit_linear(ImageDataModule(cfg, 8, seed=0, with_meta=True), [every_4_steps], max_epochs=2, **kwargs)
+
+    unbroken = fit("unbroken")
     epoch_length = len(unbroken) // 2
     assert epoch_length == (12 if repeats > 1 else 14)
-    stopped = _KeyRecorder(cfg, tmp_path / "stopped")
-    assert stopped.fit(max_steps=19) == unbroken[:19]
+    assert fit("stopped", max_steps=19) == unbroken[:19]
     checkpoint = tmp_path / "stopped" / "epoch=1-step=16.ckpt"
     assert torch.load(checkpoint, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
         {"epoch": 1, "batches_done": 16 - epoch_length}]
-    resumed = stopped.fit(ckpt_path=str(checkpoint))
+    resumed = fit("stopped", ckpt_path=str(checkpoint))
     if workers == 0 or source == "digits":  # the sampler's indices run on from where they stopped
         assert resumed == unbroken[16:]
     else:  # each worker's batches run on; the round-robin over the workers starts again at worker 0

@@ -13,6 +13,7 @@ from tome_train.cli import main, train
 from tome_train.config import load_config
 
 from conftest import ROOT
+from linear_fit import fit_linear
 from wandb_records import exit_code, written_run_file
 
 QUICK = ["trainer.log_every_n_steps=1", "tradeoff.enabled=false", "trainer.limit_val_batches=2"]
@@ -121,3 +122,32 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path):
         raise AssertionError("the save should have failed")
     assert target.read_bytes() == good
     assert torch.load(target, weights_only=True)["global_step"] == 7
+
+
+def test_a_requeue_saves_right_after_an_optimizer_step(tmp_path, monkeypatch, capsys):
+    """With gradient accumulation, SIGUSR1 between two batches of step 3 (checks every 2 steps): the requeue
+    checkpoint comes after step 4's second batch. It came after the batch the signal followed (step 2's, since the
+    check ran at every batch end of a step divisible by 2), its gradient lost, the resumed run skipping that batch.
+    Without scontrol on PATH (a container), the requeue says so and the checkpoint is there."""
+    import pytorch_lightning as pl
+
+    from tome_train.data import ImageDataModule
+    from tome_train.requeue import SlurmRequeue
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    requeue = SlurmRequeue(check_every=2)
+
+    class SignalAfterBatch4(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 4:  # batches 4 and 5 make step 3
+                requeue.signalled = True  # what the SIGUSR1 handler records
+
+    datamodule = ImageDataModule(load_config(None, ["data.batch_size=100"]).data, 8, seed=0, with_meta=True)
+    keys = fit_linear(datamodule, [SignalAfterBatch4(), requeue], max_epochs=1, accumulate_grad_batches=2,
+                      default_root_dir=tmp_path)
+    assert len(keys) == 8 and requeue.requeued
+    checkpoint = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_done": 8}]
+    assert "Requeuing SLURM job 4242 failed (no scontrol on PATH)" in capsys.readouterr().out

@@ -5,7 +5,9 @@ checkpoint from inside the signal handler. With several ranks the signal lands o
 different point, possibly inside a gradient all-reduce, and the checkpoint's collectives then
 pair with the wrong operations and hang. Here the handler only records the signal; every
 ``check_every`` steps the ranks agree on it with one tiny all-reduce, save
-``hpc_ckpt_N.ckpt`` together, rank 0 requeues the job and training stops.
+``hpc_ckpt_N.ckpt`` together, rank 0 requeues the job and training stops. The check comes once per
+optimizer step, right after it: with gradient accumulation a save between two of a step's batches
+would lose the gradients of the first, which a checkpoint does not hold.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class SlurmRequeue(pl.Callback):
         self.check_every = check_every
         self.signalled = False
         self.requeued = False
+        self._checked_at_step = -1
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -38,9 +41,14 @@ class SlurmRequeue(pl.Callback):
     def _record(self, signum, frame) -> None:
         self.signalled = True
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._checked_at_step = trainer.global_step  # a resumed run's step was checked before its save
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.requeued or trainer.global_step % self.check_every:
+        # the first batch end at a new global step is the one its optimizer step followed
+        if self.requeued or trainer.global_step % self.check_every or trainer.global_step == self._checked_at_step:
             return
+        self._checked_at_step = trainer.global_step
         flag = torch.tensor(float(self.signalled), device=pl_module.device)
         if trainer.world_size > 1:
             flag = trainer.strategy.reduce(flag, reduce_op="max")
@@ -57,5 +65,8 @@ class SlurmRequeue(pl.Callback):
             job = os.environ["SLURM_JOB_ID"]
             if os.environ.get("SLURM_ARRAY_JOB_ID"):
                 job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            result = subprocess.call(["scontrol", "requeue", job])
+            try:
+                result = subprocess.call(["scontrol", "requeue", job])
+            except FileNotFoundError:  # a container without SLURM's tools: the checkpoint is saved all the same
+                result = "no scontrol on PATH"
             print(f"Requeued SLURM job: {job}" if result == 0 else f"Requeuing SLURM job {job} failed ({result})", flush=True)
