@@ -33,6 +33,9 @@ def test_export_writes_weights_configs_and_onnx(exported, digits_run):
     assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 10
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     assert config["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
+    # the run's: its data's class names, its recipe; not the architecture's published weights' tag and license
+    assert config["label_names"] == [str(d) for d in range(10)]
+    assert config["pretrained_cfg"]["tag"] == digits_run.cfg.name and "license" not in config["pretrained_cfg"]
     tome = json.loads((exported / "tome.json").read_text())
     assert tome["schedule"] == [6] * 6 and tome["prop_attn"] is True and tome["trained_r"] == 6
     assert [row["r"] for row in tome["tradeoff"]] == [0, 6, 8]
@@ -58,6 +61,7 @@ def test_plain_timm_without_tome_train_matches_at_r0(exported, trained, tmp_path
                                   **{{k: v for k, v in cfg['model_args'].items() if k != 'num_classes'}}).eval()
         local = timm.create_model('local-dir:{exported}', pretrained=True).eval()
         images = torch.load({str(tmp_path / 'images.pt')!r})
+        assert local.pretrained_cfg['label_names'] == [str(d) for d in range(10)]
         with torch.no_grad():
             torch.save((model(images), local(images)), {str(tmp_path / 'logits.pt')!r})
         assert 'tome_train' not in sys.modules

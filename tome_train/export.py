@@ -32,15 +32,19 @@ if TYPE_CHECKING:
     import torch
 
 ONNX_TOLERANCE = 1e-4
+# timm's pretrained_cfg fields that describe the architecture's published weights, not a run's
+SOURCE_WEIGHTS_FIELDS = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes",
+                         "label_names", "label_descriptions", "label_offset")
 
 
 class ExportError(ValueError):
     """Bad export input; the message is one line for the user."""
 
 
-def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict]:
-    """The run config and the timm state dict (raw or EMA) of a Lightning checkpoint
-    (``best-*.ckpt``, ``last.ckpt`` or a SLURM ``hpc_ckpt_N.ckpt``)."""
+def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict, list[str] | None]:
+    """The run config, the timm state dict (raw or EMA) and the data's class names (None where the source knew none,
+    or the checkpoint predates them) of a Lightning checkpoint (``best-*.ckpt``, ``last.ckpt`` or a SLURM
+    ``hpc_ckpt_N.ckpt``)."""
     if path.is_dir():
         raise ExportError(f"--checkpoint {path}: is a folder; pass a checkpoint file (a run's checkpoints/last.ckpt)")
     if not path.is_file():
@@ -58,7 +62,9 @@ def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict]:
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise ExportError(f"--checkpoint {path}: has no {'EMA ' if ema else ''}weights (no '{prefix}*' keys)")
-    return config, state
+    from .data import ImageDataModule
+
+    return config, state, ckpt.get(ImageDataModule.__qualname__, {}).get("class_names")
 
 
 def build_trained_model(config: dict, state: dict, path: Path):
@@ -140,7 +146,7 @@ def check_out(out: Path) -> None:
 def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = False) -> dict:
     """Export ``checkpoint`` into ``out`` (see :func:`check_out`); returns what was written and checked."""
     check_out(out)
-    config, state = read_checkpoint(checkpoint, ema)
+    config, state, class_names = read_checkpoint(checkpoint, ema)
     cfg, model = build_trained_model(config, state, checkpoint)
     run_r = r if r is not None else eval_schedule(cfg.tome)
     try:
@@ -154,8 +160,13 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
         from timm.models import save_for_hf
 
         data = cfg.data
+        # the weights are this run's: nothing of the architecture's default weights (their tag, license, paper) holds
+        model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in SOURCE_WEIGHTS_FIELDS}
+        model_config = {"pretrained_cfg": {"tag": cfg.name, "description": f"tome-train run of recipe {cfg.name}"}}
+        if class_names is not None and len(class_names) == model.num_classes:
+            model_config["label_names"] = list(class_names)
         save_for_hf(
-            model, str(staging), safe_serialization=True,
+            model, str(staging), safe_serialization=True, model_config=model_config,
             data_config={"input_size": (3, cfg.model.img_size, cfg.model.img_size), "interpolation": data.interpolation,
                          "crop_pct": data.crop_pct, "mean": tuple(data.mean), "std": tuple(data.std)},
         )

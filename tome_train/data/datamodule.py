@@ -143,6 +143,12 @@ class ImageDataModule(pl.LightningDataModule):
             raise locations.DataError(f"the {self.source} data has {found} classes, more than model.num_classes="
                                       f"{num_classes}: set model.num_classes={found}")
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a run's checkpoints keep of its data (Lightning saves it under this class's name): the class names
+        where the source knows them, which ``export`` gives the model's outputs (timm's ``label_names``)."""
+        names = self.class_names
+        return {"class_names": names} if names is not None else {}
+
     def check_batches(self, world_size: int) -> None:
         """Raise DataError unless each of ``world_size`` ranks gets at least one whole training batch an epoch."""
         per_rank = self._train_samples_per_rank(world_size)
