@@ -190,6 +190,32 @@ def test_a_shard_label_past_the_models_outputs_is_one_line_exit_2_on_a_line_of_i
     assert out.endswith(("\n", "\r")), "the progress bar the error came under is closed: the error starts a line"
 
 
+def test_resuming_on_data_of_other_classes_is_refused_unless_chosen(tmp_path, capsys):
+    """A data location may change on resume (the data moved); its classes may not: the model's outputs would mean
+    other classes. ``--resume`` continues all the same, saying so."""
+    for root, classes in (("a", ("ant", "bee", "cat")), ("b", ("ant", "bee", "dog"))):
+        for c in classes:
+            (tmp_path / root / "train" / c).mkdir(parents=True)
+            (tmp_path / root / "val" / c).mkdir(parents=True)
+            for i in range(4):
+                image = Image.new("RGB", (40, 36), (60 * i, 0, 0))
+                image.save(tmp_path / root / ("train" if i else "val") / c / f"{c}{i}.jpg")
+    run = tmp_path / "run"
+    args = ["--output-dir", str(run), "trainer.epochs=1", "tradeoff.enabled=false", "wandb.mode=disabled",
+            "data.source=imagefolder", "data.batch_size=3"]
+    assert main([*args, f"data.root={tmp_path / 'a'}"]) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    written = last.read_bytes()
+    capsys.readouterr()
+    assert main([*args, f"data.root={tmp_path / 'b'}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot resume from {last}: its run was trained with other settings (data class 2: 'cat' -> 'dog'); "
+        f"rerun with them, start a new run with --output-dir DIR, or continue this one with these by --resume {last}")
+    assert last.read_bytes() == written
+    assert main([*args, f"data.root={tmp_path / 'b'}", "--dry-run", "--resume", str(last)]) == 0
+    assert "with changes: data class 2: 'cat' -> 'dog'" in capsys.readouterr().out
+
+
 def test_rerunning_a_finished_run_reports_its_accuracy(digits_run, tmp_path, capsys):
     """The same command again (``make demo`` twice): nothing more to train, the same checkpoint and
     the same final accuracy, not a missing one."""

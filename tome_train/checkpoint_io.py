@@ -63,14 +63,32 @@ def check_weights_fit(path: Path, checkpoint: dict[str, Any], module: torch.nn.M
                               f"{list(own[key].shape)} in this model; {fix}")
 
 
-def check_same_training(path: Path, checkpoint: dict[str, Any], cfg: DictConfig, chosen: bool) -> list[str]:
-    """What ``cfg`` trains otherwise than the run that wrote ``checkpoint`` (:func:`.config.training_changes`).
-    Raise :class:`ResumeError` if anything, unless the user ``chosen`` the checkpoint (``--resume``): a run
-    directory found with another run's checkpoint in it is not continued as if it were this one's."""
+def class_change(saved: list[str] | None, names: list[str] | None) -> str | None:
+    """The first difference between the class names a checkpoint's data had and this run's data has, if both are
+    known: the model's outputs would mean other classes (a data location may change on resume; its classes not)."""
+    if saved is None or names is None or list(saved) == list(names):
+        return None
+    if len(saved) != len(names):
+        return f"data classes: {len(saved)} -> {len(names)}"
+    index = next(i for i, (a, b) in enumerate(zip(saved, names)) if a != b)
+    return f"data class {index}: {saved[index]!r} -> {names[index]!r}"
+
+
+def check_same_training(path: Path, checkpoint: dict[str, Any], cfg: DictConfig, chosen: bool,
+                        datamodule: Any = None) -> list[str]:
+    """What ``cfg`` trains otherwise than the run that wrote ``checkpoint`` (:func:`.config.training_changes`), and
+    what classes ``datamodule``'s data has otherwise (:func:`class_change`). Raise :class:`ResumeError` if anything,
+    unless the user ``chosen`` the checkpoint (``--resume``): a run directory found with another run's checkpoint in
+    it is not continued as if it were this one's."""
     from .config import training_changes
 
     saved = checkpoint.get("hyper_parameters", {}).get("config")
     changes = training_changes(saved, cfg) if isinstance(saved, dict) else []
+    if datamodule is not None:
+        saved_data = checkpoint.get(type(datamodule).__qualname__, {})
+        change = class_change(saved_data.get("class_names"), datamodule.class_names)
+        if change is not None:
+            changes.append(change)
     if changes and not chosen:
         more = f" and {len(changes) - 1} more" if len(changes) > 1 else ""
         raise ResumeError(f"cannot resume from {path}: its run was trained with other settings ({changes[0]}{more}); "

@@ -228,7 +228,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     if ckpt is not None:
         checkpoint = read_resume_checkpoint(ckpt)
         check_weights_fit(ckpt, checkpoint, module)
-        changes = check_same_training(ckpt, checkpoint, cfg, chosen=resume is not None)
+        changes = check_same_training(ckpt, checkpoint, cfg, chosen=resume is not None, datamodule=datamodule)
         del checkpoint  # Lightning reads it again to restore
     if cfg.trainer.compile:
         module.model.compile(mode=None if cfg.trainer.compile is True else cfg.trainer.compile)
@@ -310,7 +310,7 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
     lines.append("data: " + ", ".join(f"{k}={v}" for k, v in found.items()))
     if ckpt is not None:
         checkpoint = read_resume_checkpoint(ckpt)
-        changes = check_same_training(ckpt, checkpoint, cfg, chosen=resume is not None)
+        changes = check_same_training(ckpt, checkpoint, cfg, chosen=resume is not None, datamodule=datamodule)
         lines.append(f"resumes {ckpt} at step {checkpoint.get('global_step')}"
                      + (f", with changes: {'; '.join(changes)}" if changes else ""))
     elif cfg.model.checkpoint:
