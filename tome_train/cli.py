@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import netrc
 import os
 import sys
@@ -183,6 +184,11 @@ def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
     return ckpt
 
 
+def _not_a_logger_advert(record: logging.LogRecord) -> bool:
+    """Lightning's tip at every run to install its hosted logger: the run logs to wandb."""
+    return "litlogger" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def _run_ended_on_error():
     """A run that raises an error closes its progress bars, so that the error's one line is a line of its own, and
@@ -218,6 +224,9 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     # Lightning 2.6's own use of torch 2.14's deprecated LeafSpec (its pytree helper): nothing a run can change.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"pytorch_lightning\.")
+    # A run directory holds one run's checkpoints, which it resumes (check_same_training refuses another run's).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_not_a_logger_advert)
     run_dir = Path(cfg.output_dir).resolve()
     datamodule = ImageDataModule(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed)
     datamodule.check(cfg.model.num_classes, world_size(cfg.trainer))
