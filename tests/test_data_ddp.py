@@ -9,7 +9,8 @@ writes them out; the test then checks, from outside:
 * webdataset validation: every validation sample evaluated exactly once across ranks and workers,
   although the shards do not divide evenly (the ranks get different batch counts and the metrics,
   reduced at epoch end, still come out; a per-step collective would have hung here);
-* digits (map-style) validation: every sample exactly once as well.
+* digits (map-style) validation: every sample exactly once as well;
+* both, stopped mid-epoch and resumed from a checkpoint: each rank trains on the batches it had not.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 16
 EPOCHS = 2
+BATCHES_PER_EPOCH = 44  # 1,437 training images over 2 ranks, 16 a batch (the shards: 1,437 // 32; digits: 719 // 16)
+RESUMED_AT = 48  # the checkpoint every 4 steps the stopped run (max_steps 50) saved last: 4 batches into epoch 1
 
 
 def _data_cfg(source: str, shards: dict | None, root: str | None):
@@ -96,14 +99,23 @@ def _run_rank(out: Path) -> None:
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    for tag, cfg in (("wds", _data_cfg("webdataset", shards, str(out / "shards"))),
-                     ("digits", _data_cfg("digits", None, None))):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def fit(tag: str, cfg, ckpt_path: str | None = None, **kwargs) -> None:
         trainer = pl.Trainer(
             accelerator="cpu", devices=2, strategy="ddp", max_epochs=EPOCHS, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            **{"enable_checkpointing": False, **kwargs},
         )
-        trainer.fit(Probe(tag), datamodule=ImageDataModule(cfg, img_size=32, seed=0, with_meta=True))
+        trainer.fit(Probe(tag), datamodule=ImageDataModule(cfg, img_size=32, seed=0, with_meta=True),
+                    ckpt_path=ckpt_path)
+
+    for tag, cfg in (("wds", _data_cfg("webdataset", shards, str(out / "shards"))),
+                     ("digits", _data_cfg("digits", None, None))):
+        fit(tag, cfg)
+        every_4_steps = ModelCheckpoint(dirpath=out / f"{tag}_checkpoints", every_n_train_steps=4, save_top_k=-1)
+        fit(f"{tag}_stopped", cfg, max_steps=RESUMED_AT + 2, enable_checkpointing=True, callbacks=[every_4_steps])
+        fit(f"{tag}_resumed", cfg, ckpt_path=str(out / f"{tag}_checkpoints" / f"epoch=1-step={RESUMED_AT}.ckpt"))
 
 
 def _load(out: Path, tag: str) -> list[dict]:
@@ -180,6 +192,20 @@ def test_validation_covers_every_sample_exactly_once(ddp_run, tag):
     if tag == "wds":  # the uneven shards give the ranks different batch counts, and nothing hung
         counts = [len(rec["seen"]["val/0"]) for rec in ranks]
         assert counts[0] != counts[1]
+
+
+@pytest.mark.parametrize("tag", ["wds", "digits"])
+def test_a_run_resumed_mid_epoch_trains_each_rank_on_the_batches_it_had_not(ddp_run, tag):
+    """The checkpoint is rank 0's; every rank leaves out the batches it had trained of the epoch. A shard worker's
+    batches run on as they would have, the round-robin over the workers starting again at worker 0; the sampler's
+    in their order."""
+    out, _ = ddp_run
+    for unbroken, resumed in zip(_load(out, tag), _load(out, f"{tag}_resumed")):
+        assert len(unbroken["seen"]["train/1"]) == BATCHES_PER_EPOCH
+        expected = [tuple(b["keys"]) for b in unbroken["seen"]["train/1"][RESUMED_AT - BATCHES_PER_EPOCH:]]
+        trained = [tuple(b["keys"]) for b in resumed["seen"]["train/1"]]
+        assert "train/0" not in resumed["seen"] and len(trained) == BATCHES_PER_EPOCH - 4
+        assert (trained if tag == "digits" else sorted(trained)) == (expected if tag == "digits" else sorted(expected))
 
 
 if __name__ == "__main__":
