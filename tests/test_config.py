@@ -224,6 +224,12 @@ def test_cli_lists_and_prints_config(tmp_path):
     assert printed.returncode == 0
     cfg = OmegaConf.create(printed.stdout)
     assert cfg.trainer.epochs == 7 and cfg.tome.r_train == 13 and cfg.optim.blr == 5e-4
+    # overrides before, between and after the options (argparse alone took only the first run of them)
+    printed = _cli("seed=3", "--recipe", "deit_small_r13", "trainer.epochs=7", "--output-dir", "elsewhere",
+                   "--print-config", "tome.r_train=4", cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    cfg = OmegaConf.create(printed.stdout)
+    assert (cfg.seed, cfg.trainer.epochs, cfg.tome.r_train, cfg.output_dir) == (3, 7, 4, "elsewhere")
     assert list(tmp_path.iterdir()) == []
 
 

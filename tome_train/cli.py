@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import main as sub_main
         return sub_main(argv[1:])
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides before, between and after the options
     if args.list_recipes:
         print("\n".join(list_recipes()))
         return 0
