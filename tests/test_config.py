@@ -28,6 +28,10 @@ def test_no_recipe_means_the_bundled_default():
     assert load_config(None).data.source == "digits"
 
 
+def test_a_section_takes_a_mapping_of_its_keys():
+    assert load_config(None, ["model={arch: vit_small_patch16_224, img_size: 64}"]).model.arch == "vit_small_patch16_224"
+
+
 def test_overrides_are_typed_and_applied():
     cfg = load_config("mae_vitl_r8", ["optim.blr=2e-3", "trainer.epochs=3", "tome.r_train=[4,4,2]", "wandb.tags=[a,b]"])
     assert cfg.optim.blr == 2e-3 and isinstance(cfg.optim.blr, float)
@@ -63,6 +67,12 @@ def test_recipe_path_and_fragment_order(tmp_path):
     [
         ("mae_vit_r8", [], "unknown recipe 'mae_vit_r8' (did you mean 'mae_vitl_r8'?)"),
         ("mae_vitl_r8", ["optim.bllr=1"], "unknown key 'optim.bllr' (did you mean 'optim.blr'?)"),
+        ("MAE_VITL_R8", [], "unknown recipe 'MAE_VITL_R8' (did you mean 'mae_vitl_r8'?)"),
+        ("mae_vitl_r8", ["Trainer.Epochs=3"], "unknown key 'Trainer' (did you mean 'trainer'?)"),
+        ("mae_vitl_r8", ["model=vit"], "override 'model=vit': model is a section, not a value; set its keys "
+                                       "(model.arch, model.img_size, "),
+        ("mae_vitl_r8", ["model={arch:vit}"], "unknown key 'model.arch:vit' (YAML reads {a:1} as the one key 'a:1': "
+                                              "write {a: 1}, a space after the colon)"),
         ("mae_vitl_r8", ["optim.blr=fast"], "bad value 'fast' for 'optim.blr'"),
         ("mae_vitl_r8", ["trainer.epochs=1.5"], "bad value 1.5 for 'trainer.epochs'"),
         ("mae_vitl_r8", ["tome.r_train=-2"], "tome.r_train: r=-2 is not allowed"),

@@ -182,8 +182,9 @@ def list_recipes() -> list[str]:
 
 
 def did_you_mean(value: str, allowed: list[str]) -> str:
-    match = difflib.get_close_matches(value, allowed, n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    by_lower = {a.lower(): a for a in allowed}  # MAE_VITL_R8 means mae_vitl_r8
+    match = difflib.get_close_matches(value.lower(), list(by_lower), n=1)
+    return f" (did you mean {by_lower[match[0]]!r}?)" if match else ""
 
 
 def _dotted_keys(schema: type = None, prefix: str = "") -> list[str]:
@@ -194,6 +195,12 @@ def _dotted_keys(schema: type = None, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(f.type) or (isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)):
             keys += _dotted_keys(f.default_factory, f"{prefix}{f.name}.")
     return keys
+
+
+def _section_keys(section: str) -> list[str]:
+    """The dotted keys directly under ``section`` if it is a section of the schema (``model``, ``data``, ...), else
+    an empty list."""
+    return [k for k in _dotted_keys() if k.startswith(section + ".") and "." not in k[len(section) + 1:]]
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -212,6 +219,8 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
         key = getattr(e, "full_key", None) or ""
         if "Key" in type(e).__name__ and key:
             hint = did_you_mean(key, _dotted_keys())
+            if ":" in key:
+                hint = " (YAML reads {a:1} as the one key 'a:1': write {a: 1}, a space after the colon)"
             raise ConfigError(f"{origin}: unknown key {key!r}{hint}") from None
         value = getattr(e, "value", None)
         msg = str(e).splitlines()[0]
@@ -262,6 +271,11 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
             layer = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+        key = item.split("=", 1)[0]
+        under = _section_keys(key)
+        if under and not isinstance(OmegaConf.select(layer, key), DictConfig):
+            raise ConfigError(f"override {item!r}: {key} is a section, not a value; set its keys ({', '.join(under)}), "
+                              f"e.g. {under[0]}=...")
         cfg = _merge(cfg, layer, f"override {item!r}")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
