@@ -13,10 +13,10 @@ from PIL import Image
 from tome_train.cli import main, train
 from tome_train.config import load_config
 from tome_train.tome import apply_tome, set_r, token_counts
-from tome_train.tradeoff import images_per_s
+from tome_train.tradeoff import images_per_s, trained_summary
 
 from conftest import ROOT, SHORT_FIT
-from wandb_records import history, run_config, written_run_file
+from wandb_records import history, run_config, summary, written_run_file
 
 
 def test_short_fit_beats_chance_by_a_wide_margin(digits_run):
@@ -54,6 +54,13 @@ def test_wandb_offline_run_holds_history_config_and_table(digits_run):
 def test_tradeoff_table_plot_and_merge_pictures(digits_run, capsys):
     with open(digits_run.run_dir / "tradeoff.csv") as f:
         rows = list(csv.DictReader(f))
+    # what the run bought at its trained r=6, as scalars of the run's wandb summary (its table of runs sorts by them)
+    bought = summary(written_run_file(digits_run.run_dir))
+    trained, untrained = (next(row for row in rows if row["r"] == r) for r in ("6", "0"))
+    assert bought["tradeoff/speedup"] == pytest.approx(float(trained["speedup"]))
+    assert bought["tradeoff/flop_bound"] == pytest.approx(float(trained["flop_bound"])) and bought["tradeoff/flop_bound"] > 1.4
+    assert bought["tradeoff/top1_change"] == pytest.approx(float(trained["top1"]) - float(untrained["top1"]))
+    assert trained_summary([{**row, "r": int(row["r"])} for row in rows], (6, -1)) == {}  # a schedule is not swept
     assert [int(r["r"]) for r in rows] == [0, 6, 8]
     assert [int(r["tokens_final"]) for r in rows] == [65, token_counts([6] * 6, 65, 1)[-1], token_counts([8] * 6, 65, 1)[-1]]
     assert float(rows[0]["speedup"]) == 1.0 and float(rows[0]["flop_bound"]) == 1.0

@@ -60,6 +60,16 @@ def history(path: Path) -> list[dict]:
     return rows
 
 
+def summary(path: Path) -> dict:
+    """The run's summary as its updates left it (a run's last history values and what it set itself)."""
+    values = {}
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return values
+
+
 def run_config(path: Path) -> dict:
     """The run's config as wandb.init received it."""
     for record in read_records(path):

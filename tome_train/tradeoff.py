@@ -194,6 +194,18 @@ def merge_visualization(
     return (sheet.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
+def trained_summary(rows: list[dict], train_r) -> dict[str, float]:
+    """What the run bought at its trained r against r=0, as scalars that wandb's table of runs shows and sorts by:
+    ``tradeoff/speedup``, ``tradeoff/flop_bound``, ``tradeoff/top1`` and ``tradeoff/top1_change`` (points). Empty
+    unless the sweep holds both (a schedule other than one r per layer is not swept)."""
+    by_r = {row["r"]: row for row in rows}
+    if not isinstance(train_r, int) or train_r not in by_r or 0 not in by_r:
+        return {}
+    trained = by_r[train_r]
+    return {"tradeoff/speedup": trained["speedup"], "tradeoff/flop_bound": trained["flop_bound"],
+            "tradeoff/top1": trained["top1"], "tradeoff/top1_change": trained["top1"] - by_r[0]["top1"]}
+
+
 def report_tradeoff(trainer, module, datamodule, run_dir: Path) -> list[dict]:
     """Measure the sweep, then on rank 0 print it, write the files and log them to wandb."""
     if trainer.is_global_zero:
@@ -228,4 +240,5 @@ def report_tradeoff(trainer, module, datamodule, run_dir: Path) -> list[dict]:
             "tradeoff/plot": wandb.Image(str(run_dir / "tradeoff.png")),
             "tradeoff/merge_vis": wandb.Image(vis, caption=f"r={module.eval_r}: input | merged tokens"),
         })
+        logger.experiment.summary.update(trained_summary(rows, module.train_r))
     return rows
