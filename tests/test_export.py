@@ -94,6 +94,12 @@ def test_onnx_runtime_matches(exported, trained):
             expected = trained(images).numpy()
         got = session.run(None, {"images": images.numpy()})[0]
         assert abs(got - expected).max() <= 1e-4
+    # what the ONNX file alone tells its users: the classes, the input's preprocessing, the ToMe schedule it runs
+    about = session.get_modelmeta().custom_metadata_map
+    assert about["recipe"] == "digits_vit_r6" and json.loads(about["label_names"]) == [str(d) for d in range(10)]
+    assert json.loads(about["preprocessing"]) == {"input_size": [3, 32, 32], "interpolation": "bilinear",
+                                                  "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert json.loads(about["tome"])["schedule"] == [6] * 6 and json.loads(about["tome"])["prop_attn"] is True
 
 
 def test_torch_export_records_pytorchs_ops_not_the_librarys(trained):

@@ -131,6 +131,17 @@ def export_onnx(model, img_size: int, path: Path, batch_size: int = 2) -> float:
     return float(abs(got - expected).max())
 
 
+def add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Add ``metadata`` to the ONNX model at ``path``: its ``metadata_props``, which onnxruntime reads as
+    ``session.get_modelmeta().custom_metadata_map``. The weights, in the file or beside it, are left as they are."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
 def check_out(out: Path) -> None:
     """An export replaces an earlier export at ``out`` (which has its ``tome.json``) or fills an empty folder; a file
     or a folder of anything else there is the user's, and is refused, not replaced."""
@@ -165,11 +176,9 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
         model_config = {"pretrained_cfg": {"tag": cfg.name, "description": f"tome-train run of recipe {cfg.name}"}}
         if class_names is not None and len(class_names) == model.num_classes:
             model_config["label_names"] = list(class_names)
-        save_for_hf(
-            model, str(staging), safe_serialization=True, model_config=model_config,
-            data_config={"input_size": (3, cfg.model.img_size, cfg.model.img_size), "interpolation": data.interpolation,
-                         "crop_pct": data.crop_pct, "mean": tuple(data.mean), "std": tuple(data.std)},
-        )
+        preprocessing = {"input_size": [3, cfg.model.img_size, cfg.model.img_size], "interpolation": data.interpolation,
+                         "crop_pct": data.crop_pct, "mean": list(data.mean), "std": list(data.std)}
+        save_for_hf(model, str(staging), safe_serialization=True, model_config=model_config, data_config=preprocessing)
         tome = {
             "r": run_r if not isinstance(run_r, tuple) else list(run_r),
             "schedule": schedule,
@@ -191,6 +200,13 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
             diff = export_onnx(patched, cfg.model.img_size, staging / "model.onnx")
             if diff > ONNX_TOLERANCE:
                 raise ExportError(f"ONNX check failed: max abs diff {diff:.2e} > {ONNX_TOLERANCE:g}")
+            # what config.json and tome.json tell timm users, for those of the ONNX file alone
+            about = {"recipe": cfg.name, "preprocessing": preprocessing,
+                     "tome": {k: v for k, v in tome.items() if k != "tradeoff"}}
+            if "label_names" in model_config:
+                about["label_names"] = model_config["label_names"]
+            add_onnx_metadata(staging / "model.onnx",
+                              {key: value if isinstance(value, str) else json.dumps(value) for key, value in about.items()})
             result["files"].append("model.onnx")
             result["onnx_max_abs_diff"] = diff
         if out.exists():
