@@ -180,6 +180,26 @@ def test_unreadable_training_shards_fail_instead_of_spinning(tmp_path):
         assert dm.num_corrupt == 1437 if workers == 0 else dm.num_corrupt >= 1437 // 2  # one worker's half, at least
 
 
+def test_an_epoch_longer_than_the_shards_is_named(shards, caplog):
+    """data.train_samples ten times what the shards hold (a typo) made every epoch read its samples ten times, silently.
+    A first pass of at least half the quota is not named: with shards of equal size a slot's whole share can be that
+    little of its quota (3 shards over 2 slots: one slot reads 1 and needs 1.5)."""
+    root, info = shards
+    for samples, warned in ((info["train"]["samples"] * 10, True), (info["train"]["samples"] * 2, False)):
+        caplog.clear()
+        dm = ImageDataModule(shard_cfg(root, info, num_workers=0, batch_size=100, train_samples=samples), IMG, 0)
+        with caplog.at_level("WARNING", logger="tome_train.data.stream"):
+            for index, _ in enumerate(dm.train_dataloader()):
+                if index == 15:  # 1,600 images: the 1,437 of one pass and more
+                    break
+        assert index == 15
+        messages = [r.getMessage() for r in caplog.records]
+        assert messages == ([
+            "webdataset: the first DataLoader worker of rank 0 read all 1437 samples of its 8 shard(s) before half of "
+            "the 14300 images its share of data.train_samples=14370 needs; the epoch reads its samples again: is "
+            "data.train_samples more than the 8 shards hold?"] if warned else []), messages
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_shard_label_past_the_models_classes_stops_the_stream(shards, workers):
     """Shards carry no class list for check() to count; a label past the outputs was an IndexError in the loss (on a

@@ -21,6 +21,8 @@ Each DataLoader worker of each rank is a *slot*; slot ``g = rank * num_workers +
 from __future__ import annotations
 
 import io
+import itertools
+import logging
 import random
 from typing import Callable, Iterator, Optional
 
@@ -30,6 +32,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .common import SkipCounter, derive_seed
 from .locations import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -80,6 +84,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self._skip = 0
         self.batches_per_rank = None
+        self.samples_per_epoch = samples_per_epoch
         if train:
             if samples_per_epoch is None:
                 raise ValueError("a training stream needs samples_per_epoch")
@@ -180,16 +185,26 @@ class ShardStream(IterableDataset):
 
         decoded_count = 0
 
+        images_needed = -(-(quota + skipped) // self.repeats)
+
         def passes():
             # each pass over this worker's shards goes through its own shuffle buffer and drains it, so
             # a pass emits every sample once; passes repeat only when the quota outlasts the shards
-            while True:
+            for pass_index in itertools.count():
                 rng.shuffle(mine)
                 before = decoded_count
                 one_pass = (s for url, k, j in mine for s in self._read(url, k, j))
                 yield from wds.shuffle(buffer, initial=max(1, buffer // 2), rng=rng)(one_pass)
                 if decoded_count == before:  # generators are lazy: the pass's samples are all decoded now
                     raise DataError(f"webdataset: no readable samples in {', '.join(u for u, _, _ in mine)}")
+                # shards of equal size give a slot at least half its quota in one pass: less says the epoch length
+                # (data.train_samples) is more than the shards hold, and every epoch repeats its samples
+                if pass_index == 0 and self.rank == 0 and worker == 0 and decoded_count - before < images_needed / 2:
+                    log.warning(
+                        "webdataset: the first DataLoader worker of rank 0 read all %d samples of its %d shard(s) "
+                        "before half of the %d images its share of data.train_samples=%d needs; the epoch reads its "
+                        "samples again: is data.train_samples more than the %d shards hold?",
+                        decoded_count - before, len(mine), images_needed, self.samples_per_epoch, len(self.urls))
 
         def augmented():
             nonlocal decoded_count, unread
