@@ -225,6 +225,18 @@ def test_resuming_on_data_of_other_classes_is_refused_unless_chosen(tmp_path, ca
     assert "with changes: data class 2: 'cat' -> 'dog'" in capsys.readouterr().out
 
 
+def test_a_warmup_as_long_as_the_run_is_said(tmp_path, capsys):
+    """``python train.py trainer.epochs=2`` on the digits recipe (2 warmup epochs) trains only while the lr warms up;
+    timm's scheduler said only that its cosine annealing would have no effect."""
+    quick = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "tradeoff.enabled=false",
+             "wandb.mode=disabled"]
+    assert main(["--output-dir", str(tmp_path / "two"), "trainer.epochs=2", *quick]) == 0
+    assert ("note: optim.warmup_epochs=2 covers the whole run (2 epoch(s), 4 steps): the lr only rises from 1e-05 "
+            "toward 0.002 and never decays") in capsys.readouterr().out
+    assert main(["--output-dir", str(tmp_path / "three"), "trainer.epochs=3", *quick]) == 0
+    assert "note: optim.warmup_epochs" not in capsys.readouterr().out
+
+
 def test_rerunning_a_finished_run_reports_its_accuracy(digits_run, tmp_path, capsys):
     """The same command again (``make demo`` twice): nothing more to train, the same checkpoint and
     the same final accuracy, not a missing one."""

@@ -175,10 +175,14 @@ class ToMeClassifier(pl.LightningModule):
         )
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         steps_per_epoch = max(total_steps // max(self.trainer.max_epochs, 1), 1)
+        warmup_steps = int(opt.warmup_epochs * steps_per_epoch)
+        if warmup_steps >= total_steps and self.trainer.is_global_zero:  # timm says only that its cosine has no effect
+            print(f"note: optim.warmup_epochs={opt.warmup_epochs:g} covers the whole run ({self.trainer.max_epochs} "
+                  f"epoch(s), {total_steps} steps): the lr only rises from {opt.warmup_lr:g} toward {self.peak_lr():.3g}"
+                  " and never decays")
         scheduler = CosineLRScheduler(
-            optimizer, t_initial=max(total_steps - int(opt.warmup_epochs * steps_per_epoch), 1),
-            lr_min=opt.min_lr, warmup_t=int(opt.warmup_epochs * steps_per_epoch), warmup_lr_init=opt.warmup_lr,
-            warmup_prefix=True, t_in_epochs=False,
+            optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=opt.min_lr, warmup_t=warmup_steps,
+            warmup_lr_init=opt.warmup_lr, warmup_prefix=True, t_in_epochs=False,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
