@@ -227,6 +227,18 @@ def test_an_online_wandb_run_without_an_api_key_is_refused_before_torch_is_impor
     assert not _wandb_key_configured()  # a server of one's own has an entry of its own
 
 
+def test_an_output_dir_that_is_a_file_is_one_line_exit_2(tmp_path):
+    """It was mkdir's FileExistsError (or NotADirectoryError) traceback, exit 1, once the run was set up."""
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for out, where in ((file, "is a file"), (file / "run", f"is under the file {file}")):
+        for mode in (["--dry-run"], ["--slurm", "--dry-run"], []):
+            result = _cli("--output-dir", str(out), *mode, cwd=tmp_path)
+            assert result.returncode == 2, (mode, result.stderr)
+            assert result.stderr == f"error: output_dir={out} {where}: pass a directory (a new one, or a run's)\n"
+    assert file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_cli_lists_and_prints_config(tmp_path):
     listed = _cli("--list-recipes", cwd=tmp_path)
     assert listed.returncode == 0 and listed.stdout.split() == list_recipes()

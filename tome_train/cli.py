@@ -166,12 +166,24 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     return trainer
 
 
+def check_output_dir(output_dir: str) -> None:
+    """The run directory is one, or can be made: not a file, nor under one, and where this user may write."""
+    path = Path(output_dir).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under the file {existing}"
+        raise ConfigError(f"output_dir={output_dir} {where}: pass a directory (a new one, or a run's)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={output_dir}: {existing} is not writable by this user")
+
+
 def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
-    """The paths a run reads, checked before torch and Lightning are imported (which takes seconds): the data
-    (:func:`.data.check_locations`), an online wandb run's API key, the checkpoint it resumes (``resume``, else the
-    newest in its run directory) and, where it resumes none, the one it starts from (``model.checkpoint``). Returns
-    the checkpoint to resume."""
+    """The paths a run reads and writes, checked before torch and Lightning are imported (which takes seconds): the
+    data (:func:`.data.check_locations`), the run directory (:func:`check_output_dir`), an online wandb run's API
+    key, the checkpoint it resumes (``resume``, else the newest in its run directory) and, where it resumes none, the
+    one it starts from (``model.checkpoint``). Returns the checkpoint to resume."""
     check_locations(cfg.data)
+    check_output_dir(cfg.output_dir)
     if _wandb_mode(cfg) == "online" and not _wandb_key_configured():
         source = f"wandb.mode={cfg.wandb.mode}" if cfg.wandb.mode else "WANDB_MODE=online"
         raise ConfigError(f"{source} needs an API key: set WANDB_API_KEY or run `wandb login`, or use "
@@ -339,6 +351,7 @@ def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
     if args.resume:  # each start of the job, its requeues too, takes the run directory's newest checkpoint
         raise ConfigError(f"--resume {args.resume} is not allowed with --slurm: a job resumes from the newest checkpoint "
                           "in its run directory; pass that run's directory as --output-dir to continue it")
+    check_output_dir(cfg.output_dir)
     run_dir = Path(cfg.output_dir).resolve()
     train_argv = [
         "--recipe", args.recipe or cfg.name, *args.overrides,
