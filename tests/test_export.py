@@ -151,7 +151,8 @@ def test_bad_input_is_one_line_exit_2_and_keeps_dir(digits_run, tmp_path, capsys
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     # a folder or file of the user's is never replaced by an export; an empty folder is filled
-    for out, needle in ((not_ckpt, "is a file; pass a folder"), (tmp_path, "holds files that are not an export")):
+    for out, needle in ((not_ckpt, "is a file; pass a folder"), (tmp_path, "holds files that are not an export"),
+                        (not_ckpt / "model", f"is under the file {not_ckpt}; pass a folder")):  # was mkdir's traceback
         assert main(["--checkpoint", str(digits_run.last), "--out", str(out)]) == 2
         assert needle in capsys.readouterr().err
     assert not_ckpt.read_text() == "hello"

@@ -146,6 +146,10 @@ def check_out(out: Path) -> None:
     """An export replaces an earlier export at ``out`` (which has its ``tome.json``) or fills an empty folder; a file
     or a folder of anything else there is the user's, and is refused, not replaced."""
     if not out.exists():
+        existing = next(p for p in out.resolve().parents if p.exists())
+        if not existing.is_dir():
+            raise ExportError(f"--out {out}: is under the file {existing}; pass a folder (new, empty, or an earlier "
+                              "export)")
         return
     if not out.is_dir():
         raise ExportError(f"--out {out}: is a file; pass a folder (new, empty, or an earlier export)")
