@@ -34,7 +34,6 @@ from .common import SkipCounter, derive_seed
 from .locations import DataError
 
 log = logging.getLogger(__name__)
-
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -176,6 +175,7 @@ class ShardStream(IterableDataset):
         if quota <= 0:
             return
         unread = -(-skipped // self.repeats)  # raw samples to pass over
+        images_needed = -(-(quota + skipped) // self.repeats)  # the worker's share of the whole epoch
         urls = list(self.urls)
         random.Random(derive_seed(self.seed, self.epoch, "shards")).shuffle(urls)  # same on every rank
         mine = [(urls[i], k, j) for i, k, j in assign(len(urls), slot, n_slots)]
@@ -184,8 +184,6 @@ class ShardStream(IterableDataset):
         buffer = max(1, self.shuffle_buffer)
 
         decoded_count = 0
-
-        images_needed = -(-(quota + skipped) // self.repeats)
 
         def passes():
             # each pass over this worker's shards goes through its own shuffle buffer and drains it, so
