@@ -451,13 +451,14 @@ def test_data_benchmark_refuses_a_scratch_dir_it_cannot_use_in_one_line(tmp_path
 @pytest.mark.parametrize("source, workers, repeats", [("digits", 0, 1), ("digits", 2, 3), ("webdataset", 2, 1)])
 def test_a_run_resumed_mid_epoch_trains_on_the_batches_it_had_not(tmp_path, source, workers, repeats):
     """Stopped after step 19 of 2 epochs of 14 batches (12 with repeated augmentation) and resumed from its step-16
-    checkpoint, a run trains on exactly the batches the unbroken run trained from step 16 on. It restarted the
+    checkpoint, a run trains on exactly the batches the unbroken run trained from step 16 on. It used to restart the
     epoch's data: the epoch's permutation is seeded by the epoch, so it trained on the epoch's first batches again
     and never on its last ones."""
     if source == "webdataset":
         cfg = shard_cfg(tmp_path, write_digits_shards(str(tmp_path), img_size=8), num_workers=workers, batch_size=100)
     else:
         cfg = data_cfg(num_workers=workers, batch_size=100, repeated_aug=repeats)
+
     def fit(run_dir, **kwargs):
         every_4_steps = ModelCheckpoint(dirpath=tmp_path / run_dir, every_n_train_steps=4, save_top_k=-1)
         return fit_linear(ImageDataModule(cfg, 8, seed=0, with_meta=True), [every_4_steps], max_epochs=2, **kwargs)
@@ -470,7 +471,7 @@ def test_a_run_resumed_mid_epoch_trains_on_the_batches_it_had_not(tmp_path, sour
     assert torch.load(checkpoint, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
         {"epoch": 1, "batches_done": 16 - epoch_length}]
     resumed = fit("stopped", ckpt_path=str(checkpoint))
-    if workers == 0 or source == "digits":  # the sampler's indices run on from where they stopped
+    if source == "digits":  # the sampler's indices run on from where they stopped
         assert resumed == unbroken[16:]
     else:  # each worker's batches run on; the round-robin over the workers starts again at worker 0
         assert sorted(resumed) == sorted(unbroken[16:])
