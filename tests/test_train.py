@@ -43,6 +43,7 @@ def test_wandb_offline_run_holds_history_config_and_table(digits_run):
         assert key in keys, key
     val = [row["val/top1"] for row in rows if "val/top1" in row]
     assert len(val) == 8  # once per epoch, untouched by the r sweep after training
+    assert [row["data/unreadable"] for row in rows if "data/unreadable" in row] == [0.0] * 8
     assert abs(val[-1] - digits_run.result["val_top1"]) < 1e-6
     tokens = [row["tokens/final"] for row in rows if "tokens/final" in row]
     assert set(tokens) == {token_counts([6] * 6, 65, 1)[-1]}
@@ -235,6 +236,23 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, capsys):
             "toward 0.002 and never decays") in capsys.readouterr().out
     assert main(["--output-dir", str(tmp_path / "three"), "trainer.epochs=3", *quick]) == 0
     assert "note: optim.warmup_epochs" not in capsys.readouterr().out
+
+
+def test_unreadable_images_are_logged_per_epoch(tmp_path):
+    """One unreadable validation image (the last, past the sanity check's batches): one per epoch in wandb."""
+    from tome_train.data import write_digits_shards
+    from tome_train.data.digits import digits_split
+
+    _, val_indices = digits_split(0.2)
+    info = write_digits_shards(str(tmp_path / "shards"), img_size=32, corrupt=[f"digits_{val_indices[-1]:04d}"])
+    cfg = load_config(None, [
+        "trainer.epochs=2", "trainer.limit_train_batches=2", "tradeoff.enabled=false", "data.source=webdataset",
+        f"data.root={tmp_path / 'shards'}", f"data.train_shards={info['train']['pattern']}",
+        f"data.val_shards={info['val']['pattern']}", f"data.train_samples={info['train']['samples']}",
+        f"data.val_samples={info['val']['samples']}", f"output_dir={tmp_path / 'run'}"])
+    train(cfg)
+    rows = history(written_run_file(tmp_path / "run"))
+    assert [row["data/unreadable"] for row in rows if "data/unreadable" in row] == [1.0, 1.0]
 
 
 def test_rerunning_a_finished_run_reports_its_accuracy(digits_run, tmp_path, capsys):

@@ -78,6 +78,7 @@ class ToMeClassifier(pl.LightningModule):
             # the copy, never run in training, need not set off its warning about modules left in eval mode
             self.ema.train()
         self._step_started: float | None = None
+        self._unreadable_logged = 0
 
     # ---- ToMe schedule ---------------------------------------------------------------
     def set_schedule(self, r: Any) -> list[int]:
@@ -144,6 +145,14 @@ class ToMeClassifier(pl.LightningModule):
             ema_logits = self.ema.module(images)
             self.ema_top1.update(ema_logits, targets)
             self.ema_top5.update(ema_logits, targets)
+
+    def on_train_epoch_end(self) -> None:
+        # images the data skipped as unreadable in this epoch's training and validation, over every rank: on a run of
+        # days, a disk or a file system failing shows as a curve rather than as lines in a log
+        skipped = getattr(self.trainer.datamodule, "num_corrupt", None)
+        if skipped is not None:
+            self.log("data/unreadable", float(skipped - self._unreadable_logged), reduce_fx="sum", sync_dist=True)
+            self._unreadable_logged = skipped
 
     def on_validation_epoch_end(self) -> None:
         # torchmetrics syncs its counts across ranks once here, so ranks may see unequal batch counts; every rank then
