@@ -321,10 +321,13 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
         apply_tome(model, r=r, prop_attn=cfg.tome.prop_attn)
         schedule = model._tome_state.schedule
         counts = dims.tokens_per_layer(schedule)
+        merges = [n_in - n_out for n_in, n_out in zip(counts, counts[1:])]
+        capped = "" if merges == schedule else (
+            f" (asked {schedule}: at most half of a layer's unprotected tokens merge, as in the paper's code)")
         flops = vit_flops(dims, schedule)
         bound = flop_bound(dims, schedule)
         lines.append(
-            f"{key} {r}: merges per layer {schedule}; tokens {counts}; "
+            f"{key} {r}: merges per layer {merges}{capped}; tokens {counts}; "
             f"{flops / 1e9:.2f} GFLOPs vs {base / 1e9:.2f} baseline ({bound:.2f}x bound)"
         )
     found = datamodule.describe()
