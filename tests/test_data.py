@@ -130,6 +130,7 @@ def test_webdataset_val_reads_back_labels_and_images(shards):
     dm = ImageDataModule(shard_cfg(root, info, num_workers=0), img_size=IMG, seed=0, with_meta=True)
     info_found = dm.describe()
     assert info_found["train"]["shards"] == 8 and info_found["val"]["shards"] == 4
+    assert info_found["num_classes"] == "not listed (shards)"
     xs, ys, keys = [], [], []
     for x, y, meta in dm.val_dataloader():
         xs.append(x), ys.append(y), keys.extend(meta["key"])

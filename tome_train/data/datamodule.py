@@ -167,7 +167,8 @@ class ImageDataModule(pl.LightningDataModule):
             "batch_size": int(self.cfg.batch_size),
             "num_workers": int(self.cfg.num_workers),
             "repeated_aug": int(self.cfg.repeated_aug),
-            "num_classes": self.num_classes,
+            # shards carry no class list: their labels are checked against model.num_classes as they are read
+            "num_classes": self.num_classes if self.num_classes is not None else "not listed (shards)",
             "steps_per_epoch_1_device": self.steps_per_epoch(1),
         }
         for split in ("train", "val"):
@@ -177,7 +178,7 @@ class ImageDataModule(pl.LightningDataModule):
                 info[split] = {"shards": len(urls), "samples": samples, "first_shard": urls[0],
                                "pattern": self.cfg.train_shards if split == "train" else self.cfg.val_shards}
             else:
-                info[split] = {"shards": None, "samples": samples}
+                info[split] = {"samples": samples}
         return info
 
     # -- datasets ---------------------------------------------------------------------------------
