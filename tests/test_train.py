@@ -238,6 +238,26 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, capsys):
     assert "note: optim.warmup_epochs" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("r, flops", [("6", "67.6 M"), ("8@-1", "46.2 M")])
+def test_the_model_summary_counts_the_models_flops(caplog, r, flops):
+    """Lightning's summary counted FLOPs only by an example forward, so every run's printed "0 Total Flops": the
+    model's row and the total are one digits image's forward at the training schedule, a multiply-add two FLOPs
+    (at r=0 96.6 M, which torch's counter gives with attention computed by plain products)."""
+    import logging
+
+    import pytorch_lightning as pl
+
+    from tome_train.module import ModelSummaryWithFlops, ToMeClassifier
+
+    module = ToMeClassifier(load_config(None, [f"tome.r_train={r}"]))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with caplog.at_level(logging.INFO, logger="pytorch_lightning.callbacks.model_summary"):
+        ModelSummaryWithFlops().on_fit_start(trainer, module)
+    rows = caplog.text.splitlines()
+    assert [row.split("|")[-1].strip() for row in rows if "| model " in row] == [flops]
+    assert f"{flops:<10}Total Flops" in rows
+
+
 def test_unreadable_images_are_logged_per_epoch(tmp_path):
     """One unreadable validation image (the last, past the sanity check's batches): one per epoch in wandb."""
     from tome_train.data import write_digits_shards

@@ -120,6 +120,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from .checkpoint_io import AtomicCheckpointIO
+    from .module import ModelSummaryWithFlops
     from .requeue import SlurmRequeue
 
     t = cfg.trainer
@@ -140,6 +141,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/top1", mode="max", save_top_k=1),
         newest(every_n_epochs=1),  # so the last epoch's end, the end of training, too
+        ModelSummaryWithFlops(),
     ]
     if t.checkpoint_every_n_steps:
         callbacks.append(newest(every_n_train_steps=t.checkpoint_every_n_steps))

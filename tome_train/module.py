@@ -10,6 +10,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelSummary
+from pytorch_lightning.utilities.model_summary import get_human_readable_count
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from timm.data import Mixup
@@ -21,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .config import eval_schedule, global_batch, peak_lr, schedule_of
 from .models import build_model
-from .tome import ViTDims, apply_tome, set_r
+from .tome import ViTDims, apply_tome, parse_schedule, set_r, vit_flops
 
 
 class NonFiniteLossError(RuntimeError):
@@ -216,3 +218,25 @@ class ToMeClassifier(pl.LightningModule):
             if self.trainer.is_global_zero:
                 print(f"note: {msg}")
 
+
+
+class ModelSummaryWithFlops(ModelSummary):
+    """Lightning's model summary with its FLOPs filled in: one image's forward through the model at the training
+    schedule, the transformer counted as :func:`~tome_train.tome.vit_flops` does, in Lightning's convention (a
+    multiply-add is two FLOPs), the matching not counted. Lightning counts only by running an
+    ``example_input_array``, and its counter (torch's ``FlopCounterMode``) leaves out attention where it runs on a
+    kernel the counter does not know, such as the CPU's."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: ToMeClassifier) -> None:
+        dims = pl_module.dims
+        self._model_flops = int(2 * vit_flops(dims, parse_schedule(pl_module.train_r, dims.depth)))
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data: list[tuple[str, list[str]]], total_parameters: int,
+                  trainable_parameters: int, model_size: float, total_training_modes: dict[str, int],
+                  total_flops: int, **summarize_kwargs: Any) -> None:
+        columns = dict(summary_data)
+        columns["FLOPs"] = [get_human_readable_count(self._model_flops) if name == "model" else flops
+                            for name, flops in zip(columns["Name"], columns["FLOPs"])]
+        super().summarize(list(columns.items()), total_parameters, trainable_parameters, model_size,
+                          total_training_modes, self._model_flops, **summarize_kwargs)
