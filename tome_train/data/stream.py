@@ -8,8 +8,9 @@ Each DataLoader worker of each rank is a *slot*; slot ``g = rank * num_workers +
   assignment changes each epoch and stays disjoint). With fewer shards than slots, the slots sharing
   shard i each keep every k-th sample of it (k = number of sharers), so slots still see disjoint samples.
 * Training: a worker cycles through its shards (reshuffled each cycle) through a shuffle buffer seeded
-  with ``(seed, epoch, rank, worker)``, decodes each image once, emits ``repeated_aug`` independently
-  augmented copies into a small second shuffle buffer, and stops after its quota of whole batches.
+  with ``(seed, epoch, rank, worker)``, spreads each sample's ``repeated_aug`` copies through a small second
+  shuffle buffer, decodes each image once (for the first of its copies to come out), augments each copy
+  independently, and stops after its quota of whole batches.
   Quotas add up to ``train_samples // (world_size * batch_size)`` batches on every rank: equal batch
   counts per rank, no DDP hang, and ``len(loader)`` is exact.
 * Validation: no shuffle, no cycling, no padding; every sample is read by exactly one slot. Ranks may
@@ -24,6 +25,7 @@ import io
 import itertools
 import logging
 import random
+from collections import Counter
 from typing import Callable, Iterator, Optional
 
 import webdataset as wds
@@ -100,9 +102,8 @@ class ShardStream(IterableDataset):
 
     def skip_batches(self, count: int, batch_size: int) -> None:
         """The next training pass (of the epoch last set) leaves out its first ``count`` batches, the ones a resumed
-        run trained before it stopped. They came round-robin from the DataLoader workers, so each worker reads past
-        the raw samples of its share of them without decoding them; with ``repeats > 1`` that is the share's images
-        (rounded up), whose copies the second shuffle buffer had spread."""
+        run trained before it stopped. They came round-robin from the DataLoader workers, so each worker passes over
+        the copies of its share of them, the same ones in the same order, without decoding them."""
         if batch_size != self.batch_size:
             raise ValueError(f"batch size {batch_size} is not the stream's {self.batch_size}")
         self._skip = int(count)
@@ -174,55 +175,86 @@ class ShardStream(IterableDataset):
         quota = (n // workers + (1 if worker < n % workers else 0)) * self.batch_size - skipped
         if quota <= 0:
             return
-        unread = -(-skipped // self.repeats)  # raw samples to pass over
         images_needed = -(-(quota + skipped) // self.repeats)  # the worker's share of the whole epoch
         urls = list(self.urls)
         random.Random(derive_seed(self.seed, self.epoch, "shards")).shuffle(urls)  # same on every rank
         mine = [(urls[i], k, j) for i, k, j in assign(len(urls), slot, n_slots)]
         rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker))
-
         buffer = max(1, self.shuffle_buffer)
+        reads: list[int] = []  # the samples of each pass over this worker's shards that has ended
+        unreadable: Counter[int] = Counter()  # of each pass's samples, those found unreadable
 
-        decoded_count = 0
+        def no_readable_samples(pass_index: int) -> None:
+            if pass_index < len(reads) and unreadable[pass_index] == reads[pass_index]:
+                raise DataError(f"webdataset: no readable samples in {', '.join(u for u, _, _ in mine)}")
 
-        def passes():
+        def copies():
             # each pass over this worker's shards goes through its own shuffle buffer and drains it, so
             # a pass emits every sample once; passes repeat only when the quota outlasts the shards
             for pass_index in itertools.count():
                 rng.shuffle(mine)
-                before = decoded_count
                 one_pass = (s for url, k, j in mine for s in self._read(url, k, j))
-                yield from wds.shuffle(buffer, initial=max(1, buffer // 2), rng=rng)(one_pass)
-                if decoded_count == before:  # generators are lazy: the pass's samples are all decoded now
-                    raise DataError(f"webdataset: no readable samples in {', '.join(u for u, _, _ in mine)}")
+                read = 0
+                for sample in wds.shuffle(buffer, initial=max(1, buffer // 2), rng=rng)(one_pass):
+                    read += 1
+                    pending = _Copies(sample, pass_index, self.repeats)
+                    for _ in range(self.repeats):
+                        yield pending
+                reads.append(read)
+                no_readable_samples(pass_index)
                 # shards of equal size give a slot at least half its quota in one pass: less says the epoch length
                 # (data.train_samples) is more than the shards hold, and every epoch repeats its samples
-                if pass_index == 0 and self.rank == 0 and worker == 0 and decoded_count - before < images_needed / 2:
+                if pass_index == 0 and self.rank == 0 and worker == 0 and read < images_needed / 2:
                     log.warning(
                         "webdataset: the first DataLoader worker of rank 0 read all %d samples of its %d shard(s) "
                         "before half of the %d images its share of data.train_samples=%d needs; the epoch reads its "
                         "samples again: is data.train_samples more than the %d shards hold?",
-                        decoded_count - before, len(mine), images_needed, self.samples_per_epoch, len(self.urls))
+                        read, len(mine), images_needed, self.samples_per_epoch, len(self.urls))
 
-        def augmented():
-            nonlocal decoded_count, unread
-            for sample in passes():
-                if unread > 0:  # counted as readable: the run that stopped here had read it
-                    unread -= 1
-                    decoded_count += 1
-                    continue
-                decoded = self._decode(sample)
-                if decoded is None:
-                    continue
-                decoded_count += 1
-                for _ in range(self.repeats):
-                    yield self._output(self.transform(decoded[0]), decoded[1], sample, worker)
-
-        out = augmented()
+        # The copies are spread (the second buffer) before any is decoded, so that a resumed pass finds the very
+        # copies the stopped run had trained on, and passes over them without decoding them.
+        out = copies()
         if self.repeats > 1:
-            # spread the copies of one image instead of emitting them back to back
             out = wds.shuffle(self.repeats * 8, initial=self.repeats * 4, rng=rng)(out)
-        for count, item in enumerate(out):
-            yield item
-            if count + 1 == quota:
-                return
+        for index, pending in enumerate(out):
+            if index < skipped:
+                pending.pass_over()
+                continue
+            sample = pending.sample
+            if not pending.decoded and not pending.decode(self._decode):
+                unreadable[pending.pass_index] += 1
+                no_readable_samples(pending.pass_index)
+            image_label = pending.take()
+            if image_label is not None:
+                yield self._output(self.transform(image_label[0]), image_label[1], sample, worker)
+                quota -= 1
+                if quota == 0:
+                    return
+
+
+class _Copies:
+    """A training sample read from its shard and its copies still to come out of the stream (``repeated_aug``): the
+    image is decoded for the first copy that is wanted, and let go after the last."""
+
+    __slots__ = ("sample", "pass_index", "left", "decoded", "image_label")
+
+    def __init__(self, sample: dict, pass_index: int, copies: int):
+        self.sample, self.pass_index, self.left = sample, pass_index, copies
+        self.decoded, self.image_label = False, None
+
+    def decode(self, decode: Callable[[dict], Optional[tuple[Image.Image, int]]]) -> bool:
+        """Decodes the sample; whether it is readable."""
+        self.image_label, self.decoded = decode(self.sample), True
+        return self.image_label is not None
+
+    def take(self) -> Optional[tuple[Image.Image, int]]:
+        """The decoded image and label for one copy (``None``: unreadable)."""
+        image_label = self.image_label
+        self.pass_over()
+        return image_label
+
+    def pass_over(self) -> None:
+        """One copy goes by unused (a resumed run's, trained before it stopped)."""
+        self.left -= 1
+        if self.left == 0:
+            self.sample, self.image_label = None, None
