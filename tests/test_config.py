@@ -182,7 +182,11 @@ def test_what_the_imports_refuse_is_one_line_exit_2_and_writes_nothing(tmp_path,
 @pytest.mark.parametrize("args, error", [
     (["--recipe", "digits_vit_r6", "tome.r_train=-1", "trainer.compile=false"],
      "tome.r_train: r=-1 is not allowed: use a non-negative integer"),
-    (["--recipe", "deit_small_r13"], "data.root is required for data.source=webdataset"),
+    (["--recipe", "deit_small_r13"], "data.root is required for data.source=webdataset: the shards' folder "
+                                      "(data.root=DIR, or IMAGENET_WDS=DIR in the environment for the ImageNet recipes)"),
+    (["--recipe", "deit_small_r13", "trainer.limit_val_batches=0.5"],
+     "trainer.limit_val_batches=0.5 is not allowed with data.source=webdataset (shards have no index, so the validation "
+     "stream has no length to take a fraction of): use a number of batches (an integer >= 1), 1.0 or null"),
     (["--recipe", "mae_vitl_r8", "--dry-run", "data.root=/does/not/exist"],
      "webdataset root /does/not/exist is not a directory"),
     (["--recipe", "deit_small_r13", "data.source=imagefolder", "data.root=."],

@@ -436,6 +436,11 @@ def validate(cfg: DictConfig) -> None:
         if not (limit is None or batches or (isinstance(limit, float) and 0.0 < limit <= 1.0)):
             raise ConfigError(f"trainer.{key}={limit!r} is not allowed: use a number of batches (an integer >= 1), "
                               "a fraction of the epoch (a float in (0, 1]) or null")
+    limit = cfg.trainer.limit_val_batches
+    if cfg.data.source == "webdataset" and isinstance(limit, float) and limit < 1.0:
+        raise ConfigError(f"trainer.limit_val_batches={limit!r} is not allowed with data.source=webdataset (shards "
+                          "have no index, so the validation stream has no length to take a fraction of): use a number "
+                          "of batches (an integer >= 1), 1.0 or null")
     r_values = cfg.tradeoff.r_values
     if r_values is not None and (len(r_values) == 0 or min(r_values) < 0):
         raise ConfigError(f"tradeoff.r_values={list(r_values)!r} is not allowed: use a list of one or more integers "

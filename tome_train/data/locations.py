@@ -88,7 +88,8 @@ def check_shards(root: str, pattern: str, split: str) -> list[str]:
 def webdataset_shards(cfg: DictConfig, split: str) -> list[str]:
     """The shard URLs of ``split`` that the ``data`` section names (local shards all present)."""
     if not cfg.root:
-        raise DataError("data.root is required for data.source=webdataset")
+        raise DataError("data.root is required for data.source=webdataset: the shards' folder (data.root=DIR, or "
+                        "IMAGENET_WDS=DIR in the environment for the ImageNet recipes)")
     for key in (f"{split}_shards", f"{split}_samples"):
         if cfg[key] is None:
             raise DataError(f"data.{key} is required for data.source=webdataset (see configs/data/imagenet_wds.yaml)")
