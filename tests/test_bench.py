@@ -128,6 +128,7 @@ def test_make_cases_cross_product_and_pair():
     (["--r", "-1"], ["r=-1"]),
     (["--r", "abc"], ["r='abc'"]),
     (["--r", "2@-3"], ["inflect"]),
+    (["--r", "99"], ["r=99 is not possible for this model", "at most 98 of its 196 patch tokens merge in a layer"]),
     (["--r", "1", "2", "3", "--model", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "--pair"], ["--pair"]),
     (["--img-size", "70"], ["img_size=70"]),
     (["--mode", "fast"], ["--mode"]),

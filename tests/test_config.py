@@ -43,7 +43,7 @@ def test_overrides_are_typed_and_applied():
     # Lightning's meaning: an int counts batches, a float is a fraction of the epoch
     one_batch = load_config("mae_vitl_r8", ["trainer.limit_train_batches=1"]).trainer.limit_train_batches
     assert one_batch == 1 and isinstance(one_batch, int)
-    assert load_config("mae_vitl_r8", ["trainer.limit_val_batches=0.25"]).trainer.limit_val_batches == 0.25
+    assert load_config("mae_vitl_r8", ["trainer.limit_train_batches=0.25"]).trainer.limit_train_batches == 0.25
     inflect = load_config("mae_vitl_r8", ["tome.r_train={r: 8, inflect: -1}"])
     assert schedule_of(inflect.tome.r_train) == (8, -1.0)
     # the text forms of bench --r and export --r
@@ -168,6 +168,13 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
                           "the patch size"),
     ("trainer.accelerator=tpuu", "trainer.accelerator=tpuu, devices=1, precision=32-true: You selected an invalid "
                                  "accelerator name: `accelerator='tpuu'`. Available names are:"),
+    # more merges than any layer of the model can make: the core would cap them silently
+    ("tome.r_train=33", "tome.r_train: r=33 is not possible for this model: it asks a layer for 33 merges, and at most "
+                        "32 of its 64 patch tokens merge in a layer (half): use at most 32\n"),
+    ("tome.r_eval={r: 20, inflect: -1}", "tome.r_eval: r=(20, -1.0) is not possible for this model: it asks a layer "
+                                         "for 40 merges"),
+    ("tradeoff.r_values=[0,8,64]", "tradeoff.r_values: r=64 is not possible for this model"),
+    ("tome.r_train=[1,2,3,4,5,6,7]", "tome.r_train: r schedule of length 7 is not allowed: the model has 6 blocks\n"),
 ])
 def test_what_the_imports_refuse_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, override, error):
     """What only the built model or Lightning's Trainer shows is refused before the run directory is made."""

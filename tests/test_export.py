@@ -144,6 +144,7 @@ def test_bad_input_is_one_line_exit_2_and_keeps_dir(digits_run, tmp_path, capsys
         (["--checkpoint", str(other)], "weights do not fit"),
         (["--checkpoint", str(digits_run.last), "--r", "-3"], "r=-3 is not allowed"),
         (["--checkpoint", str(digits_run.last), "--r", "1,1,1,1,1,1,1,1"], "the model has 6 blocks"),
+        (["--checkpoint", str(digits_run.last), "--r", "33"], "r=33 is not possible for this model"),
     ]
     for args, needle in cases:
         assert main([*args, "--out", str(good)]) == 2

@@ -112,10 +112,10 @@ def test_dry_run_names_the_checkpoint_and_fails_cleanly(imagenet_layout, tmp_pat
 
 def test_dry_run_shows_the_merges_an_r_too_large_gets(tmp_path):
     # the digits ViT: 65 tokens, the class token protected, 6 blocks; each merges at most half its 64, 32, ... patches
-    plan = dry_run(load_config("digits_vit_r6", ["tome.r_train=40", f"output_dir={tmp_path}"]))
-    assert ("r_train 40: merges per layer [32, 16, 8, 4, 2, 1] (asked [40, 40, 40, 40, 40, 40]: at most half of a "
+    plan = dry_run(load_config("digits_vit_r6", ["tome.r_train=32", f"output_dir={tmp_path}"]))
+    assert ("r_train 32: merges per layer [32, 16, 8, 4, 2, 1] (asked [32, 32, 32, 32, 32, 32]: at most half of a "
             "layer's unprotected tokens merge") in plan
     assert "tokens [65, 33, 17, 9, 5, 3, 2]" in plan
-    assert "r_eval 40: merges per layer [32, 16," in plan
+    assert "r_eval 32: merges per layer [32, 16," in plan
     default = dry_run(load_config("digits_vit_r6", [f"output_dir={tmp_path}"]))
     assert "r_train 6: merges per layer [6, 6, 6, 6, 6, 6]; tokens [65, 59, 53, 47, 41, 35, 29]" in default

@@ -51,7 +51,7 @@ from .tome import (
     flop_bound, is_patched, tome_state, vit_flops,
 )
 from .tome import kernels
-from .tome.schedule import schedule_from_text
+from .tome.schedule import check_fits, schedule_from_text
 
 MODES = ("infer", "train")
 RUNTIMES = ("torch", "onnxruntime")
@@ -202,7 +202,8 @@ def _create(name: str, img_size: int | None, device: torch.device | str) -> torc
 
 def _patch(model: torch.nn.Module, case: BenchCase, prop_attn: bool) -> list[int]:
     try:
-        apply_tome(model, r=case.r, prop_attn=prop_attn)
+        apply_tome(model, r=case.r, prop_attn=prop_attn)  # first: it names a model it cannot patch
+        check_fits(case.r, ViTDims.from_timm(model))
     except (ScheduleError, UnsupportedModelError) as e:
         raise BenchError(f"{case.model} r={case.r_label}: {e}") from None
     return list(tome_state(model).schedule)

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, list_recipes, load_config, world_size
+from .config import ConfigError, check_schedules_fit, list_recipes, load_config, world_size
 from .data import DataError, check_locations
 
 EARLY_USER_ERRORS = (ConfigError, DataError, FileNotFoundError)  # bad input said before torch is imported
@@ -308,6 +308,7 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
     steps = datamodule.steps_per_epoch(world) // t.accumulate_grad_batches
     model = build_model(cfg.model, device="meta")  # checks a checkpoint's keys and shapes, allocates nothing
     dims = ViTDims.from_timm(model)
+    check_schedules_fit(cfg, dims)
     lines = [
         f"recipe {cfg.name}: {cfg.model.arch} on {cfg.data.source}, {t.num_nodes} node(s) x {world // t.num_nodes} "
         "device(s)",

@@ -314,6 +314,21 @@ def eval_schedule(tome: DictConfig) -> Any:
     return schedule_of(tome.r_eval if tome.r_eval is not None else tome.r_train)
 
 
+def check_schedules_fit(cfg: DictConfig, dims) -> None:
+    """The run's merge counts (``tome.r_train``, ``tome.r_eval``, the trade-off's ``tradeoff.r_values``) within what
+    a layer of the model of ``dims`` (a :class:`~tome_train.tome.ViTDims`) can merge."""
+    from .tome.schedule import ScheduleError, check_fits
+
+    named = {"tome.r_train": schedule_of(cfg.tome.r_train), "tome.r_eval": eval_schedule(cfg.tome)}
+    if cfg.tradeoff.enabled and cfg.tradeoff.r_values is not None:
+        named["tradeoff.r_values"] = max(cfg.tradeoff.r_values)
+    for key, r in named.items():
+        try:
+            check_fits(r, dims)
+        except ScheduleError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
 def world_size(trainer: DictConfig) -> int:
     """Processes a trainer config runs: ``devices`` per node (``auto``: at least one) times ``num_nodes``."""
     return (trainer.devices if isinstance(trainer.devices, int) else 1) * trainer.num_nodes

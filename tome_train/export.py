@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from omegaconf import OmegaConf
 
 from .config import eval_schedule
-from .tome.schedule import ScheduleError, parse_schedule, schedule_from_text
+from .tome.schedule import ScheduleError, ViTDims, check_fits, schedule_from_text
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +165,7 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
     cfg, model = build_trained_model(config, state, checkpoint)
     run_r = r if r is not None else eval_schedule(cfg.tome)
     try:
-        schedule = parse_schedule(run_r, len(model.blocks))
+        schedule = check_fits(run_r, ViTDims.from_timm(model))
     except ScheduleError as e:
         raise ExportError(f"--r: {e}") from None
 

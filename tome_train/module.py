@@ -21,7 +21,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torchmetrics.classification import MulticlassAccuracy
 
-from .config import eval_schedule, global_batch, peak_lr, schedule_of
+from .config import check_schedules_fit, eval_schedule, global_batch, peak_lr, schedule_of
 from .models import build_model
 from .tome import ViTDims, apply_tome, parse_schedule, set_r, vit_flops
 
@@ -52,10 +52,11 @@ class ToMeClassifier(pl.LightningModule):
 
         model_cfg = cfg.model if pretrained else OmegaConf.merge(cfg.model, {"checkpoint": None})
         self.model = build_model(model_cfg)
+        self.dims = ViTDims.from_timm(self.model)
+        check_schedules_fit(cfg, self.dims)
         self.train_r = schedule_of(cfg.tome.r_train)
         self.eval_r = eval_schedule(cfg.tome)
         apply_tome(self.model, r=self.train_r, prop_attn=cfg.tome.prop_attn)
-        self.dims = ViTDims.from_timm(self.model)
 
         mix = cfg.mixup
         self.mixup = None

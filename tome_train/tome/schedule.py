@@ -155,6 +155,19 @@ def flop_bound(dims: ViTDims, schedule: Sequence[int]) -> float:
     return vit_flops(dims, blocks_only=True) / vit_flops(dims, schedule, blocks_only=True)
 
 
+def check_fits(r: Schedule, dims: ViTDims) -> list[int]:
+    """:func:`parse_schedule` of ``r`` for the model of ``dims``, refused where it asks a layer for more merges than
+    any layer of the model can make (half of the patch tokens entering the first block). The core caps such an r, as
+    the paper's code does; where a user names the r of a run, it is a typo."""
+    schedule = parse_schedule(r, dims.depth)
+    cap = max_merges(dims.num_tokens, dims.num_protected)
+    if max(schedule, default=0) > cap:
+        raise ScheduleError(f"r={r!r} is not possible for this model: it asks a layer for {max(schedule)} merges, and "
+                            f"at most {cap} of its {dims.num_tokens - dims.num_protected} patch tokens merge in a "
+                            f"layer (half): use at most {cap}")
+    return schedule
+
+
 def schedule_from_text(text: str) -> Schedule:
     """A schedule from the command line: ``"13"``, ``"16@-1"`` (r, inflect) or ``"8,8,4"`` (per layer)."""
     t = text.strip()
