@@ -80,3 +80,14 @@ def digits_run(tmp_path_factory):
             result_file.write_text(json.dumps(train(cfg)))
     result = json.loads(result_file.read_text())
     return SimpleNamespace(cfg=cfg, run_dir=run_dir, result=result, last=run_dir / "checkpoints" / "last.ckpt")
+
+
+@pytest.fixture(scope="session")
+def imagenet_layout(tmp_path_factory):
+    """The public shard names, as empty files: enough for a dry run, which reads no sample."""
+    root = tmp_path_factory.mktemp("imagenet-wds")
+    for i in range(1024):
+        (root / f"imagenet1k-train-{i:04d}.tar").touch()
+    for i in range(64):
+        (root / f"imagenet1k-validation-{i:02d}.tar").touch()
+    return root

@@ -58,17 +58,6 @@ def test_recipe_holds_the_published_values(recipe, family, r):
     assert cfg.reference.baseline_top1 is not None
 
 
-@pytest.fixture(scope="module")
-def imagenet_layout(tmp_path_factory):
-    """The public shard names, as empty files: enough for a dry run, which reads no sample."""
-    root = tmp_path_factory.mktemp("imagenet-wds")
-    for i in range(1024):
-        (root / f"imagenet1k-train-{i:04d}.tar").touch()
-    for i in range(64):
-        (root / f"imagenet1k-validation-{i:02d}.tar").touch()
-    return root
-
-
 @pytest.mark.parametrize("recipe", [name for name, _, _ in RECIPES])
 def test_every_recipe_dry_runs_on_cpu(recipe, imagenet_layout):
     cfg = load_config(recipe, [f"data.root={imagenet_layout}"])

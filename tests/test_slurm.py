@@ -126,14 +126,15 @@ def test_quoting_survives_spaces(tmp_path):
     assert f"output_dir={run_dir}" in argv and "wandb.name=a b" in argv
 
 
-def test_slurm_runs_the_recipes_layout_unless_told_otherwise(tmp_path, capsys):
+def test_slurm_runs_the_recipes_layout_unless_told_otherwise(tmp_path, capsys, imagenet_layout):
     """``train.py --slurm`` without ``--nodes`` or ``--gpus-per-node`` asks for the recipe's published layout (MAE
     ViT-L: 4 nodes of 8 GPUs); either flag replaces its part; ``trainer.devices=auto`` is refused, writing nothing."""
     from tome_train.cli import main
 
     for flags, (nodes, gpus) in (([], (4, 8)), (["--nodes", "2"], (2, 8)), (["--gpus-per-node", "4"], (4, 4))):
         run_dir = tmp_path / f"run{nodes}x{gpus}"
-        assert main(["--recipe", "mae_vitl_r8", "--slurm", "--dry-run", "--output-dir", str(run_dir), *flags]) == 0
+        assert main(["--recipe", "mae_vitl_r8", "--slurm", "--dry-run", "--output-dir", str(run_dir), *flags,
+                     f"data.root={imagenet_layout}"]) == 0
         text = capsys.readouterr().out
         assert {f"--nodes={nodes}", f"--ntasks-per-node={gpus}", f"--gpus-per-node={gpus}"} <= set(_header(text))
         argv = _srun_argv(text)
@@ -148,6 +149,33 @@ def test_slurm_runs_the_recipes_layout_unless_told_otherwise(tmp_path, capsys):
                                        "newest checkpoint in its run directory; pass that run's directory as "
                                        "--output-dir to continue it\n")
     assert not (tmp_path / "re").exists()
+
+
+def test_slurm_refuses_what_the_job_would_fail_on_before_writing_it(tmp_path, capsys, imagenet_layout):
+    """``--slurm`` checked only the config, so a job without its data or with a model timm does not know was written,
+    submitted, and failed once it had waited in the queue. It now runs the dry run's checks first and prints its plan
+    above the script."""
+    from tome_train.cli import main
+
+    run_dir = tmp_path / "run"
+    for overrides, error in (
+        ([], "error: data.root is required for data.source=webdataset"),
+        ([f"data.root={imagenet_layout}", "model.arch=vit_nope"], "error: model.arch='vit_nope' is not a timm model"),
+        ([f"data.root={imagenet_layout}", "tome.r_train=99"], "error: tome.r_train: r=99 is not possible"),
+    ):
+        assert main(["--recipe", "mae_vitl_r8", "--slurm", "--dry-run", "--output-dir", str(run_dir), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(error) and err.count("\n") == 1, err
+        assert not run_dir.exists()
+    assert main(["--recipe", "mae_vitl_r8", "--slurm", "--dry-run", f"output_dir={run_dir}", "trainer.devices=8",
+                 f"data.root={imagenet_layout}"]) == 0
+    plan, script = capsys.readouterr().out.split("\n\n", 1)
+    argv = _srun_argv(script)  # the keys the script fixes, once each (an override of them was repeated)
+    assert [a for a in argv if a.split("=")[0] in ("output_dir", "trainer.devices")] == [
+        f"output_dir={run_dir}", "trainer.devices=8"]
+    assert plan.startswith("recipe mae_vitl_r8: vit_large_patch16_224 on webdataset, 4 node(s) x 8 device(s)\n")
+    assert "r_train 8: merges per layer [8, 8," in plan
+    assert script.startswith("#!/bin/bash\n") and script == (run_dir / "job.sbatch").read_text()  # print ends it
 
 
 def test_submit_without_sbatch_is_one_line(tmp_path, monkeypatch):

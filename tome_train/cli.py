@@ -349,6 +349,8 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
 
 
 def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
+    """Write the run's sbatch script into its run directory and submit it (``--dry-run``: only write it), once the
+    checks of a dry run pass; returns the run's plan, then the job id (or the script)."""
     from .slurm import SlurmOptions, check_job, submit, write_sbatch
 
     nodes, gpus_per_node = cfg.trainer.num_nodes, cfg.trainer.devices
@@ -357,11 +359,15 @@ def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
     if args.resume:  # each start of the job, its requeues too, takes the run directory's newest checkpoint
         raise ConfigError(f"--resume {args.resume} is not allowed with --slurm: a job resumes from the newest checkpoint "
                           "in its run directory; pass that run's directory as --output-dir to continue it")
-    check_output_dir(cfg.output_dir)
+    # what a local run would refuse, refused here rather than once the job has waited in the queue: the data and
+    # checkpoint paths as this node sees them (a cluster's shared file system), the model, the schedule
+    plan = dry_run(cfg)
     run_dir = Path(cfg.output_dir).resolve()
+    fixed = {"output_dir": run_dir, "trainer.num_nodes": nodes, "trainer.devices": gpus_per_node}
     train_argv = [
-        "--recipe", args.recipe or cfg.name, *args.overrides,
-        f"output_dir={run_dir}", f"trainer.num_nodes={nodes}", f"trainer.devices={gpus_per_node}",
+        "--recipe", args.recipe or cfg.name,
+        *(o for o in args.overrides if o.split("=", 1)[0].strip() not in fixed),  # each of those once, resolved
+        *(f"{key}={value}" for key, value in fixed.items()),
     ]
     opts = SlurmOptions(
         nodes=nodes, gpus_per_node=gpus_per_node, partition=args.partition, time=args.time,
@@ -376,8 +382,8 @@ def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
     train_argv.append(f"wandb.id={run_id}")
     script = write_sbatch(run_dir, f"tome-{cfg.name}", opts, train_argv, accelerator=accelerator)
     if args.dry_run:
-        return script.read_text()
-    return f"submitted job {submit(script)}; script {script}"
+        return f"{plan}\n\n{script.read_text().rstrip()}"
+    return f"{plan}\nsubmitted job {submit(script)}; script {script}"
 
 
 def main(argv: list[str] | None = None) -> int:
