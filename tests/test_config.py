@@ -1,5 +1,6 @@
 """Recipes: parsing, composition, overrides and the one-line errors of bad input."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,9 @@ def test_recipe_path_and_fragment_order(tmp_path):
     assert cfg.optim.blr == 1e-4  # the recipe wins over its fragments
     assert cfg.optim.layer_decay == 0.65  # from optim/mae_vitb
     assert cfg.optim.min_lr == 1e-6  # from optim/mae_finetune, which optim/mae_vitb extends
+    recipe.write_text("defaults: [model/mae_vitb]\ntrainer: {epochz: 3}\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(recipe))}: unknown key 'trainer.epochz'"):
+        load_config(str(recipe))  # the file's own path, not recipes/mine.yaml
 
 
 @pytest.mark.parametrize(

@@ -227,16 +227,17 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
         raise ConfigError(f"{origin}: bad value {value!r} for {key!r}: {msg}") from None
 
 
-def _read_recipe(name_or_path: str) -> tuple[str, DictConfig]:
-    path = Path(name_or_path)
+def _read_recipe(name_or_path: str) -> tuple[str, str, DictConfig]:
+    """The recipe's name, the file its errors name, and its content."""
+    path, origin = Path(name_or_path), name_or_path
     if path.suffix not in (".yaml", ".yml"):
-        path = RECIPE_DIR / f"{name_or_path}.yaml"
+        path, origin = RECIPE_DIR / f"{name_or_path}.yaml", f"recipes/{name_or_path}.yaml"
     if not path.is_file():
         allowed = list_recipes()
         raise ConfigError(
             f"unknown recipe {name_or_path!r}{did_you_mean(name_or_path, allowed)}; recipes: {', '.join(allowed)}"
         )
-    return path.stem, _load_yaml(path)
+    return path.stem, origin, _load_yaml(path)
 
 
 def _fragments(node: DictConfig, origin: str) -> list[tuple[str, DictConfig]]:
@@ -258,12 +259,12 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
 
     Raises :class:`ConfigError` with a one-line message for any bad input.
     """
-    name, recipe_cfg = _read_recipe(recipe or DEFAULT_RECIPE)
+    name, recipe_file, recipe_cfg = _read_recipe(recipe or DEFAULT_RECIPE)
     cfg = OmegaConf.structured(RunConfig)
     for origin, layer in _fragments(recipe_cfg, f"recipe {name}"):
         cfg = _merge(cfg, layer, origin)
     cfg = _merge(cfg, OmegaConf.create({"name": name}), f"recipe {name}")
-    cfg = _merge(cfg, recipe_cfg, f"recipes/{name}.yaml")
+    cfg = _merge(cfg, recipe_cfg, recipe_file)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
