@@ -1,5 +1,7 @@
 """Export of a checkpoint trained on digits: plain timm, load_exported and ONNX Runtime."""
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -29,6 +31,11 @@ def trained(digits_run):
 
 def test_export_writes_weights_configs_and_onnx(exported, digits_run):
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.onnx", "model.safetensors", "tome.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    # others may read it as the umask allows (the folder was mkdtemp's 0700, the weights safetensors' 0600)
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in exported.iterdir()} == {0o666 & ~umask}
     config = json.loads((exported / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 10
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -213,6 +214,7 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
                               {key: value if isinstance(value, str) else json.dumps(value) for key, value in about.items()})
             result["files"].append("model.onnx")
             result["onnx_max_abs_diff"] = diff
+        _share_as_umask_allows(staging)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -224,6 +226,17 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _share_as_umask_allows(folder: Path) -> None:
+    """The modes a plain ``mkdir`` and ``open`` would have given ``folder`` and its files: ``mkdtemp`` makes the folder
+    its user's alone (0700), and safetensors writes through such a temporary file (0600), where an export is to be
+    read by others (a team's models folder, a server's account)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
 
 
 def load_exported(path: str | Path, r=None):
