@@ -85,9 +85,14 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_
     # its wandb run ended as failed: the next run in this process starts its own
     assert wandb.run is None
     assert exit_code(written_run_file(run_dir)) == 1
+    assert error.endswith(f"; the newest checkpoint is kept: {run_dir / 'checkpoints' / 'last.ckpt'}")
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] <= step
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    # saving only at the epoch's end, nothing was saved before the loss went non-finite: it said a checkpoint was kept
+    assert main(["--output-dir", str(tmp_path / "unsaved"), *QUICK, "trainer.epochs=1", "optim.blr=1e30",
+                 "optim.warmup_epochs=0", "optim.clip_grad=null"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("; no checkpoint had been saved")
 
 
 def test_same_seed_same_world_size_same_first_steps(tmp_path):

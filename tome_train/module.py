@@ -5,7 +5,9 @@ The module holds the science (what is optimized and measured); the Trainer built
 """
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -118,10 +120,10 @@ class ToMeClassifier(pl.LightningModule):
             images, targets = self.mixup(images, targets)
         loss = self.train_loss(self(self._channels(images)), targets)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at global step {self.global_step}; "
-                "the last good checkpoint is kept"
-            )
+            saved = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks if Path(cb.best_model_path).is_file()]
+            kept = (f"the newest checkpoint is kept: {max(saved, key=os.path.getmtime)}" if saved
+                    else "no checkpoint had been saved")
+            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at global step {self.global_step}; {kept}")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
