@@ -494,3 +494,12 @@ def test_every_gpu_script_probe_call_parses(name, load_script, monkeypatch):
 def test_the_gpu_scripts_profile_step_is_valid_python():
     source, = re.findall(r"<<'EOF'\n(.*?)\nEOF\n", gpu_script(), re.S)
     compile(source, "bench_gpu.sh profile step", "exec")
+
+
+def test_train_py_bench_is_named_as_called(capsys):
+    """``train.py bench --help`` showed the usage of ``python -m tome_train.bench``, a command the user had not typed."""
+    from tome_train.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: train.py bench [-h]")

@@ -388,12 +388,14 @@ def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("export", "bench"):
-        if argv[0] == "export":
-            from .export import main as sub_main
-        else:
-            from .bench import main as sub_main
-        return sub_main(argv[1:])
+    if argv and argv[0] == "export":
+        from .export import main as export_main
+
+        return export_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:], prog="train.py bench")
 
     args = build_parser().parse_intermixed_args(argv)  # overrides before, between and after the options
     if args.list_recipes:
