@@ -124,7 +124,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_tradeoff(rows: list[dict], reference: DictConfig, title: str, path: Path) -> None:
+def plot_tradeoff(rows: list[dict], reference: DictConfig, title: str, path: Path, train_r=None) -> None:
+    """Top-1 against speed-up, one point per r of the sweep, the run's trained r (an int ``train_r``) starred, the
+    paper's pair of points beside them where the recipe quotes them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,6 +136,8 @@ def plot_tradeoff(rows: list[dict], reference: DictConfig, title: str, path: Pat
     ax.plot([r["speedup"] for r in rows], [r["top1"] for r in rows], "o-", label="this run")
     for row in rows:
         ax.annotate(f"r={row['r']}", (row["speedup"], row["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if row["r"] == train_r:
+            ax.plot(row["speedup"], row["top1"], "*", color="C3", markersize=14, label=f"trained at r={train_r}")
     if reference.baseline_top1 is not None and reference.tome_top1 is not None:
         ax.plot([1.0, reference.tome_ims / reference.baseline_ims], [reference.baseline_top1, reference.tome_top1],
                 "s--", color="gray", label=f"paper ({reference.source})")
@@ -215,7 +219,7 @@ def report_tradeoff(trainer, module, datamodule, run_dir: Path) -> list[dict]:
         return rows
     cfg = module.cfg
     write_csv(rows, run_dir / "tradeoff.csv")
-    plot_tradeoff(rows, cfg.reference, f"{cfg.name}: ToMe trade-off", run_dir / "tradeoff.png")
+    plot_tradeoff(rows, cfg.reference, f"{cfg.name}: ToMe trade-off", run_dir / "tradeoff.png", module.train_r)
     precision = trainer.precision_plugin
     images = next(iter(datamodule.val_dataloader()))[0][: cfg.tradeoff.num_vis_images].to(module.device)
     module.set_schedule(module.eval_r)
