@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -296,6 +297,10 @@ def test_calibrate_min_batch_sets_what_it_measured():
         bench.calibrate_min_batch(model, device="cpu", max_batch=0)
     with pytest.raises(bench.BenchError, match="dtype='fp8' is not allowed"):
         bench.calibrate_min_batch(model, device="cpu", dtype="fp8")
+    # timed on the model's own input: one channel, float64 (it fed three channels of float32 to any model)
+    gray = apply_tome(timm.create_model("vit_tiny_patch16_224", img_size=32, in_chans=1, depth=2), r=2).double()
+    assert [row["batch_size"] for row in bench.calibrate_min_batch(gray, device="cpu", max_batch=2, warmup=0,
+                                                                   steps=1)[1]] == [1, 2]
 
 
 def test_auto_min_batch_row_says_whether_it_merged(tmp_path, capsys):

@@ -124,6 +124,14 @@ def test_flop_bound_ratios(dims, r, bound):
     assert bound - 0.03 < whole < blocks
 
 
+def test_flops_take_every_schedule_form():
+    """An (r, inflect) tuple was read as the per-layer list [r, inflect, 0, ...] (DeiT-S (8, 0): 1.04x for 1.35x)."""
+    for r in (8, (8, 0.0), (16, -1.0), (16, 1.0), [8, 8, 4]):
+        layers = parse_schedule(r, VIT_S.depth)
+        assert vit_flops(VIT_S, r) == vit_flops(VIT_S, layers) and flop_bound(VIT_S, r) == flop_bound(VIT_S, layers)
+    assert flop_bound(VIT_S, (8, 0.0)) == flop_bound(VIT_S, 8) == pytest.approx(1.352, abs=0.001)
+
+
 def test_flops_by_hand_one_block():
     dims = ViTDims(embed_dim=8, depth=1, num_patches=4, num_protected=1, patch_size=4, in_chans=3,
                    mlp_ratio=2.0, num_classes=5)
@@ -133,7 +141,7 @@ def test_flops_by_hand_one_block():
     embed, head = 4 * 4 * 3 * 8, 8 * 5
     assert vit_flops(dims, [2]) == attn + mlp + embed + head
     assert vit_flops(dims, [2], blocks_only=True) == attn + mlp
-    assert vit_flops(dims, [2]) == vit_flops(dims, (2,)) == vit_flops(dims, [100])  # capped at 2
+    assert vit_flops(dims, [2]) == vit_flops(dims, 2) == vit_flops(dims, [100])  # capped at 2
     assert vit_flops(dims) == vit_flops(dims, [0]) == 4 * 5 * 64 + 2 * 25 * 8 + 2 * 5 * 8 * 16 + embed + head
     with pytest.raises(ScheduleError):
         vit_flops(dims, [1, 1])

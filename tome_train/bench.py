@@ -545,11 +545,14 @@ def calibrate_min_batch(
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     sizes = sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
     rows, timings = [], []
+    # timed as the model runs: its regions compiled as compile_tome left them, its input channels and dtype
+    regions = dict(compile_=tome_state(model).compile_mode, compile_scope="regions", timer=TIMERS[timer])
+    weights = next(model.parameters())
     for batch in sizes:
-        x = torch.randn(batch, 3, *model.patch_embed.img_size, device=dev)
-        merged = _Runner(model, "infer", x, None, dev, DTYPES[dtype], None, timer=TIMERS[timer], min_batch=1)
-        unmerged = _Runner(model, "infer", x, None, dev, DTYPES[dtype], None, timer=TIMERS[timer],
-                           min_batch=batch + 1)
+        x = torch.randn(batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size, device=dev,
+                        dtype=weights.dtype)
+        merged = _Runner(model, "infer", x, None, dev, DTYPES[dtype], **regions, min_batch=1)
+        unmerged = _Runner(model, "infer", x, None, dev, DTYPES[dtype], **regions, min_batch=batch + 1)
         t_unmerged, t_merged, _ = time_pair(unmerged, merged, warmup, steps)
         timings.append((batch, t_merged, t_unmerged))
         rows.append({"batch_size": batch, "merged_ms": t_merged * 1e3, "unmerged_ms": t_unmerged * 1e3})

@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .config import check_schedules_fit, eval_schedule, global_batch, peak_lr, schedule_of
 from .models import build_model
-from .tome import ViTDims, apply_tome, parse_schedule, set_r, vit_flops
+from .tome import ViTDims, apply_tome, set_r, vit_flops
 
 
 class NonFiniteLossError(RuntimeError):
@@ -232,7 +232,7 @@ class ModelSummaryWithFlops(ModelSummary):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: ToMeClassifier) -> None:
         dims = pl_module.dims
-        self._model_flops = int(2 * vit_flops(dims, parse_schedule(pl_module.train_r, dims.depth)))
+        self._model_flops = int(2 * vit_flops(dims, pl_module.train_r))
         super().on_fit_start(trainer, pl_module)
 
     def summarize(self, summary_data: list[tuple[str, list[str]]], total_parameters: int,

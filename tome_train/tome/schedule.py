@@ -122,9 +122,9 @@ class ViTDims:
         )
 
 
-def vit_flops(dims: ViTDims, schedule: Sequence[int] | None = None, blocks_only: bool = False) -> float:
-    """Forward FLOPs of one image through a ViT under a per-layer merge schedule (a list as
-    :func:`parse_schedule` returns; a shorter one merges nothing in the last layers).
+def vit_flops(dims: ViTDims, schedule: Schedule | None = None, blocks_only: bool = False) -> float:
+    """Forward FLOPs of one image through a ViT under a merge schedule (any form :func:`parse_schedule` takes:
+    ``r``, ``(r, inflect)``, a per-layer list; ``None``: no merging).
 
     Counted as the paper does (fvcore: one multiply-add is one FLOP), so ViT-B/16 at 224 is
     17.6 GFLOPs and DeiT-S 4.6 (3.4 at r=8, 2.3 at r=16); twice this is the count of
@@ -136,7 +136,7 @@ def vit_flops(dims: ViTDims, schedule: Sequence[int] | None = None, blocks_only:
     transformer blocks alone, as in speed-up bounds such as ViT-B/16 r16 2.02x).
     """
     d, depth = dims.embed_dim, dims.depth
-    schedule = parse_schedule(list(schedule) if schedule is not None else 0, depth)
+    schedule = parse_schedule(schedule if schedule is not None else 0, depth)
     counts = dims.tokens_per_layer(schedule)
     mlp_hidden = int(round(d * dims.mlp_ratio))
     macs = 0
@@ -149,7 +149,7 @@ def vit_flops(dims: ViTDims, schedule: Sequence[int] | None = None, blocks_only:
     return float(macs)
 
 
-def flop_bound(dims: ViTDims, schedule: Sequence[int]) -> float:
+def flop_bound(dims: ViTDims, schedule: Schedule) -> float:
     """The speed-up ``schedule`` would give if time followed FLOPs: the transformer blocks' FLOPs without merging over
     theirs with it (the blocks only, as the paper's bounds count: ViT-S/16 r13 1.72x, ViT-B/16 r16 2.02x)."""
     return vit_flops(dims, blocks_only=True) / vit_flops(dims, schedule, blocks_only=True)
