@@ -1,4 +1,5 @@
 """Export of a checkpoint trained on digits: plain timm, load_exported and ONNX Runtime."""
+import copy
 import json
 import os
 import stat
@@ -123,6 +124,8 @@ def test_torch_export_records_pytorchs_ops_not_the_librarys(trained):
         for batch in (1, 3):  # any batch size, as a server sends them
             images = torch.randn(batch, 3, 32, 32)
             assert torch.allclose(program.module()(images), trained(images), atol=1e-6)
+    program = torch.export.export(trained, (images,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    copy.deepcopy(trained)  # right after an export: its state held the export's symbolic values, which no copy takes
 
 
 def test_export_at_another_r_and_ema_flag(digits_run, tmp_path):

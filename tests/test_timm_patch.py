@@ -744,3 +744,26 @@ def test_min_batch_switches_merging_per_forward():
 def test_bad_min_batch_is_one_clear_error(bad):
     with pytest.raises(ValueError, match=r"min_batch=.* is not allowed: use an integer >= 1"):
         apply_tome(make("vit"), r=2, min_batch=bad)
+
+
+@pytest.mark.parametrize("flag", ["prop_attn", "trace_source"])
+def test_a_flag_that_is_no_bool_is_one_clear_error(flag):
+    with pytest.raises(ValueError, match=rf"^{flag}='no' is not allowed: use True or False$"):  # "no" counted as on
+        apply_tome(make("vit"), r=2, **{flag: "no"})
+
+
+def test_a_block_called_on_its_own_says_it_runs_inside_the_models_forward():
+    """A loop over ``model.blocks`` by hand ignored its mask (it differed from timm's by 1.38) and, after a merged
+    forward, merged with that pass's token sizes (a shape error deep inside the merge)."""
+    model = apply_tome(make("vit"), r=2).eval()
+    x = images()
+    with torch.no_grad():
+        model(x)
+        tokens = model._pos_embed(model.patch_embed(x))
+        mask = torch.zeros(tokens.shape[1], tokens.shape[1])
+        with pytest.raises(ValueError, match="^a ToMe block takes the attention mask from the model's forward"):
+            model.blocks[0](tokens, attn_mask=mask)
+        with pytest.raises(ValueError, match=rf"^a ToMe block got 2 x {tokens.shape[1]} tokens where the pass it is "
+                                             r"in has 2 x \d+: run the blocks through the model's forward_features"):
+            model.blocks[0](tokens)
+        model.forward_features(x)  # the model's own entry points run them as before

@@ -132,7 +132,9 @@ class ToMeState:
         per-forward tensors belong to the last forward pass (and may hold its autograd graph), the
         compiled regions to this process."""
         state = dict(self.__dict__)
-        state.update(size=None, source=None, attn_mask=None, layer_sources=None, _compiled={}, _built_ahead=set())
+        # merging too: after a torch.export with a dynamic batch it is the export's symbolic value, which no copy takes
+        state.update(merging=True, size=None, source=None, attn_mask=None, layer_sources=None, _compiled={},
+                     _built_ahead=set())
         return state
 
     def regions(self) -> tuple[Callable, Callable]:
@@ -171,8 +173,18 @@ class ToMeBlock(Block):
     _tome_layer: int
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        """``[B, N, C]`` -> ``[B, N - r, C]``; the mask arrives through the state, merged."""
+        """``[B, N, C]`` -> ``[B, N - r, C]``; the mask arrives through the state, merged.
+
+        A block runs inside the model's ``forward_features`` or ``forward_intermediates``, which start each pass's
+        merge state (the tokens' sizes) and take the mask; called on its own it would merge with the last pass's."""
         state = self._tome_state
+        if attn_mask is not None or is_causal:
+            raise ValueError("a ToMe block takes the attention mask from the model's forward, which merges it along "
+                             "with the tokens: pass attn_mask or is_causal to forward_features")
+        if state.size is not None and state.size.shape[:2] != x.shape[:2]:
+            raise ValueError(f"a ToMe block got {x.shape[0]} x {x.shape[1]} tokens where the pass it is in has "
+                             f"{state.size.shape[0]} x {state.size.shape[1]}: run the blocks through the model's "
+                             "forward_features or forward_intermediates, which start each pass")
         attend, feed_forward = state.regions()
         size = state.size if state.prop_attn else None
         r = state.schedule[self._tome_layer] if state.merging else 0
@@ -262,8 +274,8 @@ class ToMeVisionTransformerMixin:
             return super().pool(x, pool_type)
         if size.shape[:2] != x.shape[:2]:
             raise ValueError(
-                f"features of {x.shape[1]} tokens do not come from the last forward_features "
-                f"({size.shape[1]} tokens): call forward_head right after forward_features"
+                f"features of {x.shape[0]} images x {x.shape[1]} tokens do not come from the last forward_features "
+                f"({size.shape[0]} x {size.shape[1]}): call forward_head right after forward_features"
             )
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         x, size = x[:, start:], size[:, start:].to(x.dtype)
@@ -387,6 +399,9 @@ def apply_tome(
     _check_supported(model)
     if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
         raise ValueError(f"min_batch={min_batch!r} is not allowed: use an integer >= 1")
+    for name, flag in (("prop_attn", prop_attn), ("trace_source", trace_source)):
+        if not isinstance(flag, bool):  # a string such as "no" would count as on
+            raise ValueError(f"{name}={flag!r} is not allowed: use True or False")
     state = ToMeState(
         schedule=parse_schedule(r, len(model.blocks)),
         prop_attn=prop_attn,
