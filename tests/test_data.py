@@ -295,31 +295,41 @@ def test_imagefolder_val_labels_are_the_train_trees_class_indices(tmp_path):
 
 
 def test_an_unreadable_imagefolder_image_is_skipped_counted_and_stood_in_for(tmp_path, caplog):
-    """A truncated JPEG and a file that is no image, in a tree of 6: the loader gives the next image in their place
-    (a traceback from a DataLoader worker, mid-run, before); a tree of nothing but unreadable files is one line."""
+    """A truncated JPEG, a file that is no image and a PPM whose header PIL reads as a ValueError, in a tree of 6
+    training images: the training loader gives the next image in their place (a traceback from a DataLoader worker,
+    mid-run, before), each counted once; validation leaves its unreadable image out instead (it stood in the next
+    one, counting it twice). Hidden folders and files are no classes and no images."""
     for split in ("train", "val"):
         for c in ("ant", "bee"):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(np.full((36, 40, 3), 40 * i, dtype=np.uint8)).save(tmp_path / split / c / f"{c}{i}.jpg")
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()  # a class, shifting every label, or an empty class
+        (tmp_path / split / "ant" / "._ant0.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS's AppleDouble
     good = (tmp_path / "train" / "ant" / "ant1.jpg").read_bytes()
     (tmp_path / "train" / "ant" / "ant1.jpg").write_bytes(good[: len(good) // 2])
     (tmp_path / "train" / "bee" / "bee2.jpg").write_text("not an image")
+    (tmp_path / "train" / "bee" / "bee3.ppm").write_bytes(b"P6\n4x 4\n255\n" + bytes(48))  # PIL: ValueError
+    (tmp_path / "val" / "bee" / "bee1.jpg").write_text("not an image")
     cfg = data_cfg(source="imagefolder", root=str(tmp_path), batch_size=1, hflip=0.0, scale=[1.0, 1.0],
                    ratio=[1.0, 1.0], interpolation="bilinear")
     for workers in (0, 2):
         dm = ImageDataModule(OmegaConf.merge(cfg, {"num_workers": workers}), IMG, 0, with_meta=True)
         with caplog.at_level("WARNING", logger="tome_train.data.common"):
             keys = Counter(k for _, _, m in dm.train_dataloader() for k in m["key"])
-        assert keys == Counter({"ant/ant0.jpg": 2, "ant/ant2.jpg": 2, "bee/bee0.jpg": 1, "bee/bee1.jpg": 1})  # bee2: ant0
-        assert dm.num_corrupt == 2
-    assert any("skipped unreadable image" in r.getMessage() and r.getMessage().endswith("2 skipped so far")
+        assert dm.class_names == ["ant", "bee"]
+        # ant1 -> ant2; bee2 and bee3 -> ant0, the tree's first, after the last
+        assert keys == Counter({"ant/ant0.jpg": 3, "ant/ant2.jpg": 2, "bee/bee0.jpg": 1, "bee/bee1.jpg": 1})
+        assert dm.num_corrupt == 3
+        val = [k for batch in dm.val_dataloader() if batch is not None for k in batch[2]["key"]]
+        assert sorted(val) == ["ant/ant0.jpg", "ant/ant1.jpg", "ant/ant2.jpg", "bee/bee0.jpg", "bee/bee2.jpg"]
+        assert dm.num_corrupt == 4
+    assert any("skipped unreadable image" in r.getMessage() and r.getMessage().endswith("3 skipped so far")
                for r in caplog.records)
-    for path in (tmp_path / "val").rglob("*.jpg"):
+    for path in (tmp_path / "train").rglob("*.jpg"):
         path.write_text("not an image")
     dm = ImageDataModule(OmegaConf.merge(cfg, {"num_workers": 2}), IMG, 0)
-    assert str(loader_error(dm.val_dataloader())) == (
-        f"imagefolder val: 50 unreadable images in a row from {tmp_path / 'val' / 'ant' / 'ant0.jpg'}")
+    assert str(loader_error(dm.train_dataloader())).startswith("imagefolder train: 50 unreadable images in a row from ")
 
 
 def test_repeated_augmentation_sampler(tree):

@@ -200,6 +200,25 @@ def test_a_shard_label_past_the_models_outputs_is_one_line_exit_2_on_a_line_of_i
     gc.collect()  # the failed run's loader workers, held in reference cycles, end now rather than in xdist's shutdown
 
 
+def test_a_validation_that_read_no_image_is_one_line_exit_2(tmp_path, capsys):
+    """Every validation image unreadable: the run reported a top-1 of 0.00% and exited 0."""
+    for split in ("train", "val"):
+        for c in ("ant", "bee"):
+            (tmp_path / "tree" / split / c).mkdir(parents=True)
+            for i in range(4):
+                path = tmp_path / "tree" / split / c / f"{c}{i}.png"
+                if split == "train":
+                    Image.new("RGB", (32, 32), (60 * i, 30, 200)).save(path)
+                else:
+                    path.write_text("not an image")
+    args = ["--output-dir", str(tmp_path / "run"), "data.source=imagefolder", f"data.root={tmp_path / 'tree'}",
+            "data.batch_size=2", "trainer.epochs=1", "tradeoff.enabled=false", "wandb.mode=disabled"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("error: validation read no images: every one was unreadable or missing (see the warnings of "
+                        "skipped images): check the validation data\n"), err[-500:]
+
+
 def test_resuming_on_data_of_other_classes_is_refused_unless_chosen(tmp_path, capsys):
     """A data location may change on resume (the data moved); its classes may not: the model's outputs would mean
     other classes. ``--resume`` continues all the same, saying so."""

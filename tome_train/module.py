@@ -12,9 +12,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelSummary
 from pytorch_lightning.utilities.model_summary import get_human_readable_count
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -24,6 +24,7 @@ from timm.utils import ModelEmaV3
 from torchmetrics.classification import MulticlassAccuracy
 
 from .config import check_schedules_fit, eval_schedule, global_batch, peak_lr, schedule_of
+from .data.locations import DataError
 from .models import build_model
 from .tome import ViTDims, apply_tome, set_r, vit_flops
 
@@ -84,6 +85,7 @@ class ToMeClassifier(pl.LightningModule):
             self.ema.train()
         self._step_started: float | None = None
         self._unreadable_logged = 0
+        self._val_images = 0  # validated by this rank in this validation pass
 
     # ---- ToMe schedule ---------------------------------------------------------------
     def set_schedule(self, r: Any) -> list[int]:
@@ -140,7 +142,10 @@ class ToMeClassifier(pl.LightningModule):
             self.log("tokens/final", float(counts[-1]))
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        if batch is None:  # none of its images could be read (imagefolder.collate_readable)
+            return
         images, targets = batch
+        self._val_images += images.shape[0]
         images = self._channels(images)
         logits = self(images)
         self.log("val/loss", F.cross_entropy(logits, targets), sync_dist=True)
@@ -160,6 +165,11 @@ class ToMeClassifier(pl.LightningModule):
             self._unreadable_logged = skipped
 
     def on_validation_epoch_end(self) -> None:
+        seen = int(self.all_gather(torch.tensor(self._val_images, device=self.device)).sum())
+        self._val_images = 0
+        if seen == 0 and not self.trainer.sanity_checking:  # it reported a top-1 of 0% and ended as if it had trained
+            raise DataError("validation read no images: every one was unreadable or missing (see the warnings of "
+                            "skipped images): check the validation data")
         # torchmetrics syncs its counts across ranks once here, so ranks may see unequal batch counts; every rank then
         # holds the same value, which sync_dist averages to itself (Lightning warns of epoch-level logs without it).
         self.log("val/top1", self.val_top1.compute() * 100, prog_bar=True, sync_dist=True)

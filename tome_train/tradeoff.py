@@ -221,7 +221,8 @@ def report_tradeoff(trainer, module, datamodule, run_dir: Path) -> list[dict]:
     write_csv(rows, run_dir / "tradeoff.csv")
     plot_tradeoff(rows, cfg.reference, f"{cfg.name}: ToMe trade-off", run_dir / "tradeoff.png", module.train_r)
     precision = trainer.precision_plugin
-    images = next(iter(datamodule.val_dataloader()))[0][: cfg.tradeoff.num_vis_images].to(module.device)
+    readable = next(batch for batch in datamodule.val_dataloader() if batch is not None)  # imagefolder's may not be
+    images = readable[0][: cfg.tradeoff.num_vis_images].to(module.device)
     module.set_schedule(module.eval_r)
     module.model.eval()
     vis = merge_visualization(module.model, precision.convert_input(images), list(cfg.data.mean), list(cfg.data.std),

@@ -193,7 +193,7 @@ class ImageDataModule(pl.LightningDataModule):
                 tf = train_transform(self.cfg, self.img_size) if train else eval_transform(self.cfg, self.img_size)
                 classes = None if train else self._dataset("train").classes  # labels by the train tree's classes
                 ds = imagefolder.Folder(self.cfg.root, split, tf, with_meta=self.with_meta, classes=classes,
-                                        skipped=self._skipped)
+                                        skipped=self._skipped, stand_in=train)
             else:
                 raise AssertionError("streams are built per loader")
             self._datasets[split] = ds
@@ -257,6 +257,8 @@ class ImageDataModule(pl.LightningDataModule):
             sampler = TrainSampler(dataset, world_size, rank, self.seed, int(self.cfg.repeated_aug))
         else:
             sampler = ExactSampler(dataset, world_size, rank)
+        if self.source == "imagefolder" and not train:
+            kwargs["collate_fn"] = imagefolder.collate_readable  # an unreadable image is left out, not stood in for
         return loader_class(dataset, sampler=sampler, drop_last=train, persistent_workers=workers > 0, **kwargs)
 
     def train_dataloader(self) -> TrainDataLoader:

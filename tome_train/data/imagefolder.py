@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 
-from torch.utils.data import get_worker_info
+from torch.utils.data import default_collate, get_worker_info
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .common import SkipCounter
 from .locations import DataError, split_dir
@@ -17,28 +18,34 @@ class Folder(ImageFolder):
 
     ``classes``: the class names whose indices the labels are (the train split's, for the val split): ImageFolder
     numbers each tree's own folders, so a val tree without one of the classes would shift every label after it. A
-    class folder that is not among them is a DataError; a class without a folder here is allowed.
+    class folder that is not among them is a DataError; a class without a folder here is allowed. Hidden folders and
+    files (``.ipynb_checkpoints``, macOS's ``._x.jpg``) are no classes and no images.
 
-    An image that cannot be read (truncated, not an image) is skipped, counted in ``skipped`` and logged, and the next
-    one in the tree stands in for it, as in timm's ImageDataset: one bad file must not end a week-long run. Only
-    ``MAX_CONSECUTIVE_UNREADABLE`` in a row are a DataError.
+    An image that cannot be read (truncated, not an image, whatever the decoder raises) is skipped, counted in
+    ``skipped`` and logged. In training (``stand_in``) the next one in the tree stands in for it, as in timm's
+    ImageDataset: one bad file must not end a week-long run, and only ``MAX_CONSECUTIVE_UNREADABLE`` in a row are a
+    DataError. In validation, where each image counts once, the item is ``None``, which :func:`collate_readable`
+    leaves out of its batch.
     """
 
     def __init__(self, root: str, split: str, transform, with_meta: bool = False, classes: list[str] | None = None,
-                 skipped: SkipCounter | None = None):
+                 skipped: SkipCounter | None = None, stand_in: bool = True):
         path = split_dir(root, split)
-        self.split, self.given_classes = split, classes
+        self.split, self.given_classes, self.stand_in = split, classes, stand_in
         try:
-            super().__init__(path, transform=transform, allow_empty=classes is not None)
+            super().__init__(path, transform=transform, allow_empty=classes is not None, is_valid_file=_visible_image)
         except (FileNotFoundError, OSError) as exn:
             raise DataError(f"imagefolder {split} directory {path}: {str(exn).splitlines()[0]}") from None
         self.with_meta = with_meta
         self.skipped = skipped if skipped is not None else SkipCounter()
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        found, class_to_idx = super().find_classes(directory)
+        found, _ = super().find_classes(directory)
+        found = [name for name in found if not name.startswith(".")]
+        if not found and self.given_classes is None:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")  # as ImageFolder says it
         if self.given_classes is None:
-            return found, class_to_idx
+            return found, {name: index for index, name in enumerate(found)}
         unknown = sorted(set(found) - set(self.given_classes))
         if unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
@@ -46,20 +53,45 @@ class Folder(ImageFolder):
                             "one of the train directory's classes")
         return list(self.given_classes), {name: index for index, name in enumerate(self.given_classes)}
 
+    def _read(self, index: int):
+        """The image at ``index``, or ``None`` where it cannot be read (counted and logged once, as its own)."""
+        path = self.samples[index][0]
+        try:
+            return self.loader(path)
+        except Exception as exn:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+            self.skipped.add("unreadable image", path, exn)
+            return None
+
     def __getitem__(self, index: int):
-        for tried in range(MAX_CONSECUTIVE_UNREADABLE):
-            index_read = (index + tried) % len(self)
-            try:
-                x, label = super().__getitem__(index_read)
+        image = self._read(index)
+        if image is None and not self.stand_in:
+            return None
+        index_read = index
+        for tried in range(1, MAX_CONSECUTIVE_UNREADABLE):
+            if image is not None:
                 break
-            except OSError as exn:  # PIL's truncated or unidentified image, a file gone
-                self.skipped.add("unreadable image", self.samples[index_read][0], exn)
-        else:
+            index_read = (index + tried) % len(self)
+            try:  # a stand-in that fails is counted when its own turn comes
+                image = self.loader(self.samples[index_read][0])
+            except Exception:
+                image = None
+        if image is None:
             raise DataError(f"imagefolder {self.split}: {MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row from "
                             f"{self.samples[index][0]}")
-        index = index_read
+        x = self.transform(image) if self.transform is not None else image
+        label = self.samples[index_read][1]
         if not self.with_meta:
             return x, label
         worker = get_worker_info()
-        return x, label, {"key": os.path.relpath(self.samples[index][0], self.root), "url": self.root,
+        return x, label, {"key": os.path.relpath(self.samples[index_read][0], self.root), "url": self.root,
                           "worker": worker.id if worker else 0}
+
+
+def _visible_image(path: str) -> bool:
+    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not os.path.basename(path).startswith(".")
+
+
+def collate_readable(batch: list):
+    """``default_collate`` of the items that could be read; a batch none of which could is ``None``."""
+    readable = [item for item in batch if item is not None]
+    return default_collate(readable) if readable else None

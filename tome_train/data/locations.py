@@ -64,7 +64,11 @@ def local_path(url: str) -> str:
 def shard_urls(root: str, pattern: str) -> list[str]:
     """Brace-expand ``pattern`` under ``root`` (a directory, file:, http(s):, pipe:... prefix)."""
     base = root.rstrip("/") + "/" if root else ""
-    return [base + p for p in braceexpand.braceexpand(pattern)]
+    try:
+        return [base + p for p in braceexpand.braceexpand(pattern)]
+    except braceexpand.UnbalancedBracesError:
+        raise DataError(f"shard pattern {pattern!r} has unbalanced braces: write a range as "
+                        "imagenet1k-train-{0000..1023}.tar") from None
 
 
 def check_shards(root: str, pattern: str, split: str) -> list[str]:
