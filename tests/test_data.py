@@ -430,6 +430,33 @@ def test_shard_writer_cli(tree, tmp_path, capsys):
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: ")
 
 
+def test_shard_writer_keeps_files_of_one_name_and_skips_what_it_cannot_read(tmp_path, capfd):
+    """Keys were the file names' stems: a.b.jpg and a_b.jpg, img.jpg and img.png became one key twice and the reader
+    lost the second of each; a PNG PIL could not read ended the writer with a traceback or a line naming no file,
+    leaving a half-written shard; a hidden folder became a class."""
+    for split in ("train", "val"):
+        for c in ("ant", "bee"):
+            (tmp_path / "tree" / split / c).mkdir(parents=True)
+        (tmp_path / "tree" / split / ".cache").mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / "tree" / split / ".cache" / "x.jpg")
+        for name in ("a.b.jpg", "a_b.jpg", "img.jpg", "img.png"):
+            Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "tree" / split / "ant" / name)
+        Image.new("RGB", (8, 8), (10, 10, 200)).save(tmp_path / "tree" / split / "bee" / "img.jpg")
+    bad = tmp_path / "tree" / "train" / "bee" / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    out = tmp_path / "out"
+    assert shards_main(["--imagefolder", str(tmp_path / "tree"), "--out", str(out), "--train-per-shard", "3",
+                        "--val-per-shard", "5", "--workers", "2"]) == 0
+    printed, err = capfd.readouterr()  # the line comes from the writing process
+    assert err.startswith(f"skipped {bad}: not a readable image (") and err.count("\n") == 1
+    assert "data.train_samples=5 data.val_samples=5" in printed  # the written ones: 6 train files, 1 unreadable
+    info = {"train": {"pattern": "imagenet1k-train-{0000..0001}.tar", "samples": 5},
+            "val": {"pattern": "imagenet1k-validation-{00..00}.tar", "samples": 5}}
+    dm = ImageDataModule(shard_cfg(out, info, batch_size=5), IMG, 0, with_meta=True)
+    labels = {k: int(y) for _, ys, m in dm.val_dataloader() for k, y in zip(m["key"], ys)}
+    assert labels == {"a_b": 0, "a_b_2": 0, "img": 0, "img_2": 0, "img_3": 1} and dm.num_corrupt == 0
+
+
 @pytest.mark.parametrize("args, said", [(["--images", "8"], "--images 8: one training image per class at least"),
                                         (["--repeats", "0"], "--repeats 0: at least 1")])
 def test_data_benchmark_refuses_what_it_cannot_run_in_one_line(args, said, tmp_path, capsys):

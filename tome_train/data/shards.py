@@ -52,28 +52,35 @@ def jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
 
 
 def _write_one(out_dir: str, split: str, width: int, bounds: tuple[int, int, int], items: Sequence,
-               to_sample: Callable[[Any], dict]) -> None:
+               to_sample: Callable[[Any], Optional[dict]]) -> int:
+    """One shard of ``items[start:stop]``; the samples written (``to_sample`` gives ``None`` for one it cannot)."""
     import webdataset as wds
 
     index, start, stop = bounds
     path = os.path.join(out_dir, shard_name(split, index, width))
+    written = 0
     with wds.TarWriter(path, mtime=0) as sink:
         for item in items[start:stop]:
-            sink.write(to_sample(item))
+            sample = to_sample(item)
+            if sample is not None:
+                sink.write(sample)
+                written += 1
+    return written
 
 
 _JOB: Optional[Callable] = None
 
 
-def _run_job(bounds: tuple[int, int, int]) -> None:
-    _JOB(bounds)
+def _run_job(bounds: tuple[int, int, int]) -> int:
+    return _JOB(bounds)
 
 
 def write_split(out_dir: str, split: str, items: Sequence, to_sample: Callable[[Any], dict],
                 per_shard: int, workers: int = 1) -> SplitInfo:
-    """Write ``items`` (each turned into a sample dict by ``to_sample``) as one split's shards.
+    """Write ``items`` (each turned into a sample dict by ``to_sample``, or ``None`` where it cannot be) as one split's
+    shards; the samples counted are those written.
 
-    A sample dict holds ``__key__`` (no dots), ``jpg`` (bytes), ``cls`` (int) and ``json`` (dict).
+    A sample dict holds ``__key__`` (no dots, unique), ``jpg`` (bytes), ``cls`` (int) and ``json`` (dict).
     """
     if split not in PREFIX:
         raise DataError(f"split must be one of {', '.join(PREFIX)}, not {split!r}")
@@ -94,14 +101,13 @@ def write_split(out_dir: str, split: str, items: Sequence, to_sample: Callable[[
         _JOB = job  # forked workers inherit it: the item list is not pickled per shard
         try:
             with mp.get_context("fork").Pool(min(workers, n_shards)) as pool:
-                pool.map(_run_job, bounds, chunksize=1)
+                written = sum(pool.map(_run_job, bounds, chunksize=1))
         finally:
             _JOB = None
     else:
-        for b in bounds:
-            job(b)
+        written = sum(job(b) for b in bounds)
     pattern = f"{PREFIX[split]}-{{{0:0{width}d}..{n_shards - 1:0{width}d}}}.tar"
-    return SplitInfo(split, pattern, n_shards, n)
+    return SplitInfo(split, pattern, n_shards, written)
 
 
 # -- digits -------------------------------------------------------------------------------------------
@@ -163,30 +169,50 @@ def list_tree(path: str) -> tuple[list[tuple[str, int]], list[str]]:
     """(sorted (path, label) pairs, class names) of ``path/<class>/<image>``."""
     if not os.path.isdir(path):
         raise DataError(f"{path} is not a directory")
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{path} has no class directories")
     items = []
     for label, name in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(os.path.join(path, name), followlinks=True)):
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):  # as the imagefolder source
                     items.append((os.path.join(dirpath, f), label))
     if not items:
         raise DataError(f"{path} holds no images")
     return items, classes
 
 
-def _file_sample(item: tuple[str, int], root: str, classes: list[str]) -> dict:
-    path, label = item
+def unique_keys(paths: Sequence[str]) -> list[str]:
+    """A sample key per path: its file name without the extension, dots made underscores (a dot ends a key in a
+    tar), numbered on where two would be the same (``a.b.jpg`` and ``a_b.jpg``, ``img.jpg`` and ``img.png``; the
+    second of a pair was lost in reading)."""
+    keys, taken = [], set()
+    for path in paths:
+        stem = key = os.path.splitext(os.path.basename(path))[0].replace(".", "_")
+        copy = 1
+        while key in taken:
+            copy += 1
+            key = f"{stem}_{copy}"
+        taken.add(key)
+        keys.append(key)
+    return keys
+
+
+def _file_sample(item: tuple[str, int, str], root: str, classes: list[str]) -> Optional[dict]:
+    path, label, key = item
     with open(path, "rb") as f:
         data = f.read()
     if not data.startswith(b"\xff\xd8"):  # not a JPEG: re-encode (the key is jpg)
-        with Image.open(io.BytesIO(data)) as img:
-            data = jpeg_bytes(img)
-    stem = os.path.splitext(os.path.basename(path))[0].replace(".", "_")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                data = jpeg_bytes(img)
+        except Exception as exn:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+            print(f"skipped {path}: not a readable image ({type(exn).__name__}: {str(exn).splitlines()[0]})",
+                  file=sys.stderr)
+            return None
     return {
-        "__key__": stem,
+        "__key__": key,
         "jpg": data,
         "cls": label,
         "json": {"label": label, "class": classes[label], "filename": os.path.relpath(path, root)},
@@ -205,6 +231,7 @@ def write_imagefolder_shards(root: str, out_dir: str, train_per_shard: int = 125
     random.Random(seed).shuffle(train)
     result = {}
     for split, items, per_shard in (("train", train, train_per_shard), ("val", val, val_per_shard)):
+        items = [(path, label, key) for (path, label), key in zip(items, unique_keys([path for path, _ in items]))]
         to_sample = partial(_file_sample, root=split_dir(root, split), classes=classes)
         result[split] = write_split(out_dir, split, items, to_sample, per_shard, workers).as_dict()
     result["classes"] = len(classes)
