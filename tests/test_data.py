@@ -306,6 +306,8 @@ def test_an_unreadable_imagefolder_image_is_skipped_counted_and_stood_in_for(tmp
                 Image.fromarray(np.full((36, 40, 3), 40 * i, dtype=np.uint8)).save(tmp_path / split / c / f"{c}{i}.jpg")
         (tmp_path / split / ".ipynb_checkpoints").mkdir()  # a class, shifting every label, or an empty class
         (tmp_path / split / "ant" / "._ant0.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS's AppleDouble
+        (tmp_path / split / "bee" / ".cache").mkdir()  # below a class folder too
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "bee" / ".cache" / "bee0-copy.jpg")
     good = (tmp_path / "train" / "ant" / "ant1.jpg").read_bytes()
     (tmp_path / "train" / "ant" / "ant1.jpg").write_bytes(good[: len(good) // 2])
     (tmp_path / "train" / "bee" / "bee2.jpg").write_text("not an image")
@@ -437,8 +439,9 @@ def test_shard_writer_keeps_files_of_one_name_and_skips_what_it_cannot_read(tmp_
     for split in ("train", "val"):
         for c in ("ant", "bee"):
             (tmp_path / "tree" / split / c).mkdir(parents=True)
-        (tmp_path / "tree" / split / ".cache").mkdir()
-        Image.new("RGB", (8, 8)).save(tmp_path / "tree" / split / ".cache" / "x.jpg")
+        for hidden in (tmp_path / "tree" / split / ".cache", tmp_path / "tree" / split / "ant" / ".cache"):
+            hidden.mkdir()
+            Image.new("RGB", (8, 8)).save(hidden / "x.jpg")
         for name in ("a.b.jpg", "a_b.jpg", "img.jpg", "img.png"):
             Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "tree" / split / "ant" / name)
         Image.new("RGB", (8, 8), (10, 10, 200)).save(tmp_path / "tree" / split / "bee" / "img.jpg")

@@ -21,6 +21,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .config import check_schedules_fit, eval_schedule, global_batch, peak_lr, schedule_of
@@ -78,6 +79,9 @@ class ToMeClassifier(pl.LightningModule):
         self.ema = ModelEmaV3(self.model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         n = cfg.model.num_classes
         self.val_top1, self.val_top5 = _accuracy(n, 1), _accuracy(n, 5)
+        # a metric, not a per-step log: a rank whose batches were all unreadable logs it all the same (a per-step
+        # value it never logged would leave it a collective short of the others at the epoch's sync)
+        self.val_loss = MeanMetric()
         if self.ema is not None:
             self.ema_top1, self.ema_top5 = _accuracy(n, 1), _accuracy(n, 5)
             # timm leaves its copy in eval mode; Lightning puts every module in eval mode for validation itself, and
@@ -148,7 +152,7 @@ class ToMeClassifier(pl.LightningModule):
         self._val_images += images.shape[0]
         images = self._channels(images)
         logits = self(images)
-        self.log("val/loss", F.cross_entropy(logits, targets), sync_dist=True)
+        self.val_loss.update(F.cross_entropy(logits, targets), weight=images.shape[0])
         self.val_top1.update(logits, targets)
         self.val_top5.update(logits, targets)
         if self.ema is not None:
@@ -172,8 +176,10 @@ class ToMeClassifier(pl.LightningModule):
                             "skipped images): check the validation data")
         # torchmetrics syncs its counts across ranks once here, so ranks may see unequal batch counts; every rank then
         # holds the same value, which sync_dist averages to itself (Lightning warns of epoch-level logs without it).
+        self.log("val/loss", self.val_loss.compute(), sync_dist=True)
         self.log("val/top1", self.val_top1.compute() * 100, prog_bar=True, sync_dist=True)
         self.log("val/top5", self.val_top5.compute() * 100, sync_dist=True)
+        self.val_loss.reset()
         self.val_top1.reset()
         self.val_top5.reset()
         if self.ema is not None:

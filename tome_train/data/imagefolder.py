@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from torch.utils.data import default_collate, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .common import SkipCounter
-from .locations import DataError, split_dir
+from .locations import DataError, hidden, split_dir
 
 MAX_CONSECUTIVE_UNREADABLE = 50  # timm's ImageDataset gives up after as many
 
@@ -33,7 +34,8 @@ class Folder(ImageFolder):
         path = split_dir(root, split)
         self.split, self.given_classes, self.stand_in = split, classes, stand_in
         try:
-            super().__init__(path, transform=transform, allow_empty=classes is not None, is_valid_file=_visible_image)
+            super().__init__(path, transform=transform, allow_empty=classes is not None,
+                             is_valid_file=partial(visible_image, top=path))
         except (FileNotFoundError, OSError) as exn:
             raise DataError(f"imagefolder {split} directory {path}: {str(exn).splitlines()[0]}") from None
         self.with_meta = with_meta
@@ -87,8 +89,8 @@ class Folder(ImageFolder):
                           "worker": worker.id if worker else 0}
 
 
-def _visible_image(path: str) -> bool:
-    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not os.path.basename(path).startswith(".")
+def visible_image(path: str, top: str) -> bool:
+    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not hidden(path, top)
 
 
 def collate_readable(batch: list):

@@ -4,6 +4,7 @@ code 2 in a fraction of a second, before the seconds torch, torchvision and Ligh
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from urllib.parse import urlparse
 
 import braceexpand
@@ -48,7 +49,7 @@ def check_tree(root: str) -> None:
         path = split_dir(root, split)
         if not os.path.isdir(path):
             raise DataError(f"imagefolder {split} directory {path} does not exist")
-        if not any(entry.is_dir() for entry in os.scandir(path)):
+        if not any(entry.is_dir() and not entry.name.startswith(".") for entry in os.scandir(path)):
             raise DataError(f"imagefolder {split} directory {path} has no class directories")
 
 
@@ -59,6 +60,11 @@ def is_local(root: str) -> bool:
 
 def local_path(url: str) -> str:
     return urlparse(url).path if url.startswith("file:") else url
+
+
+def hidden(path: str, top: str) -> bool:
+    """Whether ``path`` or a folder of it under ``top`` is hidden (a leading dot: ``.ipynb_checkpoints``, ``._x.jpg``)."""
+    return any(part.startswith(".") for part in Path(os.path.relpath(path, top)).parts)
 
 
 def shard_urls(root: str, pattern: str) -> list[str]:

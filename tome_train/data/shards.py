@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 
-from .locations import DataError, split_dir
+from .locations import DataError, hidden, split_dir
 
 PREFIX = {"train": "imagenet1k-train", "val": "imagenet1k-validation"}
 INDEX_DIGITS = {"train": 4, "val": 2}  # the public layout's shard numbering
@@ -176,8 +176,9 @@ def list_tree(path: str) -> tuple[list[tuple[str, int]], list[str]]:
     for label, name in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(os.path.join(path, name), followlinks=True)):
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):  # as the imagefolder source
-                    items.append((os.path.join(dirpath, f), label))
+                file = os.path.join(dirpath, f)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not hidden(file, path):  # as the imagefolder source
+                    items.append((file, label))
     if not items:
         raise DataError(f"{path} holds no images")
     return items, classes

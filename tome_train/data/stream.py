@@ -103,7 +103,8 @@ class ShardStream(IterableDataset):
     def skip_batches(self, count: int, batch_size: int) -> None:
         """The next training pass (of the epoch last set) leaves out its first ``count`` batches, the ones a resumed
         run trained before it stopped. They came round-robin from the DataLoader workers, so each worker passes over
-        the copies of its share of them, the same ones in the same order, without decoding them."""
+        the copies of its share of them, the same ones in the same order, without decoding them: exactly, where those
+        samples were readable (an unreadable one passed over counts as trained, so the pass resumes that much early)."""
         if batch_size != self.batch_size:
             raise ValueError(f"batch size {batch_size} is not the stream's {self.batch_size}")
         self._skip = int(count)
