@@ -13,9 +13,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelSummary
 from pytorch_lightning.utilities.model_summary import get_human_readable_count
-from omegaconf import DictConfig, OmegaConf
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -89,7 +89,6 @@ class ToMeClassifier(pl.LightningModule):
             self.ema.train()
         self._step_started: float | None = None
         self._unreadable_logged = 0
-        self._val_images = 0  # validated by this rank in this validation pass
 
     # ---- ToMe schedule ---------------------------------------------------------------
     def set_schedule(self, r: Any) -> list[int]:
@@ -149,7 +148,6 @@ class ToMeClassifier(pl.LightningModule):
         if batch is None:  # none of its images could be read (imagefolder.collate_readable)
             return
         images, targets = batch
-        self._val_images += images.shape[0]
         images = self._channels(images)
         logits = self(images)
         self.val_loss.update(F.cross_entropy(logits, targets), weight=images.shape[0])
@@ -169,8 +167,7 @@ class ToMeClassifier(pl.LightningModule):
             self._unreadable_logged = skipped
 
     def on_validation_epoch_end(self) -> None:
-        seen = int(self.all_gather(torch.tensor(self._val_images, device=self.device)).sum())
-        self._val_images = 0
+        seen = int(self.all_gather(self.val_loss.weight).sum())  # images validated, every rank's (weight: each batch's)
         if seen == 0 and not self.trainer.sanity_checking:  # it reported a top-1 of 0% and ended as if it had trained
             raise DataError("validation read no images: every one was unreadable or missing (see the warnings of "
                             "skipped images): check the validation data")
