@@ -200,23 +200,37 @@ def test_a_shard_label_past_the_models_outputs_is_one_line_exit_2_on_a_line_of_i
     gc.collect()  # the failed run's loader workers, held in reference cycles, end now rather than in xdist's shutdown
 
 
-def test_a_validation_that_read_no_image_is_one_line_exit_2(tmp_path, capsys):
-    """Every validation image unreadable: the run reported a top-1 of 0.00% and exited 0."""
+def _imagefolder_run(tmp_path, unreadable_val: int) -> list[str]:
+    """Arguments of a one-epoch run on a tree of 2 classes x 4 images, ``unreadable_val`` of its 8 validation images
+    text files named .png."""
     for split in ("train", "val"):
         for c in ("ant", "bee"):
             (tmp_path / "tree" / split / c).mkdir(parents=True)
             for i in range(4):
                 path = tmp_path / "tree" / split / c / f"{c}{i}.png"
-                if split == "train":
-                    Image.new("RGB", (32, 32), (60 * i, 30, 200)).save(path)
-                else:
+                if split == "val" and 4 * ("ant", "bee").index(c) + i < unreadable_val:
                     path.write_text("not an image")
-    args = ["--output-dir", str(tmp_path / "run"), "data.source=imagefolder", f"data.root={tmp_path / 'tree'}",
-            "data.batch_size=2", "trainer.epochs=1", "tradeoff.enabled=false", "wandb.mode=disabled"]
-    assert main(args) == 2
+                else:
+                    Image.new("RGB", (32, 32), (60 * i, 30, 200)).save(path)
+    return ["--output-dir", str(tmp_path / "run"), "data.source=imagefolder", f"data.root={tmp_path / 'tree'}",
+            "data.batch_size=2", "trainer.epochs=2", "tradeoff.enabled=false", "wandb.mode=disabled"]
+
+
+def test_a_validation_that_read_no_image_is_one_line_exit_2(tmp_path, capsys):
+    """Every validation image unreadable: the run reported a top-1 of 0.00% and exited 0."""
+    assert main(_imagefolder_run(tmp_path, unreadable_val=8)) == 2
     err = capsys.readouterr().err
     assert err.endswith("error: validation read no images: every one was unreadable or missing (see the warnings of "
                         "skipped images): check the validation data\n"), err[-500:]
+
+
+def test_a_validation_short_of_the_data_is_said_once(tmp_path, capsys):
+    """Some validation images unreadable (a truncated shard, a bad copy): the top-1 is over fewer images than the
+    data holds, which only warnings of skipped images hinted at."""
+    assert main(_imagefolder_run(tmp_path, unreadable_val=3)) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: validation read 5 of the 8 images of the data (data.val_samples for shards): its top-1 "
+                     "is over those it read; the others were unreadable or missing") == 1, out[-2000:]
 
 
 def test_resuming_on_data_of_other_classes_is_refused_unless_chosen(tmp_path, capsys):

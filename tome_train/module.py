@@ -89,6 +89,7 @@ class ToMeClassifier(pl.LightningModule):
             self.ema.train()
         self._step_started: float | None = None
         self._unreadable_logged = 0
+        self._said_short = False  # that validation read fewer images than the data holds
 
     # ---- ToMe schedule ---------------------------------------------------------------
     def set_schedule(self, r: Any) -> list[int]:
@@ -171,6 +172,7 @@ class ToMeClassifier(pl.LightningModule):
         if seen == 0 and not self.trainer.sanity_checking:  # it reported a top-1 of 0% and ended as if it had trained
             raise DataError("validation read no images: every one was unreadable or missing (see the warnings of "
                             "skipped images): check the validation data")
+        self._note_validation_short_of_the_data(seen)
         # torchmetrics syncs its counts across ranks once here, so ranks may see unequal batch counts; every rank then
         # holds the same value, which sync_dist averages to itself (Lightning warns of epoch-level logs without it).
         self.log("val/loss", self.val_loss.compute(), sync_dist=True)
@@ -184,6 +186,19 @@ class ToMeClassifier(pl.LightningModule):
             self.log("val/ema_top5", self.ema_top5.compute() * 100, sync_dist=True)
             self.ema_top1.reset()
             self.ema_top5.reset()
+
+    def _note_validation_short_of_the_data(self, seen: int) -> None:
+        """Says once per run where a whole validation pass read fewer images than the data holds (unreadable ones, a
+        truncated shard), so that a top-1 over fewer images is not taken for one over all."""
+        trainer = self.trainer
+        holds = getattr(trainer.datamodule, "num_val_samples", None)
+        whole = trainer.limit_val_batches in (None, 1.0)
+        if (trainer.sanity_checking or not whole or holds is None or seen >= holds or self._said_short
+                or not trainer.is_global_zero):
+            return
+        self._said_short = True
+        print(f"note: validation read {seen} of the {holds} images of the data (data.val_samples for shards): its "
+              "top-1 is over those it read; the others were unreadable or missing (data/unreadable counts them)")
 
     # ---- optimization ------------------------------------------------------------------
     def global_batch(self) -> int:
