@@ -190,8 +190,9 @@ def _create(name: str, img_size: int | None, device: torch.device | str) -> torc
                 raise BenchError(f"cannot build {name!r}{at}: {e}") from None
     if not isinstance(model, VisionTransformer):
         raise BenchError(
-            f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer: ToMe patches vit_*, deit_* and "
-            f"deit3_* models such as vit_base_patch16_224 or deit_small_patch16_224"
+            f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer: ToMe patches most vit_*, deit_* and "
+            f"deit3_* models, such as vit_base_patch16_224 or deit_small_patch16_224 (not those timm builds on another "
+            f"class, like the Eva-based vit_*_rope_*)"
         )
     if img_size is not None:
         patch = model.patch_embed.patch_size

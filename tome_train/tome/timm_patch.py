@@ -363,7 +363,8 @@ def is_patched(model: torch.nn.Module) -> bool:
 def _check_supported(model: torch.nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
-            f"{type(model).__name__} is not a timm VisionTransformer: ToMe patches vit_*, deit_*, deit3_* models"
+            f"{type(model).__name__} is not a timm VisionTransformer: ToMe patches most vit_*, deit_* and deit3_* "
+            "models (not those timm builds on another class, such as the Eva-based vit_*_rope_*)"
         )
     if model.attn_pool is not None:
         raise UnsupportedModelError("global_pool='map' (attention pooling) is not supported by ToMe")
