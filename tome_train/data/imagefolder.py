@@ -55,13 +55,15 @@ class Folder(ImageFolder):
                             "one of the train directory's classes")
         return list(self.given_classes), {name: index for index, name in enumerate(self.given_classes)}
 
-    def _read(self, index: int):
-        """The image at ``index``, or ``None`` where it cannot be read (counted and logged once, as its own)."""
+    def _read(self, index: int, count: bool = True):
+        """The image at ``index``, or ``None`` where it cannot be read (counted and logged where ``count``: a stand-in
+        that fails is counted when its own turn comes)."""
         path = self.samples[index][0]
         try:
             return self.loader(path)
         except Exception as exn:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
-            self.skipped.add("unreadable image", path, exn)
+            if count:
+                self.skipped.add("unreadable image", path, exn)
             return None
 
     def __getitem__(self, index: int):
@@ -73,10 +75,7 @@ class Folder(ImageFolder):
             if image is not None:
                 break
             index_read = (index + tried) % len(self)
-            try:  # a stand-in that fails is counted when its own turn comes
-                image = self.loader(self.samples[index_read][0])
-            except Exception:
-                image = None
+            image = self._read(index_read, count=False)
         if image is None:
             raise DataError(f"imagefolder {self.split}: {MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row from "
                             f"{self.samples[index][0]}")
