@@ -7,12 +7,16 @@ import sys
 import warnings
 
 import pytest
+import pytorch_lightning as pl
 import timm
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from tome_train.cli import main, train
-from tome_train.config import load_config
+from tome_train.config import load_config, peak_lr
+from tome_train.models import build_model
+from tome_train.module import ToMeClassifier
 from tome_train.tome import apply_tome, set_r, token_counts
 from tome_train.tradeoff import images_per_s, trained_summary
 
@@ -39,8 +43,12 @@ def test_wandb_offline_run_holds_history_config_and_table(digits_run):
     run_file = written_run_file(digits_run.run_dir)
     rows = history(run_file)
     keys = set().union(*rows)
-    for key in ("train/loss", "train/lr", "train/images_per_s", "tokens/final", "tokens/layer_00", "val/top1", "val/top5"):
+    for key in ("train/loss", "train/lr", "train/device/samples_per_sec", "tokens/final", "tokens/layer_00", "val/top1", "val/top5"):
         assert key in keys, key
+    rate = next(row for row in rows if "train/device/samples_per_sec" in row)
+    module = ToMeClassifier(load_config(None, []))  # FLOPs per training image: forward at r=6 and the backward
+    assert rate["train/device/flops_per_sec"] / rate["train/device/samples_per_sec"] == pytest.approx(
+        3 * module.image_flops(6), rel=1e-9)
     val = [row["val/top1"] for row in rows if "val/top1" in row]
     assert len(val) == 8  # once per epoch, untouched by the r sweep after training
     assert [row["data/unreadable"] for row in rows if "data/unreadable" in row] == [0.0] * 8
@@ -344,12 +352,21 @@ def test_a_run_directory_holding_a_run_of_other_settings_is_resumed_only_when_ch
     assert f"resuming from {last} with changes: tome.r_train: 6 -> 8\n" in capsys.readouterr().out
 
 
-def test_ema_is_evaluated_and_checkpointed(tmp_path):
-    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
-                             "optim.ema_decay=0.9", "tradeoff.enabled=false", f"output_dir={tmp_path}"])
+def test_ema_is_evaluated_and_checkpointed(tmp_path, monkeypatch):
+    """The EMA takes in the weights once per optimizer step (two batches each here), and a fine-tuning run given the
+    checkpoint as model.checkpoint starts from the EMA weights, as timm prefers them."""
+    from timm.utils import ModelEmaV3
+
+    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+                             "trainer.accumulate_grad_batches=2", "optim.ema_decay=0.9", "tradeoff.enabled=false",
+                             f"output_dir={tmp_path}"])
+    update, steps = ModelEmaV3.update, []
+    monkeypatch.setattr(ModelEmaV3, "update", lambda self, model, step=None: (steps.append(step),
+                                                                               update(self, model, step))[1])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(cfg)
+    assert steps == [1, 2]
     assert not [w for w in caught if "eval mode" in str(w.message)]  # the EMA copy is no mistake to warn of
     assert not [w for w in caught if issubclass(w.category, FutureWarning)]  # Lightning's, of torch's LeafSpec
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -358,6 +375,33 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path):
     assert len(ema) == len(raw) > 0
     assert any(not torch.equal(ema["ema.module." + k[6:]], v) for k, v in raw.items() if v.is_floating_point())
     assert any("val/ema_top1" in row for row in history(written_run_file(tmp_path)))
+    finetuned = build_model(OmegaConf.merge(cfg.model, {"checkpoint": str(tmp_path / "checkpoints" / "last.ckpt")}))
+    assert all(torch.equal(v, ema["ema.module." + k]) for k, v in finetuned.state_dict().items())
+
+
+def test_the_logged_lr_is_the_schedules_under_layer_decay(tmp_path):
+    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                             "trainer.log_every_n_steps=1", "optim.warmup_epochs=0", "optim.layer_decay=0.5",
+                             "tradeoff.enabled=false", f"output_dir={tmp_path}"])
+    train(cfg)
+    first = next(row["train/lr"] for row in history(written_run_file(tmp_path)) if "train/lr" in row)
+    assert first == pytest.approx(peak_lr(cfg, cfg.data.batch_size), rel=1e-6)  # the deepest group's is 0.5**depth of it
+
+
+@pytest.mark.parametrize("clip_grad, moved", [(None, (0.5, 1.01)), (1e-9, (0.0, 0.01))])
+def test_gradients_are_clipped_to_optim_clip_grad(tmp_path, clip_grad, moved):
+    """One AdamW step from the seeded initial weights, without weight decay: each weight moves by about the lr
+    (Adam's first step is g/|g|), and by a tiny share of it where the gradient's norm was clipped far below eps."""
+    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                             "optim.warmup_epochs=0", "optim.weight_decay=0", f"optim.clip_grad={clip_grad or 'null'}",
+                             "tradeoff.enabled=false", f"output_dir={tmp_path}"])
+    pl.seed_everything(cfg.seed, verbose=False)
+    initial = ToMeClassifier(cfg).model.blocks[0].mlp.fc1.weight.detach().clone()
+    train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    step = (ckpt["state_dict"]["model.blocks.0.mlp.fc1.weight"] - initial).abs().max().item()
+    low, high = moved
+    assert low * peak_lr(cfg, cfg.data.batch_size) <= step <= high * peak_lr(cfg, cfg.data.batch_size)
 
 
 def test_compiled_training_in_a_compile_mode(tmp_path, monkeypatch):

@@ -120,7 +120,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from .checkpoint_io import AtomicCheckpointIO
-    from .module import ModelSummaryWithFlops
+    from .module import ModelSummaryWithFlops, ThroughputOfReadBatches
     from .requeue import SlurmRequeue
 
     t = cfg.trainer
@@ -142,6 +142,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/top1", mode="max", save_top_k=1),
         newest(every_n_epochs=1),  # so the last epoch's end, the end of training, too
         ModelSummaryWithFlops(),
+        # images/s (and model FLOPs utilization on a GPU Lightning knows) over each logging interval's batches
+        ThroughputOfReadBatches(batch_size_fn=lambda batch: len(batch[0]), window_size=max(t.log_every_n_steps, 2)),
     ]
     if t.checkpoint_every_n_steps:
         callbacks.append(newest(every_n_train_steps=t.checkpoint_every_n_steps))
@@ -157,6 +159,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
             num_nodes=t.num_nodes, precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
             log_every_n_steps=t.log_every_n_steps, limit_train_batches=t.limit_train_batches,
             limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, callbacks=callbacks,
+            gradient_clip_val=cfg.optim.clip_grad, gradient_clip_algorithm="norm",
             logger=logger, plugins=plugins, strategy="ddp" if distributed else "auto",
             use_distributed_sampler=False,  # the data module splits by rank and worker itself
         )

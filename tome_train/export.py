@@ -59,10 +59,12 @@ def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict, list[str] | None
     config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if config is None or "state_dict" not in ckpt:
         raise ExportError(f"--checkpoint {path}: not a tome-train Lightning checkpoint (no config or state_dict)")
-    prefix = "ema.module." if ema else "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    from .models import network_weights
+
+    state = network_weights(ckpt["state_dict"], ema)
     if not state:
-        raise ExportError(f"--checkpoint {path}: has no {'EMA ' if ema else ''}weights (no '{prefix}*' keys)")
+        raise ExportError(f"--checkpoint {path}: has no EMA weights (its run set no optim.ema_decay)" if ema
+                          else f"--checkpoint {path}: has no model weights")
     from .data import ImageDataModule
 
     return config, state, ckpt.get(ImageDataModule.__qualname__, {}).get("class_names")

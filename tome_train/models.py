@@ -46,6 +46,7 @@ __all__ = [
     "checkpoint_summary",
     "init_head",
     "load_pretrained",
+    "network_weights",
     "read_checkpoint",
 ]
 
@@ -145,6 +146,13 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
+def network_weights(state_dict: dict[str, torch.Tensor], ema: bool) -> dict[str, torch.Tensor]:
+    """The timm model's weights in the state dict of a :class:`~tome_train.module.ToMeClassifier` (which holds the
+    network as ``model`` and its EMA copy as ``ema.module``), prefix removed; empty where it holds none."""
+    prefix = "ema.module." if ema else "model."
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def read_checkpoint(path: Union[str, Path], meta: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict in ``path`` (cleaned of DDP/compile prefixes) and its format's name.
 
@@ -173,9 +181,11 @@ def read_checkpoint(path: Union[str, Path], meta: bool = False) -> tuple[dict[st
         if meta:
             sd = {k: v.to("meta") for k, v in sd.items()}
     sd = clean_state_dict(sd)
-    # a LightningModule holding the network as `self.model`
-    if sd and all(k.startswith("model.") for k in sd):
-        sd = {k[len("model."):]: v for k, v in sd.items()}
+    for ema in (True, False):  # a tome-train checkpoint: its EMA weights first, as timm prefers them
+        weights = network_weights(sd, ema)
+        if weights:
+            sd, fmt = weights, f"{fmt}, {'EMA' if ema else 'raw'} weights"
+            break
     if any(_MAE_PRETRAIN_ONLY.match(k) for k in sd):
         fmt = "MAE pretrain " + fmt
     return sd, fmt

@@ -6,7 +6,6 @@ The module holds the science (what is optimized and measured); the Trainer built
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelSummary
+from pytorch_lightning.callbacks import ModelSummary, ThroughputMonitor
 from pytorch_lightning.utilities.model_summary import get_human_readable_count
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -87,7 +86,7 @@ class ToMeClassifier(pl.LightningModule):
             # timm leaves its copy in eval mode; Lightning puts every module in eval mode for validation itself, and
             # the copy, never run in training, need not set off its warning about modules left in eval mode
             self.ema.train()
-        self._step_started: float | None = None
+        self._ema_updated_at = 0  # the global step of the weights the EMA last took in
         self._unreadable_logged = 0
         self._said_short = False  # that validation read fewer images than the data holds
 
@@ -104,6 +103,21 @@ class ToMeClassifier(pl.LightningModule):
         schedule = self.model._tome_state.schedule
         return self.dims.tokens_per_layer(schedule)
 
+    def image_flops(self, r: Any) -> int:
+        """FLOPs of one image's forward at the schedule ``r``, the transformer counted as
+        :func:`~tome_train.tome.vit_flops` does, in Lightning's convention (a multiply-add is two FLOPs), the matching
+        not counted."""
+        return int(2 * vit_flops(self.dims, r))
+
+    @property
+    def flops_per_batch(self) -> int:
+        """A batch's FLOPs on one device, for Lightning's ThroughputMonitor (its model FLOPs utilization): in training
+        the forward at the training schedule and the backward's twice that; in validation the forward at the
+        evaluation schedule."""
+        if self.training:
+            return 3 * self.image_flops(self.train_r) * self.cfg.data.batch_size
+        return self.image_flops(self.eval_r) * self.cfg.data.batch_size
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
@@ -117,9 +131,6 @@ class ToMeClassifier(pl.LightningModule):
     def _channels(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.cfg.trainer.channels_last else images
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
         if self.mixup is not None:
@@ -131,15 +142,18 @@ class ToMeClassifier(pl.LightningModule):
                     else "no checkpoint had been saved")
             raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at global step {self.global_step}; {kept}")
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        # layer decay scales each group's lr by its depth; the head's group, unscaled, carries the schedule's own
+        self.log("train/lr", max(group["lr"] for group in self.trainer.optimizers[0].param_groups))
         return loss
 
+    def on_train_start(self) -> None:
+        self._ema_updated_at = self.global_step
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None:
+        # once per optimizer step: a batch that only accumulates gradients has not changed the weights
+        if self.ema is not None and self.global_step > self._ema_updated_at:
             self.ema.update(self.model, step=self.global_step)
-        if self._step_started is not None:
-            images_per_s = batch[0].shape[0] * self.trainer.world_size / (time.perf_counter() - self._step_started)
-            self.log("train/images_per_s", images_per_s, prog_bar=True)
+            self._ema_updated_at = self.global_step
         if self.global_step % self.trainer.log_every_n_steps == 0:
             counts = self.tokens_per_layer()
             self.log_dict({f"tokens/layer_{i:02d}": float(c) for i, c in enumerate(counts[:-1])})
@@ -231,10 +245,6 @@ class ToMeClassifier(pl.LightningModule):
     def lr_scheduler_step(self, scheduler, metric) -> None:
         scheduler.step_update(num_updates=self.global_step)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if self.cfg.optim.clip_grad:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optim.clip_grad, gradient_clip_algorithm="norm")
-
     def on_fit_start(self) -> None:
         layout = self.cfg.layout
         intended = layout.nodes * layout.gpus_per_node
@@ -253,14 +263,12 @@ class ToMeClassifier(pl.LightningModule):
 
 class ModelSummaryWithFlops(ModelSummary):
     """Lightning's model summary with its FLOPs filled in: one image's forward through the model at the training
-    schedule, the transformer counted as :func:`~tome_train.tome.vit_flops` does, in Lightning's convention (a
-    multiply-add is two FLOPs), the matching not counted. Lightning counts only by running an
+    schedule (:meth:`ToMeClassifier.image_flops`). Lightning counts only by running an
     ``example_input_array``, and its counter (torch's ``FlopCounterMode``) leaves out attention where it runs on a
     kernel the counter does not know, such as the CPU's."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: ToMeClassifier) -> None:
-        dims = pl_module.dims
-        self._model_flops = int(2 * vit_flops(dims, pl_module.train_r))
+        self._model_flops = pl_module.image_flops(pl_module.train_r)
         super().on_fit_start(trainer, pl_module)
 
     def summarize(self, summary_data: list[tuple[str, list[str]]], total_parameters: int,
@@ -271,3 +279,13 @@ class ModelSummaryWithFlops(ModelSummary):
                             for name, flops in zip(columns["Name"], columns["FLOPs"])]
         super().summarize(list(columns.items()), total_parameters, trainable_parameters, model_size,
                           total_training_modes, self._model_flops, **summarize_kwargs)
+
+
+class ThroughputOfReadBatches(ThroughputMonitor):
+    """Lightning's ThroughputMonitor, passing over a validation batch none of whose images could be read (``None``:
+    :func:`~tome_train.data.imagefolder.collate_readable`), which it would count as a batch of no images."""
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                *args: Any, **kwargs: Any) -> None:
+        if batch is not None:
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
