@@ -70,13 +70,14 @@ def triton_blocks(spec: str):
     fits its own): ``spec`` ``"MxN"``, the forward with ``M`` queries per program and ``N`` keys per step, or
     ``"MxN/OxI"``, the backward too with ``O`` rows per program and ``I`` per step (else the library's). The
     variant ``triton_<spec>`` that ``--blocks`` adds, to choose the library's defaults by."""
-    from tome_train.tome.triton_attention import BLOCKS, _default_scale, _fitted, proportional_attention_trainable
+    from tome_train.tome.triton_attention import (BLOCKS, _default_scale, _fitted,
+                                                  triton_proportional_attention_trainable)
 
     blocks = {**BLOCKS, **dict(zip(BLOCKS, (int(side) for side in spec.replace("/", "x").split("x"))))}
 
     def attend(qkv, heads, size):
         fitted = {name: _fitted(block, qkv.shape[1]) for name, block in blocks.items()}
-        return proportional_attention_trainable(qkv, heads, size[..., 0], _default_scale(qkv, heads), **fitted)
+        return triton_proportional_attention_trainable(qkv, heads, size[..., 0], _default_scale(qkv, heads), **fitted)
     return attend
 
 

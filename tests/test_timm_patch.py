@@ -79,6 +79,12 @@ def max_diff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+def random_bool_mask(num_tokens: int, seed: int = 3) -> torch.Tensor:
+    """``[2, 1, N, N]``: each query may attend to about 60% of the keys, itself always."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(2, 1, num_tokens, num_tokens, generator=g) > 0.4) | torch.eye(num_tokens, dtype=torch.bool)
+
+
 # --------------------------------------------------------------------------------------
 # Explicit reference forward (float64): softmax attention + log(size), merge via reference
 # --------------------------------------------------------------------------------------
@@ -510,6 +516,15 @@ def test_grad_checkpointing():
     model.set_grad_checkpointing(True)
     x = images()
     assert max_diff(model(x), ref(x)) <= 1e-5
+    # the backward pass runs each checkpointed block again, after the forward's pass: with a mask too (timm runs the
+    # blocks of a masked forward without checkpoints)
+    for attn_mask in (None, random_bool_mask(NUM_PATCHES + 1)):
+        grads = []
+        for m in (ref, model):
+            m.zero_grad()
+            m(x, attn_mask=attn_mask).square().sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+        assert max_diff(*grads) <= 1e-4
     set_r(model, 2)
     with pytest.raises(ValueError, match="checkpointing"):
         model(x)
@@ -543,6 +558,28 @@ def test_autocast_cpu(dtype):
     assert (out.float().detach() - full).abs().max() <= 0.1 * full.abs().max()
 
 
+@pytest.mark.parametrize("r", [0, 2])
+@pytest.mark.parametrize("train", [False, True])
+def test_an_empty_batch_runs_as_in_timm(r, train):
+    """A batch of no images crashed in the attention (a reshape to ``-1``, with nothing to infer it from), even at
+    r=0."""
+    ref = make("vit").train(train)
+    model = apply_tome(copy.deepcopy(ref), r=r, trace_source=True).train(train)
+    x = images(batch=0).requires_grad_(train)
+    out = model(x)
+    assert out.shape == ref(x).shape == (0, 10)
+    if train:
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+    mask = torch.ones(NUM_PATCHES + 1, NUM_PATCHES + 1, dtype=torch.bool)
+    assert model.forward_features(x, attn_mask=mask).shape == (0, NUM_PATCHES + 1, DIM)
+    final, layers = model.forward_intermediates(x, output_fmt="NLC")
+    assert final.shape == (0, NUM_PATCHES + 1, DIM) and [y.shape for y in layers] == [(0, NUM_PATCHES, DIM)] * DEPTH
+    # timm's own NCHW reshape fails on an empty batch (timm 1.0.31); the patched model's does not
+    grid = IMG // PATCH
+    assert [y.shape for y in model.forward_intermediates(x, intermediates_only=True)] == [(0, DIM, grid, grid)] * DEPTH
+
+
 # --------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------
@@ -565,6 +602,15 @@ def test_unsupported_block_types(name, match):
     with pytest.raises(UnsupportedModelError, match=match):
         apply_tome(model)
     assert type(model) is cls and not is_patched(model)
+
+
+@pytest.mark.parametrize("pool", ["map", "prr"])
+def test_attention_pooling_is_refused_by_its_name(pool):
+    model = make("vit", global_pool=pool)
+    with pytest.raises(UnsupportedModelError, match=rf"^global_pool='{pool}' \(attention pooling\) is not supported by "
+                                                    r"ToMe: use token, avg, avgmax, max or ''$"):
+        apply_tome(model, r=2)
+    assert not is_patched(model)
 
 
 def test_unsupported_custom_block_and_attention():
@@ -752,18 +798,44 @@ def test_a_flag_that_is_no_bool_is_one_clear_error(flag):
         apply_tome(make("vit"), r=2, **{flag: "no"})
 
 
-def test_a_block_called_on_its_own_says_it_runs_inside_the_models_forward():
-    """A loop over ``model.blocks`` by hand ignored its mask (it differed from timm's by 1.38) and, after a merged
-    forward, merged with that pass's token sizes (a shape error deep inside the merge)."""
-    model = apply_tome(make("vit"), r=2).eval()
+def test_a_block_outside_a_pass_is_timms_block():
+    """Outside its model's pass a block has no merge state: it merged a fresh (or copied) model's tokens, 17 to 15;
+    after a pass, given that pass's final token count, it weighed the keys by the pass's stale sizes; a loop over the
+    blocks by hand worked once and then refused. It computes timm's block, the mask and is_causal included, and the
+    model's own passes merge as before."""
+    ref = make("vit")
+    model = apply_tome(make("vit"), r=2)
     x = images()
+
+    def loop(m, tokens):
+        for blk in m.blocks:
+            tokens = blk(tokens)
+        return tokens
+
     with torch.no_grad():
-        model(x)
         tokens = model._pos_embed(model.patch_embed(x))
-        mask = torch.zeros(tokens.shape[1], tokens.shape[1])
-        with pytest.raises(ValueError, match="^a ToMe block takes the attention mask from the model's forward"):
-            model.blocks[0](tokens, attn_mask=mask)
-        with pytest.raises(ValueError, match=rf"^a ToMe block got 2 x {tokens.shape[1]} tokens where the pass it is "
-                                             r"in has 2 x \d+: run the blocks through the model's forward_features"):
-            model.blocks[0](tokens)
-        model.forward_features(x)  # the model's own entry points run them as before
+        n = tokens.shape[1]
+        mask = random_bool_mask(n)
+        for m in (model, copy.deepcopy(model)):
+            assert max_diff(m.blocks[0](tokens), ref.blocks[0](tokens)) <= 1e-6  # 17 tokens stay 17
+        model(x)
+        merged = tome_state(model).size.shape[1]
+        assert merged < n
+        late = torch.randn(2, merged, DIM, generator=torch.Generator().manual_seed(5))
+        assert max_diff(model.blocks[-1](late), ref.blocks[-1](late)) <= 1e-6  # not the pass's sizes
+        for _ in range(2):
+            assert max_diff(loop(model, tokens), loop(ref, tokens)) <= 1e-5
+        assert max_diff(model.blocks[1](tokens, attn_mask=mask), ref.blocks[1](tokens, attn_mask=mask)) <= 1e-6
+        assert max_diff(model.blocks[1](tokens, is_causal=True), ref.blocks[1](tokens, is_causal=True)) <= 1e-6
+        model(x)
+        assert tome_state(model).size.shape[1] == merged  # the passes merge as before
+
+
+def test_a_block_given_other_tokens_than_its_pass_holds_says_so():
+    """A hook that changes the tokens inside a pass would leave them out of step with the pass's sizes."""
+    model = apply_tome(make("vit"), r=2).eval()
+    model.blocks[1].register_forward_pre_hook(lambda block, args: (args[0][:, :-1],))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"^a ToMe block got 2 x 14 tokens where the pass it is in "
+                                                          r"has 2 x 15: only the model's forward_features and "
+                                                          r"forward_intermediates run the blocks of a pass$"):
+        model(images())

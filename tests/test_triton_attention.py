@@ -11,8 +11,8 @@ pytest.importorskip("triton")
 from attention_inputs import B, H, packed  # noqa: E402
 from tome_train.tome.attention import packed_heads  # noqa: E402
 from tome_train.tome.triton_attention import (  # noqa: E402
-    proportional_attention, proportional_attention_trainable, size_biased_attention, size_biased_attention_forward,
-    size_biased_attention_trainable)
+    size_biased_attention, size_biased_attention_forward, size_biased_attention_trainable,
+    triton_proportional_attention, triton_proportional_attention_trainable)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +40,7 @@ def test_fp32_equals_the_formula(num_tokens, head_dim, blocks):
     """Within 1e-5 (measured <= 7.3e-7)."""
     q, k, v, size = packed_qkv(num_tokens, head_dim)
     scale = head_dim ** -0.5
-    out = proportional_attention(q, k, v, size, scale, **blocks)
+    out = triton_proportional_attention(q, k, v, size, scale, **blocks)
     assert out.shape == q.shape and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), explicit(q, k, v, size, scale), rtol=0, atol=1e-5)
 
@@ -52,14 +52,14 @@ def test_fp16_within_rounding_of_the_formula(num_tokens, head_dim):
     Not bf16: the interpreter multiplies bf16's bit patterns in ``tl.dot`` (triton-lang/triton#11584)."""
     q, k, v, size = packed_qkv(num_tokens, head_dim, torch.float16)
     scale = head_dim ** -0.5
-    out = proportional_attention(q, k, v, size, scale)
+    out = triton_proportional_attention(q, k, v, size, scale)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.double(), explicit(q, k, v, size, scale), rtol=0, atol=2e-3)
 
 
 def test_keys_of_size_one_are_plain_attention():
     q, k, v, size = packed_qkv(37, 16)
-    out = proportional_attention(q, k, v, torch.ones_like(size), 16 ** -0.5)
+    out = triton_proportional_attention(q, k, v, torch.ones_like(size), 16 ** -0.5)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
@@ -68,15 +68,15 @@ def test_strided_views_read_as_their_contiguous_copies():
     """Bit for bit, from timm's packed qkv and with q, k and v each in its own layout (read by its own strides)."""
     q, k, v, size = packed_qkv(70, 16, torch.float16)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    out = proportional_attention(q, k, v, size, 0.25)
-    assert torch.equal(out, proportional_attention(q.contiguous(), k.contiguous(), v.contiguous(), size, 0.25))
+    out = triton_proportional_attention(q, k, v, size, 0.25)
+    assert torch.equal(out, triton_proportional_attention(q.contiguous(), k.contiguous(), v.contiguous(), size, 0.25))
     tokens_first = v.transpose(1, 2).contiguous().transpose(1, 2)
-    assert torch.equal(out, proportional_attention(q.contiguous(), k, tokens_first, size, 0.25))
+    assert torch.equal(out, triton_proportional_attention(q.contiguous(), k, tokens_first, size, 0.25))
 
 
 def test_output_memory_is_tokens_then_heads():
     q, k, v, size = packed_qkv(7, 16)
-    out = proportional_attention(q, k, v, size, 0.25)
+    out = triton_proportional_attention(q, k, v, size, 0.25)
     assert out.shape == (B, H, 7, 16)
     assert out.transpose(1, 2).is_contiguous()
 
@@ -89,12 +89,12 @@ def test_a_key_of_size_s_counts_as_s_identical_keys():
     sizes = torch.randint(1, 4, (num_tokens,), generator=torch.Generator().manual_seed(2))
     total = int(sizes.sum())
     assert total > num_tokens  # some key holds more than one token
-    out = proportional_attention(q, k, v, sizes.float().expand(B, num_tokens), 0.25)
+    out = triton_proportional_attention(q, k, v, sizes.float().expand(B, num_tokens), 0.25)
 
     extra_queries = torch.randn(B, H, total - num_tokens, head_dim, generator=torch.Generator().manual_seed(3))
     q_rep = torch.cat([q, extra_queries], dim=2)
     k_rep, v_rep = (t.repeat_interleave(sizes, dim=2) for t in (k, v))
-    out_rep = proportional_attention(q_rep, k_rep, v_rep, torch.ones(B, total), 0.25)
+    out_rep = triton_proportional_attention(q_rep, k_rep, v_rep, torch.ones(B, total), 0.25)
     torch.testing.assert_close(out, out_rep[:, :, :num_tokens], rtol=0, atol=1e-5)
 
 
@@ -191,7 +191,7 @@ def test_fp32_gradients_equal_the_formula(num_tokens, head_dim, blocks):
     (measured <= 1.4e-6 on gradients up to 3.4)."""
     qkv, size = packed(num_tokens, head_dim)
     grad_out, scale = random_grad(output_like(qkv)), head_dim ** -0.5
-    grads = gradients(proportional_attention_trainable, qkv, size, grad_out, scale=scale, **blocks)
+    grads = gradients(triton_proportional_attention_trainable, qkv, size, grad_out, scale=scale, **blocks)
     for grad, expected in zip(grads, expected_gradients(qkv, size, grad_out, scale)):
         assert grad.shape == (B, H, num_tokens, head_dim) and grad.dtype == torch.float32
         torch.testing.assert_close(grad.double(), expected, rtol=0, atol=1e-5)
@@ -214,14 +214,14 @@ def test_the_packed_gradient_is_autograds_through_the_split_heads():
     """Bit for bit: the packed gradient the kernels write is what autograd gives through timm's split of the
     heads from the same kernels' ``dq, dk, dv`` (stacked and copied into qkv's layout); the incoming gradient
     in the output's own layout (tokens then heads) or expanded from a sum (stride 0) is read by its strides."""
-    from tome_train.tome.triton_attention import _fitted_blocks, proportional_attention_backward
+    from tome_train.tome.triton_attention import _fitted_blocks, triton_proportional_attention_backward
 
     qkv, size = packed(70, 16, torch.float16)
     grad_out = random_grad(output_like(qkv))
     q, k, v = packed_heads(qkv, H)
     out, lse = size_biased_attention_forward(qkv, H, size)
     blocks = _fitted_blocks(70)
-    split = proportional_attention_backward(q, k, v, size, out, lse, grad_out, 0.25,
+    split = triton_proportional_attention_backward(q, k, v, size, out, lse, grad_out, 0.25,
                                             block_outer=blocks["block_outer"], block_inner=blocks["block_inner"])
     expected = torch.stack(split).permute(1, 3, 0, 2, 4).reshape(qkv.shape)
     tokens_first = grad_out.transpose(1, 2).contiguous().transpose(1, 2)

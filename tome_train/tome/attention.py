@@ -50,8 +50,9 @@ def size_bias(size: torch.Tensor) -> torch.Tensor:
 def packed_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q, k, v`` ``[B, H, N, Dh]`` split from timm's packed projection ``qkv`` ``[B, N, 3 * H * Dh]`` as timm's
     ``Attention`` splits them (views)."""
-    batch, tokens, _ = qkv.shape
-    return qkv.reshape(batch, tokens, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    batch, tokens, width = qkv.shape
+    # the head dim spelled out, not -1: an empty batch has no elements to infer it from
+    return qkv.reshape(batch, tokens, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def proportional_attention(

@@ -11,8 +11,9 @@ checkpoints trained with it see the same tokens in the same places.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
-from dataclasses import dataclass
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from . import kernels
 from .schedule import bipartite_sets, max_merges
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Merge:
     """The rows of one bipartite merge, shared by every tensor merged in that layer.
 
@@ -98,39 +99,20 @@ class Merge:
             return _size_weights(self.perm, self.dest, sizes, self.num_tokens, self.r, dtype)
 
     def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        """Merge ``x`` of shape ``[B, N, ...]`` along dim 1 into ``[B, N - r, ...]``.
-
-        ``mode`` is a ``scatter_reduce`` reduction: ``sum`` (size-weighted merging works on
-        ``x * size``), ``amax`` (masks, source maps) or ``mean``.
+        """Merge ``x`` of shape ``[B, N, ...]`` along dim 1 into ``[B, N - r, ...]``, the tokens that meet reduced
+        by ``scatter_reduce``'s ``mode``: ``sum`` for source maps (rows one-hot over disjoint input tokens, so the
+        sum is their union), ``amax`` for attention masks. Tokens themselves merge by :func:`merge_wavg`.
         """
         n, t = x.shape[:2]
-        rows = x.reshape(n * t, -1)
+        rows = x.reshape(n * t, math.prod(x.shape[2:]))  # not -1: an empty batch has no elements to infer it from
         out = rows.index_select(0, self.keep_rows)
         src = rows.index_select(0, self.src_rows)
         # scatter, not index_add_: ONNX exports index_add_ as a ScatterND that drops repeated destinations
         out.scatter_reduce_(0, self.dst_rows[:, None].expand_as(src), src, reduce=mode)
         return out.reshape(n, t - self.r, *x.shape[2:])
 
-    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
-        """Invert the layout change: ``[B, N - r, C]`` -> ``[B, N, C]``.
 
-        Every token that was merged away gets the value of the token it merged into.
-        """
-        p, a0, num_a = self.num_protected, self.a_start - self.num_protected, self.num_a
-        n, _, c = x.shape
-        num_unm = num_a - self.r
-        prefix, unm, b = x[:, :p], x[:, p:p + num_unm], x[:, p + num_unm:]
-        src = b.gather(1, self.dst_idx[..., None].expand(n, -1, c))
-        a = x.new_empty(n, num_a, c)
-        a.scatter_(1, self.unm_idx[..., None].expand(n, -1, c), unm)
-        a.scatter_(1, self.src_idx[..., None].expand(n, -1, c), src)
-        rest = x.new_empty(n, num_a + b.shape[1], c)
-        rest[:, a0::2] = a
-        rest[:, 1 - a0::2] = b
-        return torch.cat([prefix, rest], dim=1)
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RowLayout:
     """The rows of a merge that depend only on the shapes, not on the matching.
 
@@ -158,7 +140,8 @@ def _build_row_layout(n: int, t: int, r: int, num_protected: int, device: torch.
             prefix_rows=first + torch.arange(num_protected, device=device),
             b_rows=first + torch.arange(b_start, t, 2, device=device),
             first_a=first + a_start,
-            first_dst=torch.arange(num_protected + num_a - r, n * (t - r), t - r, device=device)[:, None],
+            # from 0, then offset: counting from the offset up to n * (t - r) has no images to count at n = 0
+            first_dst=torch.arange(0, n * (t - r), t - r, device=device)[:, None] + (num_protected + num_a - r),
             kept_dest=torch.arange(n * (t - r), device=device),
         )
 
@@ -264,32 +247,6 @@ _plan_merge = kernels.FastestPath(plan_merge, "triton_kernels.fused_plan_merge",
 _size_weights = kernels.FastestPath(size_weights, "triton_kernels.fused_size_weights")
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> Merge | None:
-    """Match ``r`` tokens of set A to their most similar token of set B.
-
-    Args:
-        metric: ``[B, N, C]`` matching features (the attention keys averaged over heads).
-        r: tokens to remove; clamped to the 50% cap.
-        num_protected: prefix tokens that never merge.
-
-    Returns:
-        the :class:`Merge` to apply to every tensor of this layer, or ``None`` when nothing merges.
-    """
-    t = metric.shape[1]
-    r = min(r, max_merges(t, num_protected))
-    if r <= 0:
-        return None
-    with torch.no_grad(), torch.autocast(metric.device.type, enabled=False):
-        # Scores in at least fp32: under autocast, fp16/bf16 scores tie and flip matches (ViT-S r13, fp16:
-        # logits 0.085 from fp32's, 0.006 with fp32 scores).
-        if metric.dtype == torch.float64:
-            node_max, node_idx = most_similar(metric, num_protected)
-        else:  # on a GPU, maybe the fused kernel, which takes fp32
-            node_max, node_idx = _most_similar(metric.float(), num_protected)
-        perm, dest = _plan_merge(node_max, node_idx, r, num_protected, t)
-    return Merge(num_protected, t, r, perm, dest)
-
-
 def plan_layer(
     keys: torch.Tensor, size: torch.Tensor | None, r: int, num_protected: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, ...]:
@@ -298,6 +255,8 @@ def plan_layer(
     ``size`` ``[B * N]`` (``None``: all ones) in ``dtype``. Returns ``perm``, ``dest``, ``weight``,
     ``new_size`` and the matching's ``node_max``, ``node_idx``."""
     t = keys.shape[2]
+    # scores in fp32: in fp16/bf16 they tie and flip matches (ViT-S r13, fp16: logits 0.085 from fp32's, 0.006 with
+    # fp32 scores)
     node_max, node_idx = _most_similar(keys.mean(1, dtype=torch.float32), num_protected)
     perm, dest = _plan_merge(node_max, node_idx, r, num_protected, t)
     return (perm, dest, *_size_weights(perm, dest, size, t, r, dtype), node_max, node_idx)
@@ -325,9 +284,10 @@ _plan_layer = kernels.FastestPath(plan_layer, "triton_kernels.fused_plan_layer",
 def match_keys(
     keys: torch.Tensor, r: int, num_protected: int, size: torch.Tensor | None, dtype: torch.dtype
 ) -> Merge | None:
-    """:func:`bipartite_soft_matching` as a merging block does it: on its attention keys ``[B, H, N, Dh]``
-    averaged over heads, with the size weights of the tokens' sizes ``size`` ``[B, N, 1]`` (``None``: all
-    ones) in ``dtype`` computed along (:attr:`Merge.known_weights`)."""
+    """The merge of ``r`` tokens (clamped to the 50% cap; ``None`` where nothing merges) that a merging block's
+    attention keys ``[B, H, N, Dh]`` plan (:func:`plan_layer`: each set-A token onto its most similar set-B token),
+    with the size weights of the tokens' sizes ``size`` ``[B, N, 1]`` (``None``: all ones) in ``dtype`` computed
+    along (:attr:`Merge.known_weights`). Without a gradient, and outside autocast."""
     t = keys.shape[2]
     r = min(r, max_merges(t, num_protected))
     if r <= 0:
@@ -339,6 +299,23 @@ def match_keys(
         else:
             perm, dest, weight, new_size, _, _ = _plan_layer(keys, sizes, r, num_protected, dtype)
     return Merge(num_protected, t, r, perm, dest, (weight, new_size))
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> Merge | None:
+    """Match ``r`` tokens of set A to their most similar token of set B, as a merging block does
+    (:func:`match_keys`, ``metric`` taking the place of the keys averaged over heads: cosine scores in fp32).
+
+    Args:
+        metric: ``[B, N, C]`` matching features (the attention keys averaged over heads).
+        r: tokens to remove; clamped to the 50% cap.
+        num_protected: prefix tokens that never merge.
+
+    Returns:
+        the :class:`Merge` to apply to every tensor of this layer, or ``None`` when nothing merges.
+    """
+    merge = match_keys(metric[:, None], r, num_protected, None, torch.float32)
+    # without the weights match_keys computes along: they are for tokens of size 1, and this merge may merge any
+    return None if merge is None else dataclasses.replace(merge, known_weights=None)
 
 
 @torch.library.custom_op("tome_train::plan_layer", mutates_args=())

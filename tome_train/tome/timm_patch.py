@@ -105,8 +105,9 @@ def plans_beside_attention(state: "ToMeState", x: torch.Tensor) -> bool:
 class ToMeState:
     """Settings of a patched model and what one forward pass carries from block to block.
 
-    ``size`` ``[B, N, 1]`` tokens held by each token (``None``: all ones), ``source``
-    ``[B, N, N0]`` which input tokens each token holds (when traced), ``attn_mask`` the
+    ``in_pass`` whether the model's ``forward_features`` or ``forward_intermediates`` is running its blocks (outside,
+    a block is timm's: :class:`ToMeBlock`); ``size`` ``[B, N, 1]`` tokens held by each token (``None``: all ones),
+    ``source`` ``[B, N, N0]`` which input tokens each token holds (when traced), ``attn_mask`` the
     caller's mask as an additive bias merged along with the tokens, ``merging`` whether this
     forward merges: only batches of at least ``min_batch`` images do (smaller ones run as the
     unpatched model, where matching would cost more than the tokens it removes save);
@@ -120,6 +121,7 @@ class ToMeState:
     min_batch: int = 1
     compile_mode: str | None = None
     merging: bool = True
+    in_pass: bool = False
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
     attn_mask: torch.Tensor | None = None
@@ -133,8 +135,8 @@ class ToMeState:
         compiled regions to this process."""
         state = dict(self.__dict__)
         # merging too: after a torch.export with a dynamic batch it is the export's symbolic value, which no copy takes
-        state.update(merging=True, size=None, source=None, attn_mask=None, layer_sources=None, _compiled={},
-                     _built_ahead=set())
+        state.update(merging=True, in_pass=False, size=None, source=None, attn_mask=None, layer_sources=None,
+                     _compiled={}, _built_ahead=set())
         return state
 
     def regions(self) -> tuple[Callable, Callable]:
@@ -149,19 +151,29 @@ class ToMeState:
         return self._compiled[self.compile_mode]
 
     def begin(self, batch_size: int, attn_mask: torch.Tensor | None = None, record_sources: bool = False) -> None:
+        """Start a pass (:attr:`in_pass`, until :meth:`end`) of ``batch_size`` images, with the additive mask
+        ``attn_mask``."""
+        self.in_pass = True
         self.merging = any(self.schedule) and batch_size >= self.min_batch
         self.size = None
         self.source = None
         self.attn_mask = attn_mask
         self.layer_sources = [] if record_sources else None
 
+    def end(self) -> None:
+        """End the pass: its ``size`` and ``source`` stay, for ``forward_head`` and :func:`tome_state`."""
+        self.in_pass = False
+
     @property
     def tracing(self) -> bool:
         return self.trace_source or self.layer_sources is not None
 
     def merge_mask(self, merge: Merge) -> None:
+        """Merge the pass's additive mask ``[B|1, H|1, N, N]`` along with the tokens into ``[B, H|1, N - r, N - r]``: a
+        merged query or key keeps the largest bias of the tokens it holds (it may attend, or be attended, where one of
+        them may)."""
         m = self.attn_mask
-        m = m.expand(merge.unm_idx.shape[0], *m.shape[1:])
+        m = m.expand(merge.num_images, *m.shape[1:])
         m = merge(m.transpose(1, 2), mode="amax").transpose(1, 2)  # queries
         self.attn_mask = merge(m.permute(0, 3, 1, 2), mode="amax").permute(0, 2, 3, 1)  # keys
 
@@ -173,19 +185,23 @@ class ToMeBlock(Block):
     _tome_layer: int
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        """``[B, N, C]`` -> ``[B, N - r, C]``; the mask arrives through the state, merged.
+        """``[B, N, C]`` -> ``[B, N - r, C]`` in its model's pass, ``[B, N, C]`` as timm's block outside one.
 
-        A block runs inside the model's ``forward_features`` or ``forward_intermediates``, which start each pass's
-        merge state (the tokens' sizes) and take the mask; called on its own it would merge with the last pass's."""
+        The model's ``forward_features`` and ``forward_intermediates`` start each pass (the tokens' sizes, the mask)
+        and run the blocks, which merge by the schedule and take the mask from the pass, merged along with the tokens
+        (timm hands each block the caller's ``attn_mask`` and ``is_causal``, unmerged). Called outside a pass (a loop
+        over ``model.blocks``, or a checkpointed block run again in the backward pass) a block has no merge state to
+        go by and computes what timm's block does: no merge, no sizes, ``attn_mask`` (bool: may attend) and
+        ``is_causal`` as given."""
         state = self._tome_state
-        if attn_mask is not None or is_causal:
-            raise ValueError("a ToMe block takes the attention mask from the model's forward, which merges it along "
-                             "with the tokens: pass attn_mask or is_causal to forward_features")
+        attend, feed_forward = state.regions()
+        if not state.in_pass:
+            branch, _ = attend(self, x, additive_mask(attn_mask, x.shape[1], is_causal, x.device), None, False)
+            return feed_forward(self, x + branch)
         if state.size is not None and state.size.shape[:2] != x.shape[:2]:
             raise ValueError(f"a ToMe block got {x.shape[0]} x {x.shape[1]} tokens where the pass it is in has "
-                             f"{state.size.shape[0]} x {state.size.shape[1]}: run the blocks through the model's "
-                             "forward_features or forward_intermediates, which start each pass")
-        attend, feed_forward = state.regions()
+                             f"{state.size.shape[0]} x {state.size.shape[1]}: only the model's forward_features and "
+                             "forward_intermediates run the blocks of a pass")
         size = state.size if state.prop_attn else None
         r = state.schedule[self._tome_layer] if state.merging else 0
         if r > 0 and plans_beside_attention(state, x):
@@ -262,12 +278,20 @@ class ToMeVisionTransformerMixin:
         return kernels.build_ahead(first_pass, device)
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        self._tome_begin(x, attn_mask, is_causal)
-        if self._tome_build_ahead(x):
-            self._tome_begin(x, attn_mask, is_causal)  # afresh: the pass ahead merged along
-        return super().forward_features(x)
+        try:
+            self._tome_begin(x, attn_mask, is_causal)
+            if self._tome_build_ahead(x):
+                self._tome_begin(x, attn_mask, is_causal)  # afresh: the pass ahead merged along
+            # timm gets the mask too, though the blocks take it from the pass: with a mask timm checkpoints no block,
+            # and a checkpointed block runs again in the backward pass, outside this pass, as timm's block without one
+            return super().forward_features(x, attn_mask, is_causal)
+        finally:
+            self._tome_state.end()
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """timm's ``pool`` of the final features ``x`` ``[B, N, C]`` -> ``[B, C]`` (``global_pool=''``: ``x`` as it
+        is), an average weighting each token by its size ``[B, N, 1]`` from the last ``forward_features``: a merged
+        token counts as the tokens it holds."""
         pool_type = self.global_pool if pool_type is None else pool_type
         size = self._tome_state.size
         if size is None or pool_type in ("token", "", "max"):
@@ -308,11 +332,14 @@ class ToMeVisionTransformerMixin:
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} is not allowed: use NCHW or NLC")
-        self._tome_begin(x, attn_mask, is_causal, record_sources=True)
-        result = super().forward_intermediates(
-            x, indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early,
-            output_fmt="NLC", intermediates_only=False, output_dict=True,
-        )
+        try:
+            self._tome_begin(x, attn_mask, is_causal, record_sources=True)
+            result = super().forward_intermediates(  # the mask too: see forward_features
+                x, indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early,
+                output_fmt="NLC", intermediates_only=False, output_dict=True, attn_mask=attn_mask, is_causal=is_causal,
+            )
+        finally:
+            self._tome_state.end()
         take_indices, _ = feature_take_indices(len(self.blocks), indices)
         p = self.num_prefix_tokens
         sources = [self._tome_state.layer_sources[i] for i in take_indices]
@@ -324,7 +351,8 @@ class ToMeVisionTransformerMixin:
             features.append(y)
         if output_fmt == "NCHW":
             grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-            features = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in features]
+            # the channels spelled out, not -1: an empty batch has no elements to infer them from
+            features = [y.reshape(y.shape[0], *grid, y.shape[-1]).permute(0, 3, 1, 2).contiguous() for y in features]
         if output_dict:
             out = {"image_intermediates": features}
             if p and return_prefix_tokens:
@@ -367,7 +395,8 @@ def _check_supported(model: torch.nn.Module) -> None:
             "models (not those timm builds on another class, such as the Eva-based vit_*_rope_*)"
         )
     if model.attn_pool is not None:
-        raise UnsupportedModelError("global_pool='map' (attention pooling) is not supported by ToMe")
+        raise UnsupportedModelError(f"global_pool={model.global_pool!r} (attention pooling) is not supported by ToMe: "
+                                    "use token, avg, avgmax, max or ''")
     for i, blk in enumerate(model.blocks):
         if type(blk) not in (Block, ToMeBlock):
             raise UnsupportedModelError(f"blocks[{i}] is a {type(blk).__name__}: ToMe supports timm Block only")

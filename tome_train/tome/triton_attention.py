@@ -224,13 +224,14 @@ def _forward(q, k, v, size, scale, block_m, block_n, store_lse):
 
 
 # The block sizes (before fitting to the token count, :func:`_fitted`): the forward's queries per program and keys
-# per step (see :func:`proportional_attention`), the backward's rows per program and per step (see
-# :func:`proportional_attention_backward`)
+# per step (see :func:`triton_proportional_attention`), the backward's rows per program and per step (see
+# :func:`triton_proportional_attention_backward`)
 BLOCKS = {"block_m": 64, "block_n": 32, "block_outer": 128, "block_inner": 32}
 
 
-def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, scale: float,
-                           *, block_m: int = BLOCKS["block_m"], block_n: int = BLOCKS["block_n"]) -> torch.Tensor:
+def triton_proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, scale: float,
+                                  *, block_m: int = BLOCKS["block_m"], block_n: int = BLOCKS["block_n"]
+                                  ) -> torch.Tensor:
     """``softmax(q k^T * scale + log(size)) v``: keys weighed by the tokens they hold, the same for every head and
     query (``log(size)`` rounded to ``q``'s dtype, as SDPA's mask would hold it, and added in fp32).
 
@@ -251,7 +252,7 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, si
 
     Returns ``[B, H, N, D]`` in ``q``'s dtype, laid out in memory as ``[B, N, H, D]`` so that the caller's
     ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view. No gradient: see
-    :func:`proportional_attention_trainable`.
+    :func:`triton_proportional_attention_trainable`.
     """
     return _forward(q, k, v, size, scale, block_m, block_n, store_lse=False)[0]
 
@@ -263,19 +264,20 @@ def _fitted(block: int, num_tokens: int) -> int:
 
 
 def size_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """:func:`proportional_attention` at SDPA's default scale ``D ** -0.5``, blocks fitted to the token count:
+    """:func:`triton_proportional_attention` at SDPA's default scale ``D ** -0.5``, blocks fitted to the token count:
     the candidate for :func:`.attention._masked_attention`, with its arguments."""
     blocks = _fitted_blocks(q.shape[2])
-    return proportional_attention(q, k, v, size, q.shape[-1] ** -0.5, block_m=blocks["block_m"],
-                                  block_n=blocks["block_n"])
+    return triton_proportional_attention(q, k, v, size, q.shape[-1] ** -0.5, block_m=blocks["block_m"],
+                                         block_n=blocks["block_n"])
 
 
-def proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor,
-                                    out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
-                                    *, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                                    block_outer: int = BLOCKS["block_outer"], block_inner: int = BLOCKS["block_inner"]
-                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dq, dk, dv`` of :func:`proportional_attention`, flash-attention-2 style: the softmax weights are
+def triton_proportional_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor,
+                                           out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, scale: float,
+                                           *, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                                           block_outer: int = BLOCKS["block_outer"],
+                                           block_inner: int = BLOCKS["block_inner"]
+                                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` of :func:`triton_proportional_attention`, flash-attention-2 style: the softmax weights are
     recomputed from the forward's log-sum-exp, never stored, and each gradient has one writer (deterministic).
 
     Args:
@@ -322,18 +324,18 @@ def _packed_forward(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, scale
 def _packed_backward(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                      grad_out: torch.Tensor, scale: float, blocks: dict[str, int]) -> torch.Tensor:
     grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    proportional_attention_backward(*packed_heads(qkv, num_heads), size, out, lse, grad_out, scale,
-                                    grads=packed_heads(grad_qkv, num_heads), block_outer=blocks["block_outer"],
-                                    block_inner=blocks["block_inner"])
+    triton_proportional_attention_backward(*packed_heads(qkv, num_heads), size, out, lse, grad_out, scale,
+                                           grads=packed_heads(grad_qkv, num_heads), block_outer=blocks["block_outer"],
+                                           block_inner=blocks["block_inner"])
     return grad_qkv
 
 
 class ProportionalAttention(torch.autograd.Function):
-    """:func:`proportional_attention` of timm's packed ``qkv``, differentiable in it: the backward kernels write
+    """:func:`triton_proportional_attention` of timm's packed ``qkv``, differentiable in it: the backward kernels write
     ``dq, dk, dv`` where ``q, k, v`` lie in one ``[B, N, 3 * H * D]`` gradient, which goes to the qkv projection
     as it is (autograd through timm's split of the heads would stack the three and copy them into that layout).
     ``size`` gets no gradient (ToMe detaches the sizes). ``apply(qkv, num_heads, size, scale, blocks)`` with
-    ``blocks`` a dict of :func:`proportional_attention_trainable`'s block sizes."""
+    ``blocks`` a dict of :func:`triton_proportional_attention_trainable`'s block sizes."""
 
     @staticmethod
     def forward(ctx, qkv, num_heads, size, scale, blocks):
@@ -350,12 +352,12 @@ class ProportionalAttention(torch.autograd.Function):
             None, None
 
 
-def proportional_attention_trainable(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, scale: float, *,
-                                     block_m: int = BLOCKS["block_m"], block_n: int = BLOCKS["block_n"],
-                                     block_outer: int = BLOCKS["block_outer"], block_inner: int = BLOCKS["block_inner"]
-                                     ) -> torch.Tensor:
-    """:func:`proportional_attention` of ``q, k, v`` split from timm's packed ``qkv`` ``[B, N, 3 * H * D]``
-    (:func:`.attention.packed_heads`), with a gradient for ``qkv`` (:func:`proportional_attention_backward`; the
+def triton_proportional_attention_trainable(qkv: torch.Tensor, num_heads: int, size: torch.Tensor, scale: float, *,
+                                            block_m: int = BLOCKS["block_m"], block_n: int = BLOCKS["block_n"],
+                                            block_outer: int = BLOCKS["block_outer"],
+                                            block_inner: int = BLOCKS["block_inner"]) -> torch.Tensor:
+    """:func:`triton_proportional_attention` of ``q, k, v`` split from timm's packed ``qkv`` ``[B, N, 3 * H * D]``
+    (:func:`.attention.packed_heads`), with a gradient for ``qkv`` (:func:`triton_proportional_attention_backward`; the
     block sizes are theirs). The forward is the same kernel, which also keeps each row's log-sum-exp (fp32
     ``[B, H, N]``, 1/32 of ``q`` at D 64 in fp16) for the backward."""
     blocks = dict(block_m=block_m, block_n=block_n, block_outer=block_outer, block_inner=block_inner)
@@ -363,7 +365,7 @@ def proportional_attention_trainable(qkv: torch.Tensor, num_heads: int, size: to
 
 
 def _fitted_blocks(num_tokens: int) -> dict[str, int]:
-    """:func:`proportional_attention_trainable`'s block sizes, fitted to the token count (:func:`_fitted`)."""
+    """:func:`triton_proportional_attention_trainable`'s block sizes, fitted to the token count (:func:`_fitted`)."""
     return {name: _fitted(block, num_tokens) for name, block in BLOCKS.items()}
 
 
