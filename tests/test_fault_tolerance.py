@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_a_requeue_saves_right_after_an_optimizer_step(tmp_path, monkeypatch, ca
     import pytorch_lightning as pl
 
     from tome_train.data import ImageDataModule
-    from tome_train.requeue import SlurmRequeue
+    from tome_train.requeue import RunRequeued, SlurmRequeue
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -151,10 +152,83 @@ def test_a_requeue_saves_right_after_an_optimizer_step(tmp_path, monkeypatch, ca
                 requeue.signalled = True  # what the SIGUSR1 handler records
 
     datamodule = ImageDataModule(load_config(None, ["data.batch_size=100"]).data, 8, seed=0, with_meta=True)
-    keys = fit_linear(datamodule, [SignalAfterBatch4(), requeue], max_epochs=1, accumulate_grad_batches=2,
-                      default_root_dir=tmp_path)
-    assert len(keys) == 8 and requeue.requeued
+    with pytest.raises(RunRequeued):
+        fit_linear(datamodule, [SignalAfterBatch4(), requeue], max_epochs=1, accumulate_grad_batches=2,
+                   default_root_dir=tmp_path)
     checkpoint = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 4
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_done": 8}]
     assert "Requeuing SLURM job 4242 failed (no scontrol on PATH)" in capsys.readouterr().out
+
+
+def _slurm_job(monkeypatch, tmp_path) -> Path:
+    """This process as the one task of SLURM job 777, Lightning's SLURM environment and all; ``scontrol`` a script
+    that writes down its arguments (SLURM itself: tests/test_slurm.py)."""
+    for key, value in dict(SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NAME="tome", SLURM_JOB_ID="777",
+                           SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost").items():
+        monkeypatch.setenv(key, value)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+def test_a_requeue_mid_epoch_stops_at_once_and_the_restart_trains_the_rest_of_that_epoch(tmp_path, monkeypatch):
+    """SIGUSR1 in epoch 0; the requeue comes at global step 10, in epoch 1's 4th batch. Nothing runs after its
+    checkpoint: no validation of the part epoch, no epoch-end checkpoint, which the restart would resume as the
+    whole epoch. The restarted job resumes hpc_ckpt_1 and trains the epoch's last 2 batches."""
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    from tome_train.module import ToMeClassifier
+
+    calls = _slurm_job(monkeypatch, tmp_path)
+    assert SLURMEnvironment.detect()
+    training_step = ToMeClassifier.training_step
+
+    def signalled_at_batch_2(self, batch, batch_idx):
+        if self.current_epoch == 0 and batch_idx == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what --signal=SIGUSR1@90 sends before the time limit
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ToMeClassifier, "training_step", signalled_at_batch_2)
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [*QUICK, "trainer.epochs=2", "trainer.limit_train_batches=6", f"output_dir={run_dir}"])
+    assert train(cfg) == {"run_dir": str(run_dir), "requeued": True}
+    assert calls.read_text() == "requeue 777\n"
+    hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert hpc["global_step"] == 10 and hpc["epoch"] == 1
+    epoch_end_saves = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert epoch_end_saves == ["best-epoch=000.ckpt", "last.ckpt"]  # of epoch 0, at step 6
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+    monkeypatch.setattr(ToMeClassifier, "training_step", training_step)
+    assert "val_top1" in train(cfg)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
+
+
+def test_a_sigterm_saves_where_it_stopped_and_exits_143_and_the_same_command_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = _command(run_dir, "trainer.epochs=2", f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+                   "trainer.checkpoint_every_n_steps=3")
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not last.is_file():
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
+    assert 3 <= step < 2 * STEPS_PER_EPOCH
+    assert f"stopped by SIGTERM at global step {step}: saved {hpc}, which the same command resumes\n" in out
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from {hpc}" in again.stdout
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH

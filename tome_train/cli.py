@@ -11,6 +11,7 @@ import contextlib
 import logging
 import netrc
 import os
+import signal
 import sys
 import uuid
 import warnings
@@ -121,7 +122,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
 
     from .checkpoint_io import AtomicCheckpointIO
     from .module import ModelSummaryWithFlops, ThroughputOfReadBatches
-    from .requeue import SlurmRequeue
+    from .requeue import CheckpointOnSigterm, SlurmRequeue
 
     t = cfg.trainer
     run_id = wandb_run_id(cfg, run_dir)
@@ -147,6 +148,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     ]
     if t.checkpoint_every_n_steps:
         callbacks.append(newest(every_n_train_steps=t.checkpoint_every_n_steps))
+    callbacks.append(CheckpointOnSigterm())
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # the requeue is ours (SlurmRequeue): Lightning's handler saves from inside the signal
@@ -210,8 +212,8 @@ def _not_a_logger_advert(record: logging.LogRecord) -> bool:
 def _run_ended_on_error():
     """A run that raises an error closes its progress bars, so that the error's one line is a line of its own, and
     ends its wandb run as failed, so that the next run in this process (a notebook, the tests) starts its own instead
-    of logging into this one. Signals and exits (SLURM's SIGTERM on a requeue, which is Lightning's
-    ``SIGTERMException``, a ``SystemExit``) end the process, and wandb's exit hook ends the run."""
+    of logging into this one. Signals and exits (a SIGTERM, which is Lightning's ``SIGTERMException``, a
+    ``SystemExit``) end the process, and wandb's exit hook ends the run."""
     try:
         yield
     except Exception:
@@ -234,6 +236,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     from .checkpoint_io import check_same_training, check_weights_fit, read_resume_checkpoint
     from .data import ImageDataModule
     from .module import ToMeClassifier
+    from .requeue import RunRequeued
     from .tome import GRAPHED_COMPILE_MODES, kernels
 
     # Lightning's hint that srun exists but is unused: a local run on a SLURM login node is intended.
@@ -264,8 +267,13 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     # compiled graphs replayed as CUDA graphs: the kernels are chosen by the device's time alone
     graphed = cfg.trainer.compile in GRAPHED_COMPILE_MODES
     with _run_ended_on_error():
-        with kernels.choosing_for_graphs() if graphed else contextlib.nullcontext():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        try:
+            with kernels.choosing_for_graphs() if graphed else contextlib.nullcontext():
+                trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        except RunRequeued:  # SLURM restarts the job from its checkpoint, into the same wandb run
+            if trainer.logger is not None:
+                trainer.logger.experiment.finish()
+            return {"run_dir": str(run_dir), "requeued": True}
         return _after_fit(cfg, trainer, module, datamodule, run_dir)
 
 
@@ -273,8 +281,6 @@ def _after_fit(cfg: DictConfig, trainer, module, datamodule, run_dir: Path) -> d
     """The fitted run's result: its top-1 (validating a run that had already finished) and trade-off report."""
     from .tradeoff import report_tradeoff
 
-    if any(getattr(cb, "requeued", False) for cb in trainer.callbacks):
-        return {"run_dir": str(run_dir), "requeued": True}  # SLURM restarts the job from its checkpoint
     top1 = trainer.callback_metrics.get("val/top1")
     if top1 is None:  # the run had already finished, so fit did nothing: validate the checkpoint it resumed
         if trainer.is_global_zero:
@@ -424,4 +430,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2
+    except SystemExit as e:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if not isinstance(e, SIGTERMException):
+            raise
+        return 128 + signal.SIGTERM  # a stopped run is no finished one (CheckpointOnSigterm said where it stopped)
     return 0
