@@ -80,9 +80,6 @@ def test_write_sbatch_cpu_processes_have_no_gpu_line(tmp_path):
     h = _header(write_sbatch(tmp_path, "x", opts, _train_argv(tmp_path, 2, 3)).read_text())
     assert "--ntasks-per-node=3" in h and "--nodes=2" in h
     assert not [line for line in h if "gpu" in line or "gres" in line]
-    # the accelerator argument (what the CLI passes) wins over the options' default
-    h = _header(render_sbatch(tmp_path, "x", SlurmOptions(gpus_per_node=2), _train_argv(tmp_path, 1, 2), accelerator="cpu"))
-    assert not [line for line in h if "gpu" in line]
     h = _header(render_sbatch(tmp_path, "x", SlurmOptions(gpus_per_node=2), _train_argv(tmp_path, 1, 2)))
     assert "--gpus-per-node=2" in h
     # optional values left out stay out of the header
@@ -178,11 +175,17 @@ def test_slurm_refuses_what_the_job_would_fail_on_before_writing_it(tmp_path, ca
     assert script.startswith("#!/bin/bash\n") and script == (run_dir / "job.sbatch").read_text()  # print ends it
 
 
-def test_submit_without_sbatch_is_one_line(tmp_path, monkeypatch):
+def test_submit_without_sbatch_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, imagenet_layout):
+    from tome_train.cli import main
+
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SlurmError) as e:
         submit(tmp_path / "job.sbatch")
     assert "sbatch not found" in str(e.value) and "\n" not in str(e.value)
+    run_dir = tmp_path / "run"
+    assert main(["--recipe", "mae_vitl_r8", "--slurm", "--output-dir", str(run_dir), f"data.root={imagenet_layout}"]) == 2
+    assert capsys.readouterr().err.startswith("error: sbatch not found on PATH: submit from a SLURM login node")
+    assert not run_dir.exists()  # neither its script nor its wandb id
 
 
 def test_submit_reports_refusal_and_parses_the_job_id(tmp_path, monkeypatch):

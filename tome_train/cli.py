@@ -360,7 +360,7 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
 def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
     """Write the run's sbatch script into its run directory and submit it (``--dry-run``: only write it), once the
     checks of a dry run pass; returns the run's plan, then the job id (or the script)."""
-    from .slurm import SlurmOptions, check_job, submit, write_sbatch
+    from .slurm import SlurmOptions, check_job, find_sbatch, submit, write_sbatch
 
     nodes, gpus_per_node = cfg.trainer.num_nodes, cfg.trainer.devices
     if gpus_per_node == "auto":
@@ -381,15 +381,16 @@ def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
     opts = SlurmOptions(
         nodes=nodes, gpus_per_node=gpus_per_node, partition=args.partition, time=args.time,
         account=args.account, qos=args.qos, cpus_per_task=args.cpus_per_task, mem=args.mem,
-        constraint=args.constraint,
+        constraint=args.constraint, accelerator="cpu" if cfg.trainer.accelerator == "cpu" else "gpu",
     )
-    accelerator = "cpu" if cfg.trainer.accelerator == "cpu" else "gpu"
-    check_job(opts, accelerator, train_argv)  # before the run directory and its wandb id are made
+    check_job(opts, train_argv)  # before the run directory and its wandb id are made
+    if not args.dry_run:
+        find_sbatch()
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = wandb_run_id(cfg, run_dir)
     keep_wandb_run_id(cfg, run_dir, run_id)
     train_argv.append(f"wandb.id={run_id}")
-    script = write_sbatch(run_dir, f"tome-{cfg.name}", opts, train_argv, accelerator=accelerator)
+    script = write_sbatch(run_dir, f"tome-{cfg.name}", opts, train_argv)
     if args.dry_run:
         return f"{plan}\n\n{script.read_text().rstrip()}"
     return f"{plan}\nsubmitted job {submit(script)}; script {script}"

@@ -28,7 +28,6 @@ The script, for ``nodes=2, gpus_per_node=4``::
 """
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -42,6 +41,8 @@ from .config import PROJECT_ROOT, ConfigError
 
 TRAIN_SCRIPT = PROJECT_ROOT / "train.py"
 SCRIPT_NAME = "job.sbatch"
+# SIGUSR1 this long before the time limit (SLURM's timing is good to about a minute): the ranks save, rank 0 requeues
+WARNING_SECONDS = 90
 # Lightning refuses to manage processes itself for these job names (interactive allocations).
 RESERVED_JOB_NAMES = ("bash", "interactive")
 
@@ -66,8 +67,6 @@ class SlurmOptions:
     constraint: Optional[str] = None
     extra_sbatch: list[str] = field(default_factory=list)  # more header lines: "--exclusive" or "#SBATCH --exclusive"
     setup: list[str] = field(default_factory=list)  # shell lines run before srun, e.g. "module load cuda"
-    signal_seconds: int = 90  # SIGUSR1 this long before the time limit: the ranks checkpoint, rank 0 requeues
-    requeue: bool = True
 
 
 def job_name_for(name: str) -> str:
@@ -90,7 +89,7 @@ _TIME = re.compile(r"(\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite)", re
 _MEM = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
 
 
-def check_job(opts: SlurmOptions, accelerator: str, train_argv: list[str]) -> None:
+def check_job(opts: SlurmOptions, train_argv: list[str]) -> None:
     """Raise :class:`SlurmError` for options sbatch or Lightning would refuse, before anything is written."""
     for name in ("nodes", "gpus_per_node"):
         value = getattr(opts, name)
@@ -98,8 +97,8 @@ def check_job(opts: SlurmOptions, accelerator: str, train_argv: list[str]) -> No
             raise SlurmError(f"slurm {name}={value!r}: use a positive integer")
     if opts.cpus_per_task is not None and (not isinstance(opts.cpus_per_task, int) or opts.cpus_per_task < 1):
         raise SlurmError(f"slurm cpus_per_task={opts.cpus_per_task!r}: use a positive integer")
-    if accelerator not in ("gpu", "cpu"):
-        raise SlurmError(f"slurm accelerator={accelerator!r}: use gpu or cpu")
+    if opts.accelerator not in ("gpu", "cpu"):
+        raise SlurmError(f"slurm accelerator={opts.accelerator!r}: use gpu or cpu")
     # Lightning's rule: --nodes == trainer.num_nodes and --ntasks-per-node == trainer.devices.
     for key, want in (("trainer.num_nodes", opts.nodes), ("trainer.devices", opts.gpus_per_node)):
         got = _argv_value(train_argv, key)
@@ -124,37 +123,30 @@ def render_sbatch(
     opts: SlurmOptions,
     train_argv: list[str],
     python: str = sys.executable,
-    accelerator: Optional[str] = None,
     train_script: Optional[Path] = None,
-    workdir: Optional[Path] = None,
 ) -> str:
     """The text of the sbatch script (see :func:`write_sbatch`)."""
-    accelerator = (accelerator or opts.accelerator).lower()
-    if accelerator in ("cuda", "auto"):
-        accelerator = "gpu"
-    check_job(opts, accelerator, list(train_argv))
+    check_job(opts, list(train_argv))
     run_dir = Path(run_dir).resolve()
     train_script = Path(train_script or TRAIN_SCRIPT).resolve()
-    workdir = Path(workdir or os.getcwd()).resolve()
     g = opts.gpus_per_node
     header = [
         f"--job-name={job_name_for(job_name)}",
         f"--nodes={opts.nodes}",
         f"--ntasks-per-node={g}",  # one task per device: Lightning's SLURM rule
     ]
-    if accelerator == "gpu":
+    if opts.accelerator == "gpu":
         header.append(f"--gpus-per-node={g}")
     optional = {
         "cpus-per-task": opts.cpus_per_task, "mem": opts.mem, "partition": opts.partition, "time": opts.time,
         "account": opts.account, "qos": opts.qos, "constraint": opts.constraint,
     }
     header += [f"--{k}={v}" for k, v in optional.items() if v is not None]
-    header += [f"--signal=SIGUSR1@{int(opts.signal_seconds)}"]
-    header += ["--requeue"] if opts.requeue else ["--no-requeue"]
+    header += [f"--signal=SIGUSR1@{WARNING_SECONDS}", "--requeue"]
     header += [
         f"--output={run_dir}/slurm-%j.out",
         "--open-mode=append",  # a requeued job appends to the same log
-        f"--chdir={workdir}",
+        f"--chdir={Path.cwd()}",  # where the job runs: where it was submitted
     ]
     for line in opts.extra_sbatch:
         line = line.strip()
@@ -178,9 +170,7 @@ def write_sbatch(run_dir: Path, job_name: str, opts: SlurmOptions, train_argv: l
 
     ``train_argv`` is the training command line after ``train.py``: the recipe, and the fixed
     ``output_dir=<run_dir>``, ``wandb.id=<id>``, ``trainer.num_nodes=N`` and ``trainer.devices=G``
-    overrides (a mismatch with ``opts`` is refused). ``accelerator`` (default ``opts.accelerator``):
-    ``gpu`` requests ``gpus_per_node`` GPUs per node, ``cpu`` none (``gpus_per_node`` processes
-    per node all the same). ``workdir`` (default: the current directory) is where the job runs.
+    overrides (a mismatch with ``opts`` is refused). The job runs in the current directory.
     """
     text = render_sbatch(run_dir, job_name, opts, train_argv, **render_args)
     run_dir = Path(run_dir)
@@ -191,13 +181,18 @@ def write_sbatch(run_dir: Path, job_name: str, opts: SlurmOptions, train_argv: l
     return script
 
 
-def submit(script: Path, sbatch: str = "sbatch") -> str:
-    """Submit with ``sbatch --parsable`` and return the job id; :class:`SlurmError` on failure."""
+def find_sbatch(sbatch: str = "sbatch") -> str:
+    """The path of ``sbatch``, or :class:`SlurmError`: checked before the run directory and its script are written."""
     exe = shutil.which(sbatch)
     if exe is None:
-        raise SlurmError(
-            f"{sbatch} not found on PATH: submit from a SLURM login node, or use --dry-run to only write {script}"
-        )
+        raise SlurmError(f"{sbatch} not found on PATH: submit from a SLURM login node, or use --dry-run to only write "
+                         "the job's script")
+    return exe
+
+
+def submit(script: Path, sbatch: str = "sbatch") -> str:
+    """Submit with ``sbatch --parsable`` and return the job id; :class:`SlurmError` on failure."""
+    exe = find_sbatch(sbatch)
     proc = subprocess.run([exe, "--parsable", str(script)], capture_output=True, text=True)
     if proc.returncode != 0:
         msg = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()[-1]
