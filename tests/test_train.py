@@ -434,3 +434,13 @@ def test_compiled_training_in_a_compile_mode(tmp_path, monkeypatch):
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 1  # an int limit counts batches, as Lightning's does, even at 1
     assert ckpt["state_dict"] and not any("_orig_mod" in key for key in ckpt["state_dict"])
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--bogus"], "error: unrecognized arguments: --bogus (see train.py --help)\n"),
+    (["--nodes", "x"], "error: argument --nodes: invalid int value: 'x' (see train.py --help)\n"),
+])
+def test_a_command_line_argparse_refuses_is_one_line_exit_2(capsys, argv, error):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and capsys.readouterr().err == error

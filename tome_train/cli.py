@@ -37,8 +37,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (CheckpointError, ResumeError, ScheduleError, UnsupportedModelError)
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose refusal of the command line is one line (and exit code 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="train.py",
         description="Train a timm ViT with Token Merging. Subcommands: `export ...`, `bench ...`.",
     )
