@@ -172,6 +172,9 @@ def test_slurm_refuses_what_the_job_would_fail_on_before_writing_it(tmp_path, ca
         f"output_dir={run_dir}", "trainer.devices=8"]
     assert plan.startswith("recipe mae_vitl_r8: vit_large_patch16_224 on webdataset, 4 node(s) x 8 device(s)\n")
     assert "r_train 8: merges per layer [8, 8," in plan
+    assert plan.endswith("\ncheckpoint: none (training from scratch)\nnote: recipe mae_vitl_r8 fine-tunes "
+                         "(model.head_init_std=2e-05) but model.checkpoint is not set: it trains from random weights; "
+                         "pass model.checkpoint=PATH (the MAE pretrain checkpoint)")
     assert script.startswith("#!/bin/bash\n") and script == (run_dir / "job.sbatch").read_text()  # print ends it
 
 

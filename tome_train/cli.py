@@ -210,6 +210,14 @@ def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
     return ckpt
 
 
+def _fine_tunes_from_scratch(cfg: DictConfig) -> str | None:
+    """What to tell of a fine-tuning recipe (its head re-initialised, as MAE's is) given no checkpoint to fine-tune."""
+    if cfg.model.head_init_std is None or cfg.model.checkpoint:
+        return None
+    return (f"recipe {cfg.name} fine-tunes (model.head_init_std={cfg.model.head_init_std:g}) but model.checkpoint is not "
+            "set: it trains from random weights; pass model.checkpoint=PATH (the MAE pretrain checkpoint)")
+
+
 def _not_a_logger_advert(record: logging.LogRecord) -> bool:
     """Lightning's tip at every run to install its hosted logger: the run logs to wandb."""
     return "litlogger" not in record.getMessage()
@@ -271,6 +279,8 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     trainer = build_trainer(cfg, run_dir)
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt}" + (f" with changes: {'; '.join(changes)}" if changes else ""))
+    elif trainer.is_global_zero and (note := _fine_tunes_from_scratch(cfg)):
+        print(f"note: {note}")
     # compiled graphs replayed as CUDA graphs: the kernels are chosen by the device's time alone
     graphed = cfg.trainer.compile in GRAPHED_COMPILE_MODES
     with _run_ended_on_error():
@@ -361,6 +371,8 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
         lines.append(f"checkpoint {cfg.model.checkpoint}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     else:
         lines.append("checkpoint: none (training from scratch)")
+        note = _fine_tunes_from_scratch(cfg)
+        lines += [f"note: {note}"] if note else []
     return "\n".join(lines)
 
 
