@@ -324,7 +324,7 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
     from .checkpoint_io import check_same_training, read_resume_checkpoint
     from .data import ImageDataModule
     from .models import build_model, checkpoint_summary
-    from .tome import ViTDims, apply_tome, flop_bound, vit_flops
+    from .tome import ViTDims, apply_tome, flop_bound, tome_state, vit_flops
 
     t = cfg.trainer
     world = world_size(t)
@@ -348,7 +348,7 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
     for key in ("r_train", "r_eval"):
         r = schedule_of(cfg.tome.r_train) if key == "r_train" else eval_schedule(cfg.tome)
         apply_tome(model, r=r, prop_attn=cfg.tome.prop_attn)
-        schedule = model._tome_state.schedule
+        schedule = tome_state(model).schedule
         counts = dims.tokens_per_layer(schedule)
         merges = [n_in - n_out for n_in, n_out in zip(counts, counts[1:])]
         capped = "" if merges == schedule else (

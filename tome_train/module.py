@@ -20,13 +20,13 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from .config import check_schedules_fit, eval_schedule, global_batch, peak_lr, schedule_of
 from .data.locations import DataError
 from .models import build_model
-from .tome import ViTDims, apply_tome, set_r, vit_flops
+from .tome import ViTDims, apply_tome, set_r, tome_state, vit_flops
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,12 +77,13 @@ class ToMeClassifier(pl.LightningModule):
 
         self.ema = ModelEmaV3(self.model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         n = cfg.model.num_classes
-        self.val_top1, self.val_top5 = _accuracy(n, 1), _accuracy(n, 5)
+        accuracy = MetricCollection({"top1": _accuracy(n, 1), "top5": _accuracy(n, 5)})
+        self.val_accuracy = accuracy.clone(prefix="val/")
+        self.ema_accuracy = accuracy.clone(prefix="val/ema_") if self.ema is not None else None
         # a metric, not a per-step log: a rank whose batches were all unreadable logs it all the same (a per-step
         # value it never logged would leave it a collective short of the others at the epoch's sync)
         self.val_loss = MeanMetric()
         if self.ema is not None:
-            self.ema_top1, self.ema_top5 = _accuracy(n, 1), _accuracy(n, 5)
             # timm leaves its copy in eval mode; Lightning puts every module in eval mode for validation itself, and
             # the copy, never run in training, need not set off its warning about modules left in eval mode
             self.ema.train()
@@ -100,7 +101,7 @@ class ToMeClassifier(pl.LightningModule):
 
     def tokens_per_layer(self) -> list[int]:
         """Tokens entering each block at the current schedule, and after the last one."""
-        schedule = self.model._tome_state.schedule
+        schedule = tome_state(self.model).schedule
         return self.dims.tokens_per_layer(schedule)
 
     def image_flops(self, r: Any) -> int:
@@ -166,12 +167,9 @@ class ToMeClassifier(pl.LightningModule):
         images = self._channels(images)
         logits = self(images)
         self.val_loss.update(F.cross_entropy(logits, targets), weight=images.shape[0])
-        self.val_top1.update(logits, targets)
-        self.val_top5.update(logits, targets)
+        self.val_accuracy.update(logits, targets)
         if self.ema is not None:
-            ema_logits = self.ema.module(images)
-            self.ema_top1.update(ema_logits, targets)
-            self.ema_top5.update(ema_logits, targets)
+            self.ema_accuracy.update(self.ema.module(images), targets)
 
     def on_train_epoch_end(self) -> None:
         # images the data skipped as unreadable in this epoch's training and validation, over every rank: on a run of
@@ -190,16 +188,12 @@ class ToMeClassifier(pl.LightningModule):
         # torchmetrics syncs its counts across ranks once here, so ranks may see unequal batch counts; every rank then
         # holds the same value, which sync_dist averages to itself (Lightning warns of epoch-level logs without it).
         self.log("val/loss", self.val_loss.compute(), sync_dist=True)
-        self.log("val/top1", self.val_top1.compute() * 100, prog_bar=True, sync_dist=True)
-        self.log("val/top5", self.val_top5.compute() * 100, sync_dist=True)
         self.val_loss.reset()
-        self.val_top1.reset()
-        self.val_top5.reset()
-        if self.ema is not None:
-            self.log("val/ema_top1", self.ema_top1.compute() * 100, sync_dist=True)
-            self.log("val/ema_top5", self.ema_top5.compute() * 100, sync_dist=True)
-            self.ema_top1.reset()
-            self.ema_top5.reset()
+        for accuracy in (self.val_accuracy, self.ema_accuracy):
+            if accuracy is not None:
+                for name, value in accuracy.compute().items():
+                    self.log(name, value * 100, prog_bar=name == "val/top1", sync_dist=True)  # in percent, as papers
+                accuracy.reset()
 
     def _note_validation_short_of_the_data(self, seen: int) -> None:
         """Says once per run where a whole validation pass read fewer images than the data holds (unreadable ones, a

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from .tome import flop_bound, max_merges, vit_flops
+from .tome import flop_bound, max_merges, tome_state, vit_flops
 
 COLUMNS = ["r", "tokens_final", "gflops", "flop_bound", "top1", "top5", "images_per_s", "speedup"]
 
@@ -160,7 +160,7 @@ def merge_visualization(
     dark line where neighbouring patches belong to different tokens (the paper's Fig. 4). The
     forward runs in ``forward_context()`` (the run's precision, as in :func:`images_per_s`).
     """
-    state = model._tome_state
+    state = tome_state(model)
     state.trace_source = True
     try:
         with torch.no_grad(), forward_context():
