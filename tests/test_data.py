@@ -1,6 +1,7 @@
 """tome_train.data: the three sources, the shard writer, repeated augmentation and bad input (fast, CPU)."""
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from collections import Counter
@@ -354,6 +355,37 @@ def test_repeated_augmentation_sampler(tree):
     assert dm.steps_per_epoch(2) == 9 // 2 and len(dm.train_dataloader()) == 18 // 2
 
 
+class _RngDraws(torch.utils.data.Dataset):
+    """What an augmentation draws in a DataLoader worker: a number from each RNG timm's transforms use."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[float, float, float]:
+        import random
+
+        return torch.rand(()).item(), random.random(), float(np.random.rand())
+
+
+def test_every_worker_of_every_rank_draws_its_own_augmentations():
+    """torch seeds worker k of every rank alike from one global seed, and numpy not at all: without the rank mixed in
+    by the loader's worker_init_fn, every rank drew the same random crops (and numpy the same in every worker)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    draws = []
+    for rank in (0, 1):
+        dm = ImageDataModule(data_cfg(num_workers=2), IMG, 0)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0)
+        init = dm.train_dataloader().worker_init_fn
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # seed_everything: the same on every rank
+            draws += list(DataLoader(_RngDraws(), batch_size=None, num_workers=2, worker_init_fn=init))
+    for rng in range(3):  # torch, python, numpy: 2 ranks x 2 workers x 2 draws, no two alike
+        assert len({d[rng] for d in draws}) == 8
+
+
 def test_randaugment_posterize_zero_bits_survives_pillow():
     from timm.data.auto_augment import RandAugment
 
@@ -430,6 +462,54 @@ def test_shard_writer_cli(tree, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         shards_main(["--out", str(out)])
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_digit_shards_are_upsampled_with_the_recipes_interpolation(tmp_path, monkeypatch):
+    """The writer took the recipe's image size and split but upsampled with a default of its own (bilinear)."""
+    import tome_train.config
+    from tome_train.data.digits import digits_images
+
+    recipe = load_config(overrides=["data.interpolation=nearest"])
+    monkeypatch.setattr(tome_train.config, "load_config", lambda: recipe)
+    write_digits_shards(str(tmp_path), img_size=16, val_per_shard=360)
+    with tarfile.open(tmp_path / "imagenet1k-validation-00.tar") as tar:
+        jpg = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg"))
+    written = np.asarray(Image.open(io.BytesIO(jpg)).convert("L"), dtype=np.float32)
+    first = digits_split(recipe.data.val_fraction)[1][:1]
+    error = {mode: np.abs(written - digits_images(first, 16, mode)[0, 0].numpy()).mean()
+             for mode in ("nearest", "bilinear")}
+    assert error["nearest"] < 3 < error["bilinear"], error  # JPEG's loss, against the other interpolation's
+
+
+def test_shard_writer_lists_what_the_imagefolder_source_reads(tmp_path):
+    """The writer had a listing of its own beside the imagefolder source's: the same images, hidden files and folders
+    and files that are no image left out, and val labelled by train's classes (a class without a val folder)."""
+    from tome_train.data.imagefolder import Folder
+    from tome_train.data.shards import list_tree, write_imagefolder_shards
+
+    tree = tmp_path / "tree"
+    for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("ant", "cat"))):
+        for c in classes:
+            (tree / split / c / "deeper").mkdir(parents=True)
+            for name in (f"{c}.jpg", f"{c}.JPEG", f"deeper/{c}.png", f".{c}.jpg", f"{c}.txt", f"{c}.jpg.bak"):
+                Image.new("RGB", (8, 8)).save(tree / split / c / name, format="PNG")
+            (tree / split / c / ".cache").mkdir()
+            Image.new("RGB", (8, 8)).save(tree / split / c / ".cache" / f"{c}.jpg")
+        (tree / split / ".ipynb_checkpoints").mkdir()
+        Image.new("RGB", (8, 8)).save(tree / split / ".ipynb_checkpoints" / "x.jpg")
+    train, classes = list_tree(str(tree), "train")
+    val, _ = list_tree(str(tree), "val", classes)
+    source = ImageDataModule(data_cfg(source="imagefolder", root=str(tree)), IMG, 0)
+    assert train == source._dataset("train").samples and val == source._dataset("val").samples
+    assert classes == ["ant", "bee", "cat"] and [label for _, label in val] == [0, 0, 0, 2, 2, 2]
+    assert {os.path.relpath(path, tree / "val") for path, _ in val} == {
+        f"{c}/{name}" for c in ("ant", "cat") for name in (f"{c}.jpg", f"{c}.JPEG", f"deeper/{c}.png")}
+    written = write_imagefolder_shards(str(tree), str(tmp_path / "out"))
+    assert (written["train"]["samples"], written["val"]["samples"], written["classes"]) == (9, 6, 3)
+    (tree / "val" / "dog").mkdir()
+    with pytest.raises(DataError, match="class folder 'dog' is not one of the train directory's classes"):
+        write_imagefolder_shards(str(tree), str(tmp_path / "out"))
+    assert len(Folder(str(tree), "train", None).samples) == 9
 
 
 def test_shard_writer_keeps_files_of_one_name_and_skips_what_it_cannot_read(tmp_path, capfd):

@@ -210,25 +210,28 @@ def test_a_requeue_mid_epoch_stops_at_once_and_the_restart_trains_the_rest_of_th
 
 
 def test_a_sigterm_saves_where_it_stopped_and_exits_143_and_the_same_command_resumes(tmp_path):
+    """SIGTERM to every process of the run, as SLURM sends it (a preemption, scancel): its DataLoader workers too,
+    which took the run down with a traceback before it could save."""
     run_dir = tmp_path / "run"
-    cmd = _command(run_dir, "trainer.epochs=2", f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
-                   "trainer.checkpoint_every_n_steps=3")
+    cmd = _command(run_dir, "trainer.epochs=1", f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+                   "trainer.checkpoint_every_n_steps=3", "data.num_workers=2")
     env = {**os.environ, "WANDB_SILENT": "true"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not last.is_file():
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be stopped"
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err[-2000:]
     hpc = run_dir / "hpc_ckpt_1.ckpt"
     step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
-    assert 3 <= step < 2 * STEPS_PER_EPOCH
+    assert 3 <= step < STEPS_PER_EPOCH
     assert f"stopped by SIGTERM at global step {step}: saved {hpc}, which the same command resumes\n" in out
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from {hpc}" in again.stdout
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == STEPS_PER_EPOCH

@@ -175,6 +175,9 @@ def _create(name: str, img_size: int | None, device: torch.device | str) -> torc
     import timm
     from timm.models import VisionTransformer
 
+    from .config import ConfigError
+    from .models import check_patch_grid
+
     check_model_name(name)
     kwargs = {"img_size": img_size} if img_size is not None else {}
     with torch.device(device):
@@ -188,16 +191,11 @@ def _create(name: str, img_size: int | None, device: torch.device | str) -> torc
             if model is None or isinstance(model, VisionTransformer):
                 at = f" at img_size={img_size}" if img_size is not None else ""
                 raise BenchError(f"cannot build {name!r}{at}: {e}") from None
-    if not isinstance(model, VisionTransformer):
-        raise BenchError(
-            f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer: ToMe patches most vit_*, deit_* and "
-            f"deit3_* models, such as vit_base_patch16_224 or deit_small_patch16_224 (not those timm builds on another "
-            f"class, like the Eva-based vit_*_rope_*)"
-        )
-    if img_size is not None:
-        patch = model.patch_embed.patch_size
-        if img_size % patch[0] or img_size % patch[1]:
-            raise BenchError(f"img_size={img_size} is not a multiple of the patch size {patch[0]} of {name!r}")
+    # the training run's check (a model that is no ViT is named by apply_tome, in _patch)
+    try:
+        check_patch_grid(model, name, img_size, key="img_size")
+    except ConfigError as e:
+        raise BenchError(str(e)) from None
     return model
 
 

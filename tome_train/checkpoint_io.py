@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning.plugins import TorchCheckpointIO
 from omegaconf import DictConfig
 
 

@@ -326,15 +326,16 @@ def _as_dict(x: Any) -> dict:
     return dict(x)
 
 
-def _check_patch_grid(model: nn.Module, model_cfg: DictConfig) -> None:
-    """The image must tile into whole patches: timm builds the model for any size and fails at the first forward."""
+def check_patch_grid(model: nn.Module, arch: str, img_size: Any, key: str = "model.img_size") -> None:
+    """The image must tile into whole patches: timm builds the model for any size and fails at the first forward.
+    :class:`ConfigError` names the size as ``key``."""
     embed = getattr(model, "patch_embed", None)
     if embed is None or getattr(embed, "dynamic_img_pad", False) or getattr(embed, "img_size", None) is None:
         return
     if any(size % patch for size, patch in zip(embed.img_size, embed.patch_size)):
         height, width = embed.patch_size
-        raise ConfigError(f"model.img_size={model_cfg.img_size} is not allowed for {model_cfg.arch} with {height}x{width} "
-                          "patches: use a multiple of the patch size")
+        raise ConfigError(f"{key}={img_size} is not allowed for {arch} with {height}x{width} patches: use a multiple "
+                          "of the patch size")
 
 
 def build_model(
@@ -366,7 +367,7 @@ def build_model(
             model = timm.create_model(model_cfg.arch, **create)
     except TypeError as e:  # an argument the model's constructor does not take: a typo in model.timm_kwargs
         raise ConfigError(f"model.timm_kwargs={kwargs}: {model_cfg.arch} does not take them ({e})") from None
-    _check_patch_grid(model, model_cfg)
+    check_patch_grid(model, model_cfg.arch, model_cfg.img_size)
 
     checkpoint = getattr(model_cfg, "checkpoint", None)
     head_init_std = getattr(model_cfg, "head_init_std", None)

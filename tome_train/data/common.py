@@ -6,12 +6,11 @@ import hashlib
 import itertools
 import logging
 import multiprocessing as mp
-import random
+import signal
 from typing import Any, Callable, Optional
 
-import numpy as np
-import torch
 import torch.distributed as dist
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -42,17 +41,17 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def seed_worker(worker_id: int, rank: int = 0) -> None:
-    """DataLoader worker_init_fn: decorrelate augmentation RNGs across ranks.
+def init_worker(worker_id: int, rank: int) -> None:
+    """DataLoader ``worker_init_fn``. Lightning's worker seeding, set here as Lightning adds it only in a Trainer after
+    ``seed_everything(workers=True)``: from one global seed torch seeds worker k of every rank alike (and numpy not at
+    all), so every rank drew the same random crops; this mixes the rank into torch's, python's and numpy's seeds.
 
-    torch seeds worker k with base_seed + k, where base_seed comes from the main process's RNG: with one
-    global seed, every rank would draw the same base seed and so the same random crops. Mixing in the rank
-    gives every rank x worker its own stream (python, numpy and torch, as timm's transforms use all three).
+    And SIGTERM ignored: SLURM (a preemption, ``scancel``) signals every process of a job, and a worker it killed fails
+    the run at once (torch raises in the main process) before the ranks can stop together and save
+    (:class:`~tome_train.requeue.CheckpointOnSigterm`); the main process ends its workers itself.
     """
-    seed = derive_seed(torch.initial_seed(), rank)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    pl_worker_init_function(worker_id, rank=rank)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SkipCounter:
@@ -77,11 +76,11 @@ class TrainSampler(DistributedSampler):
 
     ``repeats > 1`` delegates to timm's RepeatAugSampler (DeiT's RASampler: every index repeated
     ``repeats`` times, consecutive copies on different ranks, the epoch as long as the dataset split
-    over ranks). It subclasses DistributedSampler so Lightning leaves it in place instead of wrapping
-    it in a second distributed sampler.
+    over ranks). Otherwise it is DistributedSampler's shuffle, per-rank split and epoch seeding, which it
+    inherits; Lightning, told ``use_distributed_sampler=False`` (cli.py), uses it as given.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, repeats: int = 1):
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, repeats: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.repeats = int(repeats)
         self._start = 0

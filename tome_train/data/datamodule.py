@@ -20,7 +20,7 @@ from .common import (
     as_config,
     dist_info,
     eval_transform,
-    seed_worker,
+    init_worker,
     train_transform,
 )
 
@@ -242,7 +242,7 @@ class ImageDataModule(pl.LightningDataModule):
             batch_size=int(self.cfg.batch_size),
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=partial(seed_worker, rank=rank) if workers > 0 else None,
+            worker_init_fn=partial(init_worker, rank=rank),
             epoch_fn=self._epoch,
         )
         if self.source == "webdataset":

@@ -39,7 +39,7 @@ def digits_split(val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(train), np.sort(val)
 
 
-def digits_images(indices: np.ndarray, img_size: int, interpolation: str = "bilinear") -> torch.Tensor:
+def digits_images(indices: np.ndarray, img_size: int, interpolation: str) -> torch.Tensor:
     """uint8 [N, 1, img_size, img_size]: the 0..16 digits scaled to 0..255 and upsampled."""
     images, _ = _load()
     x = torch.from_numpy(images[indices]).unsqueeze(1) / 16.0

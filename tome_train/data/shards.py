@@ -17,17 +17,16 @@ import io
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 
-from .locations import DataError, hidden, split_dir
+from .locations import DataError, split_dir
 
 PREFIX = {"train": "imagenet1k-train", "val": "imagenet1k-validation"}
 INDEX_DIGITS = {"train": 4, "val": 2}  # the public layout's shard numbering
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -36,9 +35,6 @@ class SplitInfo:
     pattern: str  # brace pattern for data.train_shards / data.val_shards
     shards: int
     samples: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"split": self.split, "pattern": self.pattern, "shards": self.shards, "samples": self.samples}
 
 
 def shard_name(split: str, index: int, width: int) -> str:
@@ -127,26 +123,26 @@ def write_digits_shards(out_dir: str, img_size: Optional[int] = None, train_per_
                         val_per_shard: int = 90, val_fraction: Optional[float] = None,
                         corrupt: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """The bundled digits as JPEG shards in the public layout; ``img_size`` and ``val_fraction`` default to the
-    default recipe's (``model.img_size``, ``data.val_fraction``), so that the shards hold the digits source's split.
+    default recipe's (``model.img_size``, ``data.val_fraction``) and the images are upsampled with its
+    ``data.interpolation``, so that the shards hold the digits source's split and images.
 
     ``corrupt`` lists sample keys (``digits_0005``) whose image is written as undecodable bytes, for
-    tests of the skip-and-count path. Returns ``{"train": SplitInfo.as_dict(), "val": ...}``; the keys of
-    the samples are ``digits_<index into load_digits()>``.
+    tests of the skip-and-count path. Returns each split's :class:`SplitInfo` as a dict (``{"train": {...}, "val":
+    ...}``); the keys of the samples are ``digits_<index into load_digits()>``.
     """
     from ..config import load_config
     from .digits import digits_labels, digits_images, digits_split
 
-    if img_size is None or val_fraction is None:
-        recipe = load_config()
-        img_size = recipe.model.img_size if img_size is None else img_size
-        val_fraction = recipe.data.val_fraction if val_fraction is None else val_fraction
+    recipe = load_config()
+    img_size = recipe.model.img_size if img_size is None else img_size
+    val_fraction = recipe.data.val_fraction if val_fraction is None else val_fraction
     if img_size < 1:
         raise DataError(f"img_size={img_size} is not allowed: use a positive integer")
     bad = set(corrupt or ())
     result = {}
     for split, indices, per_shard in zip(("train", "val"), digits_split(float(val_fraction)),
                                          (train_per_shard, val_per_shard)):
-        images = digits_images(indices, img_size)[:, 0].numpy()
+        images = digits_images(indices, img_size, recipe.data.interpolation)[:, 0].numpy()
         labels = digits_labels(indices).tolist()
         items = [(int(i), img, lab) for i, img, lab in zip(indices, images, labels)]
         if split == "train":
@@ -158,30 +154,21 @@ def write_digits_shards(out_dir: str, img_size: Optional[int] = None, train_per_
                 sample["jpg"] = b"\xff\xd8\xff\xe0 not a jpeg" + bytes(64)
             return sample
 
-        result[split] = write_split(out_dir, split, items, to_sample, per_shard).as_dict()
+        result[split] = asdict(write_split(out_dir, split, items, to_sample, per_shard))
     return result
 
 
 # -- an ImageNet-style tree ---------------------------------------------------------------------------
 
 
-def list_tree(path: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """(sorted (path, label) pairs, class names) of ``path/<class>/<image>``."""
-    if not os.path.isdir(path):
-        raise DataError(f"{path} is not a directory")
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise DataError(f"{path} has no class directories")
-    items = []
-    for label, name in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(path, name), followlinks=True)):
-            for f in sorted(files):
-                file = os.path.join(dirpath, f)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not hidden(file, path):  # as the imagefolder source
-                    items.append((file, label))
-    if not items:
-        raise DataError(f"{path} holds no images")
-    return items, classes
+def list_tree(root: str, split: str, classes: Optional[list[str]] = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """(sorted (path, label) pairs, class names) of ``root/<split>/<class>/<image>``, listed by the imagefolder
+    source's own dataset so that the shards hold exactly the images it would read (hidden files and folders left
+    out), labelled by ``classes`` (the train split's, for val) where given."""
+    from .imagefolder import Folder
+
+    folder = Folder(root, split, transform=None, classes=classes)
+    return folder.samples, folder.classes
 
 
 def unique_keys(paths: Sequence[str]) -> list[str]:
@@ -222,19 +209,19 @@ def _file_sample(item: tuple[str, int, str], root: str, classes: list[str]) -> O
 
 def write_imagefolder_shards(root: str, out_dir: str, train_per_shard: int = 1251, val_per_shard: int = 781,
                              seed: int = 0, workers: int = 1) -> dict[str, Any]:
-    """``root/train`` and ``root/val`` (ImageFolder trees with the same classes) as shards in ``out_dir``."""
+    """``root/train`` and ``root/val`` (ImageFolder trees) as shards in ``out_dir``: the images and labels the
+    imagefolder source reads from the same tree (val labelled by train's classes; a val class folder not among them
+    is a DataError, a class without a val folder is allowed)."""
     if not os.path.isdir(root):
         raise DataError(f"{root} is not a directory")
-    train, classes = list_tree(split_dir(root, "train"))
-    val, val_classes = list_tree(split_dir(root, "val"))
-    if val_classes != classes:
-        raise DataError(f"{root}: train/ has {len(classes)} classes, val/ has {len(val_classes)} different ones")
+    train, classes = list_tree(root, "train")
+    val, _ = list_tree(root, "val", classes)
     random.Random(seed).shuffle(train)
     result = {}
     for split, items, per_shard in (("train", train, train_per_shard), ("val", val, val_per_shard)):
         items = [(path, label, key) for (path, label), key in zip(items, unique_keys([path for path, _ in items]))]
         to_sample = partial(_file_sample, root=split_dir(root, split), classes=classes)
-        result[split] = write_split(out_dir, split, items, to_sample, per_shard, workers).as_dict()
+        result[split] = asdict(write_split(out_dir, split, items, to_sample, per_shard, workers))
     result["classes"] = len(classes)
     return result
 
