@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tome_train.config import DEFAULT_RECIPE, ConfigError, list_recipes, load_config, schedule_of, training_changes
+from tome_train.config import (DEFAULT_RECIPE, ConfigError, RunConfig, describe_recipes, list_recipes, load_config,
+                                schedule_of, training_changes)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +51,59 @@ def test_overrides_are_typed_and_applied():
     # the text forms of bench --r and export --r
     assert schedule_of(load_config("mae_vitl_r8", ["tome.r_train=8@-1"]).tome.r_train) == (8, -1.0)
     assert schedule_of(load_config("mae_vitl_r8", ["tome.r_eval=8,8,4"]).tome.r_eval) == [8, 8, 4]
+
+
+def test_a_text_field_keeps_the_text_as_written(tmp_path):
+    """YAML 1.1 reads yes, no, on and off as booleans and 012 as 10, 0x10 as 16, 1e3 as 1000.0: a field the schema
+    types as text took 'True', '10', '1000.0' (wandb.name=yes was the run 'True')."""
+    cfg = load_config(None, ["wandb.name=yes", "wandb.tags=[yes,no,'on',012,1e3]", "wandb.id=0123", "wandb.entity=0x10",
+                             "model.arch=on", "trainer.precision=32", "data.root=1_000"])
+    assert (cfg.wandb.name, cfg.wandb.id, cfg.wandb.entity) == ("yes", "0123", "0x10")
+    assert list(cfg.wandb.tags) == ["yes", "no", "on", "012", "1e3"]
+    assert (cfg.model.arch, cfg.trainer.precision, cfg.data.root) == ("on", "32", "1_000")
+    assert load_config(None, ["wandb={name: off, mode: offline}"]).wandb.name == "off"  # a section's keys too
+    assert load_config(None, ["wandb.name=null"]).wandb.name is None  # null is no text
+    assert load_config(None, ["wandb.name='yes'"]).wandb.name == "yes"  # quoted: as before
+    # what the schema does not type as text is YAML's: a bool, a number, a schedule
+    cfg = load_config(None, ["tome.prop_attn=no", "trainer.compile=yes", "tome.r_train=0x4", "optim.blr=1e-3"])
+    assert cfg.tome.prop_attn is False and cfg.trainer.compile is True and cfg.tome.r_train == 4
+    assert cfg.optim.blr == 1e-3
+    recipe = tmp_path / "mine.yaml"  # a recipe's file, as an override
+    recipe.write_text("defaults: [model/digits_vit, data/digits, optim/digits, trainer/cpu]\n"
+                      "tome: {r_train: 2, prop_attn: on}\nwandb: {name: off, tags: [yes, 1e3], mode: ~}\n")
+    cfg = load_config(str(recipe))
+    assert cfg.wandb.name == "off" and list(cfg.wandb.tags) == ["yes", "1e3"] and cfg.wandb.mode is None
+    assert cfg.tome.prop_attn is True
+
+
+def test_a_recipe_path_that_is_a_directory_is_not_a_file(tmp_path):
+    (tmp_path / "recipe.yaml").mkdir()
+    with pytest.raises(ConfigError, match=f"^recipe file {re.escape(str(tmp_path / 'recipe.yaml'))}: not a file$"):
+        load_config(str(tmp_path / "recipe.yaml"))
+
+
+def _leaves(node: dict, prefix: str = "") -> dict:
+    leaves = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            leaves |= _leaves(value, f"{prefix}{key}.")
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def test_no_recipe_or_fragment_restates_a_schema_default():
+    """A default of the schema (a feature off, or how a feature works once switched on) is set in one place, the
+    schema: tome.r_eval: null was in every recipe, re_mode: pixel and the mixup settings in fragments."""
+    defaults = {k: v for k, v in _leaves(OmegaConf.to_container(OmegaConf.structured(RunConfig))).items() if v != "???"}
+    restated = []
+    for path in sorted([*(ROOT / "configs").rglob("*.yaml"), *(ROOT / "recipes").glob("*.yaml")]):
+        for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(path))).items():
+            if key.startswith("layout."):  # a published layout names both its numbers: 1 node x 4 GPUs
+                continue
+            if key in defaults and value == defaults[key] and isinstance(value, bool) == isinstance(defaults[key], bool):
+                restated.append(f"{path.relative_to(ROOT)}: {key}={value!r}")
+    assert restated == []
 
 
 def test_recipe_path_and_fragment_order(tmp_path):
@@ -104,8 +158,35 @@ def test_recipe_path_and_fragment_order(tmp_path):
         ("digits_vit_r6", ["data.scale=[0.5]"], "data.scale=[0.5] is not allowed: use two numbers 0 < min <= max <= 1"),
         ("digits_vit_r6", ["data.scale=[0.9,0.5]"], "data.scale=[0.9, 0.5] is not allowed"),
         ("digits_vit_r6", ["optim.betas=[0.9]"], "optim.betas=[0.9] is not allowed: use two numbers in [0, 1)"),
-        ("digits_vit_r6", ["data.mean=[0.5]"], "data.mean=[0.5] is not allowed: use three numbers, one per RGB channel"),
-        ("digits_vit_r6", ["data.std=[0.5,0,0.5]"], "data.std=[0.5, 0.0, 0.5] is not allowed: use three numbers > 0"),
+        ("digits_vit_r6", ["data.mean=[0.5]"], "data.mean=[0.5] is not allowed: use three finite numbers, one per RGB "
+                                               "channel"),
+        ("digits_vit_r6", ["data.std=[0.5,0,0.5]"], "data.std=[0.5, 0.0, 0.5] is not allowed: use three finite numbers > 0"),
+        # infinity (YAML's inf, .inf, or a float past the largest) passed every range check; nan was refused
+        ("digits_vit_r6", ["optim.blr=inf"], "optim.blr=inf is not allowed: use a finite number > 0"),
+        ("digits_vit_r6", ["optim.blr=1e999"], "optim.blr=inf is not allowed: use a finite number > 0"),
+        ("digits_vit_r6", ["optim.blr=nan"], "optim.blr=nan is not allowed: use a finite number > 0"),
+        ("digits_vit_r6", ["optim.weight_decay=.inf"], "optim.weight_decay=inf is not allowed: use a finite number >= 0"),
+        ("digits_vit_r6", ["mixup.mixup_alpha=inf"], "mixup.mixup_alpha=inf is not allowed: use a finite number >= 0"),
+        ("digits_vit_r6", ["optim.clip_grad=inf"], "optim.clip_grad=inf is not allowed: use a finite number > 0"),
+        ("digits_vit_r6", ["data.ratio=[0.5,inf]"], "data.ratio=[0.5, inf] is not allowed: use two finite numbers"),
+        ("digits_vit_r6", ["data.mean=[.nan,0,0]"], "data.mean=[nan, 0.0, 0.0] is not allowed: use three finite"),
+        ("digits_vit_r6", ["data.std=[inf,1,1]"], "data.std=[inf, 1.0, 1.0] is not allowed: use three finite numbers > 0"),
+        # text as written, not as YAML 1.1 reads it (off: False, yes: True), in what is refused too
+        ("digits_vit_r6", ["wandb.mode=off"], "wandb.mode='off' is not allowed: use one of null, online, offline, "
+                                              "disabled"),
+        ("digits_vit_r6", ["wandb={mode: on}"], "wandb.mode='on' is not allowed"),
+        ("digits_vit_r6", ["wandb.mode=OFFLINE"], "wandb.mode='OFFLINE' is not allowed: use one of null, online, offline, "
+                                                  "disabled (did you mean 'offline'? the choices are lower case)"),
+        ("digits_vit_r6", ["trainer.precision=BF16-mixed"], "(did you mean 'bf16-mixed'?"),
+        ("digits_vit_r6", ["trainer.epochs=yes"], "override 'trainer.epochs=yes': bad value 'yes' (YAML reads it as True) "
+                                                  "for 'trainer.epochs'"),
+        ("digits_vit_r6", ["tradeoff.r_values=[1,no]"], "bad value 'no' (YAML reads it as False) for 'tradeoff.r_values[1]'"),
+        # a path is a file's, and said so; an empty name is no recipe (it was the default recipe)
+        ("/no/such/recipe.yaml", [], "recipe file /no/such/recipe.yaml: no such file"),
+        ("recipes/mae_vitl_r8", [], "recipe file recipes/mae_vitl_r8: no such file (did you mean 'mae_vitl_r8'?)"),
+        ("mine.yml", [], "recipe file mine.yml: no such file"),
+        ("", [], "recipe '' is empty: use a recipe name (deit_base_r0, "),
+        (" ", [], "recipe ' ' is empty"),
         ("mae_vitl_r8", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is not allowed: use a "
                                                              "number of batches (an integer >= 1), a fraction"),
         ("mae_vitl_r8", ["trainer.limit_val_batches=-1"], "trainer.limit_val_batches=-1 is not allowed"),
@@ -175,8 +256,8 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     # more merges than any layer of the model can make: the core would cap them silently
     ("tome.r_train=33", "tome.r_train: r=33 is not possible for this model: it asks a layer for 33 merges, and at most "
                         "32 of its 64 patch tokens merge in a layer (half): use at most 32\n"),
-    ("tome.r_eval={r: 20, inflect: -1}", "tome.r_eval: r=(20, -1.0) is not possible for this model: it asks a layer "
-                                         "for 40 merges"),
+    ("tome.r_eval={r: 20, inflect: -1}", "tome.r_eval: r=20@-1 is not possible for this model: it asks a layer for "
+                                         "40 merges"),
     ("tradeoff.r_values=[0,8,64]", "tradeoff.r_values: r=64 is not possible for this model"),
     ("tome.r_train=[1,2,3,4,5,6,7]", "tome.r_train: r schedule of length 7 is not allowed: the model has 6 blocks\n"),
 ])
@@ -211,6 +292,12 @@ def test_what_the_imports_refuse_is_one_line_exit_2_and_writes_nothing(tmp_path,
     (["export", "--checkpoint", "missing.ckpt", "--out", "out"], "--checkpoint missing.ckpt: no such file"),
     (["export", "--checkpoint", "missing.ckpt", "--out", "out", "--r", "8;8"],
      "r='8;8' is not allowed: use a non-negative integer (13), r@inflect (16@-1) or a per-layer list (8,8,4)"),
+    (["--dry-run", "optim.blr=inf"], "optim.blr=inf is not allowed: use a finite number > 0"),
+    (["--print-config", "wandb.mode=off"], "wandb.mode='off' is not allowed: use one of null, online, offline, disabled"),
+    (["--recipe", "/tmp/no-such-recipe.yaml", "--print-config"], "recipe file /tmp/no-such-recipe.yaml: no such file"),
+    (["--recipe", "", "--dry-run"], "recipe '' is empty: use a recipe name (deit_base_r0, deit_base_r13, deit_small_r0, "
+                                    "deit_small_r13, deit_tiny_r0, deit_tiny_r13, digits_vit_r6, mae_vitb_r0, mae_vitb_r16, "
+                                    "mae_vith_r0, mae_vith_r7, mae_vitl_r0, mae_vitl_r8) or the path of a YAML file"),
 ])
 def test_bad_config_or_missing_path_is_refused_before_torch_is_imported(tmp_path, args, error):
     """A typo or a missing data or checkpoint path costs a fraction of a second, not the seconds torch, timm and
@@ -245,6 +332,17 @@ def test_an_online_wandb_run_without_an_api_key_is_refused_before_torch_is_impor
     assert not _wandb_key_configured()  # a server of one's own has an entry of its own
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_wandb_mode_of_the_environment_wandb_has_not_is_refused_before_torch_is_imported(tmp_path, dry_run):
+    """wandb's settings refused it with a traceback once the run directory and its wandb id were written."""
+    env = {**os.environ, "WANDB_MODE": "offlne"}
+    script = f"import sys; from tome_train.cli import main; rc = main({dry_run!r}); print(rc, 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert result.stderr == "error: WANDB_MODE='offlne' is not allowed: use one of online, offline, disabled\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_output_dir_that_is_a_file_is_one_line_exit_2(tmp_path):
     """It was mkdir's FileExistsError (or NotADirectoryError) traceback, exit 1, once the run was set up."""
     file = tmp_path / "notes.txt"
@@ -257,9 +355,19 @@ def test_an_output_dir_that_is_a_file_is_one_line_exit_2(tmp_path):
     assert file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_every_recipe_describes_itself_in_a_line():
+    """Only the digits recipe had a ``description`` (which nothing read); the others said it in a comment."""
+    lines = describe_recipes()
+    assert [line.split()[0] for line in lines] == list_recipes()
+    for name, line in zip(list_recipes(), lines):
+        description = load_config(name).description
+        assert description and "\n" not in description and line.endswith(f"  {description}"), name
+
+
 def test_cli_lists_and_prints_config(tmp_path):
     listed = _cli("--list-recipes", cwd=tmp_path)
-    assert listed.returncode == 0 and listed.stdout.split() == list_recipes()
+    assert listed.returncode == 0 and [line.split()[0] for line in listed.stdout.splitlines()] == list_recipes()
+    assert listed.stdout.splitlines() == describe_recipes()  # each with its description
     printed = _cli("--recipe", "deit_small_r13", "--print-config", "trainer.epochs=7", cwd=tmp_path)
     assert printed.returncode == 0
     cfg = OmegaConf.create(printed.stdout)

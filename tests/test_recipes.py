@@ -5,9 +5,10 @@ import sys
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
 
 from tome_train.cli import dry_run, main
-from tome_train.config import load_config, schedule_of
+from tome_train.config import _fragments, _read_recipe, load_config, schedule_of
 
 from conftest import ROOT
 
@@ -56,6 +57,49 @@ def test_recipe_holds_the_published_values(recipe, family, r):
     assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.mode, m.label_smoothing) == (0.8, 1.0, 1.0, 0.5, "batch", 0.1)
     assert cfg.trainer.precision == "16-mixed"
     assert cfg.reference.baseline_top1 is not None
+
+
+def _leaves(node, prefix=""):
+    leaves = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            leaves |= _leaves(value, f"{prefix}{key}.")
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+# Set in more than one file on purpose: each recipe's own ToMe settings; DeiT's and MAE's own schedules, which agree
+# on the warmup; each model's published layout (MAE's on 8-GPU nodes).
+SET_PER_RECIPE = {"tome.prop_attn", "optim.warmup_epochs", "layout.gpus_per_node"}
+
+
+@pytest.mark.parametrize("family", ["deit", "mae", ""])
+def test_a_value_the_recipes_share_is_set_in_one_file(family):
+    """The AdamW settings were in three optim fragments, the mixup line in two, image size, classes and the paper's
+    table in six model fragments: a value every recipe of a family (or every ImageNet recipe) takes is set once."""
+    recipes = [name for name, _, _ in RECIPES if name.startswith(family)]
+    resolved = [_leaves(OmegaConf.to_container(load_config(name), resolve=True)) for name in recipes]
+    shared = {k for k, v in resolved[0].items() if all(other.get(k) == v for other in resolved)} - SET_PER_RECIPE
+    files = {}
+    for name in recipes:
+        _, origin, recipe, _ = _read_recipe(name)
+        for path, layer, _ in [*_fragments(recipe, name), (origin, recipe, None)]:
+            for key in _leaves(OmegaConf.to_container(layer)).keys() & shared:
+                files.setdefault(key, set()).add(path)
+    assert {key: sorted(paths) for key, paths in files.items() if len(paths) > 1} == {}
+    assert files["model.num_classes"] == files["model.img_size"] == {"configs/data/imagenet_wds.yaml"}
+
+
+def test_the_data_benchmark_times_the_recipes_augmentation():
+    """tome_train.data.bench read its augmentation and image size from the fragments' own keys, which a fragment
+    need not set (the schema's defaults, or another fragment's): it takes what the DeiT-S recipe resolves to."""
+    from tome_train.data.bench import deit_augmentation
+
+    aug, img_size = deit_augmentation()
+    cfg = OmegaConf.to_container(load_config("deit_small_r13"), resolve=True)
+    assert img_size == cfg["model"]["img_size"] == 224
+    assert len(aug) == 12 and aug == {key: cfg["data"][key] for key in aug}
 
 
 @pytest.mark.parametrize("recipe", [name for name, _, _ in RECIPES])

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, check_schedules_fit, list_recipes, load_config, world_size
+from .config import ConfigError, allowed_values, check_schedules_fit, describe_recipes, load_config, world_size
 from .data import DataError, check_locations
 
 EARLY_USER_ERRORS = (ConfigError, DataError, FileNotFoundError)  # bad input said before torch is imported
@@ -198,6 +198,9 @@ def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
     one it starts from (``model.checkpoint``). Returns the checkpoint to resume."""
     check_locations(cfg.data)
     check_output_dir(cfg.output_dir)
+    modes = [mode for mode in allowed_values("wandb.mode") if mode]
+    if not cfg.wandb.mode and os.environ.get("WANDB_MODE") and os.environ["WANDB_MODE"] not in modes:
+        raise ConfigError(f"WANDB_MODE={os.environ['WANDB_MODE']!r} is not allowed: use one of {', '.join(modes)}")
     if _wandb_mode(cfg) == "online" and not _wandb_key_configured():
         source = f"wandb.mode={cfg.wandb.mode}" if cfg.wandb.mode else "WANDB_MODE=online"
         raise ConfigError(f"{source} needs an API key: set WANDB_API_KEY or run `wandb login`, or use "
@@ -428,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_intermixed_args(argv)  # overrides before, between and after the options
     if args.list_recipes:
-        print("\n".join(list_recipes()))
+        print("\n".join(describe_recipes()))
         return 0
     try:
         cfg = resolve(args)

@@ -4,17 +4,28 @@ A recipe ``recipes/NAME.yaml`` lists fragments under ``defaults`` (``configs/GRO
 each a partial config with top-level sections) and then sets its own values; command-line
 ``dotted.key=value`` overrides come last. Every merge goes through OmegaConf's structured
 config, so unknown keys and wrong types are refused with the key named. Every value a recipe
-tunes is MISSING here and comes from a fragment or a recipe; the few defaults the schema keeps
-switch a feature off (no mixup, no random erasing, no EMA) or are engineering settings.
+tunes is MISSING here and comes from a fragment or a recipe, set once (a fragment may list other fragments under its
+own ``defaults``, as ``configs/optim/mae_vitb.yaml`` does). The few defaults the schema keeps switch a feature off (no
+mixup, no random erasing, no repeated augmentation, no layer decay, no gradient clipping, no EMA), are how a feature
+works once a recipe switches it on (``mixup.prob``, ``switch_prob`` and ``mode``, timm's defaults; ``data.re_mode`` and
+``re_count``: the values of DeiT and MAE, whose recipes set only the strength), or are engineering settings; no
+fragment or recipe restates one. A field the schema types as text keeps the text as written (``wandb.name=yes`` is
+'yes', ``wandb.mode=off`` is 'off', not YAML 1.1's booleans).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -107,7 +118,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = MISSING  # int or "auto"
     num_nodes: int = MISSING
-    precision: str = MISSING  # 32-true | bf16-mixed | 16-mixed
+    precision: str = MISSING  # Lightning's names: one of _CHOICES["trainer.precision"] below
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = MISSING
     compile: Any = False  # false, true, or a torch.compile mode (reduce-overhead: CUDA graphs on a GPU)
@@ -162,7 +173,7 @@ class WandbConfig:
 @dataclass
 class RunConfig:
     name: str = MISSING
-    description: str = ""
+    description: str = ""  # one line, which --list-recipes shows beside the recipe's name
     output_dir: str = "runs/${name}"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -181,6 +192,14 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
+def describe_recipes() -> list[str]:
+    """A line per recipe: its name and its ``description``."""
+    names = list_recipes()
+    width = max(map(len, names), default=0) + 2
+    return [f"{name:<{width}}{_load_yaml(RECIPE_DIR / f'{name}.yaml')[0].get('description') or ''}".rstrip()
+            for name in names]
+
+
 def did_you_mean(value: str, allowed: list[str]) -> str:
     by_lower = {a.lower(): a for a in allowed}  # MAE_VITL_R8 means mae_vitl_r8
     match = difflib.get_close_matches(value.lower(), list(by_lower), n=1)
@@ -197,22 +216,90 @@ def _dotted_keys(schema: type = None, prefix: str = "") -> list[str]:
     return keys
 
 
+def _text_fields(schema: type = RunConfig, prefix: str = "") -> dict[str, str]:
+    """The dotted keys the schema types as text: ``"str"`` for a string, ``"list"`` for a list of strings."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(schema).items():
+        if typing.get_origin(hint) in (Union, types.UnionType):  # Optional[X]
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if dataclasses.is_dataclass(hint):
+            kinds |= _text_fields(hint, f"{prefix}{name}.")
+        elif hint is str:
+            kinds[prefix + name] = "str"
+        elif typing.get_origin(hint) is list and typing.get_args(hint) == (str,):
+            kinds[prefix + name] = "list"
+    return kinds
+
+
+_TEXT_FIELDS = _text_fields()
+
+
+def _as_text(value: Any, text: Any) -> Any:
+    """``text`` (the scalar as written) where YAML made ``value`` a bool or a number of it, else ``value``."""
+    return text if isinstance(text, str) and isinstance(value, (bool, int, float)) else value
+
+
+def _keep_text(value: Any, text: Any, key: str = "") -> Any:
+    """``value`` (a plain container as YAML read it), with the text as written, ``text`` (the same YAML read with
+    yaml's BaseLoader, every scalar a string), where the schema takes text: YAML 1.1 reads off, yes and on as
+    booleans and 012 as 10, but ``wandb.mode=off`` means 'off' and ``wandb.name=012`` the run '012'. A null stays
+    null."""
+    kind = _TEXT_FIELDS.get(key)
+    if isinstance(value, dict) and isinstance(text, dict):
+        return {k: _keep_text(v, text.get(str(k)), f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if kind == "list" and isinstance(value, list) and isinstance(text, list) and len(text) == len(value):
+        return [_as_text(v, t) for v, t in zip(value, text)]
+    return _as_text(value, text) if kind == "str" else value
+
+
+def _read_text(source: str) -> Any:
+    """The YAML ``source`` with every scalar a string as written (None where yaml cannot read it)."""
+    try:
+        return yaml.load(source, Loader=yaml.BaseLoader)
+    except yaml.YAMLError:
+        return None
+
+
+def _with_text(layer: DictConfig, text: Any) -> DictConfig:
+    """``layer`` with the text of ``text`` kept where the schema takes text (:func:`_keep_text`)."""
+    plain = OmegaConf.to_container(layer)
+    kept = _keep_text(plain, text)
+    return layer if kept == plain else OmegaConf.create(kept)  # text kept is a str, equal to no bool or number
+
+
+def _text_at(text: Any, key: str) -> Optional[str]:
+    """The scalar of ``text`` (:func:`_read_text`) at OmegaConf's ``key`` (``a.b``, ``a.b[1]``), if it has one."""
+    for part in re.findall(r"[^.\[\]]+", key):
+        if isinstance(text, dict):
+            text = text.get(part)
+        elif isinstance(text, list) and part.isdigit() and int(part) < len(text):
+            text = text[int(part)]
+        else:
+            return None
+    return text if isinstance(text, str) else None
+
+
 def _section_keys(section: str) -> list[str]:
     """The dotted keys directly under ``section`` if it is a section of the schema (``model``, ``data``, ...), else
     an empty list."""
     return [k for k in _dotted_keys() if k.startswith(section + ".") and "." not in k[len(section) + 1:]]
 
 
-def _load_yaml(path: Path) -> DictConfig:
+def _load_yaml(path: Path) -> tuple[DictConfig, Any]:
+    """The config in ``path``, text kept where the schema takes text, and the file as :func:`_read_text` reads it."""
     try:
-        return OmegaConf.load(path)
+        layer = OmegaConf.load(path)
     except OmegaConfBaseException as e:  # yaml errors surface as OmegaConf or yaml exceptions
         raise ConfigError(f"{path}: not a valid YAML config ({e})") from None
     except Exception as e:
         raise ConfigError(f"{path}: not a valid YAML config ({type(e).__name__}: {e})".splitlines()[0]) from None
+    text = _read_text(path.read_text())
+    return _with_text(layer, text), text
 
 
-def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
+def _merge(base: DictConfig, layer: DictConfig, origin: str, text: Any = None) -> DictConfig:
+    """``layer`` merged over ``base``; ``text``: the layer as written (:func:`_read_text`), for the values errors
+    quote."""
     try:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as e:
@@ -223,35 +310,53 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
                 hint = " (YAML reads {a:1} as the one key 'a:1': write {a: 1}, a space after the colon)"
             raise ConfigError(f"{origin}: unknown key {key!r}{hint}") from None
         value = getattr(e, "value", None)
+        shown, written = repr(value), _text_at(text, key)
+        if written is not None and written != str(value):  # as written, not as YAML 1.1 read it (yes: True)
+            shown = f"{written!r} (YAML reads it as {value!r})"
         msg = str(e).splitlines()[0]
-        raise ConfigError(f"{origin}: bad value {value!r} for {key!r}: {msg}") from None
+        raise ConfigError(f"{origin}: bad value {shown} for {key!r}: {msg}") from None
 
 
-def _read_recipe(name_or_path: str) -> tuple[str, str, DictConfig]:
-    """The recipe's name, the file its errors name, and its content."""
-    path, origin = Path(name_or_path), name_or_path
-    if path.suffix not in (".yaml", ".yml"):
-        path, origin = RECIPE_DIR / f"{name_or_path}.yaml", f"recipes/{name_or_path}.yaml"
+def _read_recipe(name_or_path: str) -> tuple[str, str, DictConfig, Any]:
+    """The recipe's name, the file its errors name, its content and its text (:func:`_load_yaml`). A name is a recipe
+    of ``recipes/``; what has a ``/`` or ends in ``.yaml`` is a file's path."""
+    allowed = list_recipes()
+    if not name_or_path.strip():
+        raise ConfigError(f"recipe {name_or_path!r} is empty: use a recipe name ({', '.join(allowed)}) or the path of "
+                          "a YAML file")
+    path = Path(name_or_path)
+    if "/" in name_or_path or os.sep in name_or_path or path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            why = "not a file" if path.exists() else "no such file"
+            raise ConfigError(f"recipe file {name_or_path}: {why}{did_you_mean(path.stem, allowed)}")
+        return path.stem, name_or_path, *_load_yaml(path)
+    path = RECIPE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        allowed = list_recipes()
         raise ConfigError(
             f"unknown recipe {name_or_path!r}{did_you_mean(name_or_path, allowed)}; recipes: {', '.join(allowed)}"
         )
-    return path.stem, origin, _load_yaml(path)
+    return name_or_path, f"recipes/{name_or_path}.yaml", *_load_yaml(path)
 
 
-def _fragments(node: DictConfig, origin: str) -> list[tuple[str, DictConfig]]:
-    """The fragments ``node`` lists under ``defaults``, each preceded by its own defaults."""
+def _fragments(node: DictConfig, origin: str) -> list[tuple[str, DictConfig, Any]]:
+    """The fragments ``node`` lists under ``defaults``, each preceded by its own defaults: ``(file, content, text)``."""
     layers = []
     for ref in node.pop("defaults", []):
         path = FRAGMENT_DIR / f"{ref}.yaml"
         if not path.is_file():
             allowed = sorted(str(p.relative_to(FRAGMENT_DIR).with_suffix("")) for p in FRAGMENT_DIR.rglob("*.yaml"))
             raise ConfigError(f"{origin}: unknown config fragment {ref!r}{did_you_mean(str(ref), allowed)}")
-        fragment = _load_yaml(path)
+        fragment, text = _load_yaml(path)
         layers += _fragments(fragment, f"configs/{ref}.yaml")
-        layers.append((f"configs/{ref}.yaml", fragment))
+        layers.append((f"configs/{ref}.yaml", fragment, text))
     return layers
+
+
+def _nested(key: str, value: Any) -> Any:
+    """``{"a": {"b": value}}`` for the key ``a.b``."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -259,12 +364,12 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
 
     Raises :class:`ConfigError` with a one-line message for any bad input.
     """
-    name, recipe_file, recipe_cfg = _read_recipe(recipe or DEFAULT_RECIPE)
+    name, recipe_file, recipe_cfg, recipe_text = _read_recipe(DEFAULT_RECIPE if recipe is None else recipe)
     cfg = OmegaConf.structured(RunConfig)
-    for origin, layer in _fragments(recipe_cfg, f"recipe {name}"):
-        cfg = _merge(cfg, layer, origin)
+    for origin, layer, text in _fragments(recipe_cfg, f"recipe {name}"):
+        cfg = _merge(cfg, layer, origin, text)
     cfg = _merge(cfg, OmegaConf.create({"name": name}), f"recipe {name}")
-    cfg = _merge(cfg, recipe_cfg, recipe_file)
+    cfg = _merge(cfg, recipe_cfg, recipe_file, recipe_text)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
@@ -272,12 +377,13 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
             layer = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
-        key = item.split("=", 1)[0]
+        key, value = item.split("=", 1)
         under = _section_keys(key)
         if under and not isinstance(OmegaConf.select(layer, key), DictConfig):
             raise ConfigError(f"override {item!r}: {key} is a section, not a value; set its keys ({', '.join(under)}), "
                               f"e.g. {under[0]}=...")
-        cfg = _merge(cfg, layer, f"override {item!r}")
+        text = _nested(key, _read_text(value))
+        cfg = _merge(cfg, _with_text(layer, text), f"override {item!r}", text)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"recipe {name}: no value for {', '.join(missing)}")
@@ -288,8 +394,10 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
 
 def _choice(value, allowed, key: str) -> None:
     if value not in allowed:
-        names = ("null" if choice is None else str(choice) for choice in allowed)
-        raise ConfigError(f"{key}={value!r} is not allowed: use one of {', '.join(names)}")
+        names = ["null" if choice is None else str(choice) for choice in allowed]
+        same = [name for name, choice in zip(names, allowed) if choice is not None and name.lower() == str(value).lower()]
+        hint = f" (did you mean {same[0]!r}? the choices are lower case)" if same else ""  # OFFLINE
+        raise ConfigError(f"{key}={value!r} is not allowed: use one of {', '.join(names)}{hint}")
 
 
 def schedule_of(value) -> Any:
@@ -374,6 +482,12 @@ def training_changes(saved: dict, cfg: DictConfig) -> list[str]:
 
 
 # The choices a string key takes. data.interpolation: timm's names (timm.data.transforms), for training and evaluation.
+def allowed_values(key: str) -> tuple:
+    """The values the config allows for the dotted ``key`` that takes one of a few (``wandb.mode``: None, online, ...).
+    """
+    return _CHOICES[key]
+
+
 _CHOICES = {
     "data.source": DATA_SOURCES,
     "data.interpolation": ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"),
@@ -385,10 +499,11 @@ _CHOICES = {
 }
 
 # The range of each number a schema can only type: (test, what is allowed); a null optional value is always allowed.
+# No range takes infinity (YAML's inf and .inf, a float too large: 1e999) or nan: a number is finite.
 _POSITIVE_INT = (lambda v: v >= 1, "a positive integer")
 _NON_NEGATIVE_INT = (lambda v: v >= 0, "an integer >= 0")
-_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
-_POSITIVE = (lambda v: v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 _PROBABILITY = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _FRACTION = (lambda v: 0 < v < 1, "a number in (0, 1)")
 _BELOW_ONE = (lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -415,9 +530,10 @@ _RANGES = {
 # Lists of numbers with a fixed length: (length, test of the list, what is allowed).
 _SHAPES = {
     "data.scale": (2, lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < min <= max <= 1"),
-    "data.ratio": (2, lambda v: 0 < v[0] <= v[1], "two numbers 0 < min <= max"),
-    "data.mean": (3, lambda v: True, "three numbers, one per RGB channel"),
-    "data.std": (3, lambda v: min(v) > 0, "three numbers > 0, one per RGB channel"),
+    "data.ratio": (2, lambda v: 0 < v[0] <= v[1] < math.inf, "two finite numbers 0 < min <= max"),
+    "data.mean": (3, lambda v: all(map(math.isfinite, v)), "three finite numbers, one per RGB channel"),
+    "data.std": (3, lambda v: all(map(math.isfinite, v)) and min(v) > 0, "three finite numbers > 0, one per RGB "
+                 "channel"),
     "optim.betas": (2, lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
 }
 

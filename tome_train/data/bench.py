@@ -2,8 +2,8 @@
 
 Generates a few hundred JPEGs (~400x350, smooth random content) under a scratch directory, writes
 them as an ImageFolder tree and as shards in the public layout, and times the training loaders with
-the DeiT recipes' augmentation and image size as their config fragments hold them (``configs/data/imagenet_wds.yaml``:
-random resized crops, flips, RandAugment, random erasing; ``configs/model/deit_small.yaml``):
+the DeiT recipes' augmentation and image size as ``recipes/deit_small_r13.yaml`` resolves them (random resized crops,
+flips, RandAugment, random erasing; 224x224):
 
 * tome-train webdataset, tome-train webdataset with repeated augmentation x3 (one decode per 3 samples),
 * tome-train imagefolder,
@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 def deit_augmentation() -> tuple[dict, int]:
-    """The recipes' ImageNet training augmentation and DeiT's image size, read from their config fragments."""
+    """The recipes' ImageNet training augmentation and DeiT's image size, as the DeiT-S recipe resolves them."""
     from omegaconf import OmegaConf
 
-    from ..config import FRAGMENT_DIR
+    from ..config import load_config
 
-    data = OmegaConf.load(FRAGMENT_DIR / "data" / "imagenet_wds.yaml").data
-    img_size = OmegaConf.load(FRAGMENT_DIR / "model" / "deit_small.yaml").model.img_size
+    cfg = load_config("deit_small_r13")
+    data = OmegaConf.to_container(cfg.data)
     return {k: data[k] for k in ("scale", "ratio", "hflip", "color_jitter", "auto_augment", "interpolation",
-                                 "re_prob", "re_mode", "re_count", "crop_pct", "mean", "std")}, img_size
+                                 "re_prob", "re_mode", "re_count", "crop_pct", "mean", "std")}, cfg.model.img_size
 
 
 CLASSES = 10
