@@ -10,9 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from tome_train.export import ExportError, export, load_exported, main
+from tome_train import export as export_module
+from tome_train.export import ExportError, export, export_onnx, load_exported, main
 from tome_train.module import ToMeClassifier
-from tome_train.tome import set_r
+from tome_train.tome import ScheduleError, set_r, tome_state
 
 from conftest import ROOT
 
@@ -22,6 +23,22 @@ def exported(digits_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "model"
     assert main(["--checkpoint", str(digits_run.last), "--out", str(out), "--onnx"]) == 0
     return out
+
+
+def edited_checkpoint(digits_run, path, edit):
+    """The digits run's last checkpoint with its run config changed by ``edit``, saved at ``path``."""
+    ckpt = torch.load(digits_run.last, map_location="cpu", weights_only=False)
+    edit(ckpt["hyper_parameters"]["config"])
+    torch.save(ckpt, path)
+    return path
+
+
+def refusal(args, capsys) -> str:
+    """The one line ``export`` refuses ``args`` with (exit 2)."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +103,7 @@ def test_plain_timm_without_tome_train_matches_at_r0(exported, trained, tmp_path
 
 def test_load_exported_matches_trained_model_at_stored_r(exported, trained):
     model = load_exported(exported)
-    assert model._tome_state.schedule == [6] * 6
+    assert tome_state(model).schedule == [6] * 6
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(images), trained(images), atol=1e-6)
@@ -143,10 +160,8 @@ def test_bad_input_is_one_line_exit_2_and_keeps_dir(digits_run, tmp_path, capsys
     before = {p.name: p.read_bytes() for p in good.iterdir()}
     not_ckpt = tmp_path / "notes.ckpt"
     not_ckpt.write_text("hello")
-    other = tmp_path / "other.ckpt"
-    ckpt = torch.load(digits_run.last, map_location="cpu", weights_only=False)
-    ckpt["hyper_parameters"]["config"]["model"]["timm_kwargs"]["embed_dim"] = 48
-    torch.save(ckpt, other)
+    other = edited_checkpoint(digits_run, tmp_path / "other.ckpt",
+                              lambda config: config["model"]["timm_kwargs"].update(embed_dim=48))
     cases = [
         (["--checkpoint", str(tmp_path / "missing.ckpt")], "no such file"),
         (["--checkpoint", str(tmp_path)], "is a folder; pass a checkpoint file (a run's checkpoints/last.ckpt)"),
@@ -157,17 +172,135 @@ def test_bad_input_is_one_line_exit_2_and_keeps_dir(digits_run, tmp_path, capsys
         (["--checkpoint", str(digits_run.last), "--r", "33"], "r=33 is not possible for this model"),
     ]
     for args, needle in cases:
-        assert main([*args, "--out", str(good)]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+        assert needle in refusal([*args, "--out", str(good)], capsys)
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     # a folder or file of the user's is never replaced by an export; an empty folder is filled
-    for out, needle in ((not_ckpt, "is a file; pass a folder"), (tmp_path, "holds files that are not an export"),
+    for out, needle in ((not_ckpt, "is a file; pass a folder"), (tmp_path, "holds good (and 2 more), which an export"),
                         (not_ckpt / "model", f"is under the file {not_ckpt}; pass a folder")):  # was mkdir's traceback
-        assert main(["--checkpoint", str(digits_run.last), "--out", str(out)]) == 2
-        assert needle in capsys.readouterr().err
+        assert needle in refusal(["--checkpoint", str(digits_run.last), "--out", str(out)], capsys)
     assert not_ckpt.read_text() == "hello"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "notes.ckpt", "other.ckpt"]
     (tmp_path / "empty").mkdir()
     assert main(["--checkpoint", str(digits_run.last), "--out", str(tmp_path / "empty")]) == 0
     assert (tmp_path / "empty" / "tome.json").is_file()
+
+
+def test_a_command_line_argparse_refuses_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--checkpoint", "x.ckpt", "--onnx=yes"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == ("error: argument --onnx: ignored explicit argument 'yes' (see train.py export "
+                                       "--help)\n")
+
+
+def test_out_replaces_an_earlier_export_only_when_it_holds_nothing_else(digits_run, tmp_path, capsys):
+    """A folder with a tome.json was taken for an earlier export and replaced whole: the checkpoint being exported
+    and the notes beside it were deleted."""
+    run = tmp_path / "run"
+    export(digits_run.last, run)
+    (run / "last.ckpt").write_bytes(digits_run.last.read_bytes())
+    (run / "NOTES.md").write_text("notes")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "tome.json").write_text("{}")
+    (fake / "data.txt").write_text("precious")
+    downloaded = tmp_path / "downloaded"  # a timm model from the Hub: config.json and weights, no tome.json
+    export(digits_run.last, downloaded)
+    (downloaded / "tome.json").unlink()
+    before = {folder: sorted(p.name for p in folder.iterdir()) for folder in (run, fake, downloaded)}
+    for folder, needle in ((run, "holds NOTES.md (and 1 more), which an export does not write"),
+                           (fake, "holds data.txt, which an export does not write"),
+                           (downloaded, "holds no tome.json, so is no earlier export")):
+        assert needle in refusal(["--checkpoint", str(run / "last.ckpt"), "--out", str(folder)], capsys)
+    assert {folder: sorted(p.name for p in folder.iterdir()) for folder in before} == before
+    (run / "last.ckpt").unlink()
+    (run / "NOTES.md").unlink()
+    assert main(["--checkpoint", str(digits_run.last), "--out", str(run), "--r", "2"]) == 0  # an earlier export alone
+    assert json.loads((run / "tome.json").read_text())["r"] == 2
+
+
+def test_out_dot_and_a_link_are_the_folders_they_name(digits_run, tmp_path, monkeypatch, capsys):
+    """``--out .`` crashed (``PosixPath('.') has an empty name``); ``--out LINK`` to an earlier export crashed after
+    writing (``rmtree`` of a link), leaving LINK a folder and the link's target behind as debris."""
+    here = tmp_path / "here"
+    here.mkdir()
+    for r in ("2", "3"):  # an empty folder, then the earlier export there
+        # (from a fresh shell: the export replaced the folder, and this process's current one is the deleted old one)
+        monkeypatch.chdir(here)
+        assert main(["--checkpoint", str(digits_run.last), "--out", ".", "--r", r]) == 0
+        assert json.loads((here / "tome.json").read_text())["r"] == int(r)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+    assert "--out '': names no folder" in refusal(["--checkpoint", str(digits_run.last), "--out", ""], capsys)
+    link = tmp_path / "link"
+    link.symlink_to(here)
+    assert main(["--checkpoint", str(digits_run.last), "--out", str(link), "--r", "4"]) == 0
+    assert link.is_symlink() and link.resolve() == here and json.loads((link / "tome.json").read_text())["r"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "link"]
+
+
+def test_failed_export_leaves_no_folders_made_for_it(digits_run, tmp_path, monkeypatch, capsys):
+    """The parents of a new ``--out`` were made before the ONNX check, and stayed when it failed."""
+    monkeypatch.setattr(export_module, "export_onnx", lambda model, img_size, path: 1.0)
+    out = tmp_path / "new" / "sub" / "model"
+    assert "ONNX check failed" in refusal(["--checkpoint", str(digits_run.last), "--out", str(out), "--onnx"], capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_without_a_usable_run_config_is_one_line(digits_run, tmp_path, capsys):
+    """An unknown or non-ViT ``model.arch`` and a config without ``model`` were tracebacks (ConfigError, OmegaConf's
+    ConfigAttributeError)."""
+    def arch(name):
+        return lambda config: config["model"].update(arch=name)
+
+    cases = [(arch("vit_nonexistent_foo"), "model.arch='vit_nonexistent_foo' is not a timm model"),
+             (arch("resnet18"), "model.timm_kwargs={'patch_size': 4"),  # a ViT's kwargs: ResNet takes none
+             (lambda config: config.pop("model"), "not a tome-train run's config (Missing key model)"),
+             (lambda config: config.pop("tome"), "not a tome-train run's config (Missing key tome)")]
+    for i, (edit, needle) in enumerate(cases):
+        checkpoint = edited_checkpoint(digits_run, tmp_path / f"{i}.ckpt", edit)
+        err = refusal(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")], capsys)
+        assert err.startswith(f"error: --checkpoint {checkpoint}: ") and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_refusals_name_where_the_value_came_from_in_a_line_of_its_own_length(digits_run, tmp_path, capsys):
+    """A run's own tome.r_eval was refused as ``--r``, which was not given; the weights of a deeper model listed
+    every missing key (about 2 KB)."""
+    checkpoint = edited_checkpoint(digits_run, tmp_path / "r_eval.ckpt", lambda config: config["tome"].update(r_eval=50))
+    err = refusal(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")], capsys)
+    assert err.startswith(f"error: --checkpoint {checkpoint}: tome.r_eval: r=50 is not possible for this model"), err
+    deeper = edited_checkpoint(digits_run, tmp_path / "deeper.ckpt",
+                               lambda config: config["model"]["timm_kwargs"].update(depth=12))
+    err = refusal(["--checkpoint", str(deeper), "--out", str(tmp_path / "out")], capsys)
+    assert "blocks.6.norm1.weight (and 71 more) is in the model, not in the checkpoint" in err and len(err) < 300, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_decreasing_schedule_is_stored_as_the_text_r_takes_back(digits_run, tmp_path, capsys):
+    """tome.json stored ``16@-1`` as ``[16, -1.0]``, a per-layer list to anyone reading it back (load_exported
+    refused it: r[1]=-1.0), and the trained ``{r: 3, inflect: -1}`` as a dict neither ``--r`` nor load_exported
+    took; messages showed the tuple ``(32, -1.0)``."""
+    checkpoint = edited_checkpoint(digits_run, tmp_path / "decreasing.ckpt",
+                                   lambda config: config["tome"].update(r_train={"r": 3, "inflect": -1}))
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--r", "16@-1"]) == 0
+    tome = json.loads((out / "tome.json").read_text())
+    assert (tome["r"], tome["trained_r"]) == ("16@-1", "3@-1") and tome["schedule"] == [32, 25, 19, 12, 6, 0]
+    for stored in (tome["r"], tome["trained_r"]):
+        assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "again"), "--r", stored]) == 0
+        assert tome_state(load_exported(out, r=stored)).schedule == json.loads(
+            (tmp_path / "again" / "tome.json").read_text())["schedule"]
+    assert "--r: r=32@-1 is not possible" in refusal(["--checkpoint", str(checkpoint), "--out", str(out), "--r",
+                                                      "32@-1"], capsys)
+
+
+def test_load_exported_refuses_an_r_the_model_cannot_take(exported):
+    """``export --r 33`` was refused and ``load_exported(DIR, r=33)`` ran, capped at 32 in every layer."""
+    with pytest.raises(ScheduleError, match="r=33 is not possible for this model.*use at most 32"):
+        load_exported(exported, r=33)
+    assert tome_state(load_exported(exported, r="[8, 8, 4]")).schedule == [8, 8, 4, 0, 0, 0]
+
+
+def test_onnx_check_is_the_same_in_every_export(trained, tmp_path):
+    """The check drew unseeded inputs: the difference the export printed varied run to run (9.5e-7 to 2.7e-6)."""
+    assert export_onnx(trained, 32, tmp_path / "a.onnx") == export_onnx(trained, 32, tmp_path / "b.onnx")

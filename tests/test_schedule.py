@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tome_train.tome import (
     ScheduleError, ViTDims, apply_tome, flop_bound, parse_schedule, remove_tome, tome_state, token_counts, vit_flops,
 )
+from tome_train.tome.schedule import check_fits, schedule_from_text, schedule_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,6 +73,34 @@ def test_bad_schedules_raise(bad, match):
 
 def test_schedule_error_is_a_value_error():
     assert issubclass(ScheduleError, ValueError)
+
+
+# --------------------------------------------------------------------------------------
+# schedule_from_text, schedule_text: the command line's and the messages' forms
+# --------------------------------------------------------------------------------------
+def test_schedule_text_forms():
+    """``[8,8,4]``, the form of a config and of README's list of ``export --r`` schedules, was refused as text."""
+    assert schedule_from_text("13") == 13
+    assert schedule_from_text("16@-1") == (16, -1.0)
+    assert schedule_from_text("8,8,4") == schedule_from_text("[8,8,4]") == schedule_from_text(" [8, 8, 4] ") == [8, 8, 4]
+    assert schedule_from_text("[8]") == [8] and schedule_from_text("[]") == []
+    for bad in ("[8,8", "8]", "[8;8]", "(16, -1.0)"):
+        with pytest.raises(ScheduleError, match="is not allowed"):
+            schedule_from_text(bad)
+
+
+@pytest.mark.parametrize("r, text", [(13, "13"), ((16, -1.0), "16@-1"), ((8, 0.25), "8@0.25"), ((8, -1 / 3), None),
+                                     ([8, 8, 4], "[8, 8, 4]"), (OmegaConf.create([2, 1]), "[2, 1]")])
+def test_schedule_text_reads_back(r, text):
+    assert schedule_from_text(schedule_text(r)) == (r if isinstance(r, (int, tuple)) else list(r))
+    assert text is None or schedule_text(r) == text
+
+
+def test_too_many_merges_are_named_as_the_user_writes_them():
+    """A decreasing schedule was named by its tuple, ``r=(32, -1.0)``, which no config or ``--r`` takes."""
+    dims = ViTDims(embed_dim=64, depth=6, num_patches=64, num_protected=1, patch_size=16)
+    with pytest.raises(ScheduleError, match=r"^r=32@-1 is not possible for this model: it asks a layer for 64 merges"):
+        check_fits((32, -1.0), dims)
 
 
 # --------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ failed export leaves ``DIR`` as it was.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -25,14 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from .config import eval_schedule
-from .tome.schedule import ScheduleError, ViTDims, check_fits, schedule_from_text
+from .config import ConfigError, eval_schedule, schedule_of
+from .tome.schedule import ScheduleError, ViTDims, check_fits, schedule_from_text, schedule_text
 
 if TYPE_CHECKING:
     import torch
 
 ONNX_TOLERANCE = 1e-4
+# what an export writes: a folder holding these alone, its tome.json among them, is an earlier export
+EXPORT_FILES = ("config.json", "model.safetensors", "tome.json", "model.onnx")
+OUT_ALLOWED = "pass a folder (new, empty, or an earlier export)"
 # timm's pretrained_cfg fields that describe the architecture's published weights, not a run's
 SOURCE_WEIGHTS_FIELDS = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes",
                          "label_names", "label_descriptions", "label_offset")
@@ -57,7 +60,7 @@ def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict, list[str] | None
     except Exception as e:
         raise ExportError(f"--checkpoint {path}: not a checkpoint ({type(e).__name__})") from None
     config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
-    if config is None or "state_dict" not in ckpt:
+    if not isinstance(config, dict) or "state_dict" not in ckpt:
         raise ExportError(f"--checkpoint {path}: not a tome-train Lightning checkpoint (no config or state_dict)")
     from .models import network_weights
 
@@ -71,16 +74,34 @@ def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict, list[str] | None
 
 
 def build_trained_model(config: dict, state: dict, path: Path):
+    """The run config of ``config`` and its model with the weights ``state``, in eval mode."""
     from .models import build_model
 
     cfg = OmegaConf.create(config)
     model = build_model(OmegaConf.merge(cfg.model, {"checkpoint": None}))
+    does_not_fit = f"--checkpoint {path}: weights do not fit {cfg.model.arch}"
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).split("\n\t", 2)[1] if "\n\t" in str(e) else str(e)
-        raise ExportError(f"--checkpoint {path}: weights do not fit {cfg.model.arch}: {first.strip()}") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ, one per line after the first: the first names the problem
+        problems = [line.strip() for line in str(e).split("\n\t")[1:]] or [str(e)]
+        raise ExportError(f"{does_not_fit}: {problems[0]}{and_more(problems)}") from None
+    for keys, where in ((missing, "the model, not in the checkpoint"), (unexpected, "the checkpoint, not in the model")):
+        if keys:
+            raise ExportError(f"{does_not_fit}: {keys[0]}{and_more(keys)} is in {where}")
     return cfg, model.eval()
+
+
+def and_more(items: list) -> str:
+    """What follows the first of ``items`` in a one-line message: the count of the others (a model's keys run into
+    the hundreds)."""
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def stored_schedule(r) -> int | list[int] | str:
+    """``r`` as ``tome.json`` stores it, in a form that ``--r`` and :func:`load_exported` take back: an integer, a
+    per-layer list, or (r, inflect) as the text ``16@-1`` (JSON has no tuple: ``[16, -1.0]`` reads as a per-layer
+    list)."""
+    return schedule_text(r) if isinstance(r, tuple) else r
 
 
 def read_tradeoff(checkpoint: Path) -> list[dict] | None:
@@ -122,12 +143,14 @@ def onnx_session(path: Path, threads: int | None = None):
 
 def export_onnx(model, img_size: int, path: Path, batch_size: int = 2) -> float:
     """Write ``model.onnx`` (batch dimension dynamic) and return the max abs difference
-    between onnxruntime and PyTorch on random inputs."""
+    between onnxruntime and PyTorch on random inputs, the same in every call."""
     import torch
 
-    write_onnx(model, torch.randn(batch_size, 3, img_size, img_size), path)
+    # the same inputs in every export: the difference it prints is the model's, not the draw's
+    inputs = torch.Generator().manual_seed(0)
+    write_onnx(model, torch.randn(batch_size, 3, img_size, img_size, generator=inputs), path)
     session = onnx_session(path)
-    check = torch.randn(batch_size + 1, 3, img_size, img_size)
+    check = torch.randn(batch_size + 1, 3, img_size, img_size, generator=inputs)
     with torch.no_grad():
         expected = model(check).numpy()
     got = session.run(None, {"images": check.numpy()})[0]
@@ -145,52 +168,67 @@ def add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def check_out(out: Path) -> None:
-    """An export replaces an earlier export at ``out`` (which has its ``tome.json``) or fills an empty folder; a file
-    or a folder of anything else there is the user's, and is refused, not replaced."""
-    if not out.exists():
-        existing = next(p for p in out.resolve().parents if p.exists())
+def check_out(out: Path) -> Path:
+    """The folder an export into ``out`` writes: ``out`` resolved (``.`` has no name to make a scratch folder beside;
+    through a symbolic link, the folder it names, so that the link names the new export). An export fills a new or
+    empty folder or replaces an earlier export (a folder of :data:`EXPORT_FILES` alone, its ``tome.json`` among them);
+    a file, or a folder holding anything else, is the user's, and is refused, not replaced."""
+    folder = out.resolve()
+    if not folder.exists():
+        existing = next(p for p in folder.parents if p.exists())
         if not existing.is_dir():
-            raise ExportError(f"--out {out}: is under the file {existing}; pass a folder (new, empty, or an earlier "
-                              "export)")
-        return
-    if not out.is_dir():
-        raise ExportError(f"--out {out}: is a file; pass a folder (new, empty, or an earlier export)")
-    if not (out / "tome.json").is_file() and any(out.iterdir()):
-        raise ExportError(f"--out {out}: holds files that are not an export; pass a new or empty folder or an earlier "
-                          "export")
+            raise ExportError(f"--out {out}: is under the file {existing}; {OUT_ALLOWED}")
+        return folder
+    if not folder.is_dir():
+        raise ExportError(f"--out {out}: is a file; {OUT_ALLOWED}")
+    held = list(folder.iterdir())
+    foreign = sorted(p.name for p in held if p.name not in EXPORT_FILES or not p.is_file())
+    if foreign:
+        raise ExportError(f"--out {out}: holds {foreign[0]}{and_more(foreign)}, which an export does not write; "
+                          f"{OUT_ALLOWED}")
+    if held and not (folder / "tome.json").is_file():
+        raise ExportError(f"--out {out}: holds no tome.json, so is no earlier export; {OUT_ALLOWED}")
+    return folder
 
 
 def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = False) -> dict:
     """Export ``checkpoint`` into ``out`` (see :func:`check_out`); returns what was written and checked."""
-    check_out(out)
+    folder = check_out(out)
     config, state, class_names = read_checkpoint(checkpoint, ema)
-    cfg, model = build_trained_model(config, state, checkpoint)
-    run_r = r if r is not None else eval_schedule(cfg.tome)
     try:
+        cfg, model = build_trained_model(config, state, checkpoint)
+        run_r_key = "tome.r_eval" if cfg.tome.r_eval is not None else "tome.r_train"
+        trained_r = schedule_of(cfg.tome.r_train)
+        img_size, prop_attn, data = cfg.model.img_size, cfg.tome.prop_attn, cfg.data
+        preprocessing = {"input_size": [3, img_size, img_size], "interpolation": data.interpolation,
+                         "crop_pct": data.crop_pct, "mean": list(data.mean), "std": list(data.std)}
+        model_config = {"pretrained_cfg": {"tag": cfg.name, "description": f"tome-train run of recipe {cfg.name}"}}
+    except ConfigError as e:
+        raise ExportError(f"--checkpoint {checkpoint}: {e}") from None
+    except OmegaConfBaseException as e:  # a config without a section or key that every run's has
+        raise ExportError(f"--checkpoint {checkpoint}: not a tome-train run's config ({str(e).splitlines()[0]})") from None
+    try:
+        run_r = r if r is not None else eval_schedule(cfg.tome)
         schedule = check_fits(run_r, ViTDims.from_timm(model))
     except ScheduleError as e:
-        raise ExportError(f"--r: {e}") from None
+        raise ExportError(f"--r: {e}" if r is not None else
+                          f"--checkpoint {checkpoint}: {run_r_key}: {e}; --r R exports at another r") from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # made where a folder exists, not in out's parent: a failed export leaves no folders made for it behind
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=next(p for p in folder.parents if p.is_dir())))
     try:
         from timm.models import save_for_hf
 
-        data = cfg.data
         # the weights are this run's: nothing of the architecture's default weights (their tag, license, paper) holds
         model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in SOURCE_WEIGHTS_FIELDS}
-        model_config = {"pretrained_cfg": {"tag": cfg.name, "description": f"tome-train run of recipe {cfg.name}"}}
         if class_names is not None and len(class_names) == model.num_classes:
             model_config["label_names"] = list(class_names)
-        preprocessing = {"input_size": [3, cfg.model.img_size, cfg.model.img_size], "interpolation": data.interpolation,
-                         "crop_pct": data.crop_pct, "mean": list(data.mean), "std": list(data.std)}
         save_for_hf(model, str(staging), safe_serialization=True, model_config=model_config, data_config=preprocessing)
         tome = {
-            "r": run_r if not isinstance(run_r, tuple) else list(run_r),
+            "r": stored_schedule(run_r),
             "schedule": schedule,
-            "prop_attn": cfg.tome.prop_attn,
-            "trained_r": OmegaConf.to_container(cfg.tome, resolve=True)["r_train"],
+            "prop_attn": prop_attn,
+            "trained_r": stored_schedule(trained_r),
             "weights": "ema" if ema else "raw",
             "recipe": cfg.name,
             "tradeoff": read_tradeoff(checkpoint),
@@ -201,10 +239,10 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
             from .tome import UnsupportedModelError, apply_tome
 
             try:
-                patched = apply_tome(model, r=schedule, prop_attn=cfg.tome.prop_attn)
+                patched = apply_tome(model, r=schedule, prop_attn=prop_attn)
             except UnsupportedModelError as e:
                 raise ExportError(f"--onnx: {e}") from None
-            diff = export_onnx(patched, cfg.model.img_size, staging / "model.onnx")
+            diff = export_onnx(patched, img_size, staging / "model.onnx")
             if diff > ONNX_TOLERANCE:
                 raise ExportError(f"ONNX check failed: max abs diff {diff:.2e} > {ONNX_TOLERANCE:g}")
             # what config.json and tome.json tell timm users, for those of the ONNX file alone
@@ -217,14 +255,15 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
             result["files"].append("model.onnx")
             result["onnx_max_abs_diff"] = diff
         _share_as_umask_allows(staging)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            staging.rename(out)
+            folder.rename(old)
+            staging.rename(folder)
             shutil.rmtree(old)
         else:
-            staging.rename(out)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(folder)
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -242,7 +281,10 @@ def _share_as_umask_allows(folder: Path) -> None:
 
 
 def load_exported(path: str | Path, r=None):
-    """The exported model, ToMe-patched at its stored r (or ``r``), in eval mode."""
+    """The exported model, ToMe-patched at its stored schedule, in eval mode; or at ``r``, in any form a config or
+    ``export --r`` takes (``13``, ``(16, -1)``, ``"16@-1"``, ``[8, 8, 4]``, tome.json's ``r``). An ``r`` asking a
+    layer for more merges than the model's first can make raises :class:`ScheduleError`, as ``export --r`` refuses
+    it (the core would cap it silently)."""
     import timm
 
     from .tome import apply_tome
@@ -250,21 +292,25 @@ def load_exported(path: str | Path, r=None):
     path = Path(path)
     tome = json.loads((path / "tome.json").read_text())
     model = timm.create_model(f"local-dir:{path}", pretrained=True)
-    stored = tome["schedule"] if r is None else r
-    return apply_tome(model, r=stored, prop_attn=tome["prop_attn"]).eval()
+    schedule = check_fits(tome["schedule"] if r is None else schedule_of(r), ViTDims.from_timm(model))
+    return apply_tome(model, r=schedule, prop_attn=tome["prop_attn"]).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="train.py export", description="Export a trained checkpoint.")
+    from .cli import OneLineArgumentParser
+
+    p = OneLineArgumentParser(prog="train.py export", description="Export a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, type=Path, help="Lightning checkpoint of a run")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
-    p.add_argument("--r", default=None, help="schedule to run at: 13, 16@-1 or 8,8,4 (default: the run's eval r)")
+    p.add_argument("--r", default=None, help="schedule to run at: 13, 16@-1, 8,8,4 or [8,8,4] (default: the run's eval r)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
     args = p.parse_args(argv)
     try:
+        if not args.out:  # Path("") is Path("."), the current folder, which "" did not name
+            raise ExportError(f"--out '': names no folder; {OUT_ALLOWED}")
         r = schedule_from_text(args.r) if args.r is not None else None
-        result = export(args.checkpoint, args.out, ema=args.ema, r=r, onnx=args.onnx)
+        result = export(args.checkpoint, Path(args.out), ema=args.ema, r=r, onnx=args.onnx)
     except (ExportError, ScheduleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

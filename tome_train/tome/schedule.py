@@ -162,23 +162,36 @@ def check_fits(r: Schedule, dims: ViTDims) -> list[int]:
     schedule = parse_schedule(r, dims.depth)
     cap = max_merges(dims.num_tokens, dims.num_protected)
     if max(schedule, default=0) > cap:
-        raise ScheduleError(f"r={r!r} is not possible for this model: it asks a layer for {max(schedule)} merges, and "
-                            f"at most {cap} of its {dims.num_tokens - dims.num_protected} patch tokens merge in a "
-                            f"layer (half): use at most {cap}")
+        raise ScheduleError(f"r={schedule_text(r)} is not possible for this model: it asks a layer for {max(schedule)} "
+                            f"merges, and at most {cap} of its {dims.num_tokens - dims.num_protected} patch tokens merge "
+                            f"in a layer (half): use at most {cap}")
     return schedule
 
 
 def schedule_from_text(text: str) -> Schedule:
-    """A schedule from the command line: ``"13"``, ``"16@-1"`` (r, inflect) or ``"8,8,4"`` (per layer)."""
+    """A schedule from the command line: ``"13"``, ``"16@-1"`` (r, inflect) or ``"8,8,4"`` / ``"[8,8,4]"`` (per
+    layer, as a config writes it)."""
     t = text.strip()
     try:
         if "@" in t:
             base, inflect = t.split("@", 1)
             return (int(base), float(inflect))
-        if "," in t:
-            return [int(v) for v in t.split(",") if v.strip()]
+        bracketed = t.startswith("[") and t.endswith("]")
+        if bracketed or "," in t:
+            return [int(v) for v in (t[1:-1] if bracketed else t).split(",") if v.strip()]
         return int(t)
     except ValueError:
         raise ScheduleError(
             f"r={text!r} is not allowed: use a non-negative integer (13), r@inflect (16@-1) or a per-layer list (8,8,4)"
         ) from None
+
+
+def schedule_text(r: Schedule) -> str:
+    """``r`` as a user writes it, in a config or after ``--r``, and :func:`schedule_from_text` reads back: ``13``,
+    ``16@-1`` (not the tuple's repr ``(16, -1.0)``, which neither takes), ``[8, 8, 4]``."""
+    if isinstance(r, tuple) and len(r) == 2:
+        inflect = float(r[1])
+        return f"{r[0]}@{int(inflect) if inflect.is_integer() else inflect!r}"
+    if isinstance(r, AbcSequence) and not isinstance(r, (str, bytes)):
+        return str(list(r))
+    return str(r)
