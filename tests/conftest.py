@@ -26,6 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SHORT_FIT = ["trainer.epochs=8", "optim.warmup_epochs=1", "tradeoff.r_values=[0,6,8]", "tradeoff.bench_steps=2", "tradeoff.num_vis_images=2"]
 
 
+def dotted_leaves(node: dict, prefix: str = "") -> dict:
+    """A nested config as ``{"a.b": value}`` (an empty section is a leaf)."""
+    leaves = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            leaves |= dotted_leaves(value, f"{prefix}{key}.")
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
 @pytest.fixture(autouse=True)
 def _no_shared_wandb_service():
     """An in-process run leaves WANDB_SERVICE set so that child processes share its wandb-core;

@@ -3,7 +3,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -11,7 +10,7 @@ from omegaconf import OmegaConf
 from tome_train.config import (DEFAULT_RECIPE, ConfigError, RunConfig, describe_recipes, list_recipes, load_config,
                                 schedule_of, training_changes)
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, dotted_leaves
 
 
 def test_every_recipe_resolves_without_missing_values():
@@ -82,23 +81,13 @@ def test_a_recipe_path_that_is_a_directory_is_not_a_file(tmp_path):
         load_config(str(tmp_path / "recipe.yaml"))
 
 
-def _leaves(node: dict, prefix: str = "") -> dict:
-    leaves = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            leaves |= _leaves(value, f"{prefix}{key}.")
-        else:
-            leaves[f"{prefix}{key}"] = value
-    return leaves
-
-
 def test_no_recipe_or_fragment_restates_a_schema_default():
     """A default of the schema (a feature off, or how a feature works once switched on) is set in one place, the
     schema: tome.r_eval: null was in every recipe, re_mode: pixel and the mixup settings in fragments."""
-    defaults = {k: v for k, v in _leaves(OmegaConf.to_container(OmegaConf.structured(RunConfig))).items() if v != "???"}
+    defaults = {k: v for k, v in dotted_leaves(OmegaConf.to_container(OmegaConf.structured(RunConfig))).items() if v != "???"}
     restated = []
     for path in sorted([*(ROOT / "configs").rglob("*.yaml"), *(ROOT / "recipes").glob("*.yaml")]):
-        for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(path))).items():
+        for key, value in dotted_leaves(OmegaConf.to_container(OmegaConf.load(path))).items():
             if key.startswith("layout."):  # a published layout names both its numbers: 1 node x 4 GPUs
                 continue
             if key in defaults and value == defaults[key] and isinstance(value, bool) == isinstance(defaults[key], bool):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from tome_train.cli import dry_run, main
 from tome_train.config import _fragments, _read_recipe, load_config, schedule_of
 
-from conftest import ROOT
+from conftest import ROOT, dotted_leaves
 
 DEIT = dict(epochs=300, peak_lr=1e-3, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05,
             layer_decay=None, ema=0.99996, repeated_aug=3, lr_base_batch=512)
@@ -59,16 +59,6 @@ def test_recipe_holds_the_published_values(recipe, family, r):
     assert cfg.reference.baseline_top1 is not None
 
 
-def _leaves(node, prefix=""):
-    leaves = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            leaves |= _leaves(value, f"{prefix}{key}.")
-        else:
-            leaves[f"{prefix}{key}"] = value
-    return leaves
-
-
 # Set in more than one file on purpose: each recipe's own ToMe settings; DeiT's and MAE's own schedules, which agree
 # on the warmup; each model's published layout (MAE's on 8-GPU nodes).
 SET_PER_RECIPE = {"tome.prop_attn", "optim.warmup_epochs", "layout.gpus_per_node"}
@@ -79,13 +69,13 @@ def test_a_value_the_recipes_share_is_set_in_one_file(family):
     """The AdamW settings were in three optim fragments, the mixup line in two, image size, classes and the paper's
     table in six model fragments: a value every recipe of a family (or every ImageNet recipe) takes is set once."""
     recipes = [name for name, _, _ in RECIPES if name.startswith(family)]
-    resolved = [_leaves(OmegaConf.to_container(load_config(name), resolve=True)) for name in recipes]
+    resolved = [dotted_leaves(OmegaConf.to_container(load_config(name), resolve=True)) for name in recipes]
     shared = {k for k, v in resolved[0].items() if all(other.get(k) == v for other in resolved)} - SET_PER_RECIPE
     files = {}
     for name in recipes:
         _, origin, recipe, _ = _read_recipe(name)
         for path, layer, _ in [*_fragments(recipe, name), (origin, recipe, None)]:
-            for key in _leaves(OmegaConf.to_container(layer)).keys() & shared:
+            for key in dotted_leaves(OmegaConf.to_container(layer)).keys() & shared:
                 files.setdefault(key, set()).add(path)
     assert {key: sorted(paths) for key, paths in files.items() if len(paths) > 1} == {}
     assert files["model.num_classes"] == files["model.img_size"] == {"configs/data/imagenet_wds.yaml"}
