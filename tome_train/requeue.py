@@ -6,9 +6,8 @@ different point, possibly inside a gradient all-reduce, and the checkpoint's col
 pair with the wrong operations and hang. Here the handler only records the signal; every
 ``check_every`` steps the ranks agree on it with one tiny all-reduce, save
 ``hpc_ckpt_N.ckpt`` together, rank 0 requeues the job and fit ends at once (:class:`RunRequeued`). The check comes
-once per
-optimizer step, right after it: with gradient accumulation a save between two of a step's batches
-would lose the gradients of the first, which a checkpoint does not hold.
+once per optimizer step, right after it: with gradient accumulation a save between two of a step's batches would lose
+the gradients of the first, which a checkpoint does not hold.
 """
 from __future__ import annotations
 
