@@ -1,4 +1,5 @@
 """Training that loses nothing when killed: kill -9 and rerun, non-finite loss, determinism."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -133,31 +134,30 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path):
 
 
 def test_a_requeue_saves_right_after_an_optimizer_step(tmp_path, monkeypatch, capsys):
-    """With gradient accumulation, SIGUSR1 between two batches of step 3 (checks every 2 steps): the requeue
-    checkpoint comes after step 4's second batch. It came after the batch the signal followed (step 2's, since the
-    check ran at every batch end of a step divisible by 2), its gradient lost, the resumed run skipping that batch.
-    Without scontrol on PATH (a container), the requeue says so and the checkpoint is there."""
+    """With gradient accumulation, SIGUSR1 between the two batches of step 3: the requeue checkpoint comes after the
+    step's second batch, not after the batch the signal followed, whose gradient it would lose. Without scontrol on
+    PATH (a container), the requeue says so and the checkpoint is there."""
     import pytorch_lightning as pl
 
     from tome_train.data import ImageDataModule
-    from tome_train.requeue import RunRequeued, SlurmRequeue
+    from tome_train.requeue import RunRequeued, StopOnSignal
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("PATH", str(tmp_path))
-    requeue = SlurmRequeue(check_every=2)
+    requeue = StopOnSignal(requeue=True)
 
     class SignalAfterBatch4(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == 4:  # batches 4 and 5 make step 3
-                requeue.signalled = True  # what the SIGUSR1 handler records
+                os.kill(os.getpid(), signal.SIGUSR1)
 
     datamodule = ImageDataModule(load_config(None, ["data.batch_size=100"]).data, 8, seed=0, with_meta=True)
     with pytest.raises(RunRequeued):
         fit_linear(datamodule, [SignalAfterBatch4(), requeue], max_epochs=1, accumulate_grad_batches=2,
                    default_root_dir=tmp_path)
     checkpoint = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
-    assert checkpoint["global_step"] == 4
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_done": 8}]
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_done": 6}]
     assert "Requeuing SLURM job 4242 failed (no scontrol on PATH)" in capsys.readouterr().out
 
 
@@ -177,9 +177,9 @@ def _slurm_job(monkeypatch, tmp_path) -> Path:
 
 
 def test_a_requeue_mid_epoch_stops_at_once_and_the_restart_trains_the_rest_of_that_epoch(tmp_path, monkeypatch):
-    """SIGUSR1 in epoch 0; the requeue comes at global step 10, in epoch 1's 4th batch. Nothing runs after its
+    """SIGUSR1 in epoch 1's third batch; the requeue comes right after its step, global step 9. Nothing runs after its
     checkpoint: no validation of the part epoch, no epoch-end checkpoint, which the restart would resume as the
-    whole epoch. The restarted job resumes hpc_ckpt_1 and trains the epoch's last 2 batches."""
+    whole epoch. The restarted job resumes hpc_ckpt_1 and trains the epoch's last 3 batches."""
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
     from tome_train.module import ToMeClassifier
@@ -189,7 +189,7 @@ def test_a_requeue_mid_epoch_stops_at_once_and_the_restart_trains_the_rest_of_th
     training_step = ToMeClassifier.training_step
 
     def signalled_at_batch_2(self, batch, batch_idx):
-        if self.current_epoch == 0 and batch_idx == 2:
+        if self.current_epoch == 1 and batch_idx == 2:
             os.kill(os.getpid(), signal.SIGUSR1)  # what --signal=SIGUSR1@90 sends before the time limit
         return training_step(self, batch, batch_idx)
 
@@ -199,7 +199,7 @@ def test_a_requeue_mid_epoch_stops_at_once_and_the_restart_trains_the_rest_of_th
     assert train(cfg) == {"run_dir": str(run_dir), "requeued": True}
     assert calls.read_text() == "requeue 777\n"
     hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
-    assert hpc["global_step"] == 10 and hpc["epoch"] == 1
+    assert hpc["global_step"] == 9 and hpc["epoch"] == 1
     epoch_end_saves = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert epoch_end_saves == ["best-epoch=000.ckpt", "last.ckpt"]  # of epoch 0, at step 6
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
@@ -235,3 +235,49 @@ def test_a_sigterm_saves_where_it_stopped_and_exits_143_and_the_same_command_res
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from {hpc}" in again.stdout
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == STEPS_PER_EPOCH
+
+
+def test_a_sigterm_to_every_process_of_a_two_process_ddp_run_stops_both_ranks_at_one_step(tmp_path):
+    """Lightning's SIGTERM handler broadcast from rank 0 inside the signal handler, which met the other rank inside a
+    gradient all-reduce: both ranks hung, nothing saved. The ranks now agree after a step, save and exit 143."""
+    run_dir = tmp_path / "run"
+    cmd = _command(run_dir, "trainer.devices=2", "trainer.epochs=1", f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+                   "trainer.checkpoint_every_n_steps=2", "data.num_workers=1", "wandb.mode=disabled")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not last.is_file():
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a hung rank or worker, which the assertion below names
+    assert proc.returncode == 143, err[-2000:]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
+    assert 2 <= step < STEPS_PER_EPOCH
+    assert f"stopped by SIGTERM at global step {step}: saved {hpc}, which the same command resumes\n" in out
+
+
+def test_a_sigterm_in_the_last_validation_ends_the_run_before_its_trade_off_sweep(tmp_path, monkeypatch, capsys):
+    from tome_train.module import ToMeClassifier
+
+    validation_step = ToMeClassifier.validation_step
+
+    def signalled_in_the_last_validation(self, batch, batch_idx):
+        if not self.trainer.sanity_checking and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded: the step's end it waits for never comes
+        return validation_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ToMeClassifier, "validation_step", signalled_in_the_last_validation)
+    run_dir = tmp_path / "run"
+    assert main(["--output-dir", str(run_dir), *QUICK, "tradeoff.enabled=true", "trainer.epochs=1",
+                 "trainer.limit_train_batches=2", "wandb.mode=disabled"]) == 143
+    assert ("stopped by SIGTERM after the last step: the run's checkpoints are saved; the same command validates the "
+            "last one and measures the trade-off\n") in capsys.readouterr().out
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert not (run_dir / "tradeoff.csv").exists()

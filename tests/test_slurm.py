@@ -410,7 +410,7 @@ def test_lightning_two_node_training_requeues_and_resumes(cluster, tmp_path):
     if not (PROJECT_ROOT / "train.py").is_file():
         pytest.skip("train.py not there yet")
     run_dir = tmp_path / "run"
-    # last.ckpt only at epoch ends, and the signal early in an 8-step epoch: SlurmRequeue saves hpc_ckpt_1 mid-epoch,
+    # last.ckpt only at epoch ends, and the signal early in an 8-step epoch: StopOnSignal saves hpc_ckpt_1 mid-epoch,
     # requeues and ends fit at once, so the newest checkpoint, which the restart resumes, is hpc_ckpt_1
     epochs, steps_per_epoch = 3, 8
     job = _submit_digits(cluster, run_dir, nodes=2, tasks_per_node=1, epochs=epochs, steps_per_epoch=steps_per_epoch)

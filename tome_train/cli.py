@@ -129,7 +129,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
 
     from .checkpoint_io import AtomicCheckpointIO
     from .module import ModelSummaryWithFlops, ThroughputOfReadBatches
-    from .requeue import CheckpointOnSigterm, SlurmRequeue
+    from .requeue import StopOnSignal
 
     t = cfg.trainer
     run_id = wandb_run_id(cfg, run_dir)
@@ -155,12 +155,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     ]
     if t.checkpoint_every_n_steps:
         callbacks.append(newest(every_n_train_steps=t.checkpoint_every_n_steps))
-    callbacks.append(CheckpointOnSigterm())
+    slurm = SLURMEnvironment.detect()
+    callbacks.append(StopOnSignal(requeue=slurm))
     plugins = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        # the requeue is ours (SlurmRequeue): Lightning's handler saves from inside the signal
+    if slurm:  # the requeue is StopOnSignal's: Lightning's saves from inside the signal handler
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        callbacks.append(SlurmRequeue())
     distributed = world_size(t) > 1
     try:
         trainer = pl.Trainer(
@@ -230,8 +229,8 @@ def _not_a_logger_advert(record: logging.LogRecord) -> bool:
 def _run_ended_on_error():
     """A run that raises an error closes its progress bars, so that the error's one line is a line of its own, and
     ends its wandb run as failed, so that the next run in this process (a notebook, the tests) starts its own instead
-    of logging into this one. Signals and exits (a SIGTERM, which is Lightning's ``SIGTERMException``, a
-    ``SystemExit``) end the process, and wandb's exit hook ends the run."""
+    of logging into this one. A run stopped by a signal (:class:`~tome_train.requeue.RunStopped`) ends the process, and
+    wandb's exit hook ends the run."""
     try:
         yield
     except Exception:
@@ -448,15 +447,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         from .module import NonFiniteLossError
+        from .requeue import RunStopped
 
+        if isinstance(e, RunStopped):  # by SIGTERM, which it said: a stopped run is no finished one
+            return 128 + signal.SIGTERM
         if not isinstance(e, (*_user_errors(), NonFiniteLossError)):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2
-    except SystemExit as e:
+    except SystemExit as e:  # a SIGTERM before training started, which Lightning's handler took
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         if not isinstance(e, SIGTERMException):
             raise
-        return 128 + signal.SIGTERM  # a stopped run is no finished one (CheckpointOnSigterm said where it stopped)
+        return 128 + signal.SIGTERM
     return 0

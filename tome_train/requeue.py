@@ -1,13 +1,14 @@
-"""SLURM's warning signal handled at a step boundary, so that every rank saves together; a SIGTERM saves too.
+"""SLURM's warning signal and SIGTERM handled at an optimizer step's end, where every rank saves and stops together.
 
-On ``SIGUSR1`` (``#SBATCH --signal=SIGUSR1@90``) Lightning's own handler saves the requeue
-checkpoint from inside the signal handler. With several ranks the signal lands on each at a
-different point, possibly inside a gradient all-reduce, and the checkpoint's collectives then
-pair with the wrong operations and hang. Here the handler only records the signal; every
-``check_every`` steps the ranks agree on it with one tiny all-reduce, save
-``hpc_ckpt_N.ckpt`` together, rank 0 requeues the job and fit ends at once (:class:`RunRequeued`). The check comes
-once per optimizer step, right after it: with gradient accumulation a save between two of a step's batches would lose
-the gradients of the first, which a checkpoint does not hold.
+SLURM sends ``SIGUSR1`` before the time limit (``#SBATCH --signal=SIGUSR1@90``) and ``SIGTERM`` to every process of a
+job it preempts or cancels; a cloud sends SIGTERM when it takes its machine back. Lightning's own handlers act inside
+the signal handler: its requeue saves the checkpoint there, and its SIGTERM handler broadcasts from rank 0 there. With
+several ranks a signal lands on each at a different point, possibly inside a gradient all-reduce, and those
+collectives then pair with the wrong operations and hang (both seen: the two-node SLURM test, a two-process DDP run
+given SIGTERM). Here the handlers only record the signal. Right after each optimizer step the ranks agree on what they
+received with one tiny all-reduce; on either signal they save ``hpc_ckpt_N.ckpt`` together, rank 0 requeues a SLURM
+job on SIGUSR1, and fit ends at once. Only after an optimizer step: with gradient accumulation a save between two of a
+step's batches would lose the gradients of the first, which a checkpoint does not hold.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.trainer.states import TrainerFn
 
 
 def next_hpc_checkpoint(root: str | Path) -> Path:
@@ -28,69 +29,85 @@ def next_hpc_checkpoint(root: str | Path) -> Path:
     return root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
-class RunRequeued(Exception):
-    """Raised on every rank once the requeue checkpoint is saved. Fit ends there: stopping it by ``should_stop`` would
-    let Lightning validate the part epoch and write its epoch-end checkpoints, which the restarted job would resume
-    as if the epoch were done."""
+class RunStopped(Exception):
+    """Raised on every rank once a signal's checkpoint is saved. Fit ends there: stopping it by ``should_stop`` would
+    let Lightning validate the part epoch and write its epoch-end checkpoints, which a restart would resume as if the
+    epoch were done."""
 
 
-class SlurmRequeue(pl.Callback):
-    def __init__(self, check_every: int = 10):
-        self.check_every = check_every
-        self.signalled = False
+class RunRequeued(RunStopped):
+    """A :class:`RunStopped` of a SLURM job that was requeued: SLURM restarts it from the checkpoint."""
+
+
+class StopOnSignal(pl.Callback):
+    """SIGTERM, and with ``requeue`` (a SLURM job) SIGUSR1, recorded, and acted on by every rank at once after an
+    optimizer step (see the module's docstring)."""
+
+    def __init__(self, requeue: bool):
+        self.received = {signal.SIGTERM: False} | ({signal.SIGUSR1: False} if requeue else {})
         self._checked_at_step = -1
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            signal.signal(signal.SIGUSR1, self._record)
+    def _record(self, signum: int, frame) -> None:
+        self.received[signum] = True
 
-    def _record(self, signum, frame) -> None:
-        self.signalled = True
+    def _die(self, signum: int, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # in place of Lightning's, which it installed just before (its teardown puts back those from before fit)
+        for signum in self.received:
+            signal.signal(signum, self._record)
         self._checked_at_step = trainer.global_step  # a resumed run's step was checked before its save
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:  # a validation after training (the trade-off sweep) has nothing to save
+            signal.signal(signal.SIGTERM, self._die)
+
+    def _agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, bool]:
+        """What any rank received."""
+        flags = torch.tensor([float(v) for v in self.received.values()], device=pl_module.device)
+        if trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags, reduce_op="max")
+        return dict(zip(self.received, map(bool, flags.tolist())))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # the first batch end at a new global step is the one its optimizer step followed
-        if trainer.global_step % self.check_every or trainer.global_step == self._checked_at_step:
+        if trainer.global_step == self._checked_at_step:
             return
         self._checked_at_step = trainer.global_step
-        flag = torch.tensor(float(self.signalled), device=pl_module.device)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
-        if not flag.item():
+        received = self._agreed(trainer, pl_module)
+        if not any(received.values()):
             return
-        if trainer.is_global_zero:
-            print(f"Handling auto-requeue signal: {signal.SIGUSR1} at global step {trainer.global_step}", flush=True)
-        for logger in trainer.loggers:
-            logger.finalize("finished")
         checkpoint = next_hpc_checkpoint(trainer.default_root_dir)
         trainer.save_checkpoint(checkpoint)
+        if received.get(signal.SIGUSR1):
+            if trainer.is_global_zero:
+                print(f"Handling auto-requeue signal: {signal.SIGUSR1} at global step {trainer.global_step}", flush=True)
+                _requeue()
+            raise RunRequeued(f"saved {checkpoint} at global step {trainer.global_step} and requeued the job")
+        message = f"stopped by SIGTERM at global step {trainer.global_step}: saved {checkpoint}, which the same command resumes"
         if trainer.is_global_zero:
-            job = os.environ["SLURM_JOB_ID"]
-            if os.environ.get("SLURM_ARRAY_JOB_ID"):
-                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            try:
-                result = subprocess.call(["scontrol", "requeue", job])
-            except FileNotFoundError:  # a container without SLURM's tools: the checkpoint is saved all the same
-                result = "no scontrol on PATH"
-            print(f"Requeued SLURM job: {job}" if result == 0 else f"Requeuing SLURM job {job} failed ({result})", flush=True)
-        raise RunRequeued(f"saved {checkpoint} at global step {trainer.global_step} and requeued the job")
+            print(message, flush=True)
+        raise RunStopped(message)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a SIGTERM in the last validation, after the last step: the checkpoints are written, the trade-off sweep is not
+        if self._agreed(trainer, pl_module)[signal.SIGTERM]:
+            message = ("stopped by SIGTERM after the last step: the run's checkpoints are saved; the same command "
+                       "validates the last one and measures the trade-off")
+            if trainer.is_global_zero:
+                print(message, flush=True)
+            raise RunStopped(message)
 
 
-class CheckpointOnSigterm(pl.Callback):
-    """A run stopped by SIGTERM (a preemption, ``scancel``, a cloud reclaiming its machine) saves where it stopped, as
-    ``hpc_ckpt_N.ckpt``, which the same command resumes. Lightning stops every rank at the same batch end on SIGTERM
-    (its ``SIGTERMException``), so the ranks save together. With gradient accumulation a SIGTERM between a step's
-    batches loses their gradients (a SIGUSR1 requeue waits for the step: :class:`SlurmRequeue`)."""
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
-        saved = "nothing saved in validation; the same command resumes from the newest checkpoint"
-        if trainer.training:
-            checkpoint = next_hpc_checkpoint(trainer.default_root_dir)
-            trainer.save_checkpoint(checkpoint)
-            saved = f"saved {checkpoint}, which the same command resumes"
-        if trainer.is_global_zero:
-            print(f"stopped by SIGTERM at global step {trainer.global_step}: {saved}", flush=True)
+def _requeue() -> None:
+    """``scontrol requeue`` this SLURM job (an array job's task)."""
+    job = os.environ["SLURM_JOB_ID"]
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        result = subprocess.call(["scontrol", "requeue", job])
+    except FileNotFoundError:  # a container without SLURM's tools: the checkpoint is saved all the same
+        result = "no scontrol on PATH"
+    print(f"Requeued SLURM job: {job}" if result == 0 else f"Requeuing SLURM job {job} failed ({result})", flush=True)

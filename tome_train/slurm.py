@@ -3,9 +3,9 @@
 Lightning (``SLURMEnvironment``) takes over process management when the job runs under
 ``srun`` with one task per device: ``--ntasks-per-node`` must equal ``trainer.devices`` and
 ``--nodes`` must equal ``trainer.num_nodes``. For auto-requeue, SLURM sends ``SIGUSR1`` to
-the tasks 90 s before the time limit (``--signal=SIGUSR1@90``); at the next step boundary the
+the tasks 90 s before the time limit (``--signal=SIGUSR1@90``); after the next optimizer step the
 ranks save ``hpc_ckpt_N.ckpt`` into the run directory together and rank 0 calls ``scontrol
-requeue`` (:class:`tome_train.requeue.SlurmRequeue`, in place of Lightning's handler). The
+requeue`` (:class:`tome_train.requeue.StopOnSignal`, in place of Lightning's handler). The
 restarted job must find that checkpoint (:func:`tome_train.cli.find_resume_checkpoint`: the
 newest in the run directory) and continue the same wandb run, so the script fixes both the run
 directory and the wandb run id in the training command line: every restart of the job runs

@@ -48,7 +48,7 @@ def init_worker(worker_id: int, rank: int) -> None:
 
     And SIGTERM ignored: SLURM (a preemption, ``scancel``) signals every process of a job, and a worker it killed fails
     the run at once (torch raises in the main process) before the ranks can stop together and save
-    (:class:`~tome_train.requeue.CheckpointOnSigterm`); the main process ends its workers itself.
+    (:class:`~tome_train.requeue.StopOnSignal`); the main process ends its workers itself.
     """
     pl_worker_init_function(worker_id, rank=rank)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
