@@ -209,6 +209,27 @@ def test_a_requeue_mid_epoch_stops_at_once_and_the_restart_trains_the_rest_of_th
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
 
 
+def test_a_requeue_on_an_epochs_last_batch_waits_for_its_validation_and_checkpoints(tmp_path, monkeypatch):
+    """Saved after the epoch's last step, the requeue checkpoint restarted past the epoch's end: the epoch was never
+    validated and had no epoch-end checkpoint. It now comes after the next epoch's first step."""
+    from tome_train.module import ToMeClassifier
+
+    _slurm_job(monkeypatch, tmp_path)
+    training_step = ToMeClassifier.training_step
+
+    def signalled_at_the_last_batch(self, batch, batch_idx):
+        if self.current_epoch == 0 and batch_idx == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ToMeClassifier, "training_step", signalled_at_the_last_batch)
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [*QUICK, "trainer.epochs=2", "trainer.limit_train_batches=6", f"output_dir={run_dir}"])
+    assert train(cfg)["requeued"]
+    assert torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 7
+    assert torch.load(run_dir / "checkpoints" / "best-epoch=000.ckpt", weights_only=False)["global_step"] == 6
+
+
 def test_a_sigterm_saves_where_it_stopped_and_exits_143_and_the_same_command_resumes(tmp_path):
     """SIGTERM to every process of the run, as SLURM sends it (a preemption, scancel): its DataLoader workers too,
     which took the run down with a traceback before it could save."""

@@ -72,8 +72,9 @@ class StopOnSignal(pl.Callback):
         return dict(zip(self.received, map(bool, flags.tolist())))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        # the first batch end at a new global step is the one its optimizer step followed
-        if trainer.global_step == self._checked_at_step:
+        # the first batch end at a new global step is the one its optimizer step followed; an epoch's last is left
+        # to the next (a checkpoint of it restarts past the epoch's validation and epoch-end checkpoints)
+        if trainer.global_step == self._checked_at_step or batch_idx + 1 == trainer.num_training_batches:
             return
         self._checked_at_step = trainer.global_step
         received = self._agreed(trainer, pl_module)
