@@ -230,45 +230,13 @@ def test_a_requeue_on_an_epochs_last_batch_waits_for_its_validation_and_checkpoi
     assert torch.load(run_dir / "checkpoints" / "best-epoch=000.ckpt", weights_only=False)["global_step"] == 6
 
 
-def test_a_sigterm_saves_where_it_stopped_and_exits_143_and_the_same_command_resumes(tmp_path):
-    """SIGTERM to every process of the run, as SLURM sends it (a preemption, scancel): its DataLoader workers too,
-    which took the run down with a traceback before it could save."""
-    run_dir = tmp_path / "run"
-    cmd = _command(run_dir, "trainer.epochs=1", f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
-                   "trainer.checkpoint_every_n_steps=3", "data.num_workers=2")
-    env = {**os.environ, "WANDB_SILENT": "true"}
+def _stopped_by_sigterm(cmd: list[str], run_dir: Path, env: dict) -> Path:
+    """Run ``cmd``, send SIGTERM to each of its processes once ``last.ckpt`` is there, as SLURM sends it (a preemption,
+    scancel), and check that it said where it saved and exited 143; returns the checkpoint it saved."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
-    last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not last.is_file():
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be stopped"
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 143, err[-2000:]
-    hpc = run_dir / "hpc_ckpt_1.ckpt"
-    step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
-    assert 3 <= step < STEPS_PER_EPOCH
-    assert f"stopped by SIGTERM at global step {step}: saved {hpc}, which the same command resumes\n" in out
-
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resuming from {hpc}" in again.stdout
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == STEPS_PER_EPOCH
-
-
-def test_a_sigterm_to_every_process_of_a_two_process_ddp_run_stops_both_ranks_at_one_step(tmp_path):
-    """Lightning's SIGTERM handler broadcast from rank 0 inside the signal handler, which met the other rank inside a
-    gradient all-reduce: both ranks hung, nothing saved. The ranks now agree after a step, save and exit 143."""
-    run_dir = tmp_path / "run"
-    cmd = _command(run_dir, "trainer.devices=2", "trainer.epochs=1", f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
-                   "trainer.checkpoint_every_n_steps=2", "data.num_workers=1", "wandb.mode=disabled")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not last.is_file():
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "checkpoints" / "last.ckpt").is_file():
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be stopped"
     os.killpg(proc.pid, signal.SIGTERM)
@@ -282,6 +250,30 @@ def test_a_sigterm_to_every_process_of_a_two_process_ddp_run_stops_both_ranks_at
     step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
     assert 2 <= step < STEPS_PER_EPOCH
     assert f"stopped by SIGTERM at global step {step}: saved {hpc}, which the same command resumes\n" in out
+    return hpc
+
+
+def test_a_sigterm_saves_where_it_stopped_and_exits_143_and_the_same_command_resumes(tmp_path):
+    """Its DataLoader workers get the SIGTERM too, which took the run down with a traceback before it could save."""
+    run_dir = tmp_path / "run"
+    cmd = _command(run_dir, "trainer.epochs=1", f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+                   "trainer.checkpoint_every_n_steps=2", "data.num_workers=2")
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    hpc = _stopped_by_sigterm(cmd, run_dir, env)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from {hpc}" in again.stdout
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == STEPS_PER_EPOCH
+
+
+def test_a_sigterm_to_every_process_of_a_two_process_ddp_run_stops_both_ranks_at_one_step(tmp_path):
+    """Lightning's SIGTERM handler broadcast from rank 0 inside the signal handler, which met the other rank inside a
+    gradient all-reduce: both ranks hung, nothing saved. The ranks now agree after a step, save and exit 143."""
+    run_dir = tmp_path / "run"
+    cmd = _command(run_dir, "trainer.devices=2", "trainer.epochs=1", f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
+                   "trainer.checkpoint_every_n_steps=2", "data.num_workers=1", "wandb.mode=disabled")
+    _stopped_by_sigterm(cmd, run_dir, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_a_sigterm_in_the_last_validation_ends_the_run_before_its_trade_off_sweep(tmp_path, monkeypatch, capsys):
