@@ -294,3 +294,28 @@ def test_a_sigterm_in_the_last_validation_ends_the_run_before_its_trade_off_swee
             "last one and measures the trade-off\n") in capsys.readouterr().out
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert not (run_dir / "tradeoff.csv").exists()
+
+
+def test_a_sigterm_after_training_ends_the_run_at_once_and_says_so(tmp_path):
+    """Validating a finished run's checkpoint and sweeping its trade-off have nothing to save: SIGTERM ends the process
+    there (Lightning's handler would broadcast inside it, as in training), with a line saying why."""
+    run_dir = tmp_path / "run"
+    cmd = _command(run_dir, "trainer.epochs=1", "trainer.limit_train_batches=2", "wandb.mode=disabled")
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    written = last.read_bytes()
+    sweep = [*cmd, "tradeoff.enabled=true", "tradeoff.r_values=[0,2,4,6,8,10,12,14,16]", "tradeoff.bench_steps=20"]
+    proc = subprocess.Popen(sweep, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("the run had already finished"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = proc.stdout.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM
+    assert ("stopped by SIGTERM after training: the run's checkpoints are whole; the same command validates the last "
+            "one and measures the trade-off\n") in out
+    assert last.read_bytes() == written and not (run_dir / "tradeoff.csv").exists()

@@ -253,7 +253,7 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     from .checkpoint_io import check_same_training, check_weights_fit, read_resume_checkpoint
     from .data import ImageDataModule
     from .module import ToMeClassifier
-    from .requeue import RunRequeued
+    from .requeue import RunRequeued, sigterm_ends_the_process
     from .tome import GRAPHED_COMPILE_MODES, kernels
 
     # Lightning's hint that srun exists but is unused: a local run on a SLURM login node is intended.
@@ -293,7 +293,8 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
             if trainer.logger is not None:
                 trainer.logger.experiment.finish()
             return {"run_dir": str(run_dir), "requeued": True}
-        return _after_fit(cfg, trainer, module, datamodule, run_dir)
+        with sigterm_ends_the_process(trainer.is_global_zero):  # after training there is nothing to save
+            return _after_fit(cfg, trainer, module, datamodule, run_dir)
 
 
 def _after_fit(cfg: DictConfig, trainer, module, datamodule, run_dir: Path) -> dict:

@@ -12,10 +12,13 @@ step's batches would lose the gradients of the first, which a checkpoint does no
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -50,19 +53,15 @@ class StopOnSignal(pl.Callback):
     def _record(self, signum: int, frame) -> None:
         self.received[signum] = True
 
-    def _die(self, signum: int, frame) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # in place of Lightning's, which it installed just before (its teardown puts back those from before fit)
         for signum in self.received:
-            signal.signal(signum, self._record)
+            _install(signum, self._record)
         self._checked_at_step = trainer.global_step  # a resumed run's step was checked before its save
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != TrainerFn.FITTING:  # a validation after training (the trade-off sweep) has nothing to save
-            signal.signal(signal.SIGTERM, self._die)
+        if trainer.state.fn != TrainerFn.FITTING:  # in place of Lightning's, which it installed just before
+            _install(signal.SIGTERM, _ending_at_once(trainer.is_global_zero))
 
     def _agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, bool]:
         """What any rank received."""
@@ -100,6 +99,39 @@ class StopOnSignal(pl.Callback):
             if trainer.is_global_zero:
                 print(message, flush=True)
             raise RunStopped(message)
+
+
+def _install(signum: int, handler) -> Any:
+    """``signal.signal`` where Python lets a handler be set, in the main thread (as Lightning sets its own); the
+    handler it replaced."""
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signum, handler)
+    return None
+
+
+def _ending_at_once(says: bool):
+    """A SIGTERM handler that ends the process by the signal itself, rank 0 (``says``) saying so first."""
+
+    def end(signum: int, frame) -> None:
+        if says:
+            print("stopped by SIGTERM after training: the run's checkpoints are whole; the same command validates the "
+                  "last one and measures the trade-off", flush=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    return end
+
+
+@contextlib.contextmanager
+def sigterm_ends_the_process(says: bool) -> Iterator[None]:
+    """After training (validating the last checkpoint, the trade-off sweep) there is nothing to save: a SIGTERM ends
+    the process at once (:func:`_ending_at_once`)."""
+    previous = _install(signal.SIGTERM, _ending_at_once(says))
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _requeue() -> None:
