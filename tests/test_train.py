@@ -444,3 +444,21 @@ def test_a_command_line_argparse_refuses_is_one_line_exit_2(capsys, argv, error)
     with pytest.raises(SystemExit) as stopped:
         main(argv)
     assert stopped.value.code == 2 and capsys.readouterr().err == error
+
+
+def test_the_sweep_always_holds_r_0_and_the_trained_r():
+    """Without r=0 the speedups were over the smallest r swept, labelled as over r=0; without the trained r the run
+    had no row of its own (no star, no summary scalars)."""
+    from tome_train.tradeoff import sweep_values
+
+    assert sweep_values(load_config(None, ["tradeoff.r_values=[8,6]"]), 65, 1, 6) == [0, 6, 8]
+    assert sweep_values(load_config(None, ["tradeoff.r_values=[0,8]"]), 65, 1, 6) == [0, 6, 8]
+    assert sweep_values(load_config(None, ["tradeoff.r_values=[8]"]), 65, 1, [4, 4]) == [0, 8]
+
+
+def test_a_validation_limited_to_one_batch_is_not_said_to_be_short_of_the_data(tmp_path, capsys):
+    """Lightning's limit_val_batches=1 (an int) is one batch, which equals 1.0 (the whole set) in Python."""
+    cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                             "tradeoff.enabled=false", "wandb.mode=disabled", f"output_dir={tmp_path}"])
+    train(cfg)
+    assert "note: validation read" not in capsys.readouterr().out

@@ -152,7 +152,7 @@ class ReferenceConfig:
 @dataclass
 class TradeoffConfig:
     enabled: bool = True
-    r_values: Optional[list[int]] = None  # None: num_points values from 0 to the largest r the model takes
+    r_values: Optional[list[int]] = None  # None: num_points values from 0 to the largest r; 0 and r_train always added
     num_points: int = 5
     batch_size: int = MISSING
     bench_steps: int = MISSING  # timed rounds over every r of the sweep; an r's images/s is from its median step

@@ -200,7 +200,9 @@ class ToMeClassifier(pl.LightningModule):
         truncated shard), so that a top-1 over fewer images is not taken for one over all."""
         trainer = self.trainer
         holds = getattr(trainer.datamodule, "num_val_samples", None)
-        whole = trainer.limit_val_batches in (None, 1.0)
+        # Lightning's 1.0 (a float) is the whole set, its 1 (an int) one batch
+        whole = trainer.limit_val_batches is None or (isinstance(trainer.limit_val_batches, float)
+                                                      and trainer.limit_val_batches == 1.0)
         if (trainer.sanity_checking or not whole or holds is None or seen >= holds or self._said_short
                 or not trainer.is_global_zero):
             return

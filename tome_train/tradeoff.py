@@ -23,11 +23,14 @@ COLUMNS = ["r", "tokens_final", "gflops", "flop_bound", "top1", "top5", "images_
 
 
 def sweep_values(cfg: DictConfig, num_tokens: int, num_protected: int, train_r) -> list[int]:
-    """``tradeoff.r_values``, or ``num_points`` values from 0 to the largest r the model takes."""
+    """``tradeoff.r_values``, or ``num_points`` values from 0 to the largest r the model takes; with r=0, which every
+    speedup and FLOP bound is over, and the trained r (where one number), the run's own row."""
     if cfg.tradeoff.r_values is not None:
-        return sorted(set(cfg.tradeoff.r_values))
-    r_max = max_merges(num_tokens, num_protected)
-    values = {int(round(v)) for v in np.linspace(0, r_max, cfg.tradeoff.num_points)}
+        values = set(cfg.tradeoff.r_values)
+    else:
+        r_max = max_merges(num_tokens, num_protected)
+        values = {int(round(v)) for v in np.linspace(0, r_max, cfg.tradeoff.num_points)}
+    values.add(0)
     if isinstance(train_r, int):
         values.add(train_r)
     return sorted(values)
@@ -100,7 +103,7 @@ def measure_tradeoff(trainer, module, datamodule) -> list[dict]:
             bar.enable()
     for row in rows:
         row["images_per_s"] = measured[row["r"]]
-    base = next((row["images_per_s"] for row in rows if row["r"] == 0), rows[0]["images_per_s"])
+    base = next(row["images_per_s"] for row in rows if row["r"] == 0)
     for row in rows:
         row["speedup"] = row["images_per_s"] / base
     return [{k: row[k] for k in COLUMNS} for row in rows]
