@@ -150,6 +150,8 @@ def test_make_cases_cross_product_and_pair():
     (["--plot", "/nonexistent-dir/bench.png"], ["/nonexistent-dir", "does not exist"]),
     (["--output", "/tmp"], ["'/tmp'", "is a directory"]),
     (["--csv", "/tmp"], ["'/tmp'", "is a directory"]),
+    (["--output", "/proc/bench.json"], ["cannot write '/proc/bench.json'"]),  # after the run, a traceback
+    (["--output", "/tmp/same.out", "--csv", "/tmp/same.out"], ["the same file", "name each its own"]),
     (["--plot", "bench"], ["--plot 'bench'", ".png", ".svg"]),
     (["--plot", "bench.xyz"], ["--plot 'bench.xyz'", ".png"]),
     (["--runtime", "tensorrt"], ["--runtime"]),
@@ -311,6 +313,8 @@ def test_auto_min_batch_row_says_whether_it_merged(tmp_path, capsys):
     said, = re.findall(r"min_batch=(\d+): ", err)
     row, = json.loads(out.read_text())["results"]
     assert row["min_batch"] == int(said) and row["merging"] == (row["min_batch"] <= 2)  # batch 2 merges from there
+    # the figures of what ran: unmerged below min_batch, where they were the schedule's
+    assert (row["flop_bound"] > 1) == row["merging"] and (row["tokens_out"] < row["tokens_in"]) == row["merging"]
     assert row["same_merges"] == 1.0 and row["tome_max_diff"] == 0.0
 
 

@@ -30,6 +30,7 @@ import copy
 import csv
 import datetime as _dt
 import difflib
+import errno
 import json
 import os
 import platform
@@ -661,15 +662,17 @@ def run_benchmark(
         torch.manual_seed(seed)
         base, tome, schedule = build_pair(case, img_size=img_size, prop_attn=prop_attn, device=dev)
         dims = ViTDims.from_timm(base)
-        flops_base, flops_tome = vit_flops(dims), vit_flops(dims, schedule)
-        bound = flop_bound(dims, schedule)
-        counts = dims.tokens_per_layer(schedule)
         size = img_size or base.patch_embed.img_size[0]
         if auto_min_batch:
             log(f"{case.model} r={case.r_label}: calibrating min_batch up to batch {batch_size}")
             calibrate_min_batch(tome, device=dev, dtype=dtype, max_batch=batch_size, warmup=warmup,
                                 steps=steps, timer=timer, log=log)
         min_batch = tome_state(tome).min_batch
+        merging = batch_size >= min_batch and any(schedule)
+        ran = schedule if merging else [0] * len(schedule)  # below min_batch the patched model runs unmerged
+        flops_base, flops_tome = vit_flops(dims), vit_flops(dims, ran)
+        bound = flop_bound(dims, ran)
+        counts = dims.tokens_per_layer(ran)
         x = torch.randn(batch_size, 3, *base.patch_embed.img_size, device=dev)
         target = torch.randint(0, max(base.num_classes, 1), (batch_size,), device=dev)
         for mode in modes:
@@ -727,7 +730,7 @@ def run_benchmark(
                 "sdpa": sdpa or "default",
                 "fused_kernels": kernels.report(),
                 "min_batch": min_batch,
-                "merging": batch_size >= min_batch and any(schedule),
+                "merging": merging,
                 "baseline_max_diff": checks.get("baseline_max_diff"),
                 "tome_max_diff": checks.get("tome_max_diff"),
                 "same_merges": checks.get("same_merges"),
@@ -862,6 +865,13 @@ def _check_output_file(path: str) -> None:
     if not os.path.isdir(parent):
         what = "is not a directory" if os.path.exists(parent) else "does not exist"
         raise BenchError(f"cannot write {path!r}: {parent!r} {what}")
+    try:  # a folder that takes no new file (read-only, /proc) was found only after the run, as a traceback
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".bench-"):
+            pass
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+    except OSError as e:
+        raise BenchError(f"cannot write {path!r}: {e.strerror or e}") from None
 
 
 def _check_plot_file(path: str) -> None:
@@ -957,9 +967,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.threads is not None:
         _check_int("threads", args.threads, 1)
         torch.set_num_threads(args.threads)
-    for path in (args.output, args.csv, args.plot):
-        if path:
-            _check_output_file(path)
+    outputs = [path for path in (args.output, args.csv, args.plot) if path]
+    for path in outputs:
+        _check_output_file(path)
+    if len({os.path.realpath(path) for path in outputs}) < len(outputs):
+        raise BenchError(f"--output, --csv and --plot name the same file ({', '.join(outputs)}): one would overwrite "
+                         "another; name each its own")
     if args.plot:
         _check_plot_file(args.plot)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
