@@ -18,7 +18,7 @@ from tome_train.config import load_config, peak_lr
 from tome_train.models import build_model
 from tome_train.module import ToMeClassifier
 from tome_train.tome import apply_tome, set_r, token_counts
-from tome_train.tradeoff import images_per_s, trained_summary
+from tome_train.tradeoff import format_table, images_per_s, trained_summary
 
 from conftest import ROOT, SHORT_FIT
 from wandb_records import history, run_config, summary, written_run_file
@@ -79,6 +79,8 @@ def test_tradeoff_table_plot_and_merge_pictures(digits_run, capsys):
     assert float(rows[1]["top1"]) == pytest.approx(digits_run.result["val_top1"], abs=1e-4)
     assert float(rows[0]["top1"]) > 50.0  # unmerged, the same weights still classify (chance is 10%)
     assert [float(r["top1"]) for r in rows] == pytest.approx([row["top1"] for row in digits_run.result["tradeoff"]], abs=1e-4)
+    table = format_table(digits_run.result["tradeoff"], 6).splitlines()
+    assert [line.split()[:2] for line in table[1:]] == [["0", "65"], ["6", "(trained)"], ["8", rows[2]["tokens_final"]]]
     for name in ("tradeoff.png", "merge_vis.png"):
         with Image.open(digits_run.run_dir / name) as image:
             assert image.size[0] > 100 and image.size[1] > 100

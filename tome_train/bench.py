@@ -788,7 +788,7 @@ def format_table(rows: list[dict]) -> str:
     for row in rows:
         checked, diffed = row["same_merges"] is not None, row["tome_max_diff"] is not None
         lines.append((
-            row["model"], row["r"] + ("" if row["merging"] or row["r"] == "0" else " (off)"), row["mode"],
+            row["model"], row["r"] + ("" if row["merging"] or not any(row["schedule"]) else " (off)"), row["mode"],
             str(row["batch_size"]), f"{row['baseline_ims']:.1f}", f"{row['tome_ims']:.1f}", f"{row['ratio']:.2f}x",
             f"{row['flop_bound']:.2f}x", f"{100 * row['ratio_of_bound']:.0f}%", f"{row['first_ratio']:.2f}x",
             f"{100 * row['same_merges_as_ops']:.0f}% / {100 * row['same_merges']:.0f}%" if checked else "-",

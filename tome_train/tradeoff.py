@@ -116,12 +116,14 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def format_table(rows: list[dict]) -> str:
-    head = f"{'r':>4} {'tokens':>6} {'GFLOPs':>8} {'bound':>6} {'top-1':>6} {'top-5':>6} {'im/s':>9} {'speedup':>7}"
+def format_table(rows: list[dict], train_r=None) -> str:
+    """The sweep as a text table, the row of the trained r (an int ``train_r``) marked."""
+    head = f"{'r':>12} {'tokens':>6} {'GFLOPs':>8} {'bound':>6} {'top-1':>6} {'top-5':>6} {'im/s':>9} {'speedup':>7}"
     lines = [head]
     for row in rows:
+        label = f"{row['r']} (trained)" if row["r"] == train_r else str(row["r"])
         lines.append(
-            f"{row['r']:>4} {row['tokens_final']:>6} {row['gflops']:>8.3f} {row['flop_bound']:>5.2f}x "
+            f"{label:>12} {row['tokens_final']:>6} {row['gflops']:>8.3f} {row['flop_bound']:>5.2f}x "
             f"{row['top1']:>6.2f} {row['top5']:>6.2f} {row['images_per_s']:>9.1f} {row['speedup']:>6.2f}x"
         )
     return "\n".join(lines)
@@ -235,7 +237,7 @@ def report_tradeoff(trainer, module, datamodule, run_dir: Path) -> list[dict]:
 
     Image.fromarray(vis).save(run_dir / "merge_vis.png")
     print("accuracy/throughput trade-off (r swept at evaluation):")
-    print(format_table(rows))
+    print(format_table(rows, module.train_r))
     print(f"files: {run_dir / 'tradeoff.csv'}, {run_dir / 'tradeoff.png'}, {run_dir / 'merge_vis.png'}")
     logger = trainer.logger
     if logger is not None and hasattr(logger, "experiment"):
