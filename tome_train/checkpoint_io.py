@@ -9,6 +9,8 @@ import torch
 from pytorch_lightning.plugins import TorchCheckpointIO
 from omegaconf import DictConfig
 
+from .config import and_more
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write into a temporary file beside the target, fsync, then rename over it.
@@ -55,8 +57,8 @@ def check_weights_fit(path: Path, checkpoint: dict[str, Any], module: torch.nn.M
     for absent, there, here in ((sorted(own.keys() - state.keys()), "this model", "the checkpoint"),
                                 (sorted(state.keys() - own.keys()), "the checkpoint", "this model")):
         if absent:
-            raise ResumeError(f"cannot resume from {path}: {absent[0]} (and {len(absent) - 1} more) is in {there}, not in "
-                              f"{here}; {fix}")
+            raise ResumeError(f"cannot resume from {path}: {absent[0]}{and_more(absent)} is in {there}, not in {here}; "
+                              f"{fix}")
     for key, value in state.items():
         if value.shape != own[key].shape:
             raise ResumeError(f"cannot resume from {path}: {key} is {list(value.shape)} in the checkpoint and "

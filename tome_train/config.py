@@ -200,6 +200,12 @@ def describe_recipes() -> list[str]:
             for name in names]
 
 
+def and_more(items: list) -> str:
+    """What follows the first of ``items`` in a one-line message: the count of the others (a model's keys run into
+    the hundreds)."""
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
 def did_you_mean(value: str, allowed: list[str]) -> str:
     by_lower = {a.lower(): a for a in allowed}  # MAE_VITL_R8 means mae_vitl_r8
     match = difflib.get_close_matches(value.lower(), list(by_lower), n=1)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ConfigError, eval_schedule, schedule_of
+from .config import ConfigError, and_more, eval_schedule, schedule_of
 from .tome.schedule import ScheduleError, ViTDims, check_fits, schedule_from_text, schedule_text
 
 if TYPE_CHECKING:
@@ -89,12 +89,6 @@ def build_trained_model(config: dict, state: dict, path: Path):
         if keys:
             raise ExportError(f"{does_not_fit}: {keys[0]}{and_more(keys)} is in {where}")
     return cfg, model.eval()
-
-
-def and_more(items: list) -> str:
-    """What follows the first of ``items`` in a one-line message: the count of the others (a model's keys run into
-    the hundreds)."""
-    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
 def stored_schedule(r) -> int | list[int] | str:

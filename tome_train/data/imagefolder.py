@@ -8,6 +8,7 @@ from torch.utils.data import default_collate, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from ..config import and_more
 from .common import SkipCounter
 from .locations import DataError, hidden, split_dir
 
@@ -50,8 +51,8 @@ class Folder(ImageFolder):
             return found, {name: index for index, name in enumerate(found)}
         unknown = sorted(set(found) - set(self.given_classes))
         if unknown:
-            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise DataError(f"imagefolder {self.split} directory {directory}: class folder {unknown[0]!r}{more} is not "
+            raise DataError(f"imagefolder {self.split} directory {directory}: class folder {unknown[0]!r}"
+                            f"{and_more(unknown)} is not "
                             "one of the train directory's classes")
         return list(self.given_classes), {name: index for index, name in enumerate(self.given_classes)}
 
