@@ -448,6 +448,23 @@ def test_a_command_line_argparse_refuses_is_one_line_exit_2(capsys, argv, error)
     assert stopped.value.code == 2 and capsys.readouterr().err == error
 
 
+@pytest.mark.parametrize("argv, error", [
+    (["--output-dir", "{run}", "output_dir={run}b"],
+     "error: --output-dir {run} and the override 'output_dir={run}b' both set output_dir: give one of them\n"),
+    (["--slurm", "--dry-run", "--nodes", "2", "trainer.num_nodes=4"],
+     "error: --nodes 2 and the override 'trainer.num_nodes=4' both set trainer.num_nodes: give one of them\n"),
+    (["--nodes", "2"], "error: --nodes 2 is an option of --slurm, which was not given (a run started here takes "
+                       "trainer.num_nodes=N)\n"),
+    (["--partition", "gpu", "trainer.epochs=1"], "error: --partition gpu is an option of --slurm, which was not given\n"),
+])
+def test_a_flag_no_run_would_read_or_one_an_override_contradicts_is_refused(tmp_path, capsys, argv, error):
+    """The flag used to win silently over an override of its key, and SLURM flags without --slurm were ignored: a
+    run on one node where two were asked for."""
+    run = tmp_path / "run"
+    assert main([a.format(run=run) for a in argv]) == 2
+    assert capsys.readouterr().err == error.format(run=run) and not run.exists()
+
+
 def test_the_sweep_always_holds_r_0_and_the_trained_r():
     """Without r=0 the speedups were over the smallest r swept, labelled as over r=0; without the trained r the run
     had no row of its own (no star, no summary scalars)."""

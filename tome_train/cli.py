@@ -66,14 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SLURM_FLAGS = ("nodes", "gpus_per_node", "partition", "time", "account", "qos", "mem", "constraint", "cpus_per_task")
+
+
 def resolve(args: argparse.Namespace) -> DictConfig:
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
+    """The run's config: the recipe, the ``key=value`` overrides and the flags that set a key.
+
+    A flag and an override of the same key are refused rather than one silently winning, as are the SLURM flags
+    without ``--slurm``, which nothing else would read."""
+    if not args.slurm and (given := [name for name in SLURM_FLAGS if getattr(args, name) is not None]):
+        flag = "--" + given[0].replace("_", "-")
+        local = {"nodes": " (a run started here takes trainer.num_nodes=N)",
+                 "gpus_per_node": " (a run started here takes trainer.devices=N)"}.get(given[0], "")
+        raise ConfigError(f"{flag} {getattr(args, given[0])} is an option of --slurm, which was not given{local}")
+    flag_keys = {"output_dir": ("--output-dir", args.output_dir)}
     if args.slurm:
-        overrides += [f"{key}={value}" for key, value in (("trainer.num_nodes", args.nodes),
-                                                          ("trainer.devices", args.gpus_per_node)) if value is not None]
-    return load_config(args.recipe, overrides)
+        flag_keys |= {"trainer.num_nodes": ("--nodes", args.nodes),
+                      "trainer.devices": ("--gpus-per-node", args.gpus_per_node)}
+    flagged = {key: (flag, value) for key, (flag, value) in flag_keys.items() if value is not None}
+    for item in args.overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in flagged:
+            flag, value = flagged[key]
+            raise ConfigError(f"{flag} {value} and the override {item!r} both set {key}: give one of them")
+    return load_config(args.recipe, [*args.overrides, *(f"{key}={value}" for key, (_, value) in flagged.items())])
 
 
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
