@@ -883,6 +883,21 @@ def _check_plot_file(path: str) -> None:
         raise BenchError(f"--plot {path!r}: name a file ending in one of {', '.join('.' + f for f in formats)}")
 
 
+def _integer_from(low: int):
+    """An argparse ``type``: an integer >= ``low``, refused in argparse's words, which name the flag."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: use an integer >= {low}")
+        return value
+
+    return integer
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, without the usage block
         raise BenchError(message)
@@ -901,13 +916,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="proportional attention on the ToMe side (default: on)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype (fp32: no autocast)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side and mode")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per side and mode (median reported)")
+    p.add_argument("--batch-size", type=_integer_from(1), default=32)
+    p.add_argument("--img-size", type=_integer_from(1), default=None, help="input resolution (default: the model's)")
+    p.add_argument("--warmup", type=_integer_from(0), default=3, help="untimed steps per side and mode")
+    p.add_argument("--steps", type=_integer_from(1), default=10, help="timed steps per side and mode (median reported)")
     p.add_argument("--mode", nargs="+", choices=["infer", "train", "both"], default=None,
                    help="default: both (with --runtime onnxruntime: infer)")
-    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=list(COMPILE_MODES), metavar="MODE",
                    help=f"torch.compile both sides, in mode MODE ({', '.join(COMPILE_MODES)}; default: default)")
     p.add_argument("--compile-scope", choices=list(COMPILE_SCOPES), default="model",
                    help="how the ToMe side compiles: model (torch.compile(model), default) or regions "
@@ -922,7 +937,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="first measure from which batch size merging pays off; smaller batches run unmerged")
     p.add_argument("--runtime", choices=list(RUNTIMES), default="torch",
                    help="torch (default) or onnxruntime: both models exported to ONNX, fp32 inference on the CPU")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_integer_from(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--timer", choices=list(TIMERS), default="wall",
                    help="wall clock (default) or process CPU time (CPU only; robust to other load with --threads 1)")
     p.add_argument("--stat", choices=list(STATS), default="median", help="statistic of the timed steps per side")
@@ -965,7 +980,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     cases = make_cases(args.model, [parse_r(t) for t in args.r], args.pair)
     device = resolve_device(args.device)
     if args.threads is not None:
-        _check_int("threads", args.threads, 1)
         torch.set_num_threads(args.threads)
     outputs = [path for path in (args.output, args.csv, args.plot) if path]
     for path in outputs:
