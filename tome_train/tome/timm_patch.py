@@ -8,6 +8,7 @@ per-forward state, weights average pooling by token size and unmerges the output
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -227,6 +228,23 @@ class ToMeBlock(Block):
         return feed_forward(self, x, normed)
 
 
+def checkpointed_block(blocks: torch.nn.Sequential) -> tuple[int, str] | None:
+    """The index and wrapper class name of the first block that an activation-checkpointing wrapper runs
+    (``apply_activation_checkpointing``, Lightning's FSDP ``activation_checkpointing_policy``), or ``None``.
+
+    Such a wrapper re-runs its block in the backward pass, outside the model's pass: as timm's block, on the tokens
+    before the merge, which torch then rejects deep in the backward (a different count of saved tensors, or a gradient
+    of another shape). Other wrappers (FSDP, activation offloading) run the block once and may merge."""
+    # a block can only be wrapped once the module is imported: importing it here would cost every pass
+    wrappers = sys.modules.get("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
+    if wrappers is None:
+        return None
+    for i, block in enumerate(blocks):
+        if isinstance(block, wrappers.CheckpointWrapper):
+            return i, type(block).__name__
+    return None
+
+
 class ToMeVisionTransformerMixin:
     """Overrides of the timm ``VisionTransformer`` entry points for a ToMe-patched model."""
 
@@ -238,6 +256,12 @@ class ToMeVisionTransformerMixin:
         return _new_patched, (_unpatched_class(type(self)),), self.__getstate__()
 
     def _tome_begin(self, images: torch.Tensor, x_attn_mask, is_causal: bool, record_sources: bool = False) -> None:
+        # else the pass fails first, inside the patch, on the device of an array (a string) or a list (none)
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images of type {type(images).__name__} are not allowed: use a tensor [B, C, H, W]")
+        if x_attn_mask is not None and not isinstance(x_attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask of type {type(x_attn_mask).__name__} is not allowed: use a tensor "
+                            "(bool: may attend, or an additive float bias) or None")
         state = self._tome_state
         num_tokens = self.num_prefix_tokens
         if is_causal:
@@ -249,6 +273,11 @@ class ToMeVisionTransformerMixin:
             raise ValueError("is_causal=True cannot be combined with token merging (r > 0)")
         if state.merging and self.grad_checkpointing and torch.is_grad_enabled():
             raise ValueError("gradient checkpointing re-runs blocks and cannot carry merge state; disable it or use r=0")
+        if state.merging and torch.is_grad_enabled():
+            wrapped = checkpointed_block(self.blocks)
+            if wrapped is not None:
+                raise ValueError(f"blocks[{wrapped[0]}] is wrapped in {wrapped[1]}, which re-runs it in the backward "
+                                 "pass and cannot replay its merge: unwrap the blocks or use r=0")
 
     def _tome_build_ahead(self, images: torch.Tensor) -> bool:
         """Before the first step of its kind (input shape and dtype, autocast dtype, gradient or not, schedule) on a
