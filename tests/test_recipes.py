@@ -1,4 +1,6 @@
-"""The ImageNet recipes hold the published hyperparameters, and every one dry-runs on CPU."""
+"""The ImageNet recipes hold the published hyperparameters, the code uses each as DeiT's and MAE's code do, and every
+recipe dry-runs on CPU."""
+import math
 import subprocess
 import sys
 
@@ -23,6 +25,15 @@ PUBLISHED = {
     "mae_vitb": ("vit_base_patch16_224", 16, 4, 8, 32, 0.1, "avg", dict(MAE, epochs=100, peak_lr=2e-3, layer_decay=0.65)),
     "mae_vitl": ("vit_large_patch16_224", 8, 4, 8, 32, 0.2, "avg", dict(MAE, epochs=50, peak_lr=4e-3, layer_decay=0.75)),
     "mae_vith": ("vit_huge_patch14_224", 7, 8, 8, 16, 0.3, "avg", dict(MAE, epochs=50, peak_lr=4e-3, layer_decay=0.75)),
+}
+# REFERENCE.md section 2: (baseline top-1, baseline im/s, ToMe top-1, ToMe im/s); DeiT-B: DeiT's baseline alone
+TABLE = {
+    "deit_tiny": (71.8, 2558, 71.27, 3980),
+    "deit_small": (79.8, 930, 79.36, 1550),
+    "deit_base": (81.8, None, None, None),
+    "mae_vitb": (83.62, 309, 81.91, 603),
+    "mae_vitl": (85.66, 93, 85.09, 183),
+    "mae_vith": (86.88, 35, 86.46, 63),
 }
 RECIPES = [(f"{family}_r{r}", family, r) for family, spec in PUBLISHED.items() for r in (spec[1], 0)]
 
@@ -57,6 +68,14 @@ def test_recipe_holds_the_published_values(recipe, family, r):
     assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.mode, m.label_smoothing) == (0.8, 1.0, 1.0, 0.5, "batch", 0.1)
     assert cfg.trainer.precision == "16-mixed"
     assert cfg.reference.baseline_top1 is not None
+    # the paper's table (REFERENCE.md section 2): baseline top-1 @ im/s, ToMe top-1 @ im/s
+    assert (cfg.reference.baseline_top1, cfg.reference.baseline_ims, cfg.reference.tome_top1,
+            cfg.reference.tome_ims) == TABLE[family]
+    # the trained r is the evaluated r; no dropout, nothing else changed in the timm model
+    assert cfg.tome.r_eval is None and dict(cfg.model.timm_kwargs) == {} and cfg.model.checkpoint is None
+    # no color jitter (DeiT's 0.4 is off under RandAugment, MAE passes none); RandomResizedCrop's default ratio
+    assert d.color_jitter is None and tuple(d.ratio) == pytest.approx((3 / 4, 4 / 3))
+    assert (d.train_samples, d.val_samples) == (1281167, 50000)
 
 
 # Set in more than one file on purpose: each recipe's own ToMe settings; DeiT's and MAE's own schedules, which agree
@@ -142,3 +161,156 @@ def test_dry_run_shows_the_merges_an_r_too_large_gets(tmp_path):
     assert "r_eval 32: merges per layer [32, 16," in plan
     default = dry_run(load_config("digits_vit_r6", [f"output_dir={tmp_path}"]))
     assert "r_train 6: merges per layer [6, 6, 6, 6, 6, 6]; tokens [65, 59, 53, 47, 41, 35, 29]" in default
+
+
+# ---- the recipes' values as the code uses them: traced into the objects a run trains with ---------------------------
+TOME_RECIPES = [name for name, _, r in RECIPES if r]
+NARROW = "model.timm_kwargs={embed_dim: 64, num_heads: 2}"  # depth, patch size, pooling and head kept: fast on a CPU
+STEPS_PER_EPOCH = 1281167 // 1024
+
+
+def _fitted(recipe):
+    """The recipe's module (its ViT narrowed) and the optimizer and scheduler Lightning gets from it on the recipe's
+    published layout, one epoch being ImageNet's 1251 steps of 1024."""
+    from types import SimpleNamespace
+
+    from tome_train.module import ToMeClassifier
+
+    cfg = load_config(recipe, [NARROW])
+    module = ToMeClassifier(cfg)
+    module._trainer = SimpleNamespace(
+        world_size=cfg.layout.nodes * cfg.layout.gpus_per_node, accumulate_grad_batches=1, is_global_zero=True,
+        estimated_stepping_batches=STEPS_PER_EPOCH * cfg.trainer.epochs, max_epochs=cfg.trainer.epochs)
+    out = module.configure_optimizers()
+    assert out["lr_scheduler"]["interval"] == "step"
+    return cfg, module, out["optimizer"], out["lr_scheduler"]["scheduler"]
+
+
+def _mae_layer_id(name: str, num_layers: int) -> int:
+    """MAE's util/lr_decay.py get_layer_id_for_vit."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+@pytest.mark.parametrize("recipe", TOME_RECIPES)
+def test_the_optimizer_and_lr_schedule_are_the_reference_codes(recipe, one_thread):
+    """AdamW as DeiT's and MAE's code build it: no weight decay on 1-D parameters, pos_embed and cls_token; MAE's
+    layer-wise lr decay (scale decay^(num_layers - layer_id), num_layers = depth + 1); the peak lr of the batch rule;
+    MAE's per-iteration warmup from 0 and half-cycle cosine to min_lr, each group at its scale (REFERENCE.md 3)."""
+    cfg, module, optimizer, scheduler = _fitted(recipe)
+    family = recipe.rsplit("_r", 1)[0]
+    v = PUBLISHED[family][-1]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)  # every weight trained
+    num_layers = len(module.model.blocks) + 1
+    for group in optimizer.param_groups:
+        assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
+        for p in group["params"]:
+            name = names[id(p)]
+            no_decay = p.ndim == 1 or name in ("pos_embed", "cls_token", "dist_token")
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+            scale = 1.0 if v["layer_decay"] is None else v["layer_decay"] ** (num_layers - _mae_layer_id(name, num_layers))
+            assert group.get("lr_scale", 1.0) == pytest.approx(scale), name
+
+    total, warm = STEPS_PER_EPOCH * v["epochs"], STEPS_PER_EPOCH * v["warmup_epochs"]
+
+    def lr_at(step):  # the lr of the schedule, each group's divided by its layer scale: one value
+        scheduler.step_update(num_updates=step)
+        lrs = {group["lr"] / group.get("lr_scale", 1.0) for group in optimizer.param_groups}
+        assert max(lrs) == pytest.approx(min(lrs), rel=1e-9, abs=1e-15)
+        return max(lrs)
+
+    peak, start, floor = v["peak_lr"], v["warmup_lr"], v["min_lr"]
+    assert lr_at(0) == pytest.approx(start, abs=1e-12)
+    assert lr_at(warm // 2) == pytest.approx(start + (peak - start) * (warm // 2) / warm)  # linear, per iteration
+    assert lr_at(warm) == pytest.approx(peak)
+    assert lr_at(total - 1) == pytest.approx(floor, rel=1e-3)
+    if family.startswith("mae"):  # MAE's util/lr_sched.py adjust_learning_rate, at fractional epochs
+        for step in (1, warm - 1, warm + 1, (warm + total) // 2, total - STEPS_PER_EPOCH):
+            epoch = step / STEPS_PER_EPOCH
+            if epoch < v["warmup_epochs"]:
+                expected = peak * epoch / v["warmup_epochs"]
+            else:
+                expected = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (epoch - v["warmup_epochs"])
+                                                                         / (v["epochs"] - v["warmup_epochs"])))
+            assert lr_at(step) == pytest.approx(expected), step
+    else:
+        after = [lr_at(step) for step in range(warm, total, STEPS_PER_EPOCH)]
+        assert after == sorted(after, reverse=True)  # cosine, decreasing from the peak toward min_lr
+
+
+@pytest.mark.parametrize("recipe", TOME_RECIPES)
+def test_the_model_loss_and_ema_are_the_reference_codes(recipe, one_thread):
+    """timm's Mixup with the recipe's alphas, label smoothing and 1000 classes, and SoftTargetCrossEntropy on its
+    soft targets; drop path linear over depth, no dropout; MAE: average pooling with fc_norm and the head drawn with
+    std 2e-5, no EMA; DeiT: the class token, EMA 0.99996; ToMe at the recipe's r, trained and evaluated, proportional
+    attention on."""
+    from timm.data import Mixup
+    from timm.layers import DropPath
+    from timm.loss import SoftTargetCrossEntropy
+
+    from tome_train.module import ToMeClassifier
+    from tome_train.tome import tome_state
+
+    family = recipe.rsplit("_r", 1)[0]
+    _, r, *_, drop_path, pool, _ = PUBLISHED[family]
+    cfg = load_config(recipe, [NARROW])
+    module = ToMeClassifier(cfg)
+    model, mix = module.model, module.mixup
+    assert isinstance(mix, Mixup) and isinstance(module.train_loss, SoftTargetCrossEntropy)
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.switch_prob, mix.mode, mix.label_smoothing,
+            mix.num_classes, mix.cutmix_minmax, mix.correct_lam) == (0.8, 1.0, 1.0, 0.5, "batch", 0.1, 1000, None, True)
+    rates = [b.drop_path1.drop_prob if isinstance(b.drop_path1, DropPath) else 0.0 for b in model.blocks]
+    assert rates == pytest.approx(torch.linspace(0, drop_path, len(model.blocks)).tolist())
+    dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and set(dropouts) == {0.0}
+    assert model.global_pool == pool and model.num_classes == 1000
+    if pool == "avg":
+        assert isinstance(model.fc_norm, torch.nn.LayerNorm) and isinstance(model.norm, torch.nn.Identity)
+        assert model.head.weight.std().item() == pytest.approx(2e-5, rel=0.05)
+        assert not model.head.bias.any()  # trunc_normal_ cuts at +-2 absolute, as MAE's call of it: a plain normal
+        assert module.ema is None
+    else:
+        assert isinstance(model.norm, torch.nn.LayerNorm) and isinstance(model.fc_norm, torch.nn.Identity)
+        assert module.ema is not None and module.ema.decay == 0.99996
+    assert schedule_of(module.train_r) == schedule_of(module.eval_r) == r
+    assert tome_state(model).prop_attn is True
+
+
+@pytest.mark.parametrize("recipe", ["deit_small_r13", "mae_vitl_r8"])
+def test_the_augmentation_is_timms_reference_transform(recipe):
+    """DeiT's and MAE's transforms (timm create_transform): RandomResizedCrop(224, 0.08-1, bicubic), flip,
+    RandAugment m9 mstd0.5 on increasing ops, normalize, then random erasing on the normalized tensor; evaluation
+    Resize(224 / 0.875 = 256, bicubic) + CenterCrop(224)."""
+    from torchvision.transforms import InterpolationMode
+
+    from tome_train.data.common import eval_transform, train_transform
+
+    cfg = load_config(recipe)
+    train = train_transform(cfg.data, cfg.model.img_size).transforms
+    assert [type(t).__name__ for t in train] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip",
+                                                 "RandAugment", "MaybeToTensor", "Normalize", "RandomErasing"]
+    crop, flip, rand_aug, _, norm, erase = train
+    assert crop.size == (224, 224) and crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert crop.interpolation == InterpolationMode.BICUBIC and flip.p == 0.5
+    assert rand_aug.num_layers == 2 and rand_aug.choice_weights is None and len(rand_aug.ops) == 15
+    assert all(op.magnitude == 9 and op.magnitude_std == 0.5 and op.prob == 0.5 for op in rand_aug.ops)
+    assert {"PosterizeIncreasing", "SolarizeIncreasing", "ColorIncreasing"} <= {op.name for op in rand_aug.ops}
+    assert norm.mean.tolist() == pytest.approx([0.485, 0.456, 0.406]) and norm.std.tolist() == pytest.approx([0.229, 0.224, 0.225])
+    assert (erase.probability, erase.mode, erase.min_count, erase.max_count) == (0.25, "pixel", 1, 1)
+    resize, center, _, norm = eval_transform(cfg.data, cfg.model.img_size).transforms
+    assert (type(resize).__name__, resize.size, resize.interpolation) == ("Resize", 256, InterpolationMode.BICUBIC)
+    assert center.size == (224, 224) and norm.mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_the_ema_copy_needs_no_gradient(one_thread):
+    """The EMA copy is updated by ema.update, never by the optimizer: a parameter that needs a gradient and gets none
+    makes DDP raise 'parameters that were not used in producing the loss' at the second training step."""
+    from tome_train.module import ToMeClassifier
+
+    ema = ToMeClassifier(load_config("deit_tiny_r13", [NARROW])).ema
+    assert ema is not None and not any(p.requires_grad for p in ema.parameters())

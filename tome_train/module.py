@@ -76,6 +76,8 @@ class ToMeClassifier(pl.LightningModule):
             self.train_loss = torch.nn.CrossEntropyLoss()
 
         self.ema = ModelEmaV3(self.model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        if self.ema is not None:  # DDP refuses a parameter that wants a gradient and gets none: ema.update sets these
+            self.ema.requires_grad_(False)
         n = cfg.model.num_classes
         accuracy = MetricCollection({"top1": _accuracy(n, 1), "top5": _accuracy(n, 5)})
         self.val_accuracy = accuracy.clone(prefix="val/")
