@@ -360,7 +360,8 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
         f"global batch {batch} = {cfg.data.batch_size} per device x {world} x accumulate {t.accumulate_grad_batches}"
         f" (recipe layout {cfg.layout.nodes}x{cfg.layout.gpus_per_node})",
         f"peak lr {peak_lr(cfg, batch):.4g} = {cfg.optim.blr:g} x {batch} / {cfg.optim.lr_base_batch}; "
-        f"warmup {cfg.optim.warmup_epochs:g} epochs from {cfg.optim.warmup_lr:g}, cosine to {cfg.optim.min_lr:g}",
+        f"warmup {cfg.optim.warmup_epochs:g} epochs from {cfg.optim.warmup_lr:g}, "
+        f"{'then cosine' if cfg.optim.warmup_prefix else 'cosine over the whole run'} to {cfg.optim.min_lr:g}",
         f"steps: {steps} per epoch x {t.epochs} epochs = {steps * t.epochs}",
     ]
     base = vit_flops(dims)

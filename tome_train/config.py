@@ -106,6 +106,7 @@ class OptimConfig:
     eps: float = MISSING
     layer_decay: Optional[float] = None
     warmup_epochs: float = MISSING
+    warmup_prefix: bool = MISSING  # true: the cosine starts after the warmup (MAE); false: it spans the run (DeiT, timm)
     warmup_lr: float = MISSING
     min_lr: float = MISSING
     clip_grad: Optional[float] = None

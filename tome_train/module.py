@@ -235,8 +235,8 @@ class ToMeClassifier(pl.LightningModule):
                   f"epoch(s), {total_steps} steps): the lr only rises from {opt.warmup_lr:g} toward {self.peak_lr():.3g}"
                   " and never decays")
         scheduler = CosineLRScheduler(
-            optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=opt.min_lr, warmup_t=warmup_steps,
-            warmup_lr_init=opt.warmup_lr, warmup_prefix=True, t_in_epochs=False,
+            optimizer, t_initial=max(total_steps - (warmup_steps if opt.warmup_prefix else 0), 1), lr_min=opt.min_lr,
+            warmup_t=warmup_steps, warmup_lr_init=opt.warmup_lr, warmup_prefix=opt.warmup_prefix, t_in_epochs=False,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
