@@ -540,6 +540,126 @@ def test_shard_writer_keeps_files_of_one_name_and_skips_what_it_cannot_read(tmp_
     assert labels == {"a_b": 0, "a_b_2": 0, "img": 0, "img_2": 0, "img_3": 1} and dm.num_corrupt == 0
 
 
+def _jpegs(folder: Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(folder / name)
+
+
+def test_imagefolder_follows_symlinked_folders_but_not_a_loop(tmp_path, caplog):
+    """A folder linking to a folder it is in was followed until the OS refused, 40 links deep: each image listed 40
+    times in its class, and with two such links 2**40 times (the listing never ended)."""
+    from tome_train.data.imagefolder import Folder
+
+    _jpegs(tmp_path / "tree" / "train" / "ant", "a0.jpg", "a1.jpg")
+    _jpegs(tmp_path / "elsewhere" / "bee", "b0.jpg")
+    (tmp_path / "tree" / "train" / "bee").symlink_to(tmp_path / "elsewhere" / "bee")  # a symlinked class: followed
+    train = tmp_path / "tree" / "train"
+    listed = [(str(train / "ant" / "a0.jpg"), 0), (str(train / "ant" / "a1.jpg"), 0), (str(train / "bee" / "b0.jpg"), 1)]
+    (train / "ant" / "up").symlink_to("..")  # the split folder
+    assert Folder(str(tmp_path / "tree"), "train", None).samples == listed
+    assert f"not following {train / 'ant' / 'up'}: it leads back to {train}, a folder it is in" in caplog.text
+    (train / "ant" / "up").unlink()
+    (tmp_path / "elsewhere" / "bee" / "root").symlink_to(tmp_path / "tree")  # above the split folder, behind a link
+    assert Folder(str(tmp_path / "tree"), "train", None).samples == listed
+
+
+def test_shard_writer_checks_everything_before_it_writes_a_shard(tree, tmp_path, capsys):
+    """A bad --val-per-shard or a val tree without images was found after the train shards were written."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        shards_main(["--imagefolder", str(tree), "--out", str(out), "--val-per-shard", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: argument --val-per-shard: '0' is not allowed: use an integer >= 1 "
+        "(see python -m tome_train.data.shards --help)\n")
+    assert not out.exists()
+    with pytest.raises(DataError, match="^val samples per shard must be positive, not 0$"):
+        write_digits_shards(str(out), img_size=8, val_per_shard=0)
+    assert not out.exists()
+    _jpegs(tmp_path / "novals" / "train" / "ant", "a.jpg")
+    (tmp_path / "novals" / "val" / "ant").mkdir(parents=True)
+    (tmp_path / "novals" / "val" / "ant" / "notes.txt").write_text("no image")
+    assert shards_main(["--imagefolder", str(tmp_path / "novals"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: imagefolder val directory {tmp_path / 'novals' / 'val'} holds no images\n"
+    assert not out.exists()
+    out.write_text("a file")
+    assert shards_main(["--imagefolder", str(tree), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: shard output directory {out} is not a directory\n"
+
+
+def test_shard_writer_leaves_no_half_written_shard(tree, tmp_path, capfd):
+    """Shards were written under their own names: an interrupt (Ctrl-C, a full disk) left a half-written one that
+    read as whole, and a split of no readable image gave empty shards and data.val_samples=0."""
+    from tome_train.data.shards import write_split
+
+    out = tmp_path / "out"
+    assert shards_main(["--imagefolder", str(tree), "--out", str(out), "--train-per-shard", "9"]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert sorted(before) == ["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar", "imagenet1k-validation-00.tar"]
+
+    def interrupted(item):
+        if item == 12:
+            raise KeyboardInterrupt
+        return {"__key__": f"k{item}", "jpg": b"\xff\xd8" + bytes(8), "cls": 0, "json": {}}
+
+    with pytest.raises(KeyboardInterrupt):
+        write_split(str(out), "train", list(range(18)), interrupted, per_shard=6)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # shard 0 and 1 written, 2 not
+
+    unreadable = tmp_path / "unreadable"
+    _jpegs(unreadable / "train" / "ant", "a.jpg")
+    (unreadable / "val" / "ant").mkdir(parents=True)
+    (unreadable / "val" / "ant" / "a.png").write_bytes(b"not a png")
+    capfd.readouterr()
+    assert shards_main(["--imagefolder", str(unreadable), "--out", str(out)]) == 2
+    assert capfd.readouterr().err.splitlines()[-1] == (
+        "error: none of the 1 val samples could be written (not one readable image): no shards written")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+class _Pid(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> int:
+        return os.getpid()
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (an ended child not yet reaped is a zombie, state Z)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_loader_worker_ends_on_sigterm_from_its_main_process_only(tmp_path):
+    """Workers ignored every SIGTERM (SLURM's, to every process of a job, must not end them), the main process's
+    too: a DataError raised in a worker left ``python train.py`` waiting forever at exit, where Python ends the
+    workers of a loader an error's traceback kept alive with SIGTERM and waits for them."""
+    import signal
+    import subprocess
+    import time
+    from functools import partial
+
+    from tome_train.data.common import init_worker
+
+    loader = torch.utils.data.DataLoader(_Pid(), batch_size=None, num_workers=1,
+                                         worker_init_fn=partial(init_worker, rank=0))
+    batches = iter(loader)
+    worker = next(batches)
+    subprocess.run(["kill", "-TERM", str(worker)], check=True)  # from another process, as SLURM sends it
+    time.sleep(0.5)
+    assert _running(worker) and next(batches) == worker
+    os.kill(worker, signal.SIGTERM)  # from the main process, as Python's exit and torch's loader end a worker
+    deadline = time.monotonic() + 3
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(worker)
+    del batches
+
+
 @pytest.mark.parametrize("args, said", [(["--images", "8"], "--images 8: one training image per class at least"),
                                         (["--repeats", "0"], "--repeats 0: at least 1")])
 def test_data_benchmark_refuses_what_it_cannot_run_in_one_line(args, said, tmp_path, capsys):

@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .arguments import OneLineArgumentParser, integer_at_least
 from .tome import (
     COMPILE_MODES, GRAPHED_COMPILE_MODES, ScheduleError, UnsupportedModelError, ViTDims, apply_tome, compile_tome,
     flop_bound, is_patched, tome_state, vit_flops,
@@ -883,28 +884,8 @@ def _check_plot_file(path: str) -> None:
         raise BenchError(f"--plot {path!r}: name a file ending in one of {', '.join('.' + f for f in formats)}")
 
 
-def _integer_from(low: int):
-    """An argparse ``type``: an integer >= ``low``, refused in argparse's words, which name the flag."""
-
-    def integer(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: use an integer >= {low}")
-        return value
-
-    return integer
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, without the usage block
-        raise BenchError(message)
-
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = _ArgumentParser(
+    p = OneLineArgumentParser(
         prog=prog or "python -m tome_train.bench",
         description="Throughput of unpatched timm against the ToMe-patched model (random weights).",
     )
@@ -916,10 +897,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="proportional attention on the ToMe side (default: on)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype (fp32: no autocast)")
-    p.add_argument("--batch-size", type=_integer_from(1), default=32)
-    p.add_argument("--img-size", type=_integer_from(1), default=None, help="input resolution (default: the model's)")
-    p.add_argument("--warmup", type=_integer_from(0), default=3, help="untimed steps per side and mode")
-    p.add_argument("--steps", type=_integer_from(1), default=10, help="timed steps per side and mode (median reported)")
+    p.add_argument("--batch-size", type=integer_at_least(1), default=32)
+    p.add_argument("--img-size", type=integer_at_least(1), default=None, help="input resolution (default: the model's)")
+    p.add_argument("--warmup", type=integer_at_least(0), default=3, help="untimed steps per side and mode")
+    p.add_argument("--steps", type=integer_at_least(1), default=10, help="timed steps per side and mode (median reported)")
     p.add_argument("--mode", nargs="+", choices=["infer", "train", "both"], default=None,
                    help="default: both (with --runtime onnxruntime: infer)")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=list(COMPILE_MODES), metavar="MODE",
@@ -937,7 +918,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="first measure from which batch size merging pays off; smaller batches run unmerged")
     p.add_argument("--runtime", choices=list(RUNTIMES), default="torch",
                    help="torch (default) or onnxruntime: both models exported to ONNX, fp32 inference on the CPU")
-    p.add_argument("--threads", type=_integer_from(1), default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=integer_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--timer", choices=list(TIMERS), default="wall",
                    help="wall clock (default) or process CPU time (CPU only; robust to other load with --threads 1)")
     p.add_argument("--stat", choices=list(STATS), default="median", help="statistic of the timed steps per side")
@@ -953,10 +934,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Command line; returns 0, 2 for bad input (one ``error:`` line on stderr), 1 if a run fails."""
     try:
         args = build_parser(prog).parse_args(argv)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
+    except SystemExit as e:  # --help, or a refused command line (said in one line)
         return int(e.code or 0)
     threads = torch.get_num_threads()
     try:

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from .arguments import OneLineArgumentParser
 from .config import ConfigError, allowed_values, check_schedules_fit, describe_recipes, load_config, world_size
 from .data import DataError, check_locations
 
@@ -35,13 +36,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .tome import ScheduleError, UnsupportedModelError
 
     return (CheckpointError, ResumeError, ScheduleError, UnsupportedModelError)
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose refusal of the command line is one line (and exit code 2), without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

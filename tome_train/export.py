@@ -291,7 +291,7 @@ def load_exported(path: str | Path, r=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import OneLineArgumentParser
+    from .arguments import OneLineArgumentParser
 
     p = OneLineArgumentParser(prog="train.py export", description="Export a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, type=Path, help="Lightning checkpoint of a run")

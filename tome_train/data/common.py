@@ -6,7 +6,9 @@ import hashlib
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import signal
+import threading
 from typing import Any, Callable, Optional
 
 import torch.distributed as dist
@@ -46,12 +48,32 @@ def init_worker(worker_id: int, rank: int) -> None:
     ``seed_everything(workers=True)``: from one global seed torch seeds worker k of every rank alike (and numpy not at
     all), so every rank drew the same random crops; this mixes the rank into torch's, python's and numpy's seeds.
 
-    And SIGTERM ignored: SLURM (a preemption, ``scancel``) signals every process of a job, and a worker it killed fails
-    the run at once (torch raises in the main process) before the ranks can stop together and save
-    (:class:`~tome_train.requeue.StopOnSignal`); the main process ends its workers itself.
+    And SIGTERM ignored unless the main process sends it (:func:`_end_only_on_sigterm_from_parent`).
     """
     pl_worker_init_function(worker_id, rank=rank)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _end_only_on_sigterm_from_parent()
+
+
+def _end_only_on_sigterm_from_parent() -> None:
+    """In a DataLoader worker: a SIGTERM from the main process ends it, any other is ignored.
+
+    SLURM (a preemption, ``scancel``) signals every process of a job, and a worker it killed failed the run at once
+    (torch raises in the main process) before the ranks could stop together and save
+    (:class:`~tome_train.requeue.StopOnSignal`). But the main process ends its workers with SIGTERM too: torch's
+    loader where one does not stop, and Python at exit where an error left the loader's iterator alive (a DataError
+    raised in a worker, its traceback holding the iterator): a worker ignoring every SIGTERM left that exit waiting
+    for it forever. The signal is blocked and taken by a thread that asks who sent it.
+    """
+    parent = mp.parent_process()
+    parent_pid = parent.pid if parent is not None else os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent_pid:
+            pass
+        os._exit(0)  # asked to: torch reports a worker that ends with an error or by a signal as a failure
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
 class SkipCounter:

@@ -12,7 +12,7 @@ validation keeps the tree's order.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import io
 import os
 import random
@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 
+from ..arguments import OneLineArgumentParser, integer_at_least
 from .locations import DataError, split_dir
 
 PREFIX = {"train": "imagenet1k-train", "val": "imagenet1k-validation"}
@@ -47,13 +48,12 @@ def jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
     return out.getvalue()
 
 
-def _write_one(out_dir: str, split: str, width: int, bounds: tuple[int, int, int], items: Sequence,
-               to_sample: Callable[[Any], Optional[dict]]) -> int:
-    """One shard of ``items[start:stop]``; the samples written (``to_sample`` gives ``None`` for one it cannot)."""
+def _write_one(bounds: tuple[str, int, int], items: Sequence, to_sample: Callable[[Any], Optional[dict]]) -> int:
+    """One shard of ``items[start:stop]`` at ``path``; the samples written (``to_sample`` gives ``None`` for one it
+    cannot)."""
     import webdataset as wds
 
-    index, start, stop = bounds
-    path = os.path.join(out_dir, shard_name(split, index, width))
+    path, start, stop = bounds
     written = 0
     with wds.TarWriter(path, mtime=0) as sink:
         for item in items[start:stop]:
@@ -67,29 +67,79 @@ def _write_one(out_dir: str, split: str, width: int, bounds: tuple[int, int, int
 _JOB: Optional[Callable] = None
 
 
-def _run_job(bounds: tuple[int, int, int]) -> int:
+def _run_job(bounds: tuple[str, int, int]) -> int:
     return _JOB(bounds)
+
+
+class _Staging:
+    """Shards written under a temporary name in the output folder (``.NAME.partial``) and given their own names
+    together when every one is whole: an error or an interrupt (a full disk, Ctrl-C, a split with no readable image)
+    leaves no half-written shard, and an earlier run's shards as they were."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.renames: list[tuple[str, str]] = []
+        self.made_dir = False
+
+    def __enter__(self) -> "_Staging":
+        self.made_dir = not os.path.exists(self.out_dir)
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # a file at the path, or above it
+            raise DataError(f"shard output directory {self.out_dir} is not a directory") from None
+        return self
+
+    def path(self, name: str) -> str:
+        """Where to write the shard ``name`` until it is done."""
+        final = os.path.join(self.out_dir, name)
+        staged = os.path.join(self.out_dir, f".{name}.partial")
+        self.renames.append((staged, final))
+        return staged
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            for staged, final in self.renames:
+                os.replace(staged, final)
+            return
+        for staged, _ in self.renames:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(staged)
+        if self.made_dir:
+            with contextlib.suppress(OSError):  # only where it is still empty
+                os.rmdir(self.out_dir)
+
+
+def check_per_shard(split: str, per_shard: int) -> None:
+    """Raise DataError unless ``per_shard`` is a positive number of samples per shard."""
+    if per_shard < 1:
+        raise DataError(f"{split} samples per shard must be positive, not {per_shard}")
 
 
 def write_split(out_dir: str, split: str, items: Sequence, to_sample: Callable[[Any], dict],
                 per_shard: int, workers: int = 1) -> SplitInfo:
     """Write ``items`` (each turned into a sample dict by ``to_sample``, or ``None`` where it cannot be) as one split's
-    shards; the samples counted are those written.
+    shards, whole or not at all (a split none of whose samples could be written is a DataError); the samples counted
+    are those written.
 
     A sample dict holds ``__key__`` (no dots, unique), ``jpg`` (bytes), ``cls`` (int) and ``json`` (dict).
     """
+    with _Staging(out_dir) as staging:
+        return _write_split(staging, split, items, to_sample, per_shard, workers)
+
+
+def _write_split(staging: _Staging, split: str, items: Sequence, to_sample: Callable[[Any], dict],
+                 per_shard: int, workers: int) -> SplitInfo:
     if split not in PREFIX:
         raise DataError(f"split must be one of {', '.join(PREFIX)}, not {split!r}")
-    if per_shard < 1:
-        raise DataError(f"samples per shard must be positive, not {per_shard}")
+    check_per_shard(split, per_shard)
     n = len(items)
     if n == 0:
         raise DataError(f"no {split} samples to write")
-    os.makedirs(out_dir, exist_ok=True)
     n_shards = max(1, round(n / per_shard))
     width = max(INDEX_DIGITS[split], len(str(n_shards - 1)))
-    bounds = [(i, i * n // n_shards, (i + 1) * n // n_shards) for i in range(n_shards)]
-    job = partial(_write_one, out_dir, split, width, items=items, to_sample=to_sample)
+    bounds = [(staging.path(shard_name(split, i, width)), i * n // n_shards, (i + 1) * n // n_shards)
+              for i in range(n_shards)]
+    job = partial(_write_one, items=items, to_sample=to_sample)
     if workers > 1 and n_shards > 1:
         import multiprocessing as mp
 
@@ -102,6 +152,8 @@ def write_split(out_dir: str, split: str, items: Sequence, to_sample: Callable[[
             _JOB = None
     else:
         written = sum(job(b) for b in bounds)
+    if written == 0:  # shards of no sample: data.*_samples=0 is no epoch
+        raise DataError(f"none of the {n} {split} samples could be written (not one readable image): no shards written")
     pattern = f"{PREFIX[split]}-{{{0:0{width}d}..{n_shards - 1:0{width}d}}}.tar"
     return SplitInfo(split, pattern, n_shards, written)
 
@@ -138,23 +190,26 @@ def write_digits_shards(out_dir: str, img_size: Optional[int] = None, train_per_
     val_fraction = recipe.data.val_fraction if val_fraction is None else val_fraction
     if img_size < 1:
         raise DataError(f"img_size={img_size} is not allowed: use a positive integer")
+    check_per_shard("train", train_per_shard)  # both before a shard is written
+    check_per_shard("val", val_per_shard)
     bad = set(corrupt or ())
+
+    def to_sample(item):
+        sample = _digits_sample(item)
+        if sample["__key__"] in bad:
+            sample["jpg"] = b"\xff\xd8\xff\xe0 not a jpeg" + bytes(64)
+        return sample
+
     result = {}
-    for split, indices, per_shard in zip(("train", "val"), digits_split(float(val_fraction)),
-                                         (train_per_shard, val_per_shard)):
-        images = digits_images(indices, img_size, recipe.data.interpolation)[:, 0].numpy()
-        labels = digits_labels(indices).tolist()
-        items = [(int(i), img, lab) for i, img, lab in zip(indices, images, labels)]
-        if split == "train":
-            random.Random(0).shuffle(items)
-
-        def to_sample(item, bad=bad):
-            sample = _digits_sample(item)
-            if sample["__key__"] in bad:
-                sample["jpg"] = b"\xff\xd8\xff\xe0 not a jpeg" + bytes(64)
-            return sample
-
-        result[split] = asdict(write_split(out_dir, split, items, to_sample, per_shard))
+    with _Staging(out_dir) as staging:
+        for split, indices, per_shard in zip(("train", "val"), digits_split(float(val_fraction)),
+                                             (train_per_shard, val_per_shard)):
+            images = digits_images(indices, img_size, recipe.data.interpolation)[:, 0].numpy()
+            labels = digits_labels(indices).tolist()
+            items = [(int(i), img, lab) for i, img, lab in zip(indices, images, labels)]
+            if split == "train":
+                random.Random(0).shuffle(items)
+            result[split] = asdict(_write_split(staging, split, items, to_sample, per_shard, workers=1))
     return result
 
 
@@ -214,34 +269,35 @@ def write_imagefolder_shards(root: str, out_dir: str, train_per_shard: int = 125
     is a DataError, a class without a val folder is allowed)."""
     if not os.path.isdir(root):
         raise DataError(f"{root} is not a directory")
+    check_per_shard("train", train_per_shard)  # all of it before a shard is written
+    check_per_shard("val", val_per_shard)
     train, classes = list_tree(root, "train")
     val, _ = list_tree(root, "val", classes)
+    if not val:
+        raise DataError(f"imagefolder val directory {split_dir(root, 'val')} holds no images")
     random.Random(seed).shuffle(train)
     result = {}
-    for split, items, per_shard in (("train", train, train_per_shard), ("val", val, val_per_shard)):
-        items = [(path, label, key) for (path, label), key in zip(items, unique_keys([path for path, _ in items]))]
-        to_sample = partial(_file_sample, root=split_dir(root, split), classes=classes)
-        result[split] = asdict(write_split(out_dir, split, items, to_sample, per_shard, workers))
+    with _Staging(out_dir) as staging:
+        for split, items, per_shard in (("train", train, train_per_shard), ("val", val, val_per_shard)):
+            items = [(path, label, key) for (path, label), key in zip(items, unique_keys([path for path, _ in items]))]
+            to_sample = partial(_file_sample, root=split_dir(root, split), classes=classes)
+            result[split] = asdict(_write_split(staging, split, items, to_sample, per_shard, workers))
     result["classes"] = len(classes)
     return result
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _Parser(prog="python -m tome_train.data.shards", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m tome_train.data.shards", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--imagefolder", metavar="ROOT", help="tree with train/<class>/ and val/<class>/")
     source.add_argument("--digits", action="store_true", help="the bundled scikit-learn digits")
     parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--train-per-shard", type=int, help="default: 1251 (ImageNet's 1024 shards); --digits 180")
-    parser.add_argument("--val-per-shard", type=int, help="default: 781 (ImageNet's 64 shards); --digits 90")
+    parser.add_argument("--train-per-shard", type=integer_at_least(1),
+                        help="default: 1251 (ImageNet's 1024 shards); --digits 180")
+    parser.add_argument("--val-per-shard", type=integer_at_least(1),
+                        help="default: 781 (ImageNet's 64 shards); --digits 90")
     parser.add_argument("--seed", type=int, default=0, help="order of the training samples")
-    parser.add_argument("--workers", type=int, default=1, help="processes writing shards")
+    parser.add_argument("--workers", type=integer_at_least(1), default=1, help="processes writing shards")
     parser.add_argument("--img-size", type=int, help="--digits: image size (default: the default recipe's)")
     args = parser.parse_args(argv)
     per_shard = {key: value for key, value in (("train_per_shard", args.train_per_shard),
