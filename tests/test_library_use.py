@@ -59,20 +59,39 @@ def test_activation_checkpointing_wrappers_are_refused_while_merging_with_a_grad
     """A block wrapped for activation checkpointing (``apply_activation_checkpointing``, Lightning's FSDP
     ``activation_checkpointing_policy``) runs again in the backward pass, outside the model's pass and so unmerged:
     the forward merged and the backward failed deep in torch (``CheckpointError``: a different number of saved
-    tensors; reentrant: a gradient of another shape). It is one error at the forward; at r=0, and without a gradient,
-    the wrapped model runs as the unwrapped one."""
+    tensors; reentrant: a gradient of another shape). It is one error at the forward, also where the wrapper is inside
+    another (Lightning's FSDP wraps for checkpointing inside FSDP's own wrapper) or around all the blocks; at r=0, and
+    without a gradient, the wrapped model runs as the unwrapped one; a wrapper around a block's MLP re-runs no merge."""
     wrappers = pytest.importorskip("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
+
+    class Outer(torch.nn.Module):  # as FSDP wraps a block before the checkpointing wrapper goes in
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+            return self.inner(x, **kwargs)
+
     plain = tiny_vit().train()
     x = images()
-    for impl in (wrappers.CheckpointImpl.NO_REENTRANT, wrappers.CheckpointImpl.REENTRANT):
+    cases = [(wrappers.CheckpointImpl.NO_REENTRANT, "blocks.0", False),
+             (wrappers.CheckpointImpl.REENTRANT, "blocks.0", False),
+             (wrappers.CheckpointImpl.NO_REENTRANT, "blocks.0.inner", True),
+             (wrappers.CheckpointImpl.NO_REENTRANT, "blocks", None)]
+    for impl, where, outer in cases:
         model = apply_tome(copy.deepcopy(plain), r=2).train()
+        if outer:
+            model.blocks = torch.nn.Sequential(*(Outer(block) for block in model.blocks))
         wrappers.apply_activation_checkpointing(
             model, checkpoint_wrapper_fn=lambda block: wrappers.checkpoint_wrapper(block, checkpoint_impl=impl),
-            check_fn=lambda module: isinstance(module, timm.models.vision_transformer.Block))
-        refusal = (r"^blocks\[0\] is wrapped in CheckpointWrapper, which re-runs it in the backward pass and cannot "
-                   r"replay its merge: unwrap the blocks or use r=0$")
+            check_fn=(lambda module: module is model.blocks) if outer is None else
+            (lambda module: isinstance(module, timm.models.vision_transformer.Block)))
+        refusal = (rf"^{where} is a CheckpointWrapper, which re-runs its blocks in the backward pass and cannot "
+                   r"replay their merge: unwrap the blocks or use r=0$")
         with pytest.raises(ValueError, match=refusal):
             model(x).sum().backward()
+        if outer is None:  # the blocks are no Sequential any more: no schedule can be set on them
+            continue
         with torch.no_grad():
             merged = apply_tome(copy.deepcopy(plain), r=2).eval()
             assert torch.equal(model.eval()(x), merged(x))
@@ -84,6 +103,16 @@ def test_activation_checkpointing_wrappers_are_refused_while_merging_with_a_grad
             m(x).square().sum().backward()
             grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
         assert (grads[0] - grads[1]).abs().max().item() <= 1e-6
+
+    grads = []
+    for wrap in (False, True):
+        model = apply_tome(copy.deepcopy(plain), r=2).train()
+        if wrap:
+            wrappers.apply_activation_checkpointing(
+                model, check_fn=lambda module: isinstance(module, timm.layers.Mlp))
+        model(x).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("entry", ["forward", "forward_features", "forward_intermediates"])

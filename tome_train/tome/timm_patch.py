@@ -228,20 +228,26 @@ class ToMeBlock(Block):
         return feed_forward(self, x, normed)
 
 
-def checkpointed_block(blocks: torch.nn.Sequential) -> tuple[int, str] | None:
-    """The index and wrapper class name of the first block that an activation-checkpointing wrapper runs
-    (``apply_activation_checkpointing``, Lightning's FSDP ``activation_checkpointing_policy``), or ``None``.
+def checkpointed_blocks(blocks: torch.nn.Module) -> tuple[str, str] | None:
+    """The name (``blocks``, ``blocks.0``, ...) and class of the first activation-checkpointing wrapper that holds a
+    ToMe block (``apply_activation_checkpointing``, Lightning's FSDP ``activation_checkpointing_policy``, which wraps
+    inside FSDP's own wrapper), or ``None``.
 
-    Such a wrapper re-runs its block in the backward pass, outside the model's pass: as timm's block, on the tokens
-    before the merge, which torch then rejects deep in the backward (a different count of saved tensors, or a gradient
-    of another shape). Other wrappers (FSDP, activation offloading) run the block once and may merge."""
+    Such a wrapper re-runs its blocks in the backward pass, outside the model's pass: as timm's blocks, on the tokens
+    before the merge, which torch then rejects deep in the backward (a different count of saved tensors, or a
+    gradient of another shape). A wrapper around a part of a block (its MLP) re-runs no merge and is allowed."""
     # a block can only be wrapped once the module is imported: importing it here would cost every pass
     wrappers = sys.modules.get("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
     if wrappers is None:
         return None
-    for i, block in enumerate(blocks):
-        if isinstance(block, wrappers.CheckpointWrapper):
-            return i, type(block).__name__
+    unvisited = [("blocks", blocks)]
+    while unvisited:  # down to the ToMe blocks, not into them: a training pass pays for a dozen modules, not hundreds
+        name, module = unvisited.pop()
+        if isinstance(module, ToMeBlock):
+            continue
+        if isinstance(module, wrappers.CheckpointWrapper) and any(isinstance(m, ToMeBlock) for m in module.modules()):
+            return name, type(module).__name__
+        unvisited += [(f"{name}.{child_name}", child) for child_name, child in reversed(list(module.named_children()))]
     return None
 
 
@@ -274,10 +280,10 @@ class ToMeVisionTransformerMixin:
         if state.merging and self.grad_checkpointing and torch.is_grad_enabled():
             raise ValueError("gradient checkpointing re-runs blocks and cannot carry merge state; disable it or use r=0")
         if state.merging and torch.is_grad_enabled():
-            wrapped = checkpointed_block(self.blocks)
+            wrapped = checkpointed_blocks(self.blocks)
             if wrapped is not None:
-                raise ValueError(f"blocks[{wrapped[0]}] is wrapped in {wrapped[1]}, which re-runs it in the backward "
-                                 "pass and cannot replay its merge: unwrap the blocks or use r=0")
+                raise ValueError(f"{wrapped[0]} is a {wrapped[1]}, which re-runs its blocks in the backward pass and "
+                                 "cannot replay their merge: unwrap the blocks or use r=0")
 
     def _tome_build_ahead(self, images: torch.Tensor) -> bool:
         """Before the first step of its kind (input shape and dtype, autocast dtype, gradient or not, schedule) on a
