@@ -170,6 +170,8 @@ def test_recipe_path_and_fragment_order(tmp_path):
         ("digits_vit_r6", ["trainer.epochs=yes"], "override 'trainer.epochs=yes': bad value 'yes' (YAML reads it as True) "
                                                   "for 'trainer.epochs'"),
         ("digits_vit_r6", ["tradeoff.r_values=[1,no]"], "bad value 'no' (YAML reads it as False) for 'tradeoff.r_values[1]'"),
+        ("digits_vit_r6", ["trainer={epochs: "], "override 'trainer={epochs: ': the value is not YAML (did not find "
+                                                 "expected node content)"),  # it was yaml's traceback
         # a path is a file's, and said so; an empty name is no recipe (it was the default recipe)
         ("/no/such/recipe.yaml", [], "recipe file /no/such/recipe.yaml: no such file"),
         ("recipes/mae_vitl_r8", [], "recipe file recipes/mae_vitl_r8: no such file (did you mean 'mae_vitl_r8'?)"),

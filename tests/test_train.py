@@ -454,6 +454,9 @@ def test_a_command_line_argparse_refuses_is_one_line_exit_2(capsys, argv, error)
      "error: --output-dir {run} and the override 'output_dir={run}b' both set output_dir: give one of them\n"),
     (["--slurm", "--dry-run", "--nodes", "2", "trainer.num_nodes=4"],
      "error: --nodes 2 and the override 'trainer.num_nodes=4' both set trainer.num_nodes: give one of them\n"),
+    (["--slurm", "--dry-run", "--gpus-per-node", "2", "trainer={{epochs: 1, devices: 4}}"],  # {{: str.format's {
+     "error: --gpus-per-node 2 and the override 'trainer={{epochs: 1, devices: 4}}' both set trainer.devices: give one of "
+     "them\n"),
     (["--nodes", "2"], "error: --nodes 2 is an option of --slurm, which was not given (a run started here takes "
                        "trainer.num_nodes=N)\n"),
     (["--partition", "gpu", "trainer.epochs=1"], "error: --partition gpu is an option of --slurm, which was not given\n"),

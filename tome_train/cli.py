@@ -18,9 +18,11 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from .arguments import OneLineArgumentParser
+from .arguments import OneLineArgumentParser, integer_at_least
 from .config import ConfigError, allowed_values, check_schedules_fit, describe_recipes, load_config, world_size
 from .data import DataError, check_locations
 
@@ -38,6 +40,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (CheckpointError, ResumeError, ScheduleError, UnsupportedModelError)
 
 
+# --slurm's options, each a field of slurm.SlurmOptions: its type, and the config key it sets (None: only the job's)
+SLURM_FLAGS = {
+    "nodes": (integer_at_least(1), "trainer.num_nodes"),
+    "gpus_per_node": (integer_at_least(1), "trainer.devices"),
+    **{name: (str, None) for name in ("partition", "time", "account", "qos", "mem", "constraint")},
+    "cpus_per_task": (integer_at_least(1), None),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
         prog="train.py",
@@ -52,15 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<recipe>)")
     s = p.add_argument_group("SLURM")
     s.add_argument("--slurm", action="store_true", help="write an sbatch script into the run dir and submit it")
-    s.add_argument("--nodes", type=int, help="default: the recipe's trainer.num_nodes (its published layout)")
-    s.add_argument("--gpus-per-node", type=int, help="default: the recipe's trainer.devices (its published layout)")
-    for flag in ("--partition", "--time", "--account", "--qos", "--mem", "--constraint"):
-        s.add_argument(flag)
-    s.add_argument("--cpus-per-task", type=int)
+    for name, (kind, key) in SLURM_FLAGS.items():
+        s.add_argument(_flag(name), type=kind,
+                       help=key and f"default: the recipe's {key} (its published layout)")
     return p
 
 
-SLURM_FLAGS = ("nodes", "gpus_per_node", "partition", "time", "account", "qos", "mem", "constraint", "cpus_per_task")
+def override_sets(item: str, key: str) -> bool:
+    """Whether the override ``item`` sets the dotted ``key``: ``key=...``, or a section holding it
+    (``trainer={num_nodes: 4}``). One that does not parse sets nothing here; :func:`.config.load_config` refuses it."""
+    name = item.split("=", 1)[0].strip()
+    if name == key:
+        return True
+    if not key.startswith(name + "."):
+        return False
+    try:
+        return OmegaConf.select(OmegaConf.from_dotlist([item]), key) is not None
+    except (OmegaConfBaseException, yaml.YAMLError):
+        return False
 
 
 def resolve(args: argparse.Namespace) -> DictConfig:
@@ -69,20 +93,18 @@ def resolve(args: argparse.Namespace) -> DictConfig:
     A flag and an override of the same key are refused rather than one silently winning, as are the SLURM flags
     without ``--slurm``, which nothing else would read."""
     if not args.slurm and (given := [name for name in SLURM_FLAGS if getattr(args, name) is not None]):
-        flag = "--" + given[0].replace("_", "-")
-        local = {"nodes": " (a run started here takes trainer.num_nodes=N)",
-                 "gpus_per_node": " (a run started here takes trainer.devices=N)"}.get(given[0], "")
-        raise ConfigError(f"{flag} {getattr(args, given[0])} is an option of --slurm, which was not given{local}")
+        key = SLURM_FLAGS[given[0]][1]
+        local = f" (a run started here takes {key}=N)" if key else ""
+        raise ConfigError(f"{_flag(given[0])} {getattr(args, given[0])} is an option of --slurm, which was not "
+                          f"given{local}")
     flag_keys = {"output_dir": ("--output-dir", args.output_dir)}
     if args.slurm:
-        flag_keys |= {"trainer.num_nodes": ("--nodes", args.nodes),
-                      "trainer.devices": ("--gpus-per-node", args.gpus_per_node)}
+        flag_keys |= {key: (_flag(name), getattr(args, name)) for name, (_, key) in SLURM_FLAGS.items() if key}
     flagged = {key: (flag, value) for key, (flag, value) in flag_keys.items() if value is not None}
     for item in args.overrides:
-        key = item.split("=", 1)[0].strip()
-        if key in flagged:
-            flag, value = flagged[key]
-            raise ConfigError(f"{flag} {value} and the override {item!r} both set {key}: give one of them")
+        for key, (flag, value) in flagged.items():
+            if override_sets(item, key):
+                raise ConfigError(f"{flag} {value} and the override {item!r} both set {key}: give one of them")
     return load_config(args.recipe, [*args.overrides, *(f"{key}={value}" for key, (_, value) in flagged.items())])
 
 
@@ -412,9 +434,8 @@ def submit_slurm(cfg: DictConfig, args: argparse.Namespace) -> str:
         *(f"{key}={value}" for key, value in fixed.items()),
     ]
     opts = SlurmOptions(
-        nodes=nodes, gpus_per_node=gpus_per_node, partition=args.partition, time=args.time,
-        account=args.account, qos=args.qos, cpus_per_task=args.cpus_per_task, mem=args.mem,
-        constraint=args.constraint, accelerator="cpu" if cfg.trainer.accelerator == "cpu" else "gpu",
+        nodes=nodes, gpus_per_node=gpus_per_node, accelerator="cpu" if cfg.trainer.accelerator == "cpu" else "gpu",
+        **{name: getattr(args, name) for name, (_, key) in SLURM_FLAGS.items() if key is None},
     )
     check_job(opts, train_argv)  # before the run directory and its wandb id are made
     if not args.dry_run:

@@ -384,6 +384,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
             layer = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+        except yaml.YAMLError as e:  # OmegaConf reads the value as YAML: an unclosed {, [ or quote
+            raise ConfigError(f"override {item!r}: the value is not YAML ({getattr(e, 'problem', None) or e})") from None
         key, value = item.split("=", 1)
         under = _section_keys(key)
         if under and not isinstance(OmegaConf.select(layer, key), DictConfig):
