@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -456,8 +457,10 @@ def test_shard_writer_cli(tree, tmp_path, capsys):
     assert shards_main(["--imagefolder", str(tmp_path / "missing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "missing") in err and err.count("\n") == 1
-    assert shards_main(["--digits", "--out", str(tmp_path / "digits"), "--img-size", "0"]) == 2
-    assert capsys.readouterr().err == "error: img_size=0 is not allowed: use a positive integer\n"
+    with pytest.raises(SystemExit) as exit_:
+        shards_main(["--digits", "--out", str(tmp_path / "digits"), "--img-size", "0"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith(
+        "error: argument --img-size: '0' is not allowed: use an integer >= 1")
     assert not (tmp_path / "digits").exists()
     with pytest.raises(SystemExit) as exit_:
         shards_main(["--out", str(out)])
@@ -598,10 +601,13 @@ def test_shard_writer_leaves_no_half_written_shard(tree, tmp_path, capfd):
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     assert sorted(before) == ["imagenet1k-train-0000.tar", "imagenet1k-train-0001.tar", "imagenet1k-validation-00.tar"]
 
+    def sample(item):
+        return {"__key__": f"k{item}", "jpg": b"\xff\xd8" + bytes(8), "cls": 0, "json": {}}
+
     def interrupted(item):
         if item == 12:
             raise KeyboardInterrupt
-        return {"__key__": f"k{item}", "jpg": b"\xff\xd8" + bytes(8), "cls": 0, "json": {}}
+        return sample(item)
 
     with pytest.raises(KeyboardInterrupt):
         write_split(str(out), "train", list(range(18)), interrupted, per_shard=6)
@@ -616,6 +622,12 @@ def test_shard_writer_leaves_no_half_written_shard(tree, tmp_path, capfd):
     assert capfd.readouterr().err.splitlines()[-1] == (
         "error: none of the 1 val samples could be written (not one readable image): no shards written")
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+    blocked = tmp_path / "blocked"  # a folder of shard 1's name: its rename fails, shard 2 is never renamed
+    (blocked / "imagenet1k-train-0001.tar").mkdir(parents=True)
+    with pytest.raises(OSError):
+        write_split(str(blocked), "train", list(range(18)), sample, per_shard=6)
+    assert not [name for name in os.listdir(blocked) if name.endswith(".partial")]
 
 
 class _Pid(torch.utils.data.Dataset):
@@ -634,7 +646,7 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_a_loader_worker_ends_on_sigterm_from_its_main_process_only(tmp_path):
+def test_a_loader_worker_ends_on_sigterm_from_its_main_process_only():
     """Workers ignored every SIGTERM (SLURM's, to every process of a job, must not end them), the main process's
     too: a DataError raised in a worker left ``python train.py`` waiting forever at exit, where Python ends the
     workers of a loader an error's traceback kept alive with SIGTERM and waits for them."""
@@ -649,7 +661,8 @@ def test_a_loader_worker_ends_on_sigterm_from_its_main_process_only(tmp_path):
                                          worker_init_fn=partial(init_worker, rank=0))
     batches = iter(loader)
     worker = next(batches)
-    subprocess.run(["kill", "-TERM", str(worker)], check=True)  # from another process, as SLURM sends it
+    subprocess.run([sys.executable, "-c", f"import os, signal; os.kill({worker}, signal.SIGTERM)"],
+                   check=True)  # from another process, as SLURM sends it
     time.sleep(0.5)
     assert _running(worker) and next(batches) == worker
     os.kill(worker, signal.SIGTERM)  # from the main process, as Python's exit and torch's loader end a worker
@@ -660,8 +673,9 @@ def test_a_loader_worker_ends_on_sigterm_from_its_main_process_only(tmp_path):
     del batches
 
 
-@pytest.mark.parametrize("args, said", [(["--images", "8"], "--images 8: one training image per class at least"),
-                                        (["--repeats", "0"], "--repeats 0: at least 1")])
+@pytest.mark.parametrize("args, said", [(["--images", "8"], "argument --images: '8' is not allowed: use an integer >= 10"),
+                                        (["--repeats", "0"], "argument --repeats: '0' is not allowed: use an integer >= 1"),
+                                        (["--measure", "x"], "argument --measure: 'x' is not allowed")])
 def test_data_benchmark_refuses_what_it_cannot_run_in_one_line(args, said, tmp_path, capsys):
     from tome_train.data.bench import main as data_bench_main
 

@@ -121,6 +121,9 @@ def test_every_recipe_dry_runs_on_cpu(recipe, imagenet_layout):
     assert "'shards': 1024" in plan and "'shards': 64" in plan and "'samples': 1281167" in plan
     steps = 1281167 // 1024
     assert f"steps: {steps} per epoch" in plan
+    schedule = ("warmup 5 epochs from 1e-06, cosine over the whole run to 1e-05" if family.startswith("deit")
+                else "warmup 5 epochs from 0, then cosine to 1e-06")
+    assert schedule in plan
     assert "checkpoint: none" in plan
     if recipe.endswith("_r0"):
         assert "1.00x bound" in plan

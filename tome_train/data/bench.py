@@ -15,13 +15,14 @@ Each loader runs with no worker processes (one core) and with one worker per cor
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
+
+from ..arguments import OneLineArgumentParser, integer_at_least
 
 def deit_augmentation() -> tuple[dict, int]:
     """The recipes' ImageNet training augmentation and DeiT's image size, as the DeiT-S recipe resolves them."""
@@ -158,21 +159,18 @@ def table(rows: list[dict], markdown: bool) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tome_train.data.bench", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m tome_train.data.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="/tmp/tome_train_data_bench", help="scratch directory (reused)")
-    parser.add_argument("--images", type=int, default=400, help="training JPEGs to generate")
-    parser.add_argument("--measure", type=int, default=1200, help="images timed per pipeline")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="workers in the multi-core run")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the table shows the best")
+    parser.add_argument("--images", type=integer_at_least(CLASSES), default=400,
+                        help=f"training JPEGs to generate (one per class at least: {CLASSES} classes)")
+    parser.add_argument("--measure", type=integer_at_least(1), default=1200, help="images timed per pipeline")
+    parser.add_argument("--batch-size", type=integer_at_least(1), default=32)
+    parser.add_argument("--workers", type=integer_at_least(1), default=len(os.sched_getaffinity(0)),
+                        help="workers in the multi-core run")
+    parser.add_argument("--repeats", type=integer_at_least(1), default=3,
+                        help="interleaved rounds; the table shows the best")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
-    for flag, value, low in (("--images", args.images, CLASSES), ("--measure", args.measure, 1),
-                             ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 1),
-                             ("--repeats", args.repeats, 1)):
-        if value < low:
-            why = f"one training image per class at least ({CLASSES} classes)" if flag == "--images" else "at least 1"
-            parser.exit(2, f"error: {flag} {value}: {why}\n")
     scratch = Path(args.dir)
     if scratch.exists() and not scratch.is_dir():
         parser.exit(2, f"error: --dir {scratch}: not a directory\n")

@@ -121,8 +121,8 @@ def walk_files(top: str) -> Iterator[str]:
     """
     if not os.path.isdir(top):
         return  # a class the val tree has no folder for
-    around = {os.stat(p) for p in (top, *Path(os.path.abspath(top)).parents, *Path(os.path.realpath(top)).parents)}
-    outer = frozenset((st.st_dev, st.st_ino) for st in around)
+    outer = frozenset((st.st_dev, st.st_ino) for st in map(os.stat, (top, *Path(os.path.abspath(top)).parents,
+                                                                      *Path(os.path.realpath(top)).parents)))
     inside = {top: outer}  # per folder walked, the folders it is in
     listed = []
     for folder, subdirs, files in os.walk(top, followlinks=True):

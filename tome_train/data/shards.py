@@ -89,6 +89,11 @@ class _Staging:
             raise DataError(f"shard output directory {self.out_dir} is not a directory") from None
         return self
 
+    def _remove_staged(self) -> None:
+        for staged, _ in self.renames:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(staged)
+
     def path(self, name: str) -> str:
         """Where to write the shard ``name`` until it is done."""
         final = os.path.join(self.out_dir, name)
@@ -98,12 +103,14 @@ class _Staging:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            for staged, final in self.renames:
-                os.replace(staged, final)
+            try:
+                for staged, final in self.renames:
+                    os.replace(staged, final)
+            except OSError:  # a folder of a shard's name: those not yet renamed are left out too
+                self._remove_staged()
+                raise
             return
-        for staged, _ in self.renames:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(staged)
+        self._remove_staged()
         if self.made_dir:
             with contextlib.suppress(OSError):  # only where it is still empty
                 os.rmdir(self.out_dir)
@@ -298,7 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="default: 781 (ImageNet's 64 shards); --digits 90")
     parser.add_argument("--seed", type=int, default=0, help="order of the training samples")
     parser.add_argument("--workers", type=integer_at_least(1), default=1, help="processes writing shards")
-    parser.add_argument("--img-size", type=int, help="--digits: image size (default: the default recipe's)")
+    parser.add_argument("--img-size", type=integer_at_least(1),
+                        help="--digits: image size (default: the default recipe's)")
     args = parser.parse_args(argv)
     per_shard = {key: value for key, value in (("train_per_shard", args.train_per_shard),
                                                ("val_per_shard", args.val_per_shard)) if value is not None}
