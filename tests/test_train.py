@@ -441,7 +441,7 @@ def test_compiled_training_in_a_compile_mode(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv, error", [
     (["--bogus"], "error: unrecognized arguments: --bogus (see train.py --help)\n"),
-    (["--nodes", "x"], "error: argument --nodes: invalid int value: 'x' (see train.py --help)\n"),
+    (["--nodes", "x"], "error: argument --nodes: 'x' is not allowed: use an integer >= 1 (see train.py --help)\n"),
 ])
 def test_a_command_line_argparse_refuses_is_one_line_exit_2(capsys, argv, error):
     with pytest.raises(SystemExit) as stopped:

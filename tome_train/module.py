@@ -6,9 +6,11 @@ The module holds the science (what is optimized and measured); the Trainer built
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from .config import check_schedules_fit, eval_schedule, global_batch, peak_lr, schedule_of
+from .data.common import derive_seed
 from .data.locations import DataError
 from .models import build_model
 from .tome import ViTDims, apply_tome, set_r, tome_state, vit_flops
@@ -35,6 +38,33 @@ class NonFiniteLossError(RuntimeError):
 
 def _accuracy(num_classes: int, k: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed this rank's generators (python's, numpy's, torch's) apart from every other rank's, as DeiT's and MAE's
+    codes seed each rank with ``seed + rank``. A run seeds every rank alike, so that they build the same model; the
+    training steps' draws then came out the same on every rank: one mixup lambda and cutmix box for the whole global
+    batch and the same drop-path masks (numpy's and torch's generators in the training process), and the same digits
+    crops where no DataLoader worker makes them. Rank 0 keeps its generators as they are, those of a one-process run.
+    """
+    if rank == 0:
+        return
+    derived = derive_seed(seed, "rank", rank)
+    random.seed(derived)
+    np.random.seed(derived % 2**32)  # numpy takes 32 bits
+    torch.manual_seed(derived)  # and every CUDA device's
+
+
+def stepping_batches(trainer: pl.Trainer) -> int:
+    """``trainer.estimated_stepping_batches``: the run's optimizer steps, for the lr schedule. Lightning counts them by
+    building the training loader and starting its pass, before it restores a checkpoint's loop state, and then keeps
+    that loader, which never gets the state (Lightning issue #20550): a run resumed mid-epoch trained its epoch's
+    first batches again instead of the ones it had not (:class:`~tome_train.data.common.TrainDataLoader`). Resuming,
+    the loader is dropped here, so that the fit loop builds it again after the restore and gives it the state."""
+    steps = trainer.estimated_stepping_batches
+    if getattr(trainer, "ckpt_path", None) is not None:
+        trainer.fit_loop._combined_loader = None
+    return int(steps)
 
 
 class ToMeClassifier(pl.LightningModule):
@@ -227,7 +257,7 @@ class ToMeClassifier(pl.LightningModule):
             self.model, opt="adamw", lr=self.peak_lr(), weight_decay=opt.weight_decay,
             betas=tuple(opt.betas), eps=opt.eps, layer_decay=opt.layer_decay,
         )
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        total_steps = max(stepping_batches(self.trainer), 1)
         steps_per_epoch = max(total_steps // max(self.trainer.max_epochs, 1), 1)
         warmup_steps = int(opt.warmup_epochs * steps_per_epoch)
         if warmup_steps >= total_steps and self.trainer.is_global_zero:  # timm says only that its cosine has no effect
@@ -244,6 +274,7 @@ class ToMeClassifier(pl.LightningModule):
         scheduler.step_update(num_updates=self.global_step)
 
     def on_fit_start(self) -> None:
+        seed_rank(self.cfg.seed, self.global_rank)  # the ranks' models are alike by now (DDP has synced them)
         layout = self.cfg.layout
         intended = layout.nodes * layout.gpus_per_node
         if self.trainer.world_size != intended:
