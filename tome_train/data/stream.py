@@ -104,7 +104,9 @@ class ShardStream(IterableDataset):
         """The next training pass (of the epoch last set) leaves out its first ``count`` batches, the ones a resumed
         run trained before it stopped. They came round-robin from the DataLoader workers, so each worker passes over
         the copies of its share of them, the same ones in the same order, without decoding them: exactly, where those
-        samples were readable (an unreadable one passed over counts as trained, so the pass resumes that much early)."""
+        samples were readable (an unreadable one passed over counts as trained, so the pass resumes that much early).
+        The workers' turns start at the one whose batch came next (:meth:`__iter__`), so the batches come in the
+        unbroken pass's order, and a checkpoint of the resumed run holds the right count again."""
         if batch_size != self.batch_size:
             raise ValueError(f"batch size {batch_size} is not the stream's {self.batch_size}")
         self._skip = int(count)
@@ -157,6 +159,13 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         worker, workers = self._worker()
+        if self.train:
+            # DataLoader worker w plays worker (w + skipped batches) % workers: the loader takes batches from its
+            # workers in turn from worker 0 on every pass, so a resumed pass starts at the worker whose batch came next
+            # and runs in the unbroken pass's order. Otherwise, after an odd count with two workers, worker 0's came
+            # first, and the count a later checkpoint held was not the first batches of the order it skips: the next
+            # resume trained a batch of worker 0 again and never one of worker 1
+            worker = (worker + min(self._skip, self.batches_per_rank)) % workers
         slot, n_slots = self.rank * workers + worker, self.world_size * workers
         if self.train:
             yield from self._train(worker, workers, slot, n_slots)
