@@ -6,6 +6,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from tome_train.module import stepping_batches
+
 
 class LinearClassifier(pl.LightningModule):
     """Logits of flattened [B, 3, 8, 8] images; records the sample keys of every training batch (``with_meta``)."""
@@ -21,6 +23,7 @@ class LinearClassifier(pl.LightningModule):
         return F.cross_entropy(self.layer(images.flatten(1)), labels)
 
     def configure_optimizers(self):
+        stepping_batches(self.trainer)  # as the framework's lr schedule asks for them, building the loader early
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 

@@ -23,8 +23,8 @@ from linear_fit import fit_linear
 EVERY, FIRST, SECOND, STOP = 3, 15, 18, 20  # checkpoints every 3 steps; 14 batches an epoch, 2 epochs
 
 
-@pytest.mark.parametrize("source, workers", [("webdataset", 2), ("digits", 0)])
-def test_a_run_resumed_twice_in_one_epoch_trains_the_unbroken_runs_batches(tmp_path, source, workers):
+def _data_cfg(tmp_path, source: str, workers: int):
+    """The digits at 8 px in batches of 100 (14 a training epoch), as they are or as shards written to ``tmp_path``."""
     cfg = OmegaConf.structured(DataConfig)
     cfg.merge_with(OmegaConf.load(ROOT / "configs/data/digits.yaml").data)
     cfg.merge_with(dict(num_workers=workers, batch_size=100))
@@ -33,6 +33,12 @@ def test_a_run_resumed_twice_in_one_epoch_trains_the_unbroken_runs_batches(tmp_p
         cfg.merge_with(dict(source="webdataset", root=str(tmp_path), train_shards=info["train"]["pattern"],
                             val_shards=info["val"]["pattern"], train_samples=info["train"]["samples"],
                             val_samples=info["val"]["samples"]))
+    return cfg
+
+
+@pytest.mark.parametrize("source, workers", [("webdataset", 2), ("digits", 0)])
+def test_a_run_resumed_twice_in_one_epoch_trains_the_unbroken_runs_batches(tmp_path, source, workers):
+    cfg = _data_cfg(tmp_path, source, workers)
 
     def fit(run, **kwargs):
         every = ModelCheckpoint(dirpath=tmp_path / run, every_n_train_steps=EVERY, save_top_k=-1)
@@ -48,3 +54,22 @@ def test_a_run_resumed_twice_in_one_epoch_trains_the_unbroken_runs_batches(tmp_p
     # epoch 1 as trained up to each checkpoint that was resumed, then to the end: none twice, none missing
     assert sorted(unbroken[14:FIRST] + first[:SECOND - FIRST] + second) == sorted(unbroken[14:])
     assert first == unbroken[FIRST:STOP] and second == unbroken[SECOND:]  # in the unbroken run's order
+
+
+@pytest.mark.parametrize("source, workers", [("webdataset", 2), ("digits", 2)])
+def test_a_run_resumed_at_an_epochs_end_trains_the_next_epoch_in_the_unbroken_order(tmp_path, source, workers):
+    """Saved at epoch 0's last batch (``every_n_train_steps`` landing there), the resumed pass was built before
+    Lightning moved the epoch on: all of epoch 0's batches done, it was empty, and epoch 1 trained nothing. Saved at
+    the epoch's end (``on_train_epoch_end``), its workers drew epoch 0's order for epoch 1."""
+    cfg = _data_cfg(tmp_path, source, workers)
+
+    def fit(run, **kwargs):
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / run, every_n_train_steps=7, save_top_k=-1),
+                     ModelCheckpoint(dirpath=tmp_path / run, filename="end-{epoch}", every_n_epochs=1,
+                                     save_on_train_epoch_end=True, save_top_k=-1)]
+        return fit_linear(ImageDataModule(cfg, 8, seed=0, with_meta=True), callbacks, max_epochs=3, **kwargs)
+
+    unbroken = fit("unbroken")
+    assert len(unbroken) == 42 and len(set(unbroken)) == 42
+    for name in ("epoch=0-step=14.ckpt", "end-epoch=0.ckpt"):
+        assert fit("resumed", ckpt_path=str(tmp_path / "unbroken" / name)) == unbroken[14:], name

@@ -81,8 +81,10 @@ def override_sets(item: str, key: str) -> bool:
         return True
     if not key.startswith(name + "."):
         return False
+    absent = object()
     try:
-        return OmegaConf.select(OmegaConf.from_dotlist([item]), key) is not None
+        return OmegaConf.select(OmegaConf.from_dotlist([item]), key, default=absent,
+                                throw_on_resolution_failure=False) is not absent
     except (OmegaConfBaseException, yaml.YAMLError):
         return False
 

@@ -62,7 +62,8 @@ def stepping_batches(trainer: pl.Trainer) -> int:
     first batches again instead of the ones it had not (:class:`~tome_train.data.common.TrainDataLoader`). Resuming,
     the loader is dropped here, so that the fit loop builds it again after the restore and gives it the state."""
     steps = trainer.estimated_stepping_batches
-    if getattr(trainer, "ckpt_path", None) is not None:
+    # FSDP and DeepSpeed restore after this (ckpt_path is not yet set then)
+    if trainer.ckpt_path is not None or trainer.strategy.restore_checkpoint_after_setup:
         trainer.fit_loop._combined_loader = None
     return int(steps)
 

@@ -170,6 +170,9 @@ class EpochDataLoader(DataLoader):
         if epoch is None:
             epoch = self._passes
         self._passes += 1
+        return self._set_epoch(epoch)
+
+    def _set_epoch(self, epoch: int) -> int:
         for target in (self.dataset, self.sampler):
             set_epoch = getattr(target, "set_epoch", None)
             if callable(set_epoch):
@@ -207,6 +210,8 @@ class TrainDataLoader(EpochDataLoader):
     def _start_pass(self) -> int:
         epoch = super()._start_pass()
         resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] > epoch:  # saved at an epoch's last batch: the next epoch's start
+            epoch = self._set_epoch(resume["epoch"])
         if resume is not None and resume["epoch"] == epoch and resume["batches_done"] > 0:
             target = self.sampler if hasattr(self.sampler, "skip_batches") else self.dataset
             target.skip_batches(resume["batches_done"], self.batch_size)

@@ -223,15 +223,21 @@ class ImageDataModule(pl.LightningDataModule):
     # -- loaders ----------------------------------------------------------------------------------
 
     def _epoch(self) -> Optional[int]:
+        """The epoch of the pass about to start, as Lightning gives it to ``set_epoch``: after a restore from an
+        epoch-end checkpoint that is the next epoch, where ``current_epoch`` is still the one that ended (the pass is
+        built before Lightning moves it on, and its workers would have drawn the ended epoch's order)."""
         trainer = getattr(self, "trainer", None)
-        return int(trainer.current_epoch) if trainer is not None else None
+        return int(trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else None
 
     def _progress(self) -> tuple[int, int]:
-        """(epoch, batches this rank has trained of it): what a checkpoint saved now has trained."""
+        """(epoch, batches this rank has trained of it): what a checkpoint saved now has trained. At an epoch's last
+        batch that is the next epoch, none of it: a restore builds the pass before Lightning moves the epoch on, and
+        the ended epoch with all its batches done would be an empty pass, kept for the next epoch."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 0
-        return int(trainer.current_epoch), int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        epoch, done = int(trainer.current_epoch), int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return (epoch + 1, 0) if done >= trainer.num_training_batches else (epoch, done)
 
     def _loader(self, split: str) -> EpochDataLoader:
         world_size, rank = dist_info(getattr(self, "trainer", None))
