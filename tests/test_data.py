@@ -623,11 +623,11 @@ def test_shard_writer_leaves_no_half_written_shard(tree, tmp_path, capfd):
         "error: none of the 1 val samples could be written (not one readable image): no shards written")
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
-    blocked = tmp_path / "blocked"  # a folder of shard 1's name: its rename fails, shard 2 is never renamed
+    blocked = tmp_path / "blocked"  # a folder of shard 1's name: found before a shard is written
     (blocked / "imagenet1k-train-0001.tar").mkdir(parents=True)
-    with pytest.raises(OSError):
+    with pytest.raises(DataError, match=r"imagenet1k-train-0001.tar is a directory, where a shard is to be written"):
         write_split(str(blocked), "train", list(range(18)), sample, per_shard=6)
-    assert not [name for name in os.listdir(blocked) if name.endswith(".partial")]
+    assert os.listdir(blocked) == ["imagenet1k-train-0001.tar"]
 
 
 class _Pid(torch.utils.data.Dataset):

@@ -97,6 +97,8 @@ class _Staging:
     def path(self, name: str) -> str:
         """Where to write the shard ``name`` until it is done."""
         final = os.path.join(self.out_dir, name)
+        if os.path.isdir(final):  # found now, not at the renames, when the shards before it would be in place
+            raise DataError(f"{final} is a directory, where a shard is to be written: move it away")
         staged = os.path.join(self.out_dir, f".{name}.partial")
         self.renames.append((staged, final))
         return staged
