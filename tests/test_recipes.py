@@ -183,7 +183,8 @@ def _fitted(recipe):
     module = ToMeClassifier(cfg)
     module._trainer = SimpleNamespace(
         world_size=cfg.layout.nodes * cfg.layout.gpus_per_node, accumulate_grad_batches=1, is_global_zero=True,
-        estimated_stepping_batches=STEPS_PER_EPOCH * cfg.trainer.epochs, max_epochs=cfg.trainer.epochs)
+        estimated_stepping_batches=STEPS_PER_EPOCH * cfg.trainer.epochs, max_epochs=cfg.trainer.epochs,
+        ckpt_path=None, strategy=SimpleNamespace(restore_checkpoint_after_setup=False))  # a fresh run
     out = module.configure_optimizers()
     assert out["lr_scheduler"]["interval"] == "step"
     return cfg, module, out["optimizer"], out["lr_scheduler"]["scheduler"]
