@@ -6,11 +6,9 @@ The module holds the science (what is optimized and measured); the Trainer built
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -47,12 +45,8 @@ def seed_rank(seed: int, rank: int) -> None:
     batch and the same drop-path masks (numpy's and torch's generators in the training process), and the same digits
     crops where no DataLoader worker makes them. Rank 0 keeps its generators as they are, those of a one-process run.
     """
-    if rank == 0:
-        return
-    derived = derive_seed(seed, "rank", rank)
-    random.seed(derived)
-    np.random.seed(derived % 2**32)  # numpy takes 32 bits
-    torch.manual_seed(derived)  # and every CUDA device's
+    if rank != 0:  # Lightning's seeding takes 32 bits, as numpy does
+        pl.seed_everything(derive_seed(seed, "rank", rank) % 2**32, workers=True, verbose=False)
 
 
 def stepping_batches(trainer: pl.Trainer) -> int:
