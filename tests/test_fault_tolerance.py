@@ -161,6 +161,47 @@ def test_a_requeue_saves_right_after_an_optimizer_step(tmp_path, monkeypatch, ca
     assert "Requeuing SLURM job 4242 failed (no scontrol on PATH)" in capsys.readouterr().out
 
 
+def test_a_signal_on_an_epochs_last_batch_saves_after_a_whole_step_of_the_next_epoch(tmp_path):
+    """With gradient accumulation, SIGTERM in epoch 0's last batch: the save waits for epoch 1's first optimizer step,
+    its two batches. It came after epoch 1's first batch, whose gradient the checkpoint lost: the last batch's step
+    had not counted as checked, so the next batch end looked like a step's."""
+    import pytorch_lightning as pl
+
+    from tome_train.data import ImageDataModule
+    from tome_train.requeue import RunStopped, StopOnSignal
+
+    class SignalAtTheLastBatch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 0 and batch_idx + 1 == trainer.num_training_batches:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    datamodule = ImageDataModule(load_config(None, ["data.batch_size=100"]).data, 8, seed=0, with_meta=True)
+    with pytest.raises(RunStopped):
+        fit_linear(datamodule, [SignalAtTheLastBatch(), StopOnSignal(requeue=False)], max_epochs=2,
+                   accumulate_grad_batches=2, limit_train_batches=6, default_root_dir=tmp_path)
+    checkpoint = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_done": 2}]
+
+
+def test_the_newest_checkpoint_resumes_a_best_one_written_just_before_a_kill(tmp_path):
+    """A kill -9 while last.ckpt is rewritten at an epoch's end leaves the best-*.ckpt written just before it, of the
+    same step, as the newest whole checkpoint; the run resumed from the last.ckpt of an epoch before."""
+    from tome_train.cli import find_resume_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    files = [tmp_path / "hpc_ckpt_1.ckpt", checkpoints / "last.ckpt", checkpoints / "best-epoch=001.ckpt",
+             checkpoints / ".last.ckpt.partial"]
+    for age, path in enumerate(files):
+        path.write_bytes(b"")
+        os.utime(path, (1e9 + age, 1e9 + age))
+    assert find_resume_checkpoint(tmp_path) == checkpoints / "best-epoch=001.ckpt"
+    os.utime(checkpoints / "last.ckpt", (2e9, 2e9))
+    assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"
+    assert find_resume_checkpoint(tmp_path / "nothing") is None
+
+
 def _slurm_job(monkeypatch, tmp_path) -> Path:
     """This process as the one task of SLURM job 777, Lightning's SLURM environment and all; ``scontrol`` a script
     that writes down its arguments (SLURM itself: tests/test_slurm.py)."""
@@ -249,7 +290,7 @@ def _stopped_by_sigterm(cmd: list[str], run_dir: Path, env: dict) -> Path:
     hpc = run_dir / "hpc_ckpt_1.ckpt"
     step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
     assert 2 <= step < STEPS_PER_EPOCH
-    assert f"stopped by SIGTERM at global step {step}: saved {hpc}, which the same command resumes\n" in out
+    assert f"stopped by SIGTERM at global step {step}: saved {hpc}; the same command resumes it\n" in out
     return hpc
 
 
@@ -276,29 +317,87 @@ def test_a_sigterm_to_every_process_of_a_two_process_ddp_run_stops_both_ranks_at
     _stopped_by_sigterm(cmd, run_dir, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_a_sigterm_in_the_last_validation_ends_the_run_before_its_trade_off_sweep(tmp_path, monkeypatch, capsys):
+SANITY_CHECK_SIGTERM_ON_RANK_1 = """
+import os, signal, sys
+
+from tome_train.cli import main
+from tome_train.module import ToMeClassifier
+
+validation_step = ToMeClassifier.validation_step
+
+
+def signalled_in_the_sanity_check(self, batch, batch_idx):
+    if self.trainer.sanity_checking and self.global_rank == 1 and batch_idx == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return validation_step(self, batch, batch_idx)
+
+
+ToMeClassifier.validation_step = signalled_in_the_sanity_check
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_to_one_ddp_rank_in_the_sanity_check_stops_both_before_the_first_step(tmp_path):
+    """Lightning's handler, in place until training started, broadcast from inside the signal handler on rank 1 while
+    rank 0 gathered the sanity check's metrics: both ranks hung. Now both stop where training starts, exit 143, with
+    nothing to save. (Lightning starts rank 1 by running this script again.)"""
+    script = tmp_path / "signalled.py"
+    script.write_text(SANITY_CHECK_SIGTERM_ON_RANK_1)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(script), "--output-dir", str(run_dir), *QUICK, "trainer.devices=2", "trainer.epochs=1",
+           "trainer.limit_train_batches=2", "wandb.mode=disabled"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # hung ranks
+    assert proc.returncode == 143, err[-2000:]
+    assert ("stopped by SIGTERM before the first step of this fit: nothing new to save; the same command runs it "
+            "again\n") in out
+    assert not list(run_dir.glob("**/*.ckpt"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_in_the_last_validation_ends_the_run_before_its_trade_off_sweep(tmp_path, monkeypatch, capsys,
+                                                                                   signum):
+    """SIGUSR1, SLURM's time-limit warning, was recorded there and then forgotten: the job ran into its time limit. It
+    now requeues the job, whose restart validates the last checkpoint and measures the trade-off."""
     from tome_train.module import ToMeClassifier
 
+    calls = _slurm_job(monkeypatch, tmp_path) if signum == signal.SIGUSR1 else None
     validation_step = ToMeClassifier.validation_step
 
     def signalled_in_the_last_validation(self, batch, batch_idx):
         if not self.trainer.sanity_checking and batch_idx == 0:
-            os.kill(os.getpid(), signal.SIGTERM)  # recorded: the step's end it waits for never comes
+            os.kill(os.getpid(), signum)  # recorded: the step's end it waits for never comes
         return validation_step(self, batch, batch_idx)
 
     monkeypatch.setattr(ToMeClassifier, "validation_step", signalled_in_the_last_validation)
     run_dir = tmp_path / "run"
-    assert main(["--output-dir", str(run_dir), *QUICK, "tradeoff.enabled=true", "trainer.epochs=1",
-                 "trainer.limit_train_batches=2", "wandb.mode=disabled"]) == 143
-    assert ("stopped by SIGTERM after the last step: the run's checkpoints are saved; the same command validates the "
-            "last one and measures the trade-off\n") in capsys.readouterr().out
+    code = main(["--output-dir", str(run_dir), *QUICK, "tradeoff.enabled=true", "trainer.epochs=1",
+                 "trainer.limit_train_batches=2", "wandb.mode=disabled"])
+    out = capsys.readouterr().out
+    if signum == signal.SIGTERM:
+        assert code == 143
+        assert ("stopped by SIGTERM after the last step: the run's checkpoints are saved; the same command validates "
+                "the last one and measures the trade-off\n") in out
+    else:
+        assert code == 0 and calls.read_text() == "requeue 777\n"
+        assert ("Handling auto-requeue signal (SIGUSR1) after the last step: the run's checkpoints are saved; "
+                "requeuing the job\n") in out
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert not (run_dir / "tradeoff.csv").exists()
 
 
-def test_a_sigterm_after_training_ends_the_run_at_once_and_says_so(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_after_training_ends_the_run_at_once_and_says_so(tmp_path, monkeypatch, signum):
     """Validating a finished run's checkpoint and sweeping its trade-off have nothing to save: SIGTERM ends the process
-    there (Lightning's handler would broadcast inside it, as in training), with a line saying why."""
+    there (Lightning's handler would broadcast inside it, as in training), with a line saying why. SIGUSR1, SLURM's
+    time-limit warning, ended it by its default action, saying nothing and not requeuing the job; it now requeues it,
+    and the restart sweeps the trade-off."""
+    calls = _slurm_job(monkeypatch, tmp_path) if signum == signal.SIGUSR1 else None
     run_dir = tmp_path / "run"
     cmd = _command(run_dir, "trainer.epochs=1", "trainer.limit_train_batches=2", "wandb.mode=disabled")
     assert subprocess.run(cmd, capture_output=True).returncode == 0
@@ -309,13 +408,18 @@ def test_a_sigterm_after_training_ends_the_run_at_once_and_says_so(tmp_path):
     try:
         for line in proc.stdout:
             if line.startswith("the run had already finished"):
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signum)
                 break
         out = proc.stdout.read()
         proc.wait(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == -signal.SIGTERM
-    assert ("stopped by SIGTERM after training: the run's checkpoints are whole; the same command validates the last "
-            "one and measures the trade-off\n") in out
+    assert proc.returncode == -signum
+    if signum == signal.SIGTERM:
+        assert ("stopped by SIGTERM after training: the run's checkpoints are whole; the same command validates the "
+                "last one and measures the trade-off\n") in out
+    else:
+        assert ("Handling auto-requeue signal (SIGUSR1) after training: the run's checkpoints are whole; requeuing the "
+                "job\n") in out
+        assert calls.read_text() == "requeue 777\n"
     assert last.read_bytes() == written and not (run_dir / "tradeoff.csv").exists()

@@ -111,9 +111,10 @@ def resolve(args: argparse.Namespace) -> DictConfig:
 
 
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """The newest of Lightning's SLURM requeue checkpoints and ``checkpoints/last.ckpt``."""
-    candidates = list(run_dir.glob("hpc_ckpt_*.ckpt")) + list((run_dir / "checkpoints").glob("last*.ckpt"))
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    """The newest of the signals' ``hpc_ckpt_N.ckpt`` and the checkpoints in ``checkpoints/``: ``last.ckpt``, or the
+    ``best-*.ckpt`` written just before it at an epoch's end where a kill cut ``last.ckpt``'s rewrite short."""
+    candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
@@ -189,11 +190,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     ]
     if t.checkpoint_every_n_steps:
         callbacks.append(newest(every_n_train_steps=t.checkpoint_every_n_steps))
-    slurm = SLURMEnvironment.detect()
-    callbacks.append(StopOnSignal(requeue=slurm))
-    plugins = [AtomicCheckpointIO()]
-    if slurm:  # the requeue is StopOnSignal's: Lightning's saves from inside the signal handler
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+    callbacks.append(StopOnSignal(requeue=SLURMEnvironment.detect()))  # in place of Lightning's signal handlers
     distributed = world_size(t) > 1
     try:
         trainer = pl.Trainer(
@@ -202,7 +199,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
             log_every_n_steps=t.log_every_n_steps, limit_train_batches=t.limit_train_batches,
             limit_val_batches=t.limit_val_batches, deterministic=t.deterministic, callbacks=callbacks,
             gradient_clip_val=cfg.optim.clip_grad, gradient_clip_algorithm="norm",
-            logger=logger, plugins=plugins, strategy="ddp" if distributed else "auto",
+            logger=logger, plugins=[AtomicCheckpointIO()], strategy="ddp" if distributed else "auto",
             use_distributed_sampler=False,  # the data module splits by rank and worker itself
         )
     except (MisconfigurationException, ValueError) as e:  # an accelerator, device count or precision it cannot run
@@ -283,11 +280,12 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     """Fit the recipe, then measure and log the accuracy/throughput trade-off."""
     ckpt = check_run_inputs(cfg, resume)
     import pytorch_lightning as pl
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
 
     from .checkpoint_io import check_same_training, check_weights_fit, read_resume_checkpoint
     from .data import ImageDataModule
     from .module import ToMeClassifier
-    from .requeue import RunRequeued, sigterm_ends_the_process
+    from .requeue import RunRequeued, signals_end_the_process
     from .tome import GRAPHED_COMPILE_MODES, kernels
 
     # Lightning's hint that srun exists but is unused: a local run on a SLURM login node is intended.
@@ -327,7 +325,8 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
             if trainer.logger is not None:
                 trainer.logger.experiment.finish()
             return {"run_dir": str(run_dir), "requeued": True}
-        with sigterm_ends_the_process(trainer.is_global_zero):  # after training there is nothing to save
+        # after training there is nothing to save
+        with signals_end_the_process(trainer.is_global_zero, requeue=SLURMEnvironment.detect()):
             return _after_fit(cfg, trainer, module, datamodule, run_dir)
 
 
@@ -490,10 +489,4 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2
-    except SystemExit as e:  # a SIGTERM before training started, which Lightning's handler took
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-        if not isinstance(e, SIGTERMException):
-            raise
-        return 128 + signal.SIGTERM
     return 0

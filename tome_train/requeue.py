@@ -3,12 +3,16 @@
 SLURM sends ``SIGUSR1`` before the time limit (``#SBATCH --signal=SIGUSR1@90``) and ``SIGTERM`` to every process of a
 job it preempts or cancels; a cloud sends SIGTERM when it takes its machine back. Lightning's own handlers act inside
 the signal handler: its requeue saves the checkpoint there, and its SIGTERM handler broadcasts from rank 0 there. With
-several ranks a signal lands on each at a different point, possibly inside a gradient all-reduce, and those
-collectives then pair with the wrong operations and hang (both seen: the two-node SLURM test, a two-process DDP run
-given SIGTERM). Here the handlers only record the signal. Right after each optimizer step the ranks agree on what they
-received with one tiny all-reduce; on either signal they save ``hpc_ckpt_N.ckpt`` together, rank 0 requeues a SLURM
-job on SIGUSR1, and fit ends at once. Only after an optimizer step: with gradient accumulation a save between two of a
-step's batches would lose the gradients of the first, which a checkpoint does not hold.
+several ranks a signal lands on each at a different point, possibly inside a gradient all-reduce or the sanity check's
+metric gathering, and those collectives then pair with the wrong operations and hang (all seen: the two-node SLURM
+test, two-process DDP runs given SIGTERM in training and, on one rank, in the sanity check). Here, from the start of
+fit, the handlers only record the signal and Lightning installs none. Right after each optimizer step the ranks agree
+on what they received with one tiny all-reduce; on either signal they save ``hpc_ckpt_N.ckpt`` together, rank 0
+requeues a SLURM job on SIGUSR1, and fit ends at once. Only after an optimizer step: with gradient accumulation a save
+between two of a step's batches would lose the gradients of the first, which a checkpoint does not hold. A signal
+before the first step (the restore, the sanity check) stops the run when training starts, with nothing new to save;
+one after the last, in the last validation, once fit is done. After fit (:func:`signals_end_the_process`) there is
+nothing to save and a signal ends the process at once.
 """
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
 
 
 def next_hpc_checkpoint(root: str | Path) -> Path:
@@ -43,25 +46,35 @@ class RunRequeued(RunStopped):
 
 
 class StopOnSignal(pl.Callback):
-    """SIGTERM, and with ``requeue`` (a SLURM job) SIGUSR1, recorded, and acted on by every rank at once after an
-    optimizer step (see the module's docstring)."""
+    """SIGTERM, and with ``requeue`` (a SLURM job) SIGUSR1, recorded during fit, and acted on by every rank at once
+    after an optimizer step (see the module's docstring)."""
 
     def __init__(self, requeue: bool):
         self.received = {signal.SIGTERM: False} | ({signal.SIGUSR1: False} if requeue else {})
         self._checked_at_step = -1
+        self._replaced: dict[int, Any] = {}
 
     def _record(self, signum: int, frame) -> None:
         self.received[signum] = True
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # in place of Lightning's, which it installed just before (its teardown puts back those from before fit)
-        for signum in self.received:
-            _install(signum, self._record)
-        self._checked_at_step = trainer.global_step  # a resumed run's step was checked before its save
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning installs its handlers after this hook, for fit and for validate alike, and nothing public turns
+        # them off; outside fit the caller's (signals_end_the_process) stay
+        trainer._signal_connector.register_signal_handlers = lambda: None
+        if stage == "fit":
+            self._replaced = {signum: _install(signum, self._record) for signum in self.received}
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != TrainerFn.FITTING:  # in place of Lightning's, which it installed just before
-            _install(signal.SIGTERM, _ending_at_once(trainer.is_global_zero))
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._put_back()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._put_back()
+
+    def _put_back(self) -> None:
+        for signum, handler in self._replaced.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._replaced = {}
 
     def _agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, bool]:
         """What any rank received."""
@@ -70,35 +83,53 @@ class StopOnSignal(pl.Callback):
             flags = trainer.strategy.reduce(flags, reduce_op="max")
         return dict(zip(self.received, map(bool, flags.tolist())))
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._checked_at_step = trainer.global_step  # a resumed run's step was checked before its save
+        received = self._agreed(trainer, pl_module)
+        if any(received.values()):
+            self._stop(trainer, received, "before the first step of this fit", "nothing new to save",
+                       "the same command runs it again")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        # the first batch end at a new global step is the one its optimizer step followed; an epoch's last is left
-        # to the next (a checkpoint of it restarts past the epoch's validation and epoch-end checkpoints)
-        if trainer.global_step == self._checked_at_step or batch_idx + 1 == trainer.num_training_batches:
+        # the first batch end at a new global step is the one its optimizer step followed (with gradient accumulation
+        # the others end a step's earlier batches); an epoch's last is left to the next (a checkpoint of it restarts
+        # past the epoch's validation and epoch-end checkpoints)
+        stepped, self._checked_at_step = trainer.global_step != self._checked_at_step, trainer.global_step
+        if not stepped or batch_idx + 1 == trainer.num_training_batches:
             return
-        self._checked_at_step = trainer.global_step
         received = self._agreed(trainer, pl_module)
         if not any(received.values()):
             return
         checkpoint = next_hpc_checkpoint(trainer.default_root_dir)
         trainer.save_checkpoint(checkpoint)
-        if received.get(signal.SIGUSR1):
-            if trainer.is_global_zero:
-                print(f"Handling auto-requeue signal: {signal.SIGUSR1} at global step {trainer.global_step}", flush=True)
-                _requeue()
-            raise RunRequeued(f"saved {checkpoint} at global step {trainer.global_step} and requeued the job")
-        message = f"stopped by SIGTERM at global step {trainer.global_step}: saved {checkpoint}, which the same command resumes"
-        if trainer.is_global_zero:
-            print(message, flush=True)
-        raise RunStopped(message)
+        self._stop(trainer, received, f"at global step {trainer.global_step}", f"saved {checkpoint}",
+                   "the same command resumes it")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # a SIGTERM in the last validation, after the last step: the checkpoints are written, the trade-off sweep is not
-        if self._agreed(trainer, pl_module)[signal.SIGTERM]:
-            message = ("stopped by SIGTERM after the last step: the run's checkpoints are saved; the same command "
-                       "validates the last one and measures the trade-off")
-            if trainer.is_global_zero:
-                print(message, flush=True)
-            raise RunStopped(message)
+        # a signal in the last validation, after the last step: the checkpoints are written, the trade-off sweep is not
+        received = self._agreed(trainer, pl_module)
+        if any(received.values()):
+            self._stop(trainer, received, "after the last step", "the run's checkpoints are saved", AFTER_TRAINING)
+
+    @staticmethod
+    def _stop(trainer: pl.Trainer, received: dict[int, bool], when: str, done: str, then: str) -> None:
+        """End fit on every rank, rank 0 saying why (and requeuing the job on SLURM's warning)."""
+        requeue = received.get(signal.SIGUSR1, False)
+        message = _stop_message(signal.SIGUSR1 if requeue else signal.SIGTERM, when, done, then)
+        if trainer.is_global_zero:
+            print(message, flush=True)
+            if requeue:
+                _requeue()
+        raise (RunRequeued if requeue else RunStopped)(message)
+
+
+AFTER_TRAINING = "the same command validates the last one and measures the trade-off"
+
+
+def _stop_message(signum: int, when: str, done: str, then: str) -> str:
+    if signum == signal.SIGUSR1:  # the restart runs the same command
+        return f"Handling auto-requeue signal (SIGUSR1) {when}: {done}; requeuing the job"
+    return f"stopped by SIGTERM {when}: {done}; {then}"
 
 
 def _install(signum: int, handler) -> Any:
@@ -110,12 +141,14 @@ def _install(signum: int, handler) -> Any:
 
 
 def _ending_at_once(says: bool):
-    """A SIGTERM handler that ends the process by the signal itself, rank 0 (``says``) saying so first."""
+    """A handler that ends the process by the signal itself, rank 0 (``says``) saying so first and, on SLURM's warning,
+    requeuing the job, whose restart does what this process had left."""
 
     def end(signum: int, frame) -> None:
         if says:
-            print("stopped by SIGTERM after training: the run's checkpoints are whole; the same command validates the "
-                  "last one and measures the trade-off", flush=True)
+            print(_stop_message(signum, "after training", "the run's checkpoints are whole", AFTER_TRAINING), flush=True)
+            if signum == signal.SIGUSR1:
+                _requeue()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
@@ -123,15 +156,17 @@ def _ending_at_once(says: bool):
 
 
 @contextlib.contextmanager
-def sigterm_ends_the_process(says: bool) -> Iterator[None]:
-    """After training (validating the last checkpoint, the trade-off sweep) there is nothing to save: a SIGTERM ends
-    the process at once (:func:`_ending_at_once`)."""
-    previous = _install(signal.SIGTERM, _ending_at_once(says))
+def signals_end_the_process(says: bool, requeue: bool) -> Iterator[None]:
+    """After training (validating the last checkpoint, the trade-off sweep) there is nothing to save: a SIGTERM, and
+    with ``requeue`` (a SLURM job) its time-limit warning, end the process at once (:func:`_ending_at_once`)."""
+    signums = [signal.SIGTERM] + ([signal.SIGUSR1] if requeue else [])
+    previous = {signum: _install(signum, _ending_at_once(says)) for signum in signums}
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def _requeue() -> None:
