@@ -284,6 +284,15 @@ def test_what_the_imports_refuse_is_one_line_exit_2_and_writes_nothing(tmp_path,
     (["export", "--checkpoint", "missing.ckpt", "--out", "out", "--r", "8;8"],
      "r='8;8' is not allowed: use a non-negative integer (13), r@inflect (16@-1) or a per-layer list (8,8,4)"),
     (["--dry-run", "optim.blr=inf"], "optim.blr=inf is not allowed: use a finite number > 0"),
+    (["trainer.compile=nope"], "trainer.compile='nope' is not allowed: use one of False, True, default, reduce-overhead, "
+                               "max-autotune, max-autotune-no-cudagraphs"),
+    (["--dry-run", "model.timm_kwargs={depth:3}"],  # timm was given no depth: the model had its default
+     "model.timm_kwargs: unknown key 'depth:3' (YAML reads {a:1} as the one key 'a:1': write {a: 1}, a space after "
+     "the colon)"),
+    (["model.timm_kwargs.depth=null"], "model.timm_kwargs.depth=null is not allowed: timm leaves a null argument out; "
+                                       "give a value, or remove the key for the model's default"),
+    (["model.checkpoint=/tmp"], "model.checkpoint=/tmp: is a folder; pass a weights file (an export's "
+                                "/tmp/model.safetensors)"),
     (["--print-config", "wandb.mode=off"], "wandb.mode='off' is not allowed: use one of null, online, offline, disabled"),
     (["--recipe", "/tmp/no-such-recipe.yaml", "--print-config"], "recipe file /tmp/no-such-recipe.yaml: no such file"),
     (["--recipe", "", "--dry-run"], "recipe '' is empty: use a recipe name (deit_base_r0, deit_base_r13, deit_small_r0, "

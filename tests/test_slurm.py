@@ -199,8 +199,10 @@ def test_submit_reports_refusal_and_parses_the_job_id(tmp_path, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     assert submit(tmp_path / "job.sbatch") == "4242"
-    with pytest.raises(SlurmError, match="Invalid partition name"):
+    with pytest.raises(SlurmError) as e:
         submit(tmp_path / "bad.sbatch")
+    assert str(e.value) == (f"sbatch {tmp_path / 'bad.sbatch'} failed: sbatch: error: Invalid partition name specified; "
+                            f"the script stays for `sbatch {tmp_path / 'bad.sbatch'}`")
 
 
 # ---------------------------------------------------------------- a real SLURM

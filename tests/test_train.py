@@ -347,6 +347,11 @@ def test_a_run_directory_holding_a_run_of_other_settings_is_resumed_only_when_ch
         f"error: cannot resume from {last}: its run was trained with other settings (tome.r_train: 6 -> 8); rerun "
         f"with them, start a new run with --output-dir DIR, or continue this one with these by --resume {last}\n")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoints"] and last.read_bytes() == written
+    # a fine-tune from other weights into that directory is no continuation of its run either (it resumed it, and
+    # the weights it was given went unused, unsaid)
+    start = digits_run.run_dir / "checkpoints" / "last.ckpt"
+    assert main(["--output-dir", str(tmp_path), *SHORT_FIT, "tradeoff.enabled=false", f"model.checkpoint={start}"]) == 2
+    assert f"(model.checkpoint: None -> '{start}')" in capsys.readouterr().err
     assert main([*args, "--dry-run"]) == 2 and capsys.readouterr().err.startswith(f"error: cannot resume from {last}:")
     assert main([*args, "--dry-run", "--resume", str(last)]) == 0
     step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
@@ -355,9 +360,30 @@ def test_a_run_directory_holding_a_run_of_other_settings_is_resumed_only_when_ch
     assert f"resuming from {last} with changes: tome.r_train: 6 -> 8\n" in capsys.readouterr().out
 
 
-def test_ema_is_evaluated_and_checkpointed(tmp_path, monkeypatch):
+def test_a_loaded_checkpoint_predicts_at_its_evaluation_schedule(digits_run):
+    """trainer.predict ran the schedule the module was built with, r_train, where validation and export run r_eval."""
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+
+    from tome_train.module import ToMeClassifier
+
+    config = OmegaConf.to_container(OmegaConf.merge(digits_run.cfg, {"tome": {"r_eval": 0}}), resolve=True)
+    module = ToMeClassifier.load_from_checkpoint(digits_run.last, map_location="cpu", config=config).eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    predicted = trainer.predict(module, dataloaders=torch.utils.data.DataLoader(images, batch_size=4))[0]
+    module.set_schedule(0)
+    with torch.no_grad():
+        unmerged = module(images)
+    module.set_schedule(module.train_r)
+    with torch.no_grad():
+        merged = module(images)
+    assert torch.allclose(predicted, unmerged, atol=1e-6) and not torch.allclose(predicted, merged, atol=1e-3)
+
+
+def test_ema_is_evaluated_and_checkpointed(tmp_path, monkeypatch, capsys):
     """The EMA takes in the weights once per optimizer step (two batches each here), and a fine-tuning run given the
-    checkpoint as model.checkpoint starts from the EMA weights, as timm prefers them."""
+    checkpoint as model.checkpoint starts from the EMA weights, as timm prefers them, and says so."""
     from timm.utils import ModelEmaV3
 
     cfg = load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
@@ -378,8 +404,13 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path, monkeypatch):
     assert len(ema) == len(raw) > 0
     assert any(not torch.equal(ema["ema.module." + k[6:]], v) for k, v in raw.items() if v.is_floating_point())
     assert any("val/ema_top1" in row for row in history(written_run_file(tmp_path)))
-    finetuned = build_model(OmegaConf.merge(cfg.model, {"checkpoint": str(tmp_path / "checkpoints" / "last.ckpt")}))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    finetuned = build_model(OmegaConf.merge(cfg.model, {"checkpoint": str(last)}))
     assert all(torch.equal(v, ema["ema.module." + k]) for k, v in finetuned.state_dict().items())
+    capsys.readouterr()
+    train(load_config(None, ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                             "tradeoff.enabled=false", f"model.checkpoint={last}", f"output_dir={tmp_path / 'tuned'}"]))
+    assert capsys.readouterr().out.startswith(f"checkpoint {last}: format=dict['state_dict'], EMA weights, tensors=")
 
 
 def test_the_logged_lr_is_the_schedules_under_layer_decay(tmp_path):

@@ -238,9 +238,21 @@ def check_run_inputs(cfg: DictConfig, resume: str | None = None) -> Path | None:
     ckpt = Path(resume) if resume else find_resume_checkpoint(Path(cfg.output_dir).resolve())
     if ckpt is not None and not ckpt.is_file():
         raise FileNotFoundError(f"--resume {ckpt}: no such checkpoint file")
-    if cfg.model.checkpoint and ckpt is None and not Path(cfg.model.checkpoint).is_file():
-        raise FileNotFoundError(f"model.checkpoint={cfg.model.checkpoint}: no such file")
+    start = Path(cfg.model.checkpoint) if cfg.model.checkpoint and ckpt is None else None
+    if start is not None and start.is_dir():
+        raise FileNotFoundError(f"model.checkpoint={start}: is a folder; pass a weights file (an export's "
+                                f"{start / 'model.safetensors'})")
+    if start is not None and not start.is_file():
+        raise FileNotFoundError(f"model.checkpoint={start}: no such file")
     return ckpt
+
+
+def _starting_checkpoint(path: str) -> str:
+    """What a fresh run starts from: the checkpoint's format (a tome-train checkpoint's EMA weights where it has them,
+    as timm takes them), size and shape."""
+    from .models import checkpoint_summary
+
+    return f"checkpoint {path}: " + ", ".join(f"{k}={v}" for k, v in checkpoint_summary(path).items())
 
 
 def _fine_tunes_from_scratch(cfg: DictConfig) -> str | None:
@@ -313,6 +325,8 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     trainer = build_trainer(cfg, run_dir)
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt}" + (f" with changes: {'; '.join(changes)}" if changes else ""))
+    elif trainer.is_global_zero and cfg.model.checkpoint:
+        print(_starting_checkpoint(cfg.model.checkpoint))
     elif trainer.is_global_zero and (note := _fine_tunes_from_scratch(cfg)):
         print(f"note: {note}")
     # compiled graphs replayed as CUDA graphs: the kernels are chosen by the device's time alone
@@ -359,7 +373,7 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
     ckpt = check_run_inputs(cfg, resume)
     from .checkpoint_io import check_same_training, read_resume_checkpoint
     from .data import ImageDataModule
-    from .models import build_model, checkpoint_summary
+    from .models import build_model
     from .tome import ViTDims, apply_tome, flop_bound, tome_state, vit_flops
 
     t = cfg.trainer
@@ -404,8 +418,7 @@ def dry_run(cfg: DictConfig, resume: str | None = None) -> str:
         lines.append(f"resumes {ckpt} at step {checkpoint.get('global_step')}"
                      + (f", with changes: {'; '.join(changes)}" if changes else ""))
     elif cfg.model.checkpoint:
-        summary = checkpoint_summary(cfg.model.checkpoint)
-        lines.append(f"checkpoint {cfg.model.checkpoint}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        lines.append(_starting_checkpoint(cfg.model.checkpoint))
     else:
         lines.append("checkpoint: none (training from scratch)")
         note = _fine_tunes_from_scratch(cfg)

@@ -304,6 +304,9 @@ def _load_yaml(path: Path) -> tuple[DictConfig, Any]:
     return _with_text(layer, text), text
 
 
+_COLON_HINT = " (YAML reads {a:1} as the one key 'a:1': write {a: 1}, a space after the colon)"
+
+
 def _merge(base: DictConfig, layer: DictConfig, origin: str, text: Any = None) -> DictConfig:
     """``layer`` merged over ``base``; ``text``: the layer as written (:func:`_read_text`), for the values errors
     quote."""
@@ -314,7 +317,7 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str, text: Any = None) -
         if "Key" in type(e).__name__ and key:
             hint = did_you_mean(key, _dotted_keys())
             if ":" in key:
-                hint = " (YAML reads {a:1} as the one key 'a:1': write {a: 1}, a space after the colon)"
+                hint = _COLON_HINT
             raise ConfigError(f"{origin}: unknown key {key!r}{hint}") from None
         value = getattr(e, "value", None)
         shown, written = repr(value), _text_at(text, key)
@@ -463,7 +466,7 @@ def peak_lr(cfg: DictConfig, batch: int) -> float:
 
 
 # What a run may resume with changed: where it reads from, how it runs and what it reports, not what it trains.
-RESUMABLE_CHANGES = ("description", "output_dir", "model.checkpoint", "tome.r_eval", "data.root", "data.train_shards",
+RESUMABLE_CHANGES = ("description", "output_dir", "tome.r_eval", "data.root", "data.train_shards",
                      "data.val_shards", "data.num_workers", "trainer", "layout", "reference", "tradeoff", "wandb")
 
 
@@ -561,12 +564,18 @@ def validate(cfg: DictConfig) -> None:
         value = list(OmegaConf.select(cfg, key))
         if len(value) != length or not test(value):
             raise ConfigError(f"{key}={value!r} is not allowed: use {allowed}")
-    if not isinstance(cfg.trainer.compile, bool):  # a mode: named by the ToMe core, which imports torch
-        from .tome import COMPILE_MODES
+    if not isinstance(cfg.trainer.compile, bool):  # a mode
+        from .tome.compile_modes import COMPILE_MODES
 
         if not isinstance(cfg.trainer.compile, str) or cfg.trainer.compile not in COMPILE_MODES:
             raise ConfigError(f"trainer.compile={cfg.trainer.compile!r} is not allowed: use one of "
                               f"{', '.join(map(str, (False, True, *COMPILE_MODES)))}")
+    for key, value in cfg.model.timm_kwargs.items():  # a free-form section, which the schema cannot check
+        if ":" in str(key):
+            raise ConfigError(f"model.timm_kwargs: unknown key {key!r}{_COLON_HINT}")
+        if value is None:  # timm.create_model drops it, so the model would be built with its default unsaid
+            raise ConfigError(f"model.timm_kwargs.{key}=null is not allowed: timm leaves a null argument out; give a "
+                              "value, or remove the key for the model's default")
     devices = cfg.trainer.devices
     if devices != "auto" and not (isinstance(devices, int) and not isinstance(devices, bool) and devices > 0):
         raise ConfigError(f"trainer.devices={devices!r} is not allowed: use a positive integer or auto")

@@ -155,6 +155,9 @@ class ToMeClassifier(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.set_schedule(self.eval_r)
 
+    def on_predict_epoch_start(self) -> None:  # a checkpoint predicts as it validates and is exported
+        self.set_schedule(self.eval_r)
+
     # ---- steps -----------------------------------------------------------------------
     def _channels(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.cfg.trainer.channels_last else images

@@ -196,7 +196,8 @@ def submit(script: Path, sbatch: str = "sbatch") -> str:
     proc = subprocess.run([exe, "--parsable", str(script)], capture_output=True, text=True)
     if proc.returncode != 0:
         msg = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()[-1]
-        raise SlurmError(f"sbatch {script} failed: {msg}")
+        # the script and the run's wandb id stay, whole: the same command, or sbatch itself, submits it again
+        raise SlurmError(f"sbatch {script} failed: {msg}; the script stays for `sbatch {script}`")
     job_id = proc.stdout.strip().splitlines()[-1].split(";")[0].strip() if proc.stdout.strip() else ""
     if not job_id.isdigit():
         raise SlurmError(f"sbatch {script}: no job id in its output {proc.stdout.strip()!r}")

@@ -1,7 +1,7 @@
 """Token Merging for timm Vision Transformers: torch and timm only, no Lightning.
 
 Each name is imported from its module on first use (PEP 562), so that the pure-Python schedules
-(:mod:`.schedule`) load without torch: a config can be checked, and a bad one refused, in a fraction
+(:mod:`.schedule`) and compile modes load without torch: a config can be checked, and a bad one refused, in a fraction
 of a second.
 """
 import importlib
@@ -11,8 +11,9 @@ _MODULE_OF = {
     **dict.fromkeys(("ScheduleError", "ViTDims", "flop_bound", "max_merges", "parse_schedule", "token_counts",
                      "vit_flops"),
                     "schedule"),
-    **dict.fromkeys(("COMPILE_MODES", "GRAPHED_COMPILE_MODES", "UnsupportedModelError", "apply_tome", "compile_tome",
-                     "is_patched", "remove_tome", "set_r", "tome_state"), "timm_patch"),
+    **dict.fromkeys(("COMPILE_MODES", "GRAPHED_COMPILE_MODES"), "compile_modes"),
+    **dict.fromkeys(("UnsupportedModelError", "apply_tome", "compile_tome", "is_patched", "remove_tome", "set_r",
+                     "tome_state"), "timm_patch"),
 }
 __all__ = list(_MODULE_OF)
 

@@ -20,16 +20,13 @@ from timm.models.vision_transformer import Block
 
 from . import kernels
 from .attention import ToMeAttention, additive_mask
+from .compile_modes import COMPILE_MODES
 from .merge import Merge, match_keys, merge_wavg, merge_wavg_norm, merges_into_norm, unmerge_tokens
 from .schedule import Schedule, parse_schedule
 
 
 class UnsupportedModelError(TypeError):
     """A model, block or attention type the ToMe patch does not know how to merge."""
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay the compiled graphs as CUDA graphs
 
 
 def attention_branch(
