@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,11 +12,17 @@ import pytest
 import torch
 
 from tome_train import export as export_module
+from tome_train.cli import train
+from tome_train.config import load_config
 from tome_train.export import ExportError, export, export_onnx, load_exported, main
 from tome_train.module import ToMeClassifier
 from tome_train.tome import ScheduleError, set_r, tome_state
 
 from conftest import ROOT
+
+# the digits recipe with an EMA, as short as a run with a trade-off report can be
+EMA_RUN = ["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "optim.ema_decay=0.9",
+           "tradeoff.r_values=[0,6]", "tradeoff.bench_steps=1", "tradeoff.num_vis_images=1", "wandb.mode=disabled"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +46,21 @@ def refusal(args, capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     return err
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """The run folder of :data:`EMA_RUN`: its checkpoints and trade-off report, at its last step (2)."""
+    run_dir = tmp_path_factory.mktemp("ema_run")
+    train(load_config(None, [*EMA_RUN, f"output_dir={run_dir}"]))
+    return run_dir
+
+
+def exported_tradeoff(checkpoint, out, capsys, *flags) -> tuple[list[dict] | None, str]:
+    """The trade-off table of ``checkpoint`` exported into ``out`` and the line export said it with, if any."""
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), *flags]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "trade-off" in line]
+    return json.loads((out / "tome.json").read_text())["tradeoff"], "\n".join(said)
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +326,47 @@ def test_load_exported_refuses_an_r_the_model_cannot_take(exported):
 def test_onnx_check_is_the_same_in_every_export(trained, tmp_path):
     """The check drew unseeded inputs: the difference the export printed varied run to run (9.5e-7 to 2.7e-6)."""
     assert export_onnx(trained, 32, tmp_path / "a.onnx") == export_onnx(trained, 32, tmp_path / "b.onnx")
+
+
+def test_an_ema_export_carries_no_table_of_the_raw_weights(ema_run, tmp_path, capsys):
+    """``--ema`` wrote tome.json's weights "ema" with the trade-off the sweep measured on the raw weights."""
+    last = ema_run / "checkpoints" / "last.ckpt"
+    table, said = exported_tradeoff(last, tmp_path / "raw", capsys)
+    assert [row["r"] for row in table] == [0, 6] and said == ""
+    table, said = exported_tradeoff(last, tmp_path / "ema", capsys, "--ema")
+    assert json.loads((tmp_path / "ema" / "tome.json").read_text())["weights"] == "ema" and table is None
+    assert said == (f"tome.json holds no trade-off table: {ema_run / 'tradeoff.json'} was measured on the raw weights, "
+                    f"not the ema ones")
+
+
+def test_a_checkpoint_of_another_step_than_the_tables_carries_none(ema_run, tmp_path, capsys):
+    """The run folder's table went into every export: after a ``--resume`` that changed ``tome.r_train`` with the
+    sweep off, the earlier weights' table; for an earlier epoch's checkpoint, the final weights' table."""
+    run = tmp_path / "run"
+    shutil.copytree(ema_run, run)
+    last, epoch0 = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "epoch0.ckpt"
+    shutil.copy2(last, epoch0)  # as a best-*.ckpt that later epochs did not better stays
+    record = run / "tradeoff.json"
+    resumed = [*EMA_RUN, "trainer.epochs=2", "tome.r_train=8", f"output_dir={run}"]
+    train(load_config(None, [*resumed, "tradeoff.enabled=false"]), resume=str(last))
+    assert exported_tradeoff(last, tmp_path / "resumed", capsys) == (
+        None, f"tome.json holds no trade-off table: {record} was measured at step 2, not the checkpoint's 4")
+    assert exported_tradeoff(epoch0, tmp_path / "epoch0", capsys)[0] is not None  # the weights it was measured on
+    train(load_config(None, resumed), resume=str(last))  # the finished run again, measuring its final weights
+    assert [row["r"] for row in exported_tradeoff(last, tmp_path / "final", capsys)[0]] == [0, 6, 8]
+    assert exported_tradeoff(epoch0, tmp_path / "epoch0", capsys) == (
+        None, f"tome.json holds no trade-off table: {record} was measured at step 4, not the checkpoint's 2")
+
+
+def test_a_run_folder_from_before_the_record_gets_no_table(digits_run, tmp_path, capsys):
+    """A ``tradeoff.csv`` alone does not say which weights it was measured on: it cannot be matched to any."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(digits_run.last, run / "checkpoints" / "last.ckpt")
+    shutil.copy(digits_run.run_dir / "tradeoff.csv", run)
+    assert exported_tradeoff(run / "checkpoints" / "last.ckpt", tmp_path / "out", capsys) == (
+        None, f"tome.json holds no trade-off table: {run / 'tradeoff.csv'} does not say which weights it was measured "
+              f"on, so cannot be matched to these")
+    (run / "tradeoff.json").write_text('{"weights": "raw"}')  # edited by hand: a line, not a traceback
+    assert exported_tradeoff(run / "checkpoints" / "last.ckpt", tmp_path / "out", capsys) == (
+        None, f"tome.json holds no trade-off table: {run / 'tradeoff.json'} cannot be read (KeyError: 'global_step')")

@@ -360,6 +360,21 @@ def test_a_run_directory_holding_a_run_of_other_settings_is_resumed_only_when_ch
     assert f"resuming from {last} with changes: tome.r_train: 6 -> 8\n" in capsys.readouterr().out
 
 
+def test_a_moved_run_directory_keeps_its_best_checkpoint(digits_run, tmp_path):
+    """Lightning forgets its best scores where the checkpoint folder's path changed: a run directory copied or moved
+    elsewhere and resumed saved its next epoch as the best, even when worse, beside the best it no longer knew."""
+    import shutil
+
+    shutil.copytree(digits_run.run_dir / "checkpoints", tmp_path / "checkpoints")
+    cfg = load_config(None, [*SHORT_FIT, "tradeoff.enabled=false", f"trainer.epochs={digits_run.cfg.trainer.epochs + 1}",
+                             f"output_dir={tmp_path}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    assert len(list((tmp_path / "checkpoints").glob("best-*.ckpt"))) == 1
+
+
 def test_a_loaded_checkpoint_predicts_at_its_evaluation_schedule(digits_run):
     """trainer.predict ran the schedule the module was built with, r_train, where validation and export run r_eval."""
     import pytorch_lightning as pl

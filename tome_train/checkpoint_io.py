@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins import TorchCheckpointIO
 from omegaconf import DictConfig
 
@@ -29,6 +30,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
+
+
+class MovableModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, whose state survives a run directory moved or copied elsewhere: the files it knew
+    are taken where they now are, beside the checkpoints. (Lightning forgets its best scores where the folder's path
+    changed, and the next epoch was saved as the best even when worse, beside the best it no longer knew.)"""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and saved != self.dirpath:
+            def moved(path: str | None) -> str | None:
+                return os.path.join(self.dirpath, os.path.relpath(path, saved)) if path else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          **{key: moved(state_dict.get(key)) for key in
+                             ("best_model_path", "kth_best_model_path", "last_model_path")},
+                          "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()}}
+        super().load_state_dict(state_dict)
 
 
 class ResumeError(ValueError):

@@ -157,12 +157,11 @@ def _wandb_mode(cfg: DictConfig) -> str:
 def build_trainer(cfg: DictConfig, run_dir: Path):
     """The run's Lightning Trainer; ``run_dir`` and its wandb id are made once Lightning has taken the config."""
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import WandbLogger
     from pytorch_lightning.plugins.environments import SLURMEnvironment
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    from .checkpoint_io import AtomicCheckpointIO
+    from .checkpoint_io import AtomicCheckpointIO, MovableModelCheckpoint
     from .module import ModelSummaryWithFlops, ThroughputOfReadBatches
     from .requeue import StopOnSignal
 
@@ -175,14 +174,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
     )
     ckpt_dir = run_dir / "checkpoints"
 
-    def newest(**trigger) -> ModelCheckpoint:
+    def newest(**trigger) -> MovableModelCheckpoint:
         # last.ckpt as the one "best" by global step, rewritten in place: Lightning 2.6's save_last writes it only
         # where a top-k file is written at the same step, and at the end of training only if it never did
-        return ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor="step", mode="max", save_top_k=1,
+        return MovableModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor="step", mode="max", save_top_k=1,
                                enable_version_counter=False, **trigger)
 
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/top1", mode="max", save_top_k=1),
+        MovableModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/top1", mode="max",
+                               save_top_k=1),
         newest(every_n_epochs=1),  # so the last epoch's end, the end of training, too
         ModelSummaryWithFlops(),
         # images/s (and model FLOPs utilization on a GPU Lightning knows) over each logging interval's batches

@@ -4,7 +4,7 @@
 - ``model.safetensors`` + ``config.json``: timm's own export format (``timm.models.save_for_hf``),
   loadable by plain timm: ``timm.create_model("local-dir:DIR")``;
 - ``tome.json``: the ToMe settings it was trained and is meant to run with, and the run's
-  accuracy/throughput trade-off table when it logged one;
+  accuracy/throughput trade-off table when it was measured on these very weights;
 - ``model.onnx`` (``--onnx``): the patched model at the chosen r, checked with onnxruntime.
 
 ``tome_train.load_exported(DIR)`` returns the patched model ready for inference.
@@ -13,7 +13,6 @@ failed export leaves ``DIR`` as it was.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -45,10 +44,10 @@ class ExportError(ValueError):
     """Bad export input; the message is one line for the user."""
 
 
-def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict, list[str] | None]:
-    """The run config, the timm state dict (raw or EMA) and the data's class names (None where the source knew none,
-    or the checkpoint predates them) of a Lightning checkpoint (``best-*.ckpt``, ``last.ckpt`` or a SLURM
-    ``hpc_ckpt_N.ckpt``)."""
+def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict, list[str] | None, int | None]:
+    """The run config, the timm state dict (raw or EMA), the data's class names (None where the source knew none,
+    or the checkpoint predates them) and the global step of a Lightning checkpoint (``best-*.ckpt``, ``last.ckpt`` or
+    a SLURM ``hpc_ckpt_N.ckpt``)."""
     if path.is_dir():
         raise ExportError(f"--checkpoint {path}: is a folder; pass a checkpoint file (a run's checkpoints/last.ckpt)")
     if not path.is_file():
@@ -70,7 +69,7 @@ def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict, list[str] | None
                           else f"--checkpoint {path}: has no model weights")
     from .data import ImageDataModule
 
-    return config, state, ckpt.get(ImageDataModule.__qualname__, {}).get("class_names")
+    return config, state, ckpt.get(ImageDataModule.__qualname__, {}).get("class_names"), ckpt.get("global_step")
 
 
 def build_trained_model(config: dict, state: dict, path: Path):
@@ -98,14 +97,26 @@ def stored_schedule(r) -> int | list[int] | str:
     return schedule_text(r) if isinstance(r, tuple) else r
 
 
-def read_tradeoff(checkpoint: Path) -> list[dict] | None:
-    """The trade-off table the run wrote next to its checkpoints, if any."""
+def matching_tradeoff(checkpoint: Path, global_step: int | None, weights: str) -> tuple[list[dict] | None, str | None]:
+    """The trade-off table the run measured on exactly the weights exported, those of ``checkpoint`` at
+    ``global_step`` (``weights``: "raw" or "ema"), from the ``tradeoff.json`` beside or above it, and None; else None
+    and why there is none for these weights."""
     for run_dir in (checkpoint.parent, checkpoint.parent.parent):
-        table = run_dir / "tradeoff.csv"
-        if table.is_file():
-            with open(table) as f:
-                return [{k: float(v) if "." in v else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    return None
+        record, table = run_dir / "tradeoff.json", run_dir / "tradeoff.csv"
+        if record.is_file():
+            try:
+                measured = json.loads(record.read_text())
+                measured_weights, measured_step, rows = measured["weights"], measured["global_step"], measured["rows"]
+            except (ValueError, TypeError, KeyError) as e:  # edited by hand, or written by something else
+                return None, f"{record} cannot be read ({type(e).__name__}: {e})"
+            if measured_weights != weights:
+                return None, f"{record} was measured on the {measured_weights} weights, not the {weights} ones"
+            if measured_step != global_step:
+                return None, f"{record} was measured at step {measured_step}, not the checkpoint's {global_step}"
+            return rows, None
+        if table.is_file():  # a run folder from before tradeoff.json
+            return None, f"{table} does not say which weights it was measured on, so cannot be matched to these"
+    return None, f"no tradeoff.json beside or above {checkpoint}: the run measured none"
 
 
 def write_onnx(model, example: torch.Tensor, path: Path) -> None:
@@ -188,7 +199,9 @@ def check_out(out: Path) -> Path:
 def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = False) -> dict:
     """Export ``checkpoint`` into ``out`` (see :func:`check_out`); returns what was written and checked."""
     folder = check_out(out)
-    config, state, class_names = read_checkpoint(checkpoint, ema)
+    config, state, class_names, global_step = read_checkpoint(checkpoint, ema)
+    weights = "ema" if ema else "raw"
+    tradeoff, no_tradeoff = matching_tradeoff(checkpoint, global_step, weights)
     try:
         cfg, model = build_trained_model(config, state, checkpoint)
         run_r_key = "tome.r_eval" if cfg.tome.r_eval is not None else "tome.r_train"
@@ -223,12 +236,13 @@ def export(checkpoint: Path, out: Path, ema: bool = False, r=None, onnx: bool = 
             "schedule": schedule,
             "prop_attn": prop_attn,
             "trained_r": stored_schedule(trained_r),
-            "weights": "ema" if ema else "raw",
+            "weights": weights,
             "recipe": cfg.name,
-            "tradeoff": read_tradeoff(checkpoint),
+            "tradeoff": tradeoff,
         }
         (staging / "tome.json").write_text(json.dumps(tome, indent=2))
-        result = {"out": str(out), "files": ["model.safetensors", "config.json", "tome.json"]}
+        result = {"out": str(out), "files": ["model.safetensors", "config.json", "tome.json"],
+                  "no_tradeoff": no_tradeoff}
         if onnx:
             from .tome import UnsupportedModelError, apply_tome
 
@@ -309,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported to {result['out']}: {', '.join(result['files'])}")
+    if result["no_tradeoff"] is not None:
+        print(f"tome.json holds no trade-off table: {result['no_tradeoff']}")
     if "onnx_max_abs_diff" in result:
         print(f"ONNX check: onnxruntime vs PyTorch max abs diff {result['onnx_max_abs_diff']:.2e} (<= {ONNX_TOLERANCE:g}): ok")
     return 0

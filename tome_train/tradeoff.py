@@ -2,11 +2,15 @@
 
 Writes ``tradeoff.csv``, ``tradeoff.png`` (top-1 against speedup, with the paper's points
 of the recipe) and ``merge_vis.png`` (which patches each final token holds) into the run
-directory, and logs the same to wandb as a Table, a line plot and images.
+directory, and logs the same to wandb as a Table, a line plot and images at the run's step.
+``tradeoff.json`` holds the table with what it was measured on, for ``export`` to match to
+the weights it exports.
 """
 from __future__ import annotations
 
 import csv
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -114,6 +118,15 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_record(rows: list[dict], global_step: int, path: Path) -> None:
+    """``tradeoff.json``: the table and the weights it was measured on, the run's raw weights (the sweep validates and
+    times the module's model, not its EMA copy) at ``global_step``. ``export`` carries the table only with those
+    weights; ``tradeoff.csv`` is the same table for people, with nothing but the table in it."""
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(json.dumps({"global_step": global_step, "weights": "raw", "rows": rows}, indent=2))
+    os.replace(partial, path)  # a kill while writing leaves the earlier record whole, not half of this one
 
 
 def format_table(rows: list[dict], train_r=None) -> str:
@@ -224,6 +237,7 @@ def report_tradeoff(trainer, module, datamodule, run_dir: Path) -> list[dict]:
         return rows
     cfg = module.cfg
     write_csv(rows, run_dir / "tradeoff.csv")
+    write_record(rows, trainer.global_step, run_dir / "tradeoff.json")
     plot_tradeoff(rows, cfg.reference, f"{cfg.name}: ToMe trade-off", run_dir / "tradeoff.png", module.train_r)
     precision = trainer.precision_plugin
     readable = next(batch for batch in datamodule.val_dataloader() if batch is not None)  # imagefolder's may not be
@@ -238,17 +252,20 @@ def report_tradeoff(trainer, module, datamodule, run_dir: Path) -> list[dict]:
     Image.fromarray(vis).save(run_dir / "merge_vis.png")
     print("accuracy/throughput trade-off (r swept at evaluation):")
     print(format_table(rows, module.train_r))
-    print(f"files: {run_dir / 'tradeoff.csv'}, {run_dir / 'tradeoff.png'}, {run_dir / 'merge_vis.png'}")
+    files = ("tradeoff.csv", "tradeoff.json", "tradeoff.png", "merge_vis.png")
+    print(f"files: {', '.join(str(run_dir / name) for name in files)}")
     logger = trainer.logger
     if logger is not None and hasattr(logger, "experiment"):
         import wandb
 
         table = wandb.Table(columns=COLUMNS, data=[[row[c] for c in COLUMNS] for row in rows])
-        logger.experiment.log({
+        # at the step of the weights measured: without one, wandb's step metric (trainer/global_step) is the last that
+        # this process logged, none in a re-run of a finished run, which then logged at step 0
+        logger.log_metrics({
             "tradeoff/table": table,
             "tradeoff/top1_vs_images_per_s": wandb.plot.line(table, "images_per_s", "top1", title="top-1 vs images/s"),
             "tradeoff/plot": wandb.Image(str(run_dir / "tradeoff.png")),
             "tradeoff/merge_vis": wandb.Image(vis, caption=f"r={module.eval_r}: input | merged tokens"),
-        })
+        }, step=trainer.global_step)
         logger.experiment.summary.update(trained_summary(rows, module.train_r))
     return rows
