@@ -136,7 +136,8 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path):
 def test_a_requeue_saves_right_after_an_optimizer_step(tmp_path, monkeypatch, capsys):
     """With gradient accumulation, SIGUSR1 between the two batches of step 3: the requeue checkpoint comes after the
     step's second batch, not after the batch the signal followed, whose gradient it would lose. Without scontrol on
-    PATH (a container), the requeue says so and the checkpoint is there."""
+    PATH (a container), the requeue says so and the checkpoint is there. It replaces the one an earlier requeue
+    saved (a job requeued for days piled them up, each a whole training state)."""
     import pytorch_lightning as pl
 
     from tome_train.data import ImageDataModule
@@ -152,10 +153,12 @@ def test_a_requeue_saves_right_after_an_optimizer_step(tmp_path, monkeypatch, ca
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     datamodule = ImageDataModule(load_config(None, ["data.batch_size=100"]).data, 8, seed=0, with_meta=True)
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"an earlier requeue's")
     with pytest.raises(RunRequeued):
         fit_linear(datamodule, [SignalAfterBatch4(), requeue], max_epochs=1, accumulate_grad_batches=2,
                    default_root_dir=tmp_path)
-    checkpoint = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert [p.name for p in tmp_path.glob("hpc_ckpt_*")] == ["hpc_ckpt_2.ckpt"]
+    checkpoint = torch.load(tmp_path / "hpc_ckpt_2.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_done": 6}]
     assert "Requeuing SLURM job 4242 failed (no scontrol on PATH)" in capsys.readouterr().out

@@ -102,6 +102,10 @@ class StopOnSignal(pl.Callback):
             return
         checkpoint = next_hpc_checkpoint(trainer.default_root_dir)
         trainer.save_checkpoint(checkpoint)
+        if trainer.is_global_zero:  # each is a whole training state: a job requeued for days piled them up
+            for older in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+                if older != checkpoint and older.is_file():
+                    older.unlink()
         self._stop(trainer, received, f"at global step {trainer.global_step}", f"saved {checkpoint}",
                    "the same command resumes it")
 
