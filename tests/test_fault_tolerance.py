@@ -153,12 +153,12 @@ def test_a_requeue_saves_right_after_an_optimizer_step(tmp_path, monkeypatch, ca
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     datamodule = ImageDataModule(load_config(None, ["data.batch_size=100"]).data, 8, seed=0, with_meta=True)
-    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"an earlier requeue's")
+    (tmp_path / "signal_ckpt_1.ckpt").write_bytes(b"an earlier requeue's")
     with pytest.raises(RunRequeued):
         fit_linear(datamodule, [SignalAfterBatch4(), requeue], max_epochs=1, accumulate_grad_batches=2,
                    default_root_dir=tmp_path)
-    assert [p.name for p in tmp_path.glob("hpc_ckpt_*")] == ["hpc_ckpt_2.ckpt"]
-    checkpoint = torch.load(tmp_path / "hpc_ckpt_2.ckpt", weights_only=False)
+    assert [p.name for p in tmp_path.glob("signal_ckpt_*")] == ["signal_ckpt_2.ckpt"]
+    checkpoint = torch.load(tmp_path / "signal_ckpt_2.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_done": 6}]
     assert "Requeuing SLURM job 4242 failed (no scontrol on PATH)" in capsys.readouterr().out
@@ -182,7 +182,7 @@ def test_a_signal_on_an_epochs_last_batch_saves_after_a_whole_step_of_the_next_e
     with pytest.raises(RunStopped):
         fit_linear(datamodule, [SignalAtTheLastBatch(), StopOnSignal(requeue=False)], max_epochs=2,
                    accumulate_grad_batches=2, limit_train_batches=6, default_root_dir=tmp_path)
-    checkpoint = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "signal_ckpt_1.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 4
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_done": 2}]
 
@@ -194,13 +194,16 @@ def test_the_newest_checkpoint_resumes_a_best_one_written_just_before_a_kill(tmp
 
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    files = [tmp_path / "hpc_ckpt_1.ckpt", checkpoints / "last.ckpt", checkpoints / "best-epoch=001.ckpt",
+    files = [tmp_path / "signal_ckpt_1.ckpt", checkpoints / "last.ckpt", checkpoints / "best-epoch=001.ckpt",
              checkpoints / ".last.ckpt.partial"]
     for age, path in enumerate(files):
         path.write_bytes(b"")
         os.utime(path, (1e9 + age, 1e9 + age))
     assert find_resume_checkpoint(tmp_path) == checkpoints / "best-epoch=001.ckpt"
     os.utime(checkpoints / "last.ckpt", (2e9, 2e9))
+    assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"
+    (checkpoints / ".last.ckpt.partial").unlink()  # a whole last.ckpt: an older epoch's best never resumes
+    os.utime(checkpoints / "best-epoch=001.ckpt", (3e9, 3e9))  # as a copy that keeps no times may leave it
     assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"
     assert find_resume_checkpoint(tmp_path / "nothing") is None
 
@@ -223,7 +226,10 @@ def _slurm_job(monkeypatch, tmp_path) -> Path:
 def test_a_requeue_mid_epoch_stops_at_once_and_the_restart_trains_the_rest_of_that_epoch(tmp_path, monkeypatch):
     """SIGUSR1 in epoch 1's third batch; the requeue comes right after its step, global step 9. Nothing runs after its
     checkpoint: no validation of the part epoch, no epoch-end checkpoint, which the restart would resume as the
-    whole epoch. The restarted job resumes hpc_ckpt_1 and trains the epoch's last 3 batches."""
+    whole epoch. The restarted job resumes signal_ckpt_1 and trains the epoch's last 3 batches. Once it has finished,
+    the same command validates the final weights: the signal's checkpoint, named hpc_ckpt_1 as Lightning's, was what
+    Lightning's validate() loads unasked under SLURM, so the finished run's top-1 and its trade-off sweep measured
+    the weights of step 9."""
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
     from tome_train.module import ToMeClassifier
@@ -242,14 +248,15 @@ def test_a_requeue_mid_epoch_stops_at_once_and_the_restart_trains_the_rest_of_th
     cfg = load_config(None, [*QUICK, "trainer.epochs=2", "trainer.limit_train_batches=6", f"output_dir={run_dir}"])
     assert train(cfg) == {"run_dir": str(run_dir), "requeued": True}
     assert calls.read_text() == "requeue 777\n"
-    hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
-    assert hpc["global_step"] == 9 and hpc["epoch"] == 1
+    saved = torch.load(run_dir / "signal_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 9 and saved["epoch"] == 1
     epoch_end_saves = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert epoch_end_saves == ["best-epoch=000.ckpt", "last.ckpt"]  # of epoch 0, at step 6
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
 
     monkeypatch.setattr(ToMeClassifier, "training_step", training_step)
-    assert "val_top1" in train(cfg)
+    finished = train(cfg)["val_top1"]
+    assert train(cfg)["val_top1"] == finished
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
 
 
@@ -270,7 +277,7 @@ def test_a_requeue_on_an_epochs_last_batch_waits_for_its_validation_and_checkpoi
     run_dir = tmp_path / "run"
     cfg = load_config(None, [*QUICK, "trainer.epochs=2", "trainer.limit_train_batches=6", f"output_dir={run_dir}"])
     assert train(cfg)["requeued"]
-    assert torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 7
+    assert torch.load(run_dir / "signal_ckpt_1.ckpt", weights_only=False)["global_step"] == 7
     assert torch.load(run_dir / "checkpoints" / "best-epoch=000.ckpt", weights_only=False)["global_step"] == 6
 
 
@@ -290,11 +297,11 @@ def _stopped_by_sigterm(cmd: list[str], run_dir: Path, env: dict) -> Path:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # a hung rank or worker, which the assertion below names
     assert proc.returncode == 143, err[-2000:]
-    hpc = run_dir / "hpc_ckpt_1.ckpt"
-    step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
+    saved = run_dir / "signal_ckpt_1.ckpt"
+    step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
     assert 2 <= step < STEPS_PER_EPOCH
-    assert f"stopped by SIGTERM at global step {step}: saved {hpc}; the same command resumes it\n" in out
-    return hpc
+    assert f"stopped by SIGTERM at global step {step}: saved {saved}; the same command resumes it\n" in out
+    return saved
 
 
 def test_a_sigterm_saves_where_it_stopped_and_exits_143_and_the_same_command_resumes(tmp_path):
@@ -303,10 +310,10 @@ def test_a_sigterm_saves_where_it_stopped_and_exits_143_and_the_same_command_res
     cmd = _command(run_dir, "trainer.epochs=1", f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
                    "trainer.checkpoint_every_n_steps=2", "data.num_workers=2")
     env = {**os.environ, "WANDB_SILENT": "true"}
-    hpc = _stopped_by_sigterm(cmd, run_dir, env)
+    saved = _stopped_by_sigterm(cmd, run_dir, env)
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resuming from {hpc}" in again.stdout
+    assert f"resuming from {saved}" in again.stdout
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == STEPS_PER_EPOCH
 

@@ -407,13 +407,13 @@ def _submit_digits(cluster, run_dir: Path, nodes: int, tasks_per_node: int, epoc
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_lightning_two_node_training_requeues_and_resumes(cluster, tmp_path):
-    """train.py --slurm on 2 nodes x 1 CPU process: SIGUSR1 mid-training -> hpc checkpoint and
+    """train.py --slurm on 2 nodes x 1 CPU process: SIGUSR1 mid-training -> signal checkpoint and
     requeue -> the restarted job resumes from it (same step, same run dir, same wandb id) and finishes."""
     if not (PROJECT_ROOT / "train.py").is_file():
         pytest.skip("train.py not there yet")
     run_dir = tmp_path / "run"
-    # last.ckpt only at epoch ends, and the signal early in an 8-step epoch: StopOnSignal saves hpc_ckpt_1 mid-epoch,
-    # requeues and ends fit at once, so the newest checkpoint, which the restart resumes, is hpc_ckpt_1
+    # last.ckpt only at epoch ends, and the signal early in an 8-step epoch: StopOnSignal saves signal_ckpt_1 mid-epoch,
+    # requeues and ends fit at once, so the newest checkpoint, which the restart resumes, is signal_ckpt_1
     epochs, steps_per_epoch = 3, 8
     job = _submit_digits(cluster, run_dir, nodes=2, tasks_per_node=1, epochs=epochs, steps_per_epoch=steps_per_epoch)
     script = (run_dir / "job.sbatch").read_text()
@@ -434,12 +434,12 @@ def test_lightning_two_node_training_requeues_and_resumes(cluster, tmp_path):
 
     first, second = text().split(f"job {job} restart 1 on", 1)
     assert "Handling auto-requeue signal" in first and f"Requeued SLURM job: {job}" in first
-    hpc = run_dir / "hpc_ckpt_1.ckpt"
-    step, epoch = _ckpt_step(hpc)
+    saved = run_dir / "signal_ckpt_1.ckpt"
+    step, epoch = _ckpt_step(saved)
     assert steps_per_epoch <= step < epochs * steps_per_epoch and epoch >= 1  # saved mid-training
     resumed = re.findall(r"^resuming from (\S+)$", second, re.M)  # the CLI's line (rank 0)
-    assert resumed == [str(hpc)], f"restart resumed from {resumed}, not {hpc} (step {step})"
-    assert f"Restored all states from the checkpoint at {hpc}" in second
+    assert resumed == [str(saved)], f"restart resumed from {resumed}, not {saved} (step {step})"
+    assert f"Restored all states from the checkpoint at {saved}" in second
     assert "Epoch 0:" not in second  # resumed, not started over
     assert _ckpt_step(run_dir / "checkpoints" / "last.ckpt")[0] == epochs * steps_per_epoch
     assert (run_dir / "job.sbatch").read_text() == script

@@ -375,6 +375,27 @@ def test_a_moved_run_directory_keeps_its_best_checkpoint(digits_run, tmp_path):
     assert len(list((tmp_path / "checkpoints").glob("best-*.ckpt"))) == 1
 
 
+def test_a_checkpoint_of_another_run_directory_starts_its_best_afresh(tmp_path):
+    """``--resume runs/a/checkpoints/last.ckpt --output-dir runs/b``: b's best is b's own, as Lightning has it; only a
+    directory that moved, whose best file moved with it, keeps its best."""
+    from tome_train.checkpoint_io import MovableModelCheckpoint
+
+    old, new = tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints"
+    state = {"monitor": "val/top1", "best_model_score": torch.tensor(90.0), "best_model_path": str(old / "best.ckpt"),
+             "current_score": torch.tensor(90.0), "dirpath": str(old), "kth_value": torch.tensor(90.0),
+             "best_k_models": {str(old / "best.ckpt"): torch.tensor(90.0)}, "kth_best_model_path": str(old / "best.ckpt"),
+             "last_model_path": ""}
+    another_run = MovableModelCheckpoint(dirpath=new, monitor="val/top1", mode="max")
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        another_run.load_state_dict(state)
+    assert another_run.best_model_score is None and another_run.best_k_models == {}
+    new.mkdir(parents=True)
+    (new / "best.ckpt").touch()
+    moved = MovableModelCheckpoint(dirpath=new, monitor="val/top1", mode="max")
+    moved.load_state_dict(state)
+    assert moved.best_model_path == str(new / "best.ckpt") and moved.best_k_models == {str(new / "best.ckpt"): 90.0}
+
+
 def test_a_loaded_checkpoint_predicts_at_its_evaluation_schedule(digits_run):
     """trainer.predict ran the schedule the module was built with, r_train, where validation and export run r_eval."""
     import pytorch_lightning as pl

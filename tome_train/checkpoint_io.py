@@ -35,14 +35,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class MovableModelCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, whose state survives a run directory moved or copied elsewhere: the files it knew
     are taken where they now are, beside the checkpoints. (Lightning forgets its best scores where the folder's path
-    changed, and the next epoch was saved as the best even when worse, beside the best it no longer knew.)"""
+    changed, and the next epoch was saved as the best even when worse, beside the best it no longer knew.) A
+    checkpoint of another run directory (``--resume`` into a new one), whose best is not there, is left to Lightning,
+    which starts the new directory's best afresh."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("dirpath")
-        if saved and self.dirpath and saved != self.dirpath:
-            def moved(path: str | None) -> str | None:
-                return os.path.join(self.dirpath, os.path.relpath(path, saved)) if path else path
 
+        def moved(path: str | None) -> str | None:
+            return os.path.join(self.dirpath, os.path.relpath(path, saved)) if path else path
+
+        best = state_dict.get("best_model_path")
+        if saved and self.dirpath and saved != self.dirpath and (not best or os.path.isfile(moved(best))):
             state_dict = {**state_dict, "dirpath": self.dirpath,
                           **{key: moved(state_dict.get(key)) for key in
                              ("best_model_path", "kth_best_model_path", "last_model_path")},

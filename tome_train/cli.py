@@ -111,9 +111,15 @@ def resolve(args: argparse.Namespace) -> DictConfig:
 
 
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """The newest of the signals' ``hpc_ckpt_N.ckpt`` and the checkpoints in ``checkpoints/``: ``last.ckpt``, or the
-    ``best-*.ckpt`` written just before it at an epoch's end where a kill cut ``last.ckpt``'s rewrite short."""
-    candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")]
+    """The newest of the signals' ``signal_ckpt_N.ckpt`` and ``checkpoints/last.ckpt``; where a kill cut
+    ``last.ckpt``'s rewrite short (its ``.last.ckpt.partial`` is left), the ``best-*.ckpt`` written just before it at
+    that epoch's end too."""
+    from .requeue import SIGNAL_CHECKPOINTS
+
+    checkpoints = run_dir / "checkpoints"
+    candidates = [*run_dir.glob(SIGNAL_CHECKPOINTS), *checkpoints.glob("last*.ckpt")]
+    if (checkpoints / ".last.ckpt.partial").exists():
+        candidates += checkpoints.glob("best-*.ckpt")
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 

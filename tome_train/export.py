@@ -47,7 +47,7 @@ class ExportError(ValueError):
 def read_checkpoint(path: Path, ema: bool) -> tuple[dict, dict, list[str] | None, int | None]:
     """The run config, the timm state dict (raw or EMA), the data's class names (None where the source knew none,
     or the checkpoint predates them) and the global step of a Lightning checkpoint (``best-*.ckpt``, ``last.ckpt`` or
-    a SLURM ``hpc_ckpt_N.ckpt``)."""
+    a signal's ``signal_ckpt_N.ckpt``)."""
     if path.is_dir():
         raise ExportError(f"--checkpoint {path}: is a folder; pass a checkpoint file (a run's checkpoints/last.ckpt)")
     if not path.is_file():
@@ -101,6 +101,7 @@ def matching_tradeoff(checkpoint: Path, global_step: int | None, weights: str) -
     """The trade-off table the run measured on exactly the weights exported, those of ``checkpoint`` at
     ``global_step`` (``weights``: "raw" or "ema"), from the ``tradeoff.json`` beside or above it, and None; else None
     and why there is none for these weights."""
+    checkpoint = checkpoint.resolve()  # the run folder above a relative checkpoints/last.ckpt
     for run_dir in (checkpoint.parent, checkpoint.parent.parent):
         record, table = run_dir / "tradeoff.json", run_dir / "tradeoff.csv"
         if record.is_file():

@@ -7,7 +7,7 @@ several ranks a signal lands on each at a different point, possibly inside a gra
 metric gathering, and those collectives then pair with the wrong operations and hang (all seen: the two-node SLURM
 test, two-process DDP runs given SIGTERM in training and, on one rank, in the sanity check). Here, from the start of
 fit, the handlers only record the signal and Lightning installs none. Right after each optimizer step the ranks agree
-on what they received with one tiny all-reduce; on either signal they save ``hpc_ckpt_N.ckpt`` together, rank 0
+on what they received with one tiny all-reduce; on either signal they save ``signal_ckpt_N.ckpt`` together, rank 0
 requeues a SLURM job on SIGUSR1, and fit ends at once. Only after an optimizer step: with gradient accumulation a save
 between two of a step's batches would lose the gradients of the first, which a checkpoint does not hold. A signal
 before the first step (the restore, the sanity check) stops the run when training starts, with nothing new to save;
@@ -28,11 +28,14 @@ import pytorch_lightning as pl
 import torch
 
 
-def next_hpc_checkpoint(root: str | Path) -> Path:
-    """``hpc_ckpt_N.ckpt`` with N one above the newest there, the name Lightning resumes from."""
-    root = Path(root)
-    numbers = [int(p.stem.rsplit("_", 1)[1]) for p in root.glob("hpc_ckpt_*.ckpt") if p.stem.rsplit("_", 1)[1].isdigit()]
-    return root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+SIGNAL_CHECKPOINTS = "signal_ckpt_*.ckpt"  # not Lightning's hpc_ckpt_*, which its validate() under SLURM loads unasked
+
+
+def next_signal_checkpoint(root: str | Path) -> Path:
+    """``signal_ckpt_N.ckpt`` with N one above the newest in ``root``."""
+    numbers = [int(p.stem.rsplit("_", 1)[1]) for p in Path(root).glob(SIGNAL_CHECKPOINTS)
+               if p.stem.rsplit("_", 1)[1].isdigit()]
+    return Path(root) / f"signal_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
 class RunStopped(Exception):
@@ -62,6 +65,7 @@ class StopOnSignal(pl.Callback):
         # them off; outside fit the caller's (signals_end_the_process) stay
         trainer._signal_connector.register_signal_handlers = lambda: None
         if stage == "fit":
+            self.received = dict.fromkeys(self.received, False)
             self._replaced = {signum: _install(signum, self._record) for signum in self.received}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -78,7 +82,8 @@ class StopOnSignal(pl.Callback):
 
     def _agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, bool]:
         """What any rank received."""
-        flags = torch.tensor([float(v) for v in self.received.values()], device=pl_module.device)
+        # on the strategy's device: at fit's end the module is back on the CPU, which NCCL cannot reduce
+        flags = torch.tensor([float(v) for v in self.received.values()], device=trainer.strategy.root_device)
         if trainer.world_size > 1:
             flags = trainer.strategy.reduce(flags, reduce_op="max")
         return dict(zip(self.received, map(bool, flags.tolist())))
@@ -100,10 +105,10 @@ class StopOnSignal(pl.Callback):
         received = self._agreed(trainer, pl_module)
         if not any(received.values()):
             return
-        checkpoint = next_hpc_checkpoint(trainer.default_root_dir)
+        checkpoint = next_signal_checkpoint(trainer.default_root_dir)
         trainer.save_checkpoint(checkpoint)
         if trainer.is_global_zero:  # each is a whole training state: a job requeued for days piled them up
-            for older in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+            for older in Path(trainer.default_root_dir).glob(SIGNAL_CHECKPOINTS):
                 if older != checkpoint and older.is_file():
                     older.unlink()
         self._stop(trainer, received, f"at global step {trainer.global_step}", f"saved {checkpoint}",

@@ -4,7 +4,7 @@ Lightning (``SLURMEnvironment``) takes over process management when the job runs
 ``srun`` with one task per device: ``--ntasks-per-node`` must equal ``trainer.devices`` and
 ``--nodes`` must equal ``trainer.num_nodes``. For auto-requeue, SLURM sends ``SIGUSR1`` to
 the tasks 90 s before the time limit (``--signal=SIGUSR1@90``); after the next optimizer step the
-ranks save ``hpc_ckpt_N.ckpt`` into the run directory together and rank 0 calls ``scontrol
+ranks save ``signal_ckpt_N.ckpt`` into the run directory together and rank 0 calls ``scontrol
 requeue`` (:class:`tome_train.requeue.StopOnSignal`, in place of Lightning's handler). The
 restarted job must find that checkpoint (:func:`tome_train.cli.find_resume_checkpoint`: the
 newest in the run directory) and continue the same wandb run, so the script fixes both the run

@@ -48,10 +48,13 @@ def init_worker(worker_id: int, rank: int) -> None:
     ``seed_everything(workers=True)``: from one global seed torch seeds worker k of every rank alike (and numpy not at
     all), so every rank drew the same random crops; this mixes the rank into torch's, python's and numpy's seeds.
 
-    And SIGTERM ignored unless the main process sends it (:func:`_end_only_on_sigterm_from_parent`).
+    And SIGTERM ignored unless the main process sends it (:func:`_end_only_on_sigterm_from_parent`), and SLURM's
+    time-limit warning (SIGUSR1, sent to every process of the job) always: the main process acts on it, and a worker
+    would otherwise run the handler it inherited (requeue the job, or die by the signal's default action).
     """
     pl_worker_init_function(worker_id, rank=rank)
     _end_only_on_sigterm_from_parent()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _end_only_on_sigterm_from_parent() -> None:
