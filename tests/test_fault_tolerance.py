@@ -154,10 +154,11 @@ def test_a_requeue_saves_right_after_an_optimizer_step(tmp_path, monkeypatch, ca
 
     datamodule = ImageDataModule(load_config(None, ["data.batch_size=100"]).data, 8, seed=0, with_meta=True)
     (tmp_path / "signal_ckpt_1.ckpt").write_bytes(b"an earlier requeue's")
+    (tmp_path / ".signal_ckpt_2.ckpt.partial").write_bytes(b"half of a save a kill cut short")
     with pytest.raises(RunRequeued):
         fit_linear(datamodule, [SignalAfterBatch4(), requeue], max_epochs=1, accumulate_grad_batches=2,
                    default_root_dir=tmp_path)
-    assert [p.name for p in tmp_path.glob("signal_ckpt_*")] == ["signal_ckpt_2.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if "signal" in p.name) == ["signal_ckpt_2.ckpt"]
     checkpoint = torch.load(tmp_path / "signal_ckpt_2.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_done": 6}]
@@ -205,6 +206,8 @@ def test_the_newest_checkpoint_resumes_a_best_one_written_just_before_a_kill(tmp
     (checkpoints / ".last.ckpt.partial").unlink()  # a whole last.ckpt: an older epoch's best never resumes
     os.utime(checkpoints / "best-epoch=001.ckpt", (3e9, 3e9))  # as a copy that keeps no times may leave it
     assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"
+    (checkpoints / "last.ckpt").unlink()  # killed at the first epoch's end, before last.ckpt's write began
+    assert find_resume_checkpoint(tmp_path) == checkpoints / "best-epoch=001.ckpt"
     assert find_resume_checkpoint(tmp_path / "nothing") is None
 
 

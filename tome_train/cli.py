@@ -28,6 +28,8 @@ from .data import DataError, check_locations
 
 EARLY_USER_ERRORS = (ConfigError, DataError, FileNotFoundError)  # bad input said before torch is imported
 WANDB_ID_FILE = "wandb_run_id"
+# not Lightning's hpc_ckpt_*, which its validate() under SLURM loads unasked (tome_train.requeue writes them)
+SIGNAL_CHECKPOINTS = "signal_ckpt_*.ckpt"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -112,13 +114,13 @@ def resolve(args: argparse.Namespace) -> DictConfig:
 
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
     """The newest of the signals' ``signal_ckpt_N.ckpt`` and ``checkpoints/last.ckpt``; where a kill cut
-    ``last.ckpt``'s rewrite short (its ``.last.ckpt.partial`` is left), the ``best-*.ckpt`` written just before it at
-    that epoch's end too."""
-    from .requeue import SIGNAL_CHECKPOINTS
-
+    ``last.ckpt``'s rewrite short (its ``.last.ckpt.partial`` is left, or the first is missing), the ``best-*.ckpt``
+    written just before it at that epoch's end too. (By time: a copied run directory, which keeps no file times,
+    must not resume an older epoch's best.)"""
     checkpoints = run_dir / "checkpoints"
-    candidates = [*run_dir.glob(SIGNAL_CHECKPOINTS), *checkpoints.glob("last*.ckpt")]
-    if (checkpoints / ".last.ckpt.partial").exists():
+    lasts = list(checkpoints.glob("last*.ckpt"))
+    candidates = [*run_dir.glob(SIGNAL_CHECKPOINTS), *lasts]
+    if not lasts or (checkpoints / ".last.ckpt.partial").exists():
         candidates += checkpoints.glob("best-*.ckpt")
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 

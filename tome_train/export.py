@@ -101,7 +101,7 @@ def matching_tradeoff(checkpoint: Path, global_step: int | None, weights: str) -
     """The trade-off table the run measured on exactly the weights exported, those of ``checkpoint`` at
     ``global_step`` (``weights``: "raw" or "ema"), from the ``tradeoff.json`` beside or above it, and None; else None
     and why there is none for these weights."""
-    checkpoint = checkpoint.resolve()  # the run folder above a relative checkpoints/last.ckpt
+    checkpoint = Path(os.path.abspath(checkpoint))  # the run folder above a relative checkpoints/last.ckpt
     for run_dir in (checkpoint.parent, checkpoint.parent.parent):
         record, table = run_dir / "tradeoff.json", run_dir / "tradeoff.csv"
         if record.is_file():

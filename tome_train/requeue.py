@@ -27,8 +27,7 @@ from typing import Any, Iterator
 import pytorch_lightning as pl
 import torch
 
-
-SIGNAL_CHECKPOINTS = "signal_ckpt_*.ckpt"  # not Lightning's hpc_ckpt_*, which its validate() under SLURM loads unasked
+from .cli import SIGNAL_CHECKPOINTS
 
 
 def next_signal_checkpoint(root: str | Path) -> Path:
@@ -108,9 +107,11 @@ class StopOnSignal(pl.Callback):
         checkpoint = next_signal_checkpoint(trainer.default_root_dir)
         trainer.save_checkpoint(checkpoint)
         if trainer.is_global_zero:  # each is a whole training state: a job requeued for days piled them up
-            for older in Path(trainer.default_root_dir).glob(SIGNAL_CHECKPOINTS):
-                if older != checkpoint and older.is_file():
-                    older.unlink()
+            root = Path(trainer.default_root_dir)
+            for older in [*root.glob(SIGNAL_CHECKPOINTS), *root.glob(f".{SIGNAL_CHECKPOINTS}.partial")]:
+                if older != checkpoint:
+                    with contextlib.suppress(OSError):  # what is left is only disk used: the requeue comes first
+                        older.unlink()
         self._stop(trainer, received, f"at global step {trainer.global_step}", f"saved {checkpoint}",
                    "the same command resumes it")
 
