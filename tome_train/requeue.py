@@ -34,7 +34,7 @@ def next_signal_checkpoint(root: str | Path) -> Path:
     """``signal_ckpt_N.ckpt`` with N one above the newest in ``root``."""
     numbers = [int(p.stem.rsplit("_", 1)[1]) for p in Path(root).glob(SIGNAL_CHECKPOINTS)
                if p.stem.rsplit("_", 1)[1].isdigit()]
-    return Path(root) / f"signal_ckpt_{max(numbers, default=0) + 1}.ckpt"
+    return Path(root) / SIGNAL_CHECKPOINTS.replace("*", str(max(numbers, default=0) + 1))
 
 
 class RunStopped(Exception):
@@ -79,7 +79,7 @@ class StopOnSignal(pl.Callback):
                 signal.signal(signum, handler)
         self._replaced = {}
 
-    def _agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, bool]:
+    def _agreed(self, trainer: pl.Trainer) -> dict[int, bool]:
         """What any rank received."""
         # on the strategy's device: at fit's end the module is back on the CPU, which NCCL cannot reduce
         flags = torch.tensor([float(v) for v in self.received.values()], device=trainer.strategy.root_device)
@@ -89,7 +89,7 @@ class StopOnSignal(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._checked_at_step = trainer.global_step  # a resumed run's step was checked before its save
-        received = self._agreed(trainer, pl_module)
+        received = self._agreed(trainer)
         if any(received.values()):
             self._stop(trainer, received, "before the first step of this fit", "nothing new to save",
                        "the same command runs it again")
@@ -101,7 +101,7 @@ class StopOnSignal(pl.Callback):
         stepped, self._checked_at_step = trainer.global_step != self._checked_at_step, trainer.global_step
         if not stepped or batch_idx + 1 == trainer.num_training_batches:
             return
-        received = self._agreed(trainer, pl_module)
+        received = self._agreed(trainer)
         if not any(received.values()):
             return
         checkpoint = next_signal_checkpoint(trainer.default_root_dir)
@@ -117,7 +117,7 @@ class StopOnSignal(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a signal in the last validation, after the last step: the checkpoints are written, the trade-off sweep is not
-        received = self._agreed(trainer, pl_module)
+        received = self._agreed(trainer)
         if any(received.values()):
             self._stop(trainer, received, "after the last step", "the run's checkpoints are saved", AFTER_TRAINING)
 
