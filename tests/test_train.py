@@ -408,6 +408,8 @@ def test_a_loaded_checkpoint_predicts_at_its_evaluation_schedule(digits_run):
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     predicted = trainer.predict(module, dataloaders=torch.utils.data.DataLoader(images, batch_size=4))[0]
+    labelled = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(4)), batch_size=4)
+    assert torch.equal(trainer.predict(module, dataloaders=labelled)[0], predicted)  # the data module's batches
     module.set_schedule(0)
     with torch.no_grad():
         unmerged = module(images)

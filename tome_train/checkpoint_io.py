@@ -1,4 +1,5 @@
-"""Checkpoint files that are either whole or absent, whatever kills the process."""
+"""Checkpoint files that are either whole or absent, whatever kills the process; best/last bookkeeping that survives a
+moved run directory; which checkpoint a run may resume."""
 from __future__ import annotations
 
 import os

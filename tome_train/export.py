@@ -2,7 +2,7 @@
 
 ``python train.py export --checkpoint PATH --out DIR [--ema] [--r R] [--onnx]`` writes
 - ``model.safetensors`` + ``config.json``: timm's own export format (``timm.models.save_for_hf``),
-  loadable by plain timm: ``timm.create_model("local-dir:DIR")``;
+  loadable by plain timm: ``timm.create_model("local-dir:DIR", pretrained=True)``;
 - ``tome.json``: the ToMe settings it was trained and is meant to run with, and the run's
   accuracy/throughput trade-off table when it was measured on these very weights;
 - ``model.onnx`` (``--onnx``): the patched model at the chosen r, checked with onnxruntime.

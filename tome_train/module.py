@@ -65,6 +65,10 @@ def stepping_batches(trainer: pl.Trainer) -> int:
 class ToMeClassifier(pl.LightningModule):
     """Image classification with a ToMe-patched timm ViT.
 
+    Training runs ``tome.r_train``; validation and ``trainer.predict`` (logits of images, or of a loader's
+    ``(images, labels)`` batches) run ``tome.r_eval``, as export does. Called directly, the module runs the schedule
+    last set (``r_train`` once built or loaded; :meth:`set_schedule` changes it).
+
     Args:
         config: the resolved run config (plain dict or DictConfig); saved in every checkpoint.
         pretrained: load ``model.checkpoint`` (fresh runs only; a resumed run has its weights).
@@ -157,6 +161,12 @@ class ToMeClassifier(pl.LightningModule):
 
     def on_predict_epoch_start(self) -> None:  # a checkpoint predicts as it validates and is exported
         self.set_schedule(self.eval_r)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` of a batch of images ``[B, 3, H, W]``, or of a data loader's ``(images,
+        labels)``."""
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(self._channels(images))
 
     # ---- steps -----------------------------------------------------------------------
     def _channels(self, images: torch.Tensor) -> torch.Tensor:

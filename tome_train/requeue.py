@@ -7,7 +7,8 @@ several ranks a signal lands on each at a different point, possibly inside a gra
 metric gathering, and those collectives then pair with the wrong operations and hang (all seen: the two-node SLURM
 test, two-process DDP runs given SIGTERM in training and, on one rank, in the sanity check). Here, from the start of
 fit, the handlers only record the signal and Lightning installs none. Right after each optimizer step the ranks agree
-on what they received with one tiny all-reduce; on either signal they save ``signal_ckpt_N.ckpt`` together, rank 0
+on what they received with one tiny all-reduce; on SIGTERM, or in a SLURM job SIGUSR1, they save
+``signal_ckpt_N.ckpt`` together (a step that ends an epoch waits for the next epoch's first), rank 0
 requeues a SLURM job on SIGUSR1, and fit ends at once. Only after an optimizer step: with gradient accumulation a save
 between two of a step's batches would lose the gradients of the first, which a checkpoint does not hold. A signal
 before the first step (the restore, the sanity check) stops the run when training starts, with nothing new to save;
