@@ -154,7 +154,6 @@ def test_a_requeue_saves_right_after_an_optimizer_step(tmp_path, monkeypatch, ca
 
     datamodule = ImageDataModule(load_config(None, ["data.batch_size=100"]).data, 8, seed=0, with_meta=True)
     (tmp_path / "signal_ckpt_1.ckpt").write_bytes(b"an earlier requeue's")
-    (tmp_path / ".signal_ckpt_2.ckpt.partial").write_bytes(b"half of a save a kill cut short")
     with pytest.raises(RunRequeued):
         fit_linear(datamodule, [SignalAfterBatch4(), requeue], max_epochs=1, accumulate_grad_batches=2,
                    default_root_dir=tmp_path)

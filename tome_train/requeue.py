@@ -108,8 +108,7 @@ class StopOnSignal(pl.Callback):
         checkpoint = next_signal_checkpoint(trainer.default_root_dir)
         trainer.save_checkpoint(checkpoint)
         if trainer.is_global_zero:  # each is a whole training state: a job requeued for days piled them up
-            root = Path(trainer.default_root_dir)
-            for older in [*root.glob(SIGNAL_CHECKPOINTS), *root.glob(f".{SIGNAL_CHECKPOINTS}.partial")]:
+            for older in Path(trainer.default_root_dir).glob(SIGNAL_CHECKPOINTS):
                 if older != checkpoint:
                     with contextlib.suppress(OSError):  # what is left is only disk used: the requeue comes first
                         older.unlink()
